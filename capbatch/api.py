@@ -1,0 +1,321 @@
+"""Talking to Capillary: the aiohttp session, authentication, the three card calls, response → Outcome.
+
+One call gives one :class:`Outcome`. Retrying, pacing and bookkeeping belong to the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import ssl
+import time
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+import aiohttp
+
+from .config import Credentials
+from .errors import ConfigError
+
+USER_AGENT = "capbatch/0.1"
+OAUTH_HEADER = "X-CAP-API-OAUTH-TOKEN"
+
+# Card error codes that are about the row itself: retrying cannot help, whatever the HTTP status.
+PERMANENT_CODES = frozenset({3010, 3029, 3035, 3042, 3044, 3045, 3046, 3050, 3051, 701, 702, 703, 704, 705})
+TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504, 521, 522, 524})
+TOKEN_EXPIRED_CODE = 498
+CARD_NOT_FOUND = 3010
+EXTERNAL_ID_EXISTS = 3045
+
+
+class Kind(str, Enum):
+    SUCCESS = "success"
+    RETRY = "retry"        # transient: try again later
+    REJECTED = "rejected"  # permanent for this row
+    FATAL = "fatal"        # stop the run: credentials, permissions, wrong host
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    kind: Kind
+    http_status: int | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+    retry_after: float | None = None
+    throttled: bool = False
+    card_id: str | None = None
+    customer_id: str | None = None
+    external_id: str | None = None     # GET: the card's current external ID; generate: the new ID
+    latency_ms: float = 0.0
+    auth_problem: bool = False         # 401/498: a fresh token may help
+
+    @property
+    def ok(self) -> bool:
+        return self.kind is Kind.SUCCESS
+
+
+class TokenSource:
+    """OAuth token shared by all workers: fetched once, refreshed before expiry or on demand, one refresh at a time."""
+
+    REFRESH_MARGIN = 0.2  # refresh when 80 % of the lifetime has passed
+
+    def __init__(self, base_url: str, key: str, secret: str) -> None:
+        self._url = base_url + "/v3/oauth/token/generate"
+        self._key = key
+        self._secret = secret
+        self._token: str | None = None
+        self._refresh_at = 0.0
+        self._lock = asyncio.Lock()
+        self.generation = 0
+
+    async def token(self, session: aiohttp.ClientSession) -> tuple[str, int]:
+        if self._token is None or time.monotonic() >= self._refresh_at:
+            await self.refresh(session, self.generation)
+        assert self._token is not None
+        return self._token, self.generation
+
+    async def refresh(self, session: aiohttp.ClientSession, seen_generation: int) -> None:
+        """Fetch a new token unless another worker already replaced the one ``seen_generation`` names."""
+        async with self._lock:
+            if self.generation != seen_generation and self._token and time.monotonic() < self._refresh_at:
+                return
+            body = json.dumps({"key": self._key, "secret": self._secret})
+            try:
+                async with session.post(self._url, data=body,
+                                        headers={"Content-Type": "application/json"}) as resp:
+                    raw = await resp.read()
+                    status = resp.status
+            except aiohttp.ClientError as exc:
+                raise TokenError(f"could not reach the OAuth endpoint: {exc.__class__.__name__}", transient=True) from exc
+            data = _loads(raw) or {}
+            token = ((data.get("data") or {}) if isinstance(data, dict) else {}).get("accessToken")
+            if status >= 500 or status == 429:
+                raise TokenError(f"the OAuth endpoint answered HTTP {status}", transient=True)
+            if not token:
+                errors = data.get("errors") if isinstance(data, dict) else None
+                detail = _first_error(errors)[1] or f"HTTP {status}"
+                raise TokenError(f"OAuth token request refused: {detail}", transient=False)
+            ttl = float((data.get("data") or {}).get("ttlSeconds") or 300)
+            self._token = token
+            self._refresh_at = time.monotonic() + ttl * (1 - self.REFRESH_MARGIN)
+            self.generation += 1
+
+
+class TokenError(Exception):
+    def __init__(self, message: str, transient: bool) -> None:
+        super().__init__(message)
+        self.transient = transient
+
+
+def basic_header(username: str, password: str) -> str:
+    digest = hashlib.md5(password.encode("utf-8")).hexdigest()
+    return "Basic " + base64.b64encode(f"{username}:{digest}".encode("utf-8")).decode("ascii")
+
+
+class CapillaryClient:
+    """Async client for the card API. Use as ``async with CapillaryClient(...) as client``."""
+
+    def __init__(self, base_url: str, credentials: Credentials, *, timeout: float = 30.0,
+                 verify_tls: bool = True, max_connections: int = 64) -> None:
+        if credentials.kind == "none":
+            raise ConfigError(
+                "no Capillary credentials in the environment",
+                "export CAPILLARY_USERNAME and CAPILLARY_PASSWORD (Basic) or "
+                "CAPILLARY_CLIENT_KEY and CAPILLARY_CLIENT_SECRET (OAuth)",
+            )
+        self.base_url = base_url.rstrip("/")
+        self._credentials = credentials
+        self._timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=min(timeout, 10.0))
+        self._verify_tls = verify_tls
+        self._max_connections = max_connections
+        self._session: aiohttp.ClientSession | None = None
+        self._basic = (basic_header(credentials.username or "", credentials.password or "")
+                       if credentials.kind == "basic" else None)
+        self._tokens = (TokenSource(self.base_url, credentials.client_key or "", credentials.client_secret or "")
+                        if credentials.kind == "oauth" else None)
+        self._put_url = self.base_url + "/v2/card?format=json"
+        self._get_url = self.base_url + "/v2/card"
+        self._gen_url = self.base_url + "/v2/cardNumber"
+        self.requests_sent = 0
+
+    async def __aenter__(self) -> "CapillaryClient":
+        ssl_arg: Any = None if self._verify_tls else False
+        connector = aiohttp.TCPConnector(limit=self._max_connections, ssl=ssl_arg, ttl_dns_cache=300)
+        self._session = aiohttp.ClientSession(
+            connector=connector, timeout=self._timeout,
+            headers={"User-Agent": USER_AGENT, "Accept": "application/json"},
+            json_serialize=json.dumps,
+        )
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    # ---- the calls ----------------------------------------------------------------------------
+    async def put_card(self, card: str, external_id: str) -> Outcome:
+        body = json.dumps({"cardNumber": card, "cardExternalId": external_id}).encode()
+        return await self._call("PUT", self._put_url, None, body)
+
+    async def get_card(self, card: str) -> Outcome:
+        return await self._call("GET", self._get_url, {"number": card}, None)
+
+    async def generate_external_id(self) -> Outcome:
+        return await self._call("GET", self._gen_url, None, None)
+
+    # ---- plumbing -----------------------------------------------------------------------------
+    async def _headers(self) -> tuple[dict[str, str], int]:
+        if self._basic is not None:
+            return {"Authorization": self._basic, "Content-Type": "application/json"}, 0
+        assert self._tokens is not None and self._session is not None
+        token, generation = await self._tokens.token(self._session)
+        return {OAUTH_HEADER: token, "Content-Type": "application/json"}, generation
+
+    async def _call(self, method: str, url: str, params: dict[str, str] | None, body: bytes | None) -> Outcome:
+        outcome = await self._once(method, url, params, body)
+        if outcome.auth_problem and self._tokens is not None:
+            # One shared refresh, then one more try; a 401 that survives a fresh token is fatal.
+            generation = self._tokens.generation
+            try:
+                assert self._session is not None
+                await self._tokens.refresh(self._session, generation)
+            except TokenError as exc:
+                return _token_outcome(exc)
+            outcome = await self._once(method, url, params, body)
+        if outcome.auth_problem:
+            return Outcome(Kind.FATAL, outcome.http_status, outcome.error_code,
+                           "the API refused the credentials (HTTP 401): check CAPILLARY_* credentials "
+                           "and that the till/key may use the v2 card API", latency_ms=outcome.latency_ms)
+        return outcome
+
+    async def _once(self, method: str, url: str, params: dict[str, str] | None, body: bytes | None) -> Outcome:
+        assert self._session is not None, "use CapillaryClient as an async context manager"
+        try:
+            headers, _ = await self._headers()
+        except TokenError as exc:
+            return _token_outcome(exc)
+        started = time.perf_counter()
+        self.requests_sent += 1
+        try:
+            async with self._session.request(method, url, params=params, data=body, headers=headers) as resp:
+                raw = await resp.read()
+                status = resp.status
+                retry_after = _retry_after(resp.headers.get("Retry-After"))
+        except asyncio.TimeoutError:
+            return Outcome(Kind.RETRY, None, "timeout", "no answer within the timeout",
+                           latency_ms=_ms(started))
+        except aiohttp.ClientConnectorCertificateError as exc:
+            return Outcome(Kind.FATAL, None, "tls", f"TLS certificate verification failed for {self.base_url}: "
+                           f"{exc.certificate_error}. Fix the host name or the CA bundle; "
+                           "--no-verify-tls only for a trusted test host", latency_ms=_ms(started))
+        except aiohttp.ClientSSLError as exc:
+            return Outcome(Kind.FATAL, None, "tls", f"TLS handshake with {self.base_url} failed: {exc}",
+                           latency_ms=_ms(started))
+        except (aiohttp.ClientError, ssl.SSLError, OSError) as exc:
+            return Outcome(Kind.RETRY, None, "connection", f"{exc.__class__.__name__}: {exc}".strip(": "),
+                           latency_ms=_ms(started))
+        return classify(status, raw, retry_after, _ms(started))
+
+
+def classify(status: int, raw: bytes, retry_after: float | None, latency_ms: float) -> Outcome:
+    """Turn one HTTP answer into an Outcome. A 2xx is not proof of success: the ``errors`` array decides."""
+    data = _loads(raw)
+    errors = data.get("errors") if isinstance(data, dict) else None
+    code, message = _first_error(errors)
+    if status in (401, TOKEN_EXPIRED_CODE) or code == TOKEN_EXPIRED_CODE:
+        return Outcome(Kind.FATAL, status, _s(code or status), message or "unauthorized",
+                       latency_ms=latency_ms, auth_problem=True)
+    if code is not None and code in PERMANENT_CODES:
+        return Outcome(Kind.REJECTED, status, str(code), message, latency_ms=latency_ms)
+    if status == 429:
+        return Outcome(Kind.RETRY, status, "429", message or "too many requests", retry_after=retry_after,
+                       throttled=True, latency_ms=latency_ms)
+    if status in TRANSIENT_STATUS:
+        return Outcome(Kind.RETRY, status, _s(code or status), message or f"HTTP {status}",
+                       retry_after=retry_after, latency_ms=latency_ms)
+    if status == 403:
+        return Outcome(Kind.FATAL, status, _s(code or 403),
+                       f"the API answered 403 Forbidden ({message or 'no detail'}): the till or key lacks "
+                       "access to the v2 card API, or a mandatory field is missing; fix the org/till setup",
+                       latency_ms=latency_ms)
+    if status in (404, 405, 415) and code is None:
+        return Outcome(Kind.FATAL, status, str(status),
+                       f"the API answered HTTP {status} for the card endpoint: --base-url/--cluster probably "
+                       "points at the wrong host or path", latency_ms=latency_ms)
+    if 200 <= status < 300:
+        if data is None:
+            return Outcome(Kind.FATAL, status, "not_json",
+                           "the server answered 2xx with a body that is not JSON: --base-url probably points "
+                           "at something other than the Capillary API", latency_ms=latency_ms)
+        if errors:
+            return Outcome(Kind.REJECTED, status, _s(code), message or "the API reported an error",
+                           latency_ms=latency_ms)
+        entity = data.get("entity", data) if isinstance(data, dict) else data
+        if isinstance(entity, list):
+            entity = entity[0] if entity else {}
+        if isinstance(entity, str):
+            return Outcome(Kind.SUCCESS, status, external_id=entity, latency_ms=latency_ms)
+        if not isinstance(entity, dict):
+            entity = {}
+        ext = entity.get("cardExternalId")
+        return Outcome(Kind.SUCCESS, status, card_id=_s(entity.get("cardId")),
+                       customer_id=_s(entity.get("customerId")),
+                       external_id=None if ext is None else str(ext), latency_ms=latency_ms)
+    if 400 <= status < 500:
+        return Outcome(Kind.REJECTED, status, _s(code or status), message or f"HTTP {status}",
+                       latency_ms=latency_ms)
+    return Outcome(Kind.RETRY, status, _s(code or status), message or f"HTTP {status}", latency_ms=latency_ms)
+
+
+def _token_outcome(exc: TokenError) -> Outcome:
+    if exc.transient:
+        return Outcome(Kind.RETRY, None, "oauth", str(exc))
+    return Outcome(Kind.FATAL, None, "oauth",
+                   f"{exc}: check CAPILLARY_CLIENT_KEY and CAPILLARY_CLIENT_SECRET")
+
+
+def _loads(raw: bytes) -> Any:
+    if not raw:
+        return None
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+def _first_error(errors: Any) -> tuple[int | None, str | None]:
+    if not errors or not isinstance(errors, list):
+        return None, None
+    first = errors[0] if isinstance(errors[0], dict) else {}
+    raw_code = first.get("code")
+    try:
+        code = int(raw_code) if raw_code is not None else None
+    except (TypeError, ValueError):
+        code = None
+    message = first.get("message")
+    return code, None if message is None else str(message)
+
+
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        from email.utils import parsedate_to_datetime
+        try:
+            return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+        except (TypeError, ValueError):
+            return None
+
+
+def _s(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def _ms(started: float) -> float:
+    return (time.perf_counter() - started) * 1000.0

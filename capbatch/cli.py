@@ -1,0 +1,259 @@
+"""Command line: flags → Settings → one library call → exit code. No business logic here."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from . import __version__, config, report, runner
+from .errors import CapbatchError, UsageError
+
+log = logging.getLogger("capbatch")
+
+EXIT_CODES_HELP = """Exit codes: 0 every row settled successfully; 1 some rows failed or were rejected;
+2 usage, config or input-file error (nothing sent); 3 run aborted (credentials, outage), resumable;
+130 interrupted, resumable. Rerunning the same command resumes."""
+
+
+def setup_logging(quiet: bool, verbose: int) -> None:
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
+    root = logging.getLogger("capbatch")
+    root.setLevel(logging.DEBUG)
+    for h in list(root.handlers):
+        if getattr(h, "_capbatch_console", False):
+            root.removeHandler(h)
+    handler = _TqdmAwareHandler()
+    handler._capbatch_console = True  # type: ignore[attr-defined]
+    handler.setLevel(level)
+    handler.setFormatter(logging.Formatter("%(message)s" if sys.stderr.isatty() else
+                                           "%(asctime)s %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%S"))
+    root.addHandler(handler)
+    root.propagate = False
+
+
+class _TqdmAwareHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes through tqdm so log lines never tear a progress bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # pragma: no cover - logging must never raise
+            self.handleError(record)
+
+
+def _guard(fn: Callable[..., int]) -> Callable[..., None]:
+    """Every CapbatchError becomes its message + hint and its exit code; never a traceback."""
+
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        try:
+            code = fn(*args, **kwargs)
+        except CapbatchError as exc:
+            click.echo(f"capbatch: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("capbatch: interrupted; rerun the same command to resume", err=True)
+            sys.exit(report.EXIT_INTERRUPTED)
+        sys.exit(code)
+
+    wrapper.__name__ = fn.__name__
+    wrapper.__doc__ = fn.__doc__
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+             epilog=EXIT_CODES_HELP)
+@click.version_option(__version__, prog_name="capbatch")
+def main() -> None:
+    """capbatch: backfill loyalty-card external IDs into Capillary from CSV/Excel files.
+
+    Credentials come from the environment only: CAPILLARY_USERNAME + CAPILLARY_PASSWORD (Basic)
+    or CAPILLARY_CLIENT_KEY + CAPILLARY_CLIENT_SECRET (OAuth).
+    """
+
+
+def input_flags(f: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option("--card-column", help="Header of the card-number column (default: cardNumber, matched loosely)."),
+        click.option("--external-id-column", help="Header of the external-ID column (default: cardExternalId)."),
+        click.option("--delimiter", help="CSV delimiter (default: detected among , ; TAB |). Use '\\t' for tab."),
+        click.option("--encoding", help="Text encoding (default: UTF-8/UTF-16 by BOM, else cp1252, reported)."),
+        click.option("--sheet", help="Excel sheet name or 0-based index (default: the sheet holding the headers)."),
+        click.option("--header-row", type=int, help="1-based row holding the headers (default 1)."),
+        click.option("--external-id-length", type=int, help="Your org's CONF_CARD_NUMBER_LENGTH: reject other lengths before sending."),
+        click.option("--external-id-pattern", help="Regex every external ID must match in full."),
+        click.option("--strip-invisible", is_flag=True, default=None, help="Strip zero-width/control characters instead of rejecting the row."),
+        click.option("--reports-dir", type=click.Path(path_type=Path), help="Where run directories go (default ./reports)."),
+        click.option("--config", "config_file", type=click.Path(path_type=Path), help="TOML settings file (default ./capbatch.toml if present)."),
+        click.option("-q", "--quiet", is_flag=True, default=None, help="Only warnings, errors and the final summary line."),
+        click.option("-v", "--verbose", count=True, help="More detail."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _settings(flags: dict[str, Any], input_path: Path | None = None) -> config.Settings:
+    config_file = flags.pop("config_file", None)
+    if flags.get("delimiter") in ("\\t", "tab", "TAB"):
+        flags["delimiter"] = "\t"
+    if flags.get("verbose") == 0:
+        flags["verbose"] = None
+    if input_path is not None:
+        flags["input"] = input_path
+    return config.resolve(flags, os.environ, config_file)
+
+
+@main.command("run", epilog=EXIT_CODES_HELP)
+@click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
+@click.option("--cluster", type=click.Choice(sorted(config.CLUSTERS), case_sensitive=False), help="Capillary cluster.")
+@click.option("--base-url", help="API base URL instead of --cluster (a test cluster, a proxy, the simulator).")
+@click.option("--run-dir", type=click.Path(path_type=Path), help="Run directory (default reports/<input>-<hash>).")
+@click.option("--mode", type=click.Choice(config.MODES), help="backfill (default): PUT every row; reconcile: read first, PUT only what differs.")
+@click.option("--rate", help=f"Request rate cap, e.g. 1000/min or 20/s; 'unlimited' for none (default {config.DEFAULT_RATE}).")
+@click.option("--read-rate", help="Separate cap for reads (GET); default: reads share --rate.")
+@click.option("--concurrency", type=int, help="Requests in flight at most (default 16).")
+@click.option("--max-attempts", type=int, help="Attempts per request for transient errors (default 8).")
+@click.option("--timeout", type=float, help="Seconds per request (default 30).")
+@click.option("--resume-check", type=click.Choice(config.RESUME_CHECKS), help="Rows in flight when a run died: read the card first (default) or resend.")
+@click.option("--generate-missing", is_flag=True, default=None, help="Rows with an empty external ID get one from GET /v2/cardNumber.")
+@click.option("--outage-budget", type=float, help="Seconds the API may stay down before the run aborts (default 300).")
+@click.option("--grace-period", type=float, help="Seconds in-flight requests get after Ctrl-C/SIGTERM (default 10).")
+@click.option("--allow-http", is_flag=True, default=None, help="Allow plain http:// to a non-loopback host.")
+@click.option("--no-verify-tls", "no_verify_tls", is_flag=True, default=False, help="Turn TLS verification off (trusted test hosts only).")
+@click.option("--progress", type=click.Choice(config.PROGRESS_MODES), help="auto (bar on a terminal, log lines otherwise), bar, lines, none.")
+@click.option("--progress-interval", type=float, help="Seconds between progress lines when not on a terminal (default 10).")
+@click.option("--dry-run", is_flag=True, default=None, help="Validate only; send nothing.")
+@click.option("--json", "json_out", is_flag=True, default=False, help="Print the summary as JSON on stdout.")
+@input_flags
+@_guard
+def run_cmd(input_path: Path, no_verify_tls: bool, json_out: bool, **flags: Any) -> int:
+    """Validate INPUT and set each card's external ID; rerun the same command to resume."""
+    if no_verify_tls:
+        flags["verify_tls"] = False
+    setup_logging(bool(flags.get("quiet")), flags.get("verbose") or 0)
+    settings = _settings(flags, input_path)
+    summary = runner.run(settings)
+    if json_out:
+        click.echo(json.dumps(summary, indent=2))
+    return int(summary["exit_code"])
+
+
+@main.command("validate", epilog=EXIT_CODES_HELP)
+@click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Validation CSV to write (default reports/<input>.validation.csv).")
+@click.option("--json", "json_out", is_flag=True, default=False, help="Print the counts as JSON on stdout.")
+@input_flags
+@_guard
+def validate_cmd(input_path: Path, output: Path | None, json_out: bool, **flags: Any) -> int:
+    """Check INPUT without any network: counts, first problems, and a validation CSV (exit 0/1/2)."""
+    setup_logging(bool(flags.get("quiet")), flags.get("verbose") or 0)
+    settings = _settings(flags, input_path)
+    result = runner.validate(settings, output)
+    if json_out:
+        click.echo(json.dumps(result, indent=2))
+    return int(result["exit_code"])
+
+
+@main.command("status")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--json", "json_out", is_flag=True, default=False)
+@_guard
+def status_cmd(run_dir: Path, json_out: bool) -> int:
+    """Counts per state from RUN_DIR's ledger (safe while a run is in progress)."""
+    st = runner.status(run_dir)
+    if json_out:
+        click.echo(json.dumps(st, indent=2))
+        return 0
+    click.echo(f"run directory: {st['run_dir']}  input: {st['input']}")
+    total = sum(st["counts"].values())
+    for state, n in st["counts"].items():
+        click.echo(f"  {state:<10} {n:>10}  {100.0 * n / max(total, 1):5.1f}%")
+    click.echo(f"  {'total':<10} {total:>10}")
+    for inv in st["invocations"]:
+        began = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(inv["started_at"]))
+        click.echo(f"  invocation {inv['id']}: started {began}, outcome {inv['outcome'] or 'running/killed'}, "
+                   f"exit {inv['exit_code'] if inv['exit_code'] is not None else '-'}, {inv['requests']} requests")
+    return 0
+
+
+@main.command("report")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@_guard
+def report_cmd(run_dir: Path) -> int:
+    """Rebuild results.csv, failures.csv, summary.json and report.html from RUN_DIR's ledger."""
+    setup_logging(False, 0)
+    summary = runner.rebuild_reports(run_dir)
+    click.echo(f"reports rebuilt in {run_dir}: {report.status_line(summary['counts'])}")
+    return 0
+
+
+@main.command("simulate")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8080, show_default=True, type=int)
+@click.option("--cards", type=click.Path(path_type=Path, exists=True), help="CSV of seeded cards (cardNumber[,cardExternalId]).")
+@click.option("--auto-create", is_flag=True, help="Every card number exists.")
+@click.option("--latency", type=float, default=0.0, show_default=True, help="Seconds added to each answer.")
+@click.option("--jitter", type=float, default=0.0, show_default=True)
+@click.option("--rate-per-minute", type=int, help="429 beyond this many requests in any 60 s.")
+@click.option("--rate-per-second", type=int)
+@click.option("--retry-after", type=float, help="Retry-After seconds sent with 429.")
+@click.option("--p-500", type=float, default=0.0)
+@click.option("--p-503", type=float, default=0.0)
+@click.option("--p-drop", type=float, default=0.0)
+@click.option("--p-hang", type=float, default=0.0)
+@click.option("--p-429", type=float, default=0.0)
+@click.option("--errors-status", type=int, default=400, show_default=True, help="HTTP status of business errors (200/201 mimic '2xx with errors').")
+@click.option("--token-ttl", type=float, default=300.0, show_default=True)
+@_guard
+def simulate_cmd(**opts: Any) -> int:
+    """Run the built-in Capillary API simulator on loopback (demo credentials: demo/demo)."""
+    from .simulator import SimConfig, load_cards_csv, serve
+
+    cards_path = opts.pop("cards")
+    host, port = opts.pop("host"), opts.pop("port")
+    cfg = SimConfig(cards=load_cards_csv(cards_path) if cards_path else {}, **opts)
+    if not config.is_loopback(host):
+        raise UsageError(f"the simulator only listens on loopback, not {host}", "use --host 127.0.0.1")
+    serve(cfg, host, port)
+    return 0
+
+
+@main.command("demo")
+@click.option("--input", "input_path", type=click.Path(path_type=Path), help="Sample to run (default samples/cards.csv).")
+@click.option("--latency", type=float, default=0.02, show_default=True, help="Simulated API latency in seconds.")
+@click.option("--rate", default="1200/min", show_default=True)
+@click.option("--progress", type=click.Choice(config.PROGRESS_MODES), default="auto")
+@_guard
+def demo_cmd(input_path: Path | None, latency: float, rate: str, progress: str) -> int:
+    """Run the whole job end to end against the built-in simulator: no credentials, no network."""
+    from .demo import run_demo
+
+    setup_logging(False, 0)
+    return run_demo(input_path, latency, rate, progress)
+
+
+@main.command("config")
+@click.option("--config", "config_file", type=click.Path(path_type=Path))
+@_guard
+def config_cmd(config_file: Path | None) -> int:
+    """Print the effective settings, where each came from, and the credentials (masked)."""
+    settings = config.resolve({}, os.environ, config_file)
+    public = settings.public_dict()
+    for key, value in public.items():
+        origin = settings.sources.get(key, "default")
+        click.echo(f"{key:<22} {value!s:<40} ({origin})")
+    click.echo(f"{'credentials':<22} {settings.credentials.describe()}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

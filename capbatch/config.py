@@ -1,0 +1,339 @@
+"""One frozen settings object, its defaults, and where each value came from.
+
+Precedence: command-line flags > environment (CAPBATCH_*) > TOML file > defaults.
+Credentials come only from the environment, never from flags or files that land in a repo.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+from urllib.parse import urlsplit
+
+from .errors import ConfigError, UsageError
+
+CLUSTERS: dict[str, str] = {
+    "india": "https://apac.api.capillarytech.com",
+    "apac": "https://apac.api.capillarytech.com",
+    "apac2": "https://apac2.api.capillarytech.com",
+    "eu": "https://eu.api.capillarytech.com",
+    "us": "https://us.api.capillarytech.com",
+    "cn": "https://api.capillarytech.cn.com",
+}
+
+DEFAULT_RATE = "100/min"  # the documented quota of demo and test clusters; real orgs set --rate
+DEFAULT_CONFIG_FILE = "capbatch.toml"
+MODES = ("backfill", "reconcile")
+PROGRESS_MODES = ("auto", "bar", "lines", "none")
+RESUME_CHECKS = ("read", "resend")
+
+_PERIODS = {
+    "s": 1.0, "sec": 1.0, "second": 1.0,
+    "m": 60.0, "min": 60.0, "minute": 60.0,
+    "h": 3600.0, "hr": 3600.0, "hour": 3600.0,
+}
+
+
+@dataclass(frozen=True)
+class Rate:
+    """``requests`` per ``period`` seconds, e.g. 1000 per 60."""
+
+    requests: float
+    period: float
+
+    @property
+    def per_second(self) -> float:
+        return self.requests / self.period
+
+    def __str__(self) -> str:
+        unit = {1.0: "s", 60.0: "min", 3600.0: "h"}.get(self.period, f"{self.period:g}s")
+        return f"{self.requests:g}/{unit}"
+
+
+def parse_rate(text: str | None) -> Rate | None:
+    """``'1000/min'``, ``'20/s'``, ``'5000/h'``; ``'none'`` or ``'unlimited'`` turns the cap off."""
+    if text is None:
+        return None
+    raw = str(text).strip().lower().replace(" ", "")
+    if raw in ("none", "unlimited", "off", "0"):
+        return None
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)(?:/|per)(\d*\.?\d*)([a-z]+)", raw)
+    if not m or m.group(3) not in _PERIODS:
+        raise UsageError(
+            f"--rate {text!r} is not a rate",
+            "write it as requests per unit, e.g. 1000/min, 20/s or 5000/h ('unlimited' for no cap)",
+        )
+    count = float(m.group(1))
+    multiple = float(m.group(2)) if m.group(2) else 1.0
+    if count <= 0 or multiple <= 0:
+        raise UsageError(f"--rate {text!r} must be positive", "e.g. --rate 1000/min")
+    return Rate(count, multiple * _PERIODS[m.group(3)])
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """Basic (username + password) or OAuth (client key + secret). Never printed, never stored."""
+
+    username: str | None = field(default=None, repr=False)
+    password: str | None = field(default=None, repr=False)
+    client_key: str | None = field(default=None, repr=False)
+    client_secret: str | None = field(default=None, repr=False)
+
+    @property
+    def kind(self) -> str:
+        if self.client_key and self.client_secret:
+            return "oauth"
+        if self.username and self.password:
+            return "basic"
+        return "none"
+
+    def describe(self) -> str:
+        if self.kind == "oauth":
+            return f"OAuth client key {mask(self.client_key)} (from CAPILLARY_CLIENT_KEY/SECRET)"
+        if self.kind == "basic":
+            return f"Basic auth as {self.username!r} (password from CAPILLARY_PASSWORD)"
+        return "none"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> "Credentials":
+        return cls(
+            username=env.get("CAPILLARY_USERNAME") or None,
+            password=env.get("CAPILLARY_PASSWORD") or None,
+            client_key=env.get("CAPILLARY_CLIENT_KEY") or None,
+            client_secret=env.get("CAPILLARY_CLIENT_SECRET") or None,
+        )
+
+
+def mask(secret: str | None) -> str:
+    if not secret:
+        return "(unset)"
+    return secret[:2] + "***" if len(secret) > 6 else "***"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a run needs. Build it with :func:`resolve`; the CLI and the library API share it."""
+
+    input: Path | None = None
+    base_url: str | None = None
+    cluster: str | None = None
+    run_dir: Path | None = None
+    reports_dir: Path = Path("reports")
+    # input
+    card_column: str | None = None
+    external_id_column: str | None = None
+    delimiter: str | None = None
+    encoding: str | None = None
+    sheet: str | int | None = None
+    header_row: int = 1
+    # rules
+    external_id_length: int | None = None
+    external_id_pattern: str | None = None
+    strip_invisible: bool = False
+    # sending
+    mode: str = "backfill"
+    rate: Rate | None = field(default_factory=lambda: parse_rate(DEFAULT_RATE))
+    read_rate: Rate | None = None
+    concurrency: int = 16
+    max_attempts: int = 8
+    timeout: float = 30.0
+    resume_check: str = "read"
+    generate_missing: bool = False
+    skip_confirmed: bool = False
+    job: str | None = None
+    dry_run: bool = False
+    check_remote: bool = False
+    outage_budget: float = 300.0
+    grace_period: float = 10.0
+    # safety
+    allow_http: bool = False
+    verify_tls: bool = True
+    # output
+    progress: str = "auto"
+    progress_interval: float = 10.0
+    quiet: bool = False
+    verbose: int = 0
+    credentials: Credentials = field(default_factory=Credentials, repr=False)
+    sources: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
+
+    def public_dict(self) -> dict[str, Any]:
+        """Settings as plain values, safe to write to summary.json and logs (no secrets)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            if f.name in ("credentials", "sources"):
+                continue
+            value = getattr(self, f.name)
+            out[f.name] = str(value) if isinstance(value, (Path, Rate)) else value
+        out["auth"] = self.credentials.kind
+        return out
+
+
+# Settings a TOML file or CAPBATCH_* variable may set, with their parser.
+def _int(v: Any) -> int:
+    return int(v)
+
+
+def _float(v: Any) -> float:
+    return float(v)
+
+
+def _bool(v: Any) -> bool:
+    if isinstance(v, bool):
+        return v
+    s = str(v).strip().lower()
+    if s in ("1", "true", "yes", "on"):
+        return True
+    if s in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"not a boolean: {v!r}")
+
+
+def _str(v: Any) -> str:
+    return str(v)
+
+
+def _path(v: Any) -> Path:
+    return Path(str(v))
+
+
+def _sheet(v: Any) -> str | int:
+    s = str(v)
+    return int(s) if s.isdigit() else s
+
+
+SETTABLE: dict[str, Any] = {
+    "base_url": _str, "cluster": _str, "run_dir": _path, "reports_dir": _path,
+    "card_column": _str, "external_id_column": _str, "delimiter": _str, "encoding": _str,
+    "sheet": _sheet, "header_row": _int,
+    "external_id_length": _int, "external_id_pattern": _str, "strip_invisible": _bool,
+    "mode": _str, "rate": parse_rate, "read_rate": parse_rate, "concurrency": _int,
+    "max_attempts": _int, "timeout": _float, "resume_check": _str,
+    "generate_missing": _bool, "skip_confirmed": _bool, "job": _str,
+    "outage_budget": _float, "grace_period": _float,
+    "allow_http": _bool, "verify_tls": _bool,
+    "progress": _str, "progress_interval": _float,
+}
+
+
+def load_toml(path: Path | None) -> tuple[dict[str, Any], str | None]:
+    """Read ``[capbatch]`` (or top-level keys) from a TOML file; ``None`` means ./capbatch.toml if present."""
+    explicit = path is not None
+    path = path or Path(DEFAULT_CONFIG_FILE)
+    if not path.exists():
+        if explicit:
+            raise ConfigError(f"config file {path} does not exist", "check the --config path")
+        return {}, None
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}", "fix the file or drop --config") from exc
+    section = data.get("capbatch", data)
+    unknown = sorted(k for k in section if k.replace("-", "_") not in SETTABLE)
+    if unknown:
+        raise ConfigError(
+            f"config file {path} has unknown settings: {', '.join(unknown)}",
+            f"known settings: {', '.join(sorted(SETTABLE))}",
+        )
+    secretish = [k for k in section if any(w in k.lower() for w in ("password", "secret", "token"))]
+    if secretish:
+        raise ConfigError(f"config file {path} must not hold secrets ({', '.join(secretish)})",
+                          "set CAPILLARY_* environment variables instead")
+    return {k.replace("-", "_"): v for k, v in section.items()}, str(path)
+
+
+def resolve(
+    flags: Mapping[str, Any],
+    env: Mapping[str, str] | None = None,
+    config_file: Path | None = None,
+) -> Settings:
+    """Merge defaults < TOML < CAPBATCH_* environment < flags into one validated Settings.
+
+    ``flags`` holds only the values the user actually gave (None means "not given").
+    """
+    env = os.environ if env is None else env
+    file_values, file_name = load_toml(config_file)
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+
+    def take(key: str, raw: Any, origin: str) -> None:
+        parser = SETTABLE.get(key)
+        try:
+            values[key] = parser(raw) if parser and raw is not None else raw
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"{origin}: {key} = {raw!r} is not valid ({exc})",
+                              "fix the value; see `capbatch config` for the effective settings") from exc
+        sources[key] = origin
+
+    for key, raw in file_values.items():
+        take(key, raw, f"file {file_name}")
+    for key in SETTABLE:
+        name = "CAPBATCH_" + key.upper()
+        if env.get(name) not in (None, ""):
+            take(key, env[name], f"env {name}")
+    for key, raw in flags.items():
+        if raw is None or raw == () or key not in {f.name for f in dataclasses.fields(Settings)}:
+            continue
+        if key in SETTABLE and isinstance(raw, str):
+            take(key, raw, "flag")
+        else:
+            values[key] = raw
+            sources[key] = "flag"
+
+    values["credentials"] = Credentials.from_env(env)
+    values["sources"] = sources
+    settings = Settings(**values)
+    return validate(settings)
+
+
+def validate(s: Settings) -> Settings:
+    if s.mode not in MODES:
+        raise UsageError(f"--mode {s.mode!r} is unknown", f"use one of: {', '.join(MODES)}")
+    if s.progress not in PROGRESS_MODES:
+        raise UsageError(f"--progress {s.progress!r} is unknown", f"use one of: {', '.join(PROGRESS_MODES)}")
+    if s.resume_check not in RESUME_CHECKS:
+        raise UsageError(f"--resume-check {s.resume_check!r} is unknown", "use 'read' or 'resend'")
+    if not 1 <= s.concurrency <= 1024:
+        raise UsageError(f"--concurrency {s.concurrency} is out of range", "use a value from 1 to 1024")
+    if s.max_attempts < 1:
+        raise UsageError("--max-attempts must be at least 1", "e.g. --max-attempts 8")
+    if s.header_row < 1:
+        raise UsageError("--header-row counts from 1", "e.g. --header-row 3 when two title rows sit above the header")
+    if s.external_id_length is not None and not 1 <= s.external_id_length <= 50:
+        raise UsageError("--external-id-length must be 1..50", "external IDs are at most 50 characters")
+    if s.cluster and s.cluster.lower() not in CLUSTERS:
+        raise UsageError(f"--cluster {s.cluster!r} is unknown", f"use one of: {', '.join(CLUSTERS)} or --base-url")
+    return s
+
+
+def target_url(s: Settings) -> str:
+    """The API base URL: --base-url wins over --cluster. Refuses plain http to a non-loopback host."""
+    if s.base_url:
+        url = s.base_url.rstrip("/")
+    elif s.cluster:
+        url = CLUSTERS[s.cluster.lower()]
+    else:
+        raise UsageError("no API target given", "pass --cluster eu|us|apac|apac2|cn or --base-url URL")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UsageError(f"--base-url {url!r} is not an http(s) URL", "e.g. --base-url https://eu.api.capillarytech.com")
+    if parts.scheme == "http" and not is_loopback(parts.hostname) and not s.allow_http:
+        raise UsageError(
+            f"refusing plain http:// to {parts.hostname}: credentials would cross the network unencrypted",
+            "use https://, or pass --allow-http if this really is a trusted network",
+        )
+    return url
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -1,0 +1,373 @@
+"""The async pool: a feeder pages rows out of the ledger, workers settle them through the API, a writer
+records outcomes in batches. Retries, back-off, the breaker, aborts and graceful shutdown live here.
+
+Journal first: a chunk of rows is marked ``in_flight`` (one commit) before any of them is sent, so a
+process killed at any instant leaves at most a few chunks whose outcome is unknown. On the next run
+those rows are settled first — by reading the card (default) or by resending the idempotent PUT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable
+
+from .api import CARD_NOT_FOUND, EXTERNAL_ID_EXISTS, CapillaryClient, Kind, Outcome
+from .config import Settings
+from .ledger import Ledger, RowResult, State, WorkRow
+from .pacing import Breaker, Pacer, backoff_delay
+
+log = logging.getLogger("capbatch.engine")
+
+FLUSH_EVERY = 0.25     # seconds between ledger flushes
+FLUSH_SIZE = 1000      # or as soon as this many outcomes wait
+PAGE_SIZE = 2000       # rows read from the ledger per page
+
+
+class AbortRow(Exception):
+    """Raised inside a worker when the run is aborting: the row is left for the next run."""
+
+
+@dataclass
+class Counters:
+    """Live figures for progress display and the summary (this process only)."""
+
+    total: int = 0
+    done_before: int = 0
+    settled: int = 0
+    ok: int = 0
+    failed: int = 0
+    unchanged: int = 0
+    retrying: int = 0
+    retries: int = 0
+    throttled: int = 0
+    requests: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class EngineResult:
+    stop: str                      # "done" | "aborted" | "interrupted"
+    message: str | None = None
+    counters: Counters = field(default_factory=Counters)
+    throttle_events: int = 0
+    outages: int = 0
+    outage_seconds: float = 0.0
+
+
+class _RowContext:
+    __slots__ = ("row_id", "attempts", "ambiguous", "latency_ms", "http_status")
+
+    def __init__(self, row_id: int) -> None:
+        self.row_id = row_id
+        self.attempts = 0
+        self.ambiguous = False     # a PUT may have been applied without our seeing the answer
+        self.latency_ms: float | None = None
+        self.http_status: int | None = None
+
+
+class Writer:
+    """Buffers outcomes and writes them to the ledger in batches (one transaction each)."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+        self.buffer: list[RowResult] = []
+        self.timeline: dict[int, list[int]] = defaultdict(lambda: [0, 0, 0, 0])
+
+    def add(self, result: RowResult) -> None:
+        self.buffer.append(result)
+        bucket = self.timeline[int(result.settled_at)]
+        if result.state in (State.SUCCEEDED, State.UNCHANGED):
+            bucket[0] += 1
+        elif result.state is State.FAILED:
+            bucket[1] += 1
+        if len(self.buffer) >= FLUSH_SIZE:
+            self.flush()
+
+    def note_retry(self, throttled: bool) -> None:
+        bucket = self.timeline[int(time.time())]
+        bucket[2] += 1
+        if throttled:
+            bucket[3] += 1
+
+    def flush(self) -> None:
+        if not self.buffer and not self.timeline:
+            return
+        batch, self.buffer = self.buffer, []
+        timeline, self.timeline = dict(self.timeline), defaultdict(lambda: [0, 0, 0, 0])
+        self.ledger.record(batch, timeline)
+
+
+class Engine:
+    def __init__(self, settings: Settings, ledger: Ledger, client: CapillaryClient) -> None:
+        self.s = settings
+        self.ledger = ledger
+        self.client = client
+        self.pacer = Pacer(settings.rate)
+        self.read_pacer = Pacer(settings.read_rate) if settings.read_rate else self.pacer
+        self.breaker = Breaker(settings.outage_budget)
+        self.writer = Writer(ledger)
+        self.counters = Counters()
+        self.queue: asyncio.Queue[WorkRow | None] = asyncio.Queue(maxsize=settings.concurrency)
+        self.stopping = asyncio.Event()
+        self.abort_message: str | None = None
+        self.interrupted = False
+        self._journalled: set[int] = set()   # rows marked in_flight by this process and not yet settled
+        self._started: set[int] = set()      # of those, rows a worker has begun
+        self._ambiguous: set[int] = set()    # rows whose PUT may have landed unseen
+        counts = ledger.counts()
+        self.counters.total = sum(counts.values())
+        self.counters.done_before = self.counters.total - counts["pending"] - counts["in_flight"]
+
+    # ---- control -------------------------------------------------------------------------------
+    def request_stop(self) -> None:
+        """First Ctrl-C / SIGTERM: stop feeding, let in-flight requests finish within the grace period."""
+        self.interrupted = True
+        self.stopping.set()
+
+    def _abort(self, message: str) -> None:
+        if self.abort_message is None:
+            self.abort_message = message
+            log.error("aborting the run: %s", message)
+        self.stopping.set()
+
+    # ---- main ----------------------------------------------------------------------------------
+    async def run(self) -> EngineResult:
+        unknown = self.ledger.unknown_rows()
+        first = unknown[0] if unknown else next(iter(self.ledger.pending_page(0, 1)), None)
+        if first is None:
+            return self._result()
+        await self._preflight(first)
+        if self.abort_message:
+            return self._result()
+
+        feeder = asyncio.create_task(self._feed(unknown), name="feeder")
+        workers = [asyncio.create_task(self._work(), name=f"worker-{i}") for i in range(self.s.concurrency)]
+        flusher = asyncio.create_task(self._flush_periodically(), name="flusher")
+        all_workers = asyncio.gather(*workers)
+        try:
+            stop_wait = asyncio.create_task(self.stopping.wait())
+            await asyncio.wait([all_workers, stop_wait], return_when=asyncio.FIRST_COMPLETED)
+            stop_wait.cancel()
+            if not all_workers.done():
+                # Stopping: queued rows go back; in-flight requests get the grace period, then they
+                # are cut off (their rows stay in_flight and are settled by the next run).
+                feeder.cancel()
+                await asyncio.gather(feeder, return_exceptions=True)
+                while not self.queue.empty():
+                    self.queue.get_nowait()
+                for _ in workers:
+                    self.queue.put_nowait(None)
+                try:
+                    await asyncio.wait_for(asyncio.shield(all_workers), self.s.grace_period)
+                except asyncio.TimeoutError:
+                    log.warning("grace period over: %d requests cut off; they are settled on the next run",
+                                len(self._started))
+                    for w in workers:
+                        w.cancel()
+                    await asyncio.gather(*workers, return_exceptions=True)
+        finally:
+            feeder.cancel()
+            flusher.cancel()
+            await asyncio.gather(feeder, flusher, return_exceptions=True)
+            if not all_workers.done():
+                for w in workers:
+                    w.cancel()
+                await asyncio.gather(*workers, return_exceptions=True)
+            await asyncio.shield(self._finish())
+        return self._result()
+
+    async def _finish(self) -> None:
+        self.writer.flush()
+        # Journalled rows no request went out for return to pending; ambiguous ones stay in_flight.
+        never_sent = sorted(self._journalled - self._started)
+        self.ledger.release(never_sent)
+        started_unknown = sorted((self._started & self._journalled) - self._ambiguous)
+        if self.abort_message and started_unknown:
+            # Aborted before their outcome: the API refused them (401/403/outage), so not applied.
+            self.ledger.release(started_unknown)
+
+    def _result(self) -> EngineResult:
+        if self.abort_message:
+            stop = "aborted"
+        elif self.interrupted:
+            stop = "interrupted"
+        else:
+            stop = "done"
+        return EngineResult(stop, self.abort_message, self.counters, self.pacer.throttle_events,
+                            self.breaker.outages, self.breaker.outage_seconds)
+
+    async def _preflight(self, row: WorkRow) -> None:
+        """One read before the pool starts: wrong credentials or a wrong host stop the run at once."""
+        ctx = _RowContext(-1)
+        try:
+            outcome = await self._call(ctx, self.read_pacer, self.client.get_card, row.card)
+        except AbortRow:
+            return
+        if outcome.kind is Kind.RETRY:
+            log.warning("first request to %s did not succeed (%s); carrying on with retries",
+                        self.client.base_url, outcome.error_message)
+
+    async def _flush_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(FLUSH_EVERY)
+            self.writer.flush()
+
+    # ---- feeder --------------------------------------------------------------------------------
+    async def _feed(self, unknown: list[WorkRow]) -> None:
+        """Unknown rows first, then pending pages; each chunk is journalled before it is queued."""
+        try:
+            chunk = self.s.concurrency
+            for i in range(0, len(unknown), chunk):
+                if self.stopping.is_set():
+                    return
+                part = unknown[i:i + chunk]
+                self._journalled.update(r.id for r in part)
+                self._ambiguous.update(r.id for r in part)   # already unknown: never release blindly
+                for row in part:
+                    await self.queue.put(row)
+            after = 0
+            while not self.stopping.is_set():
+                page = self.ledger.pending_page(after, PAGE_SIZE)
+                if not page:
+                    break
+                after = page[-1].id
+                for i in range(0, len(page), chunk):
+                    if self.stopping.is_set():
+                        return
+                    part = page[i:i + chunk]
+                    self.ledger.mark_in_flight([r.id for r in part])
+                    self._journalled.update(r.id for r in part)
+                    for row in part:
+                        await self.queue.put(row)
+        except asyncio.CancelledError:
+            return
+        for _ in range(self.s.concurrency):
+            await self.queue.put(None)
+
+    # ---- workers -------------------------------------------------------------------------------
+    async def _work(self) -> None:
+        while True:
+            if self.stopping.is_set():
+                return
+            row = await self.queue.get()
+            if row is None:
+                return
+            if self.stopping.is_set():
+                return
+            self._started.add(row.id)
+            try:
+                result = await self._settle(row)
+            except AbortRow:
+                continue
+            self._journalled.discard(row.id)
+            self._started.discard(row.id)
+            self._ambiguous.discard(row.id)
+            self.counters.settled += 1
+            if result.state is State.SUCCEEDED:
+                self.counters.ok += 1
+            elif result.state is State.UNCHANGED:
+                self.counters.unchanged += 1
+            else:
+                self.counters.failed += 1
+            self.writer.add(result)
+
+    async def _settle(self, row: WorkRow) -> RowResult:
+        ctx = _RowContext(row.id)
+        previous: str | None = None
+        read_first = self.s.mode == "reconcile" or (row.unknown and self.s.resume_check == "read")
+        if read_first:
+            got = await self._call(ctx, self.read_pacer, self.client.get_card, row.card)
+            if got.ok:
+                if row.external_id and got.external_id == row.external_id:
+                    state = State.SUCCEEDED if row.unknown and self.s.mode != "reconcile" else State.UNCHANGED
+                    note = ("confirmed by reading the card after an interrupted run" if state is State.SUCCEEDED
+                            else "card already held the target external ID")
+                    return self._result_row(row, ctx, state, got, note=note)
+                previous = got.external_id
+            elif got.kind is Kind.REJECTED and got.error_code == str(CARD_NOT_FOUND):
+                return self._result_row(row, ctx, State.FAILED, got)
+            # any other read problem: the PUT below decides
+
+        external_id = row.external_id
+        generated_note = None
+        if not external_id:
+            gen = await self._call(ctx, self.read_pacer, self.client.generate_external_id)
+            if not gen.ok or not gen.external_id:
+                return self._result_row(row, ctx, State.FAILED, gen)
+            external_id = gen.external_id
+            self.ledger.store_generated(row.id, external_id)
+            generated_note = "external ID generated by GET /v2/cardNumber"
+
+        put = await self._call(ctx, self.pacer, self.client.put_card, row.card, external_id, is_put=True)
+        if put.ok:
+            return self._result_row(row, ctx, State.SUCCEEDED, put, previous=previous, note=generated_note)
+        if put.kind is Kind.REJECTED and put.error_code == str(EXTERNAL_ID_EXISTS):
+            # 3045 is a success when the card itself already holds that ID (e.g. a resent PUT).
+            check = await self._call(ctx, self.read_pacer, self.client.get_card, row.card)
+            if check.ok and check.external_id == external_id:
+                return self._result_row(row, ctx, State.SUCCEEDED, check, previous=previous,
+                                        note="card already held this external ID (3045 on resend)")
+        return self._result_row(row, ctx, State.FAILED, put, previous=previous)
+
+    def _result_row(self, row: WorkRow, ctx: _RowContext, state: State, outcome: Outcome,
+                    previous: str | None = None, note: str | None = None) -> RowResult:
+        failed = state is State.FAILED
+        return RowResult(
+            id=row.id, state=state, attempts=ctx.attempts, http_status=outcome.http_status,
+            error_code=outcome.error_code if failed else None,
+            error_message=outcome.error_message if failed else None,
+            card_id=outcome.card_id, customer_id=outcome.customer_id,
+            previous_external_id=previous, latency_ms=ctx.latency_ms, note=note,
+            settled_at=time.time(),
+        )
+
+    async def _call(self, ctx: _RowContext, pacer: Pacer, fn: Callable[..., Awaitable[Outcome]], *args: str,
+                    is_put: bool = False) -> Outcome:
+        """One logical call with retries: transient failures back off and retry up to --max-attempts."""
+        tries = 0
+        while True:
+            if self.abort_message:
+                raise AbortRow
+            probe = await self.breaker.admit()
+            if self.breaker.expired():
+                self._abort(f"the API has been unavailable for over {self.s.outage_budget:g} s "
+                            f"(last error: {ctx.http_status or 'no answer'}); rerun the same command "
+                            "later to resume")
+                raise AbortRow
+            await pacer.acquire()
+            if self.abort_message:
+                raise AbortRow
+            outcome = await fn(*args)
+            ctx.attempts += 1
+            self.counters.requests += 1
+            ctx.latency_ms = outcome.latency_ms
+            ctx.http_status = outcome.http_status
+            if outcome.kind is Kind.FATAL:
+                self._abort(outcome.error_message or "fatal API error")
+                raise AbortRow
+            transient = outcome.kind is Kind.RETRY
+            self.breaker.record(transient and not outcome.throttled, probe)
+            if not transient:
+                return outcome
+            if is_put and outcome.http_status is None:
+                ctx.ambiguous = True  # timeout or dropped connection: the PUT may have landed
+                self._ambiguous.add(ctx.row_id)
+            if outcome.throttled:
+                self.counters.throttled += 1
+                pacer.throttled(outcome.retry_after)
+            if not (probe or self.breaker.is_open):
+                tries += 1
+            if tries >= self.s.max_attempts:
+                return outcome
+            self.counters.retries += 1
+            self.writer.note_retry(outcome.throttled)
+            delay = max(backoff_delay(tries), outcome.retry_after or 0.0)
+            self.counters.retrying += 1
+            try:
+                await asyncio.sleep(delay)
+            finally:
+                self.counters.retrying -= 1

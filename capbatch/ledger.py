@@ -1,0 +1,438 @@
+"""The run's ledger: one SQLite file holding every input row and its state. The single source of truth.
+
+Writes are batched (one transaction per batch) so the ledger is never the bottleneck; WAL mode keeps
+readers (``capbatch status``/``report``) working while a run writes. A process killed at any point
+leaves a consistent file: the rows it had in flight stay ``in_flight`` and are settled on resume.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import sqlite3
+import time
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+from .errors import LedgerError
+
+SCHEMA_VERSION = 1
+LEDGER_FILE = "ledger.sqlite"
+LOCK_FILE = ".lock"
+
+
+class State(str, Enum):
+    PENDING = "pending"          # valid, not yet settled
+    IN_FLIGHT = "in_flight"      # journalled before sending; outcome unknown if the process died
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"            # the API refused it, or retries ran out
+    REJECTED = "rejected"        # never sent: invalid input or a conflict
+    UNCHANGED = "unchanged"      # the card already carried the target ID; nothing sent
+    DUPLICATE = "duplicate"      # the same pair as an earlier row, which is sent once for both
+
+    def __str__(self) -> str:
+        return self.value
+
+
+SETTLED_OK = (State.SUCCEEDED.value, State.UNCHANGED.value, State.DUPLICATE.value)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS rows (
+    id INTEGER PRIMARY KEY,            -- input order, 1..N
+    sheet TEXT,
+    row_number INTEGER NOT NULL,       -- as the user's spreadsheet shows it
+    original TEXT NOT NULL,            -- JSON array of every original cell, as text
+    card TEXT NOT NULL,
+    external_id TEXT NOT NULL,
+    state TEXT NOT NULL,
+    reason_code TEXT,
+    reason TEXT,
+    problem_column TEXT,               -- which input column the rejection is about
+    duplicate_of INTEGER,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    http_status INTEGER,
+    error_code TEXT,
+    error_message TEXT,
+    card_id TEXT,
+    customer_id TEXT,
+    previous_external_id TEXT,
+    generated INTEGER NOT NULL DEFAULT 0,
+    latency_ms REAL,
+    note TEXT,
+    settled_at REAL
+);
+CREATE INDEX IF NOT EXISTS rows_by_state ON rows(state, id);
+CREATE TABLE IF NOT EXISTS timeline (
+    second INTEGER PRIMARY KEY,        -- unix time, whole seconds
+    ok INTEGER NOT NULL DEFAULT 0,
+    failed INTEGER NOT NULL DEFAULT 0,
+    retried INTEGER NOT NULL DEFAULT 0,
+    throttled INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS runs (
+    id INTEGER PRIMARY KEY,
+    pid INTEGER,
+    started_at REAL NOT NULL,
+    ended_at REAL,
+    exit_code INTEGER,
+    outcome TEXT,
+    requests INTEGER NOT NULL DEFAULT 0
+);
+"""
+
+# Each entry upgrades a ledger from version (index + 1) to (index + 2).
+_MIGRATIONS: list[str] = []
+
+
+@dataclass(frozen=True, slots=True)
+class WorkRow:
+    """A row the engine must settle."""
+
+    id: int
+    card: str
+    external_id: str
+    unknown: bool = False      # was in flight when an earlier process stopped: outcome unknown
+    generated: bool = False
+
+
+@dataclass(slots=True)
+class RowResult:
+    """The outcome of settling one row, as the engine hands it to the ledger."""
+
+    id: int
+    state: State
+    attempts: int = 0                 # HTTP attempts spent in this process (added to the total)
+    http_status: int | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+    card_id: str | None = None
+    customer_id: str | None = None
+    previous_external_id: str | None = None
+    latency_ms: float | None = None
+    note: str | None = None
+    settled_at: float = 0.0
+
+
+def row_label(sheet: str | None, row_number: int) -> str:
+    return f"{sheet}!{row_number}" if sheet else str(row_number)
+
+
+def _wrap(exc: sqlite3.Error, path: Path) -> LedgerError:
+    text = str(exc).lower()
+    if "disk is full" in text or "disk i/o" in text:
+        return LedgerError(f"the ledger at {path} could not be written: the disk is full",
+                           "free space on that disk (or use --run-dir elsewhere), then rerun the same command to resume")
+    if "readonly" in text or "read-only" in text or "unable to open" in text:
+        return LedgerError(f"the ledger at {path} cannot be written ({exc})",
+                           "make the run directory writable or choose another with --run-dir")
+    if "locked" in text or "busy" in text:
+        return LedgerError(f"the ledger at {path} is locked by another process",
+                           "wait for the other capbatch process to finish")
+    if "not a database" in text or "malformed" in text:
+        return LedgerError(f"{path} is not a capbatch ledger or is damaged ({exc})",
+                           "point --run-dir at a fresh directory")
+    return LedgerError(f"ledger error in {path}: {exc}", "rerun the same command; if it persists, use a fresh --run-dir")
+
+
+class Ledger:
+    """A run directory's SQLite ledger. Use :meth:`open` (writer, takes the lock) or :meth:`open_readonly`."""
+
+    def __init__(self, path: Path, conn: sqlite3.Connection, lock_fd: int | None) -> None:
+        self.path = path
+        self.conn = conn
+        self._lock_fd = lock_fd
+
+    # ---- opening -------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, run_dir: Path) -> "Ledger":
+        """Open (creating if needed) the ledger for writing, holding an exclusive lock on the run dir."""
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise LedgerError(f"cannot create run directory {run_dir}: {exc.strerror}",
+                              "choose a writable place with --run-dir") from exc
+        lock_fd = _take_lock(run_dir)
+        path = run_dir / LEDGER_FILE
+        try:
+            conn = sqlite3.connect(path, isolation_level=None, timeout=10)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA temp_store=MEMORY")
+            conn.executescript(_SCHEMA)
+            ledger = cls(path, conn, lock_fd)
+            ledger._migrate()
+        except sqlite3.Error as exc:
+            os.close(lock_fd)
+            raise _wrap(exc, path) from exc
+        return ledger
+
+    @classmethod
+    def open_readonly(cls, run_dir: Path) -> "Ledger":
+        path = run_dir / LEDGER_FILE
+        if not path.exists():
+            raise LedgerError(f"{run_dir} holds no ledger ({LEDGER_FILE} is missing)",
+                              "pass the run directory that `capbatch run` printed")
+        try:
+            conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None, timeout=10)
+            conn.execute("SELECT count(*) FROM meta").fetchone()
+        except sqlite3.Error as exc:
+            raise _wrap(exc, path) from exc
+        return cls(path, conn, None)
+
+    def close(self) -> None:
+        try:
+            self.conn.close()
+        finally:
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+                self._lock_fd = None
+
+    def __enter__(self) -> "Ledger":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _migrate(self) -> None:
+        version = self.get_meta("schema_version")
+        if version is None:
+            self.set_meta("schema_version", str(SCHEMA_VERSION))
+            return
+        current = int(version)
+        if current > SCHEMA_VERSION:
+            raise LedgerError(f"{self.path} was written by a newer capbatch (schema {current})",
+                              "upgrade capbatch to resume this run")
+        while current < SCHEMA_VERSION:
+            self.conn.executescript(_MIGRATIONS[current - 1])
+            current += 1
+            self.set_meta("schema_version", str(current))
+
+    # ---- helpers -------------------------------------------------------------------------------
+    def _exec(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> sqlite3.Cursor:
+        try:
+            return self.conn.execute(sql, params)
+        except sqlite3.Error as exc:
+            raise _wrap(exc, self.path) from exc
+
+    def _many(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+            self.conn.executemany(sql, rows)
+            self.conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+            raise _wrap(exc, self.path) from exc
+
+    def get_meta(self, key: str) -> str | None:
+        row = self._exec("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def get_meta_json(self, key: str, default: Any = None) -> Any:
+        value = self.get_meta(key)
+        return default if value is None else json.loads(value)
+
+    def set_meta(self, key: str, value: str) -> None:
+        self._exec("INSERT INTO meta(key, value) VALUES(?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                   (key, value))
+
+    # ---- import --------------------------------------------------------------------------------
+    def is_imported(self) -> bool:
+        return self.get_meta("imported_at") is not None
+
+    def reset_import(self) -> None:
+        """Drop a half-finished import (the process died while loading the file)."""
+        self._exec("DELETE FROM rows")
+
+    def import_rows(self, rows: Iterable[tuple[Any, ...]], batch: int = 20000) -> int:
+        """Insert (sheet, row_number, original_json, card, external_id, state, reason_code, reason,
+        problem_column) tuples."""
+        sql = ("INSERT INTO rows(sheet, row_number, original, card, external_id, state, reason_code, reason, "
+               "problem_column) VALUES (?,?,?,?,?,?,?,?,?)")
+        count = 0
+        chunk: list[tuple[Any, ...]] = []
+        for row in rows:
+            chunk.append(row)
+            if len(chunk) >= batch:
+                self._many(sql, chunk)
+                count += len(chunk)
+                chunk.clear()
+        if chunk:
+            self._many(sql, chunk)
+            count += len(chunk)
+        return count
+
+    def apply_cross_row_rules(self, allow_empty_external_id: bool = False) -> None:
+        """Duplicates and conflicts among the valid rows, done in SQL so memory stays flat.
+
+        The same card with different external IDs, or the same external ID on different cards, is a
+        conflict: every row involved is rejected, naming the others. The same pair twice is sent once;
+        the later rows become ``duplicate`` of the first.
+        """
+        empty_ok = "AND external_id <> ''" if allow_empty_external_id else ""
+        script = f"""
+        DROP TABLE IF EXISTS temp.card_conflicts; DROP TABLE IF EXISTS temp.ext_conflicts;
+        DROP TABLE IF EXISTS temp.first_of_pair;
+        CREATE TEMP TABLE card_conflicts AS
+            SELECT card, group_concat(label, ', ') AS labels, count(*) AS n FROM (
+                SELECT card, coalesce(sheet || '!', '') || row_number AS label FROM rows
+                WHERE state='pending' AND card IN (
+                    SELECT card FROM rows WHERE state='pending' GROUP BY card
+                    HAVING count(DISTINCT external_id) > 1)
+                ORDER BY id)
+            GROUP BY card;
+        CREATE TEMP TABLE ext_conflicts AS
+            SELECT external_id, group_concat(label, ', ') AS labels, count(*) AS n FROM (
+                SELECT external_id, coalesce(sheet || '!', '') || row_number AS label FROM rows
+                WHERE state='pending' {empty_ok} AND external_id IN (
+                    SELECT external_id FROM rows WHERE state='pending' {empty_ok} GROUP BY external_id
+                    HAVING count(DISTINCT card) > 1)
+                ORDER BY id)
+            GROUP BY external_id;
+        BEGIN IMMEDIATE;
+        UPDATE rows SET state='rejected', reason_code='conflict_card', problem_column='card',
+            reason='card ' || rows.card || ' appears with different external IDs in rows ' || c.labels
+                   || ': keep one external ID per card and rerun'
+            FROM temp.card_conflicts AS c WHERE rows.card = c.card AND rows.state='pending';
+        UPDATE rows SET state='rejected', reason_code='conflict_external_id', problem_column='external_id',
+            reason='external ID ' || rows.external_id || ' is given to different cards in rows ' || c.labels
+                   || ': external IDs are unique across cards; keep one card per external ID and rerun'
+            FROM temp.ext_conflicts AS c WHERE rows.external_id = c.external_id AND rows.state='pending';
+        CREATE TEMP TABLE first_of_pair AS
+            SELECT card, external_id, min(id) AS first_id FROM rows WHERE state='pending'
+            GROUP BY card, external_id HAVING count(*) > 1;
+        UPDATE rows SET state='duplicate', reason_code='duplicate', problem_column='card', duplicate_of=f.first_id,
+            reason='same card and external ID as row '
+                   || (SELECT coalesce(r.sheet || '!', '') || r.row_number FROM rows r WHERE r.id=f.first_id)
+                   || ': sent once for both'
+            FROM temp.first_of_pair AS f
+            WHERE rows.card=f.card AND rows.external_id=f.external_id AND rows.id<>f.first_id
+              AND rows.state='pending';
+        COMMIT;
+        DROP TABLE temp.card_conflicts; DROP TABLE temp.ext_conflicts; DROP TABLE temp.first_of_pair;
+        """
+        try:
+            self.conn.executescript(script)
+        except sqlite3.Error as exc:
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+            raise _wrap(exc, self.path) from exc
+
+    def mark_imported(self) -> None:
+        self.set_meta("imported_at", repr(time.time()))
+
+    # ---- the engine's side ---------------------------------------------------------------------
+    def counts(self) -> dict[str, int]:
+        out = {s.value: 0 for s in State}
+        for state, n in self._exec("SELECT state, count(*) FROM rows GROUP BY state"):
+            out[state] = n
+        return out
+
+    def total(self) -> int:
+        return int(self._exec("SELECT count(*) FROM rows").fetchone()[0])
+
+    def unknown_rows(self) -> list[WorkRow]:
+        """Rows an earlier process had in flight when it stopped: their outcome is unknown."""
+        cur = self._exec("SELECT id, card, external_id, generated FROM rows WHERE state='in_flight' ORDER BY id")
+        return [WorkRow(i, c, e, True, bool(g)) for i, c, e, g in cur]
+
+    def pending_page(self, after_id: int, limit: int) -> list[WorkRow]:
+        cur = self._exec(
+            "SELECT id, card, external_id, generated FROM rows WHERE state='pending' AND id > ? "
+            "ORDER BY id LIMIT ?", (after_id, limit))
+        return [WorkRow(i, c, e, False, bool(g)) for i, c, e, g in cur]
+
+    def mark_in_flight(self, ids: Sequence[int]) -> None:
+        """The journal entry written before a batch of requests goes out."""
+        self._many("UPDATE rows SET state='in_flight' WHERE id=?", ((i,) for i in ids))
+
+    def release(self, ids: Sequence[int]) -> None:
+        """Rows journalled but never sent go back to pending (stop, abort)."""
+        if ids:
+            self._many("UPDATE rows SET state='pending' WHERE id=? AND state='in_flight'", ((i,) for i in ids))
+
+    def store_generated(self, row_id: int, external_id: str) -> None:
+        """Record a generated external ID before it is sent, so a rerun never generates a second one."""
+        self._many("UPDATE rows SET external_id=?, generated=1 WHERE id=?", [(external_id, row_id)])
+
+    def record(self, results: Sequence[RowResult], timeline: dict[int, list[int]] | None = None) -> None:
+        """Write a batch of outcomes (and the timeline counters) in one transaction."""
+        sql = ("UPDATE rows SET state=?, attempts=attempts+?, http_status=?, error_code=?, error_message=?, "
+               "card_id=coalesce(?, card_id), customer_id=coalesce(?, customer_id), "
+               "previous_external_id=coalesce(?, previous_external_id), latency_ms=coalesce(?, latency_ms), "
+               "note=?, settled_at=? WHERE id=?")
+        params = [(r.state.value, r.attempts, r.http_status, r.error_code, r.error_message, r.card_id,
+                   r.customer_id, r.previous_external_id, r.latency_ms, r.note, r.settled_at, r.id)
+                  for r in results]
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+            self.conn.executemany(sql, params)
+            if timeline:
+                self.conn.executemany(
+                    "INSERT INTO timeline(second, ok, failed, retried, throttled) VALUES (?,?,?,?,?) "
+                    "ON CONFLICT(second) DO UPDATE SET ok=ok+excluded.ok, failed=failed+excluded.failed, "
+                    "retried=retried+excluded.retried, throttled=throttled+excluded.throttled",
+                    [(sec, *vals) for sec, vals in timeline.items()])
+            self.conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+            raise _wrap(exc, self.path) from exc
+
+    # ---- invocations ---------------------------------------------------------------------------
+    def start_invocation(self) -> int:
+        cur = self._exec("INSERT INTO runs(pid, started_at) VALUES (?, ?)", (os.getpid(), time.time()))
+        return int(cur.lastrowid or 0)
+
+    def end_invocation(self, run_id: int, exit_code: int, outcome: str, requests: int) -> None:
+        self._exec("UPDATE runs SET ended_at=?, exit_code=?, outcome=?, requests=? WHERE id=?",
+                   (time.time(), exit_code, outcome, requests, run_id))
+
+    def invocations(self) -> list[dict[str, Any]]:
+        cur = self._exec("SELECT id, pid, started_at, ended_at, exit_code, outcome, requests FROM runs ORDER BY id")
+        cols = [d[0] for d in cur.description]
+        return [dict(zip(cols, r)) for r in cur]
+
+    # ---- reading for reports -------------------------------------------------------------------
+    def iter_rows(self, where: str = "", params: Sequence[Any] = ()) -> Iterator[sqlite3.Row]:
+        cur = self.conn.cursor()
+        cur.row_factory = sqlite3.Row
+        try:
+            cur.execute(f"SELECT * FROM rows {where} ORDER BY id", params)
+        except sqlite3.Error as exc:
+            raise _wrap(exc, self.path) from exc
+        yield from cur
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        return list(self._exec(sql, params))
+
+
+def _take_lock(run_dir: Path) -> int:
+    path = run_dir / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise LedgerError(f"cannot write to run directory {run_dir}: {exc.strerror}",
+                          "make it writable or choose another with --run-dir") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        holder = ""
+        try:
+            holder = os.pread(fd, 32, 0).decode().strip()
+        except OSError:
+            pass
+        os.close(fd)
+        if exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+            who = f" (pid {holder})" if holder else ""
+            raise LedgerError(f"another capbatch process{who} is running on {run_dir}",
+                              "wait for it to finish, or stop it; rerunning afterwards resumes the run") from exc
+        raise LedgerError(f"cannot lock {path}: {exc.strerror}", "choose another --run-dir") from exc
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    return fd

@@ -1,0 +1,195 @@
+"""How fast to send: the rate pacer (aiolimiter underneath), 429 back-off shared by all workers, and the breaker.
+
+Why not ``AsyncLimiter(R, 60)``: a leaky bucket as large as the quota lets a full bucket (R) go out
+at once and then R more within the minute, so a server counting "R in any 60 s" sees nearly 2R.
+Here the bucket is tiny (1 % of R, at least 1) and it drains at 98 % of R, so any window of the
+quota's length holds at most 0.99 R sends: the last 1 % absorbs network jitter between our clock
+and the server's. Fixed, sliding and per-second server windows are all respected by that bound,
+and the long-run rate is 0.98 R.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+import time
+from collections import deque
+
+from aiolimiter import AsyncLimiter
+
+from .config import Rate
+
+RATE_SAFETY = 0.98      # long-run fraction of the quota we aim for
+BURST_FRACTION = 0.01   # bucket size as a fraction of the quota (at least one request)
+MIN_FACTOR = 0.05       # the 429 back-off never goes below 5 % of the configured rate
+DECREASE = 0.7          # multiplicative decrease per throttling episode
+INCREASE_EVERY = 2.0    # seconds of 429-free sending between additive increases
+INCREASE_STEP = 0.05    # fraction of the configured rate regained per step
+
+
+class Pacer:
+    """Paces requests to a rate, and slows every worker when the server throttles (AIMD).
+
+    On a 429, all workers wait out ``Retry-After`` (or a short default) and the rate drops to 70 %
+    of its current value (once per episode); each further 2 s free of 429s gives back 5 % of the
+    configured rate, so a misjudged ``--rate`` settles just under what the server accepts.
+    """
+
+    def __init__(self, rate: Rate | None) -> None:
+        self.rate = rate
+        self.factor = 1.0
+        self._pause_until = 0.0
+        self._last_decrease = 0.0
+        self._last_increase = 0.0
+        self._limiter: AsyncLimiter | None = None
+        self._sends: deque[float] = deque(maxlen=512)
+        self._learned_rate: float | None = None  # with no --rate, the rate learned from the first 429
+        self.throttle_events = 0
+        self._build()
+
+    @property
+    def current_per_second(self) -> float | None:
+        base = self.rate.per_second if self.rate else self._learned_rate
+        return None if base is None else base * RATE_SAFETY * self.factor
+
+    def _build(self) -> None:
+        per_second = self.current_per_second
+        if per_second is None:
+            self._limiter = None
+            return
+        quota = self.rate.requests if self.rate else per_second
+        burst = max(1.0, math.floor(quota * BURST_FRACTION * self.factor))
+        self._limiter = AsyncLimiter(burst, burst / per_second)
+
+    async def acquire(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            wait = self._pause_until - loop.time()
+            if wait > 0:
+                await asyncio.sleep(wait)
+                continue
+            limiter = self._limiter
+            if limiter is not None:
+                await limiter.acquire()
+                if limiter is not self._limiter or loop.time() < self._pause_until:
+                    continue  # the rate changed or a pause began while we waited: queue again
+            self._sends.append(loop.time())
+            self._maybe_increase(loop.time())
+            return
+
+    def throttled(self, retry_after: float | None) -> None:
+        """A 429 arrived: pause everyone and lower the rate (once per episode)."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        pause = retry_after if retry_after is not None else 1.0 + random.random()
+        self._pause_until = max(self._pause_until, now + min(pause, 300.0))
+        if now - self._last_decrease < max(1.0, pause):
+            return
+        self.throttle_events += 1
+        self._last_decrease = now
+        self._last_increase = now + pause
+        if self.rate is None and self._learned_rate is None:
+            self._learned_rate = self._observed_rate(now) or 10.0
+        else:
+            self.factor = max(MIN_FACTOR, self.factor * DECREASE)
+        self._build()
+
+    def _maybe_increase(self, now: float) -> None:
+        if self.factor >= 1.0 or now - self._last_increase < INCREASE_EVERY:
+            return
+        self._last_increase = now
+        self.factor = min(1.0, self.factor + INCREASE_STEP)
+        self._build()
+
+    def _observed_rate(self, now: float) -> float | None:
+        recent = [t for t in self._sends if now - t <= 5.0]
+        if len(recent) < 2:
+            return None
+        span = max(now - recent[0], 0.5)
+        return len(recent) / span * DECREASE
+
+
+class Breaker:
+    """Stops spending rows' attempts while the API is down.
+
+    Opens when at least ``threshold`` of the last ``window`` calls failed transiently. While open, one
+    probe at a time goes out (every 1 s, doubling to 30 s); the first success closes it. Open for
+    longer than ``budget`` seconds means the outage outlasted our patience: the run aborts, resumable.
+    """
+
+    def __init__(self, budget: float, window: int = 20, threshold: float = 0.8) -> None:
+        self.budget = budget
+        self.window = window
+        self.threshold = threshold
+        self._recent: deque[bool] = deque(maxlen=window)
+        self._failures = 0
+        self.opened_at: float | None = None
+        self._probe_interval = 1.0
+        self._next_probe = 0.0
+        self._probing = False
+        self._closed = asyncio.Event()
+        self._closed.set()
+        self.outages = 0
+        self.outage_seconds = 0.0
+
+    @property
+    def is_open(self) -> bool:
+        return self.opened_at is not None
+
+    def expired(self) -> bool:
+        return self.opened_at is not None and time.monotonic() - self.opened_at > self.budget
+
+    async def admit(self) -> bool:
+        """Wait until a call may go out. Returns True when this call is the breaker's probe."""
+        while self.opened_at is not None:
+            if self.expired():
+                return False
+            now = time.monotonic()
+            if not self._probing and now >= self._next_probe:
+                self._probing = True
+                return True
+            timeout = max(0.05, min(self._next_probe - now, 1.0)) if not self._probing else 1.0
+            try:
+                await asyncio.wait_for(self._closed.wait(), timeout)
+            except asyncio.TimeoutError:
+                pass
+        return False
+
+    def record(self, transient_failure: bool, probe: bool) -> None:
+        if probe:
+            self._probing = False
+            if transient_failure:
+                self._probe_interval = min(self._probe_interval * 2, 30.0)
+                self._next_probe = time.monotonic() + self._probe_interval
+            else:
+                self._close()
+            return
+        if self.opened_at is not None:
+            return
+        if len(self._recent) == self._recent.maxlen and self._recent[0]:
+            self._failures -= 1
+        self._recent.append(transient_failure)
+        self._failures += transient_failure
+        if len(self._recent) >= self.window and self._failures >= self.threshold * self.window:
+            self._open()
+
+    def _open(self) -> None:
+        self.opened_at = time.monotonic()
+        self.outages += 1
+        self._probe_interval = 1.0
+        self._next_probe = self.opened_at + self._probe_interval
+        self._closed.clear()
+
+    def _close(self) -> None:
+        if self.opened_at is not None:
+            self.outage_seconds += time.monotonic() - self.opened_at
+        self.opened_at = None
+        self._recent.clear()
+        self._failures = 0
+        self._closed.set()
+
+
+def backoff_delay(attempt: int, base: float = 0.5, cap: float = 30.0) -> float:
+    """Exponential back-off with full jitter (AWS architecture blog): uniform in [0, min(cap, base·2^n)]."""
+    return random.uniform(0, min(cap, base * (2 ** max(0, attempt - 1))))

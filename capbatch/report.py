@@ -1,0 +1,219 @@
+"""Reports built from the ledger: results.csv, failures.csv, summary.json (and report.html).
+
+Reports only read the ledger, so ``capbatch report RUN_DIR`` can rebuild them at any time, even while
+a run is in progress. CSV cells that a spreadsheet would run as a formula are neutralised (OWASP);
+the source reader undoes that for files carrying the ``capbatch_row`` column, so a failures file fed
+back to ``capbatch run`` sends the original values.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable
+
+from .ledger import Ledger, State
+
+RESULTS_CSV = "results.csv"
+FAILURES_CSV = "failures.csv"
+SUMMARY_JSON = "summary.json"
+REPORT_HTML = "report.html"
+
+FORMULA_TRIGGERS = ("=", "+", "-", "@", "\t", "\r")
+MARKER_COLUMN = "capbatch_row"   # present in every CSV report; tells the reader to undo neutralising
+
+EXIT_OK, EXIT_ROWS_FAILED, EXIT_USAGE, EXIT_ABORTED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+
+def neutralise(value: Any) -> str:
+    """OWASP CSV-injection defence: a leading ' makes the spreadsheet show the cell as text."""
+    text = "" if value is None else str(value)
+    if text and text.startswith(FORMULA_TRIGGERS):
+        return "'" + text
+    return text
+
+
+def exit_code_for(counts: dict[str, int], stop: str) -> int:
+    if stop == "aborted":
+        return EXIT_ABORTED
+    if stop == "interrupted":
+        return EXIT_INTERRUPTED
+    if counts.get("failed", 0) or counts.get("rejected", 0):
+        return EXIT_ROWS_FAILED
+    if counts.get("pending", 0) or counts.get("in_flight", 0):
+        return EXIT_INTERRUPTED
+    return EXIT_OK
+
+
+def iso(ts: float | None) -> str:
+    if not ts:
+        return ""
+    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="seconds")
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="", encoding="utf-8-sig" if path.suffix == ".csv" else "utf-8") as fh:
+        write(fh)
+    os.replace(tmp, path)
+
+
+def _reason(row: Any) -> tuple[str, str]:
+    """(code, message) explaining a row's state, whichever stage produced it."""
+    if row["error_code"] or row["error_message"]:
+        return row["error_code"] or "", row["error_message"] or ""
+    return row["reason_code"] or "", row["reason"] or row["note"] or ""
+
+
+def write_results(ledger: Ledger, run_dir: Path) -> None:
+    columns = ledger.get_meta_json("columns", [])
+    header = ([MARKER_COLUMN, "capbatch_sheet"] + list(columns) +
+              ["capbatch_state", "capbatch_attempts", "capbatch_http_status", "capbatch_error_code",
+               "capbatch_message", "capbatch_sent_external_id", "capbatch_previous_external_id",
+               "capbatch_generated", "capbatch_card_id", "capbatch_customer_id", "capbatch_settled_at"])
+
+    def write(fh: Any) -> None:
+        w = csv.writer(fh)
+        w.writerow([neutralise(h) for h in header])
+        for row in ledger.iter_rows():
+            code, message = _reason(row)
+            original = json.loads(row["original"])
+            w.writerow([row["row_number"], neutralise(row["sheet"] or "")]
+                       + [neutralise(v) for v in _fit(original, len(columns))]
+                       + [row["state"], row["attempts"], row["http_status"] or "", neutralise(code),
+                          neutralise(message), neutralise(row["external_id"] if row["state"] != "rejected" else ""),
+                          neutralise(row["previous_external_id"] or ""), "yes" if row["generated"] else "",
+                          row["card_id"] or "", row["customer_id"] or "", iso(row["settled_at"])])
+
+    _atomic_write(run_dir / RESULTS_CSV, write)
+
+
+def write_failures(ledger: Ledger, run_dir: Path) -> int:
+    """Failed and rejected rows, original columns first, so the file can be fixed and fed back."""
+    columns = ledger.get_meta_json("columns", [])
+    header = list(columns) + [MARKER_COLUMN, "capbatch_sheet", "capbatch_state", "capbatch_error_code",
+                              "capbatch_reason"]
+    count = 0
+
+    def write(fh: Any) -> None:
+        nonlocal count
+        w = csv.writer(fh)
+        w.writerow([neutralise(h) for h in header])
+        for row in ledger.iter_rows("WHERE state IN ('failed', 'rejected')"):
+            code, message = _reason(row)
+            original = json.loads(row["original"])
+            w.writerow([neutralise(v) for v in _fit(original, len(columns))]
+                       + [row["row_number"], neutralise(row["sheet"] or ""), row["state"], neutralise(code),
+                          neutralise(message)])
+            count += 1
+
+    _atomic_write(run_dir / FAILURES_CSV, write)
+    return count
+
+
+def _fit(values: list[str], width: int) -> list[str]:
+    return values[:width] + [""] * (width - len(values))
+
+
+def latency_histogram(ledger: Ledger) -> list[tuple[int, int]]:
+    """(bucket_ms, count) with 1 ms buckets below 100 ms, 10 ms up to 1 s, 100 ms above."""
+    sql = ("SELECT CASE WHEN latency_ms < 100 THEN CAST(latency_ms AS INT) "
+           "WHEN latency_ms < 1000 THEN CAST(latency_ms / 10 AS INT) * 10 "
+           "ELSE CAST(latency_ms / 100 AS INT) * 100 END AS b, count(*) "
+           "FROM rows WHERE latency_ms IS NOT NULL GROUP BY b ORDER BY b")
+    return [(int(b), int(n)) for b, n in ledger.query(sql)]
+
+
+def percentiles(hist: Iterable[tuple[int, int]], points: Iterable[float] = (50, 90, 95, 99)) -> dict[str, float]:
+    hist = list(hist)
+    total = sum(n for _, n in hist)
+    out: dict[str, float] = {}
+    if not total:
+        return out
+    for p in points:
+        target = total * p / 100.0
+        seen = 0
+        for bucket, n in hist:
+            seen += n
+            if seen >= target:
+                out[f"p{p:g}"] = float(bucket)
+                break
+    out["max"] = float(hist[-1][0])
+    return out
+
+
+def build_summary(ledger: Ledger, run_dir: Path, *, stop: str | None = None, message: str | None = None,
+                  extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    counts = ledger.counts()
+    invocations = ledger.invocations()
+    started = min((i["started_at"] for i in invocations), default=None)
+    ended = max((i["ended_at"] or 0 for i in invocations), default=None) or None
+    active = sum(((i["ended_at"] or time.time()) - i["started_at"]) for i in invocations)
+    requests = sum(i["requests"] or 0 for i in invocations)
+    by_error: dict[str, int] = {}
+    for code, n in ledger.query("SELECT coalesce(error_code, 'unknown'), count(*) FROM rows "
+                                "WHERE state='failed' GROUP BY 1 ORDER BY 2 DESC"):
+        by_error[str(code)] = n
+    by_reason: dict[str, int] = {}
+    for code, n in ledger.query("SELECT coalesce(reason_code, 'unknown'), count(*) FROM rows "
+                                "WHERE state='rejected' GROUP BY 1 ORDER BY 2 DESC"):
+        by_reason[str(code)] = n
+    retries, throttled = ledger.query("SELECT coalesce(sum(retried),0), coalesce(sum(throttled),0) FROM timeline")[0]
+    settled_by_api = counts["succeeded"] + counts["failed"] + counts["unchanged"]
+    hist = latency_histogram(ledger)
+    if stop is None:
+        last = invocations[-1] if invocations else None
+        stop = (last or {}).get("outcome") or ("in progress" if last and not last.get("ended_at") else "done")
+    exit_code = exit_code_for(counts, stop if stop in ("aborted", "interrupted") else "done")
+    summary: dict[str, Any] = {
+        "run_dir": str(run_dir),
+        "input": {
+            "name": ledger.get_meta("input_name"),
+            "sha256": ledger.get_meta("input_sha256"),
+            "rows": sum(counts.values()),
+            "columns": ledger.get_meta_json("columns", []),
+            "mapping": ledger.get_meta_json("mapping", {}),
+        },
+        "counts": counts,
+        "failed_by_error_code": by_error,
+        "rejected_by_reason": by_reason,
+        "started_at": iso(started),
+        "ended_at": iso(ended),
+        "duration_seconds": round(active, 3),
+        "invocations": len(invocations),
+        "requests": requests,
+        "retries": retries,
+        "throttled_responses": throttled,
+        "throughput_rows_per_second": round(settled_by_api / active, 2) if active > 0 else 0.0,
+        "latency_ms": percentiles(hist),
+        "settings": ledger.get_meta_json("settings", {}),
+        "stop": stop,
+        "message": message,
+        "exit_code": exit_code,
+    }
+    if extra:
+        summary.update(extra)
+    return summary
+
+
+def write_reports(ledger: Ledger, run_dir: Path, **kwargs: Any) -> dict[str, Any]:
+    """(Re)build every report from the ledger. Returns the summary."""
+    write_results(ledger, run_dir)
+    write_failures(ledger, run_dir)
+    summary = build_summary(ledger, run_dir, **kwargs)
+    _atomic_write(run_dir / SUMMARY_JSON, lambda fh: json.dump(summary, fh, indent=2, sort_keys=False))
+    try:
+        from .report_html import write_html
+    except ImportError:  # pragma: no cover - the HTML report ships with the package
+        return summary
+    write_html(ledger, run_dir, summary)
+    return summary
+
+
+def status_line(counts: dict[str, int]) -> str:
+    order = [s.value for s in State]
+    return "  ".join(f"{k}={counts.get(k, 0)}" for k in order if counts.get(k, 0) or k in ("succeeded", "failed"))

@@ -1,0 +1,882 @@
+"""A faithful, fast local stand-in for the Capillary card API.
+
+Serves the demo (``capbatch demo`` / ``capbatch simulate``), the test suite and benchmarks.
+It implements the parts of the API capbatch talks to (see ``capillary-api.md``):
+
+* ``POST /v3/oauth/token/generate``  - OAuth token for ``{"key", "secret"}``
+* ``PUT  /v2/card``                   - set a card's external ID
+* ``GET  /v2/card?number=<card>``     - read a card
+* ``GET  /v2/cardNumber``             - generate a fresh unique external ID
+
+plus fault injection (latency, 500/503/429, dropped and hung connections, outage switch),
+an exact sliding-window (or fixed calendar-window) rate limiter, and admin routes that are
+neither authenticated, rate limited nor counted:
+
+* ``GET  /_sim/stats``   - :meth:`Simulator.stats`
+* ``POST /_sim/config``  - JSON object of :class:`SimConfig` field changes
+* ``GET  /_sim/cards``   - card number -> current external id
+
+This module deliberately imports nothing else from capbatch.
+Run it standalone with ``python -m capbatch.simulator --help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import binascii
+import csv
+import dataclasses
+import hashlib
+import itertools
+import json
+import random
+import re
+import secrets
+import signal
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+from aiohttp import web
+
+__all__ = ["SimConfig", "Simulator", "SimulatorThread", "serve", "load_cards_csv", "main"]
+
+MAX_LEN = 50  # card numbers and external IDs: at most 50 characters
+
+ROUTE_PUT_CARD = "PUT /v2/card"
+ROUTE_GET_CARD = "GET /v2/card"
+ROUTE_GEN_NUMBER = "GET /v2/cardNumber"
+ROUTE_OAUTH = "POST /v3/oauth/token/generate"
+ROUTES = (ROUTE_PUT_CARD, ROUTE_GET_CARD, ROUTE_GEN_NUMBER, ROUTE_OAUTH)
+
+_DOWN_MODES = (None, "503", "drop", "hang")
+_JSON_CT = "application/json"
+
+
+@dataclass
+class SimConfig:
+    """Everything that shapes the simulator's behaviour. Change it at runtime with
+    :meth:`Simulator.update` (or ``POST /_sim/config``)."""
+
+    username: str = "demo"
+    password: str = "demo"  # Basic auth: base64(username:md5hex(password))
+    client_key: str = "demo-key"
+    client_secret: str = "demo-secret"  # OAuth
+    token_ttl: float = 300.0  # seconds an OAuth token lives
+    cards: dict[str, str | None] = field(default_factory=dict)  # card number -> external id
+    auto_create: bool = False  # any card number exists (created on first touch, no external id)
+    rate_per_minute: int | None = None  # at most R accepted API requests in any 60 s window
+    rate_per_second: int | None = None  # at most R accepted API requests in any 1 s window
+    rate_window: str = "sliding"  # "sliding" (any 60 s / 1 s) or "fixed" (calendar windows)
+    retry_after: float | None = None  # when set, 429 answers carry Retry-After: <seconds>
+    latency: float = 0.0  # seconds added before answering (accepted requests)
+    jitter: float = 0.0  # uniform +- jitter around latency
+    p_500: float = 0.0
+    p_503: float = 0.0
+    p_drop: float = 0.0  # close the connection without answering
+    p_hang: float = 0.0  # sleep hang_seconds, then close the connection without answering
+    p_429: float = 0.0  # spurious 429, independent of the rate limit
+    hang_seconds: float = 30.0
+    errors_status: int = 400  # HTTP status of business-error answers (200/201 mimic "2xx + errors")
+    reapply_same: str = "ok"  # re-PUT of the ID the card already holds: "ok" or "3045"
+    external_id_length: int | None = None  # org's CONF_CARD_NUMBER_LENGTH; other lengths -> 3050
+    down: str | None = None  # outage switch: None, "503", "drop", "hang"
+    seed: int | None = None  # RNG seed for fault injection and jitter
+
+    def validate(self) -> None:
+        """Raise ValueError when a field holds a value the simulator cannot act on."""
+        if self.rate_window not in ("sliding", "fixed"):
+            raise ValueError(f"rate_window must be 'sliding' or 'fixed', not {self.rate_window!r}")
+        if self.reapply_same not in ("ok", "3045"):
+            raise ValueError(f"reapply_same must be 'ok' or '3045', not {self.reapply_same!r}")
+        if self.down not in _DOWN_MODES:
+            raise ValueError(f"down must be one of None, '503', 'drop', 'hang', not {self.down!r}")
+        for name in ("p_500", "p_503", "p_drop", "p_hang", "p_429"):
+            p = getattr(self, name)
+            if not 0.0 <= float(p) <= 1.0:
+                raise ValueError(f"{name} must be between 0 and 1, not {p!r}")
+        for name in ("rate_per_minute", "rate_per_second", "external_id_length"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"{name} must be a positive integer or None, not {v!r}")
+        for name in ("latency", "jitter", "hang_seconds", "token_ttl"):
+            if float(getattr(self, name)) < 0:
+                raise ValueError(f"{name} must not be negative")
+        if self.retry_after is not None and float(self.retry_after) < 0:
+            raise ValueError("retry_after must not be negative")
+        if not isinstance(self.errors_status, int) or not 100 <= self.errors_status <= 599:
+            raise ValueError(f"errors_status must be an HTTP status, not {self.errors_status!r}")
+        if not isinstance(self.cards, dict):
+            raise ValueError("cards must be a dict of card number -> external id (or None)")
+
+
+_CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(SimConfig))
+
+
+def _dumps(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def _error_body(code: int, message: str) -> bytes:
+    return _dumps({"warnings": [], "errors": [{"status": False, "code": code, "message": message}]})
+
+
+_BODY_401 = _dumps({"errors": [{"status": False, "code": 401, "message": "Unauthorized"}]})
+_BODY_498 = _dumps({"errors": [{"status": False, "code": 498, "message": "Token expired"}]})
+_BODY_429 = _dumps({"errors": [{"status": False, "code": 429, "message": "Too many requests"}]})
+_BODY_500 = _error_body(500, "All requests have failed due to errors")
+_BODY_503 = _dumps({"errors": [{"status": False, "code": 503, "message": "Service unavailable"}]})
+_BODY_OAUTH_BAD = _dumps(
+    {"data": None, "errors": [{"code": 320001, "message": "Invalid client key and secret"}]}
+)
+
+
+def _json_response(body: bytes, status: int = 200, headers: dict[str, str] | None = None
+                   ) -> web.Response:
+    return web.Response(body=body, status=status, content_type=_JSON_CT, headers=headers)
+
+
+class _Card:
+    __slots__ = ("number", "ext", "card_id", "customer_id")
+
+    def __init__(self, number: str, ext: str | None, card_id: int) -> None:
+        self.number = number
+        self.ext = ext
+        self.card_id = card_id
+        self.customer_id = 100000 + card_id
+
+
+class Simulator:
+    """The Capillary card API in one aiohttp application. Single event loop, no locks:
+    every state change happens synchronously inside one handler step."""
+
+    def __init__(self, config: SimConfig) -> None:
+        config = dataclasses.replace(config, cards=dict(config.cards))
+        config.validate()
+        self.config = config
+        self._rng = random.Random(config.seed)
+        self._cards: dict[str, _Card] = {}
+        self._owner: dict[str, str] = {}  # external id -> card number holding it
+        self._card_seq = itertools.count(1)
+        self._gen_seq = itertools.count(1)
+        self._tokens: dict[str, float] = {}  # token -> monotonic expiry
+        self._seed_cards(config.cards)
+        self._derive()
+        self._runner: web.AppRunner | None = None
+        self._closing: asyncio.Event | None = None  # created in start(), on the serving loop
+        self.url: str | None = None
+        self.reset_stats()
+
+        app = web.Application(client_max_size=1 << 20)
+        app.router.add_post("/v3/oauth/token/generate", self._wrap(ROUTE_OAUTH, self._h_oauth))
+        app.router.add_put("/v2/card", self._wrap(ROUTE_PUT_CARD, self._h_put_card))
+        app.router.add_get(
+            "/v2/card", self._wrap(ROUTE_GET_CARD, self._h_get_card), allow_head=False
+        )
+        app.router.add_get(
+            "/v2/cardNumber", self._wrap(ROUTE_GEN_NUMBER, self._h_gen_number), allow_head=False
+        )
+        app.router.add_get("/_sim/stats", self._admin_stats, allow_head=False)
+        app.router.add_get("/_sim/cards", self._admin_cards, allow_head=False)
+        app.router.add_post("/_sim/config", self._admin_config)
+        self.app = app
+
+    # ------------------------------------------------------------------ state & config
+    def _seed_cards(self, cards: dict[str, str | None]) -> None:
+        for number, ext in cards.items():
+            number = str(number)
+            ext = None if ext is None or str(ext) == "" else str(ext)
+            card = self._cards.get(number)
+            if card is None:
+                card = self._cards[number] = _Card(number, None, next(self._card_seq))
+            if card.ext is not None and self._owner.get(card.ext) == number:
+                del self._owner[card.ext]
+            if ext is not None:
+                holder = self._owner.get(ext)
+                if holder is not None and holder != number:
+                    raise ValueError(
+                        f"seed cards {holder!r} and {number!r} both hold external id {ext!r}"
+                    )
+                self._owner[ext] = number
+            card.ext = ext
+
+    def _derive(self) -> None:
+        """Precompute per-request constants from the config."""
+        c = self.config
+        pw_hash = hashlib.md5(c.password.encode()).hexdigest()
+        self._basic_user = c.username
+        self._basic_hash = pw_hash
+        self._basic_expected = "Basic " + base64.b64encode(
+            f"{c.username}:{pw_hash}".encode()
+        ).decode()
+        self._faulty = bool(c.p_drop or c.p_hang or c.p_500 or c.p_503 or c.p_429)
+        self._limited = bool(c.rate_per_second or c.rate_per_minute)
+        self._fixed = c.rate_window == "fixed"
+        self._delayed = bool(c.latency or c.jitter)
+        if c.retry_after is None:
+            self._h429: dict[str, str] | None = None
+        else:
+            ra = float(c.retry_after)
+            self._h429 = {"Retry-After": str(int(ra)) if ra == int(ra) else f"{ra:g}"}
+
+    def update(self, **changes: Any) -> None:
+        """Change configuration at runtime (faults, outage switch, rate limits, ...).
+
+        ``cards`` merges into the current card map (adds cards, overwrites their external ids);
+        ``seed`` re-seeds the fault RNG. Raises ValueError (nothing applied) on unknown fields
+        or invalid values. Call it on the simulator's event loop thread (or use
+        :class:`SimulatorThread` / ``POST /_sim/config`` from elsewhere)."""
+        unknown = set(changes) - _CONFIG_FIELDS
+        if unknown:
+            raise ValueError(f"unknown SimConfig field(s): {', '.join(sorted(unknown))}")
+        cards = changes.pop("cards", None)
+        new = dataclasses.replace(self.config, **changes)
+        new.validate()
+        if cards is not None:
+            if not isinstance(cards, dict):
+                raise ValueError("cards must be a dict of card number -> external id (or None)")
+            self._seed_cards(cards)
+            new.cards = self.card_ids()
+        self.config = new
+        if "seed" in changes:
+            self._rng.seed(new.seed)
+        if {"rate_per_minute", "rate_per_second", "rate_window"} & changes.keys():
+            self._fixed_sec = self._fixed_min = -1
+            self._fixed_sec_n = self._fixed_min_n = 0
+        self._derive()
+
+    def card_ids(self) -> dict[str, str | None]:
+        """Card number -> current external id (None when the card has none)."""
+        return {n: c.ext for n, c in self._cards.items()}
+
+    def reset_stats(self) -> None:
+        """Zero every counter (the card state and the rate limiter's memory are kept)."""
+        self._requests = 0
+        self._by_status: dict[int | str, int] = {}
+        self._by_route: dict[str, int] = dict.fromkeys(ROUTES, 0)
+        self._puts_per_card: dict[str, int] = {}
+        self._applied_per_card: dict[str, int] = {}
+        self._tokens_issued = 0
+        self._auth_failures = 0
+        self._in_flight = 0
+        self._max_in_flight = 0
+        self._accepted = 0
+        self._rejected_429 = 0
+        # accepted timestamps (monotonic) inside the last 1 s / 60 s: serve both the exact
+        # sliding-window limiter and the peak counters.
+        if not hasattr(self, "_win1"):
+            self._win1: deque[float] = deque()
+            self._win60: deque[float] = deque()
+            self._fixed_sec = self._fixed_min = -1
+            self._fixed_sec_n = self._fixed_min_n = 0
+        self._peak_1 = 0
+        self._peak_60 = 0
+
+    def stats(self) -> dict[str, Any]:
+        """JSON-able counters. Keys are stable: tests and benchmarks assert on them."""
+        return {
+            "requests": self._requests,
+            "by_status": {str(k): v for k, v in self._by_status.items()},
+            "by_route": dict(self._by_route),
+            "puts_per_card": dict(self._puts_per_card),
+            "applied_per_card": dict(self._applied_per_card),
+            "tokens_issued": self._tokens_issued,
+            "auth_failures": self._auth_failures,
+            "accepted": self._accepted,
+            "rate_limited": self._rejected_429,
+            "peak_per_minute": self._peak_60,
+            "peak_per_second": self._peak_1,
+            "max_in_flight": self._max_in_flight,
+            "in_flight": self._in_flight,
+            "cards": len(self._cards),
+        }
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        """Listen on host:port (0 = any free port); return the base URL."""
+        if self._runner is not None:
+            raise RuntimeError("simulator already started")
+        self._closing = asyncio.Event()
+        runner = web.AppRunner(
+            self.app, access_log=None, handle_signals=False, shutdown_timeout=1.0
+        )
+        await runner.setup()
+        site = web.TCPSite(runner, host, port, reuse_address=True)
+        try:
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        server = site._server
+        assert server is not None and server.sockets  # type: ignore[union-attr]
+        real_port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        url_host = f"[{host}]" if ":" in host else host
+        self.url = f"http://{url_host}:{real_port}"
+        return self.url
+
+    async def stop(self) -> None:
+        """Stop listening, release hung requests (they get dropped) and close connections."""
+        if self._closing is not None:
+            self._closing.set()
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+
+    # ------------------------------------------------------------------ request pipeline
+    def _auth(self, headers: Any) -> bytes | None:
+        """None when authorised, else the 401 body to answer with."""
+        token = headers.get("X-CAP-API-OAUTH-TOKEN") or headers.get("CAP-API-ACCESS-TOKEN")
+        expired = False
+        if token:
+            exp = self._tokens.get(token)
+            if exp is not None:
+                if time.monotonic() < exp:
+                    return None
+                expired = True
+        basic = headers.get("Authorization")
+        if basic:
+            if basic == self._basic_expected:
+                return None
+            scheme, _, cred = basic.partition(" ")
+            if scheme.lower() == "basic":
+                try:
+                    user, sep, pw = base64.b64decode(cred.strip(), validate=True).decode(
+                    ).partition(":")
+                except (binascii.Error, UnicodeDecodeError, ValueError):
+                    sep = ""
+                if sep and user == self._basic_user and pw.lower() == self._basic_hash:
+                    return None
+        return _BODY_498 if expired else _BODY_401
+
+    async def _drop(self, request: web.Request, status_key: str) -> web.Response:
+        """Close the connection without an answer. The returned response is never sent:
+        aiohttp fails to write it to the closed transport and moves on quietly."""
+        self._by_status[status_key] = self._by_status.get(status_key, 0) + 1
+        transport = request.transport
+        if transport is not None:
+            transport.close()
+        return web.Response(status=599)
+
+    async def _hang(self, request: web.Request) -> web.Response:
+        closing = self._closing
+        try:
+            if closing is not None:
+                await asyncio.wait_for(closing.wait(), self.config.hang_seconds)
+            else:  # not started through start(): plain sleep
+                await asyncio.sleep(self.config.hang_seconds)
+        except asyncio.TimeoutError:
+            pass
+        return await self._drop(request, "hang")
+
+    def _wrap(
+        self, route: str, handler: Callable[[web.Request], Awaitable[web.Response]]
+    ) -> Callable[[web.Request], Awaitable[web.Response]]:
+        is_oauth = route == ROUTE_OAUTH
+
+        async def endpoint(request: web.Request) -> web.Response:
+            self._requests += 1
+            self._by_route[route] += 1
+            self._in_flight += 1
+            if self._in_flight > self._max_in_flight:
+                self._max_in_flight = self._in_flight
+            try:
+                resp = await self._pipeline(request, handler, is_oauth)
+                if resp is not None:
+                    st = resp.status
+                    self._by_status[st] = self._by_status.get(st, 0) + 1
+                    return resp
+                return web.Response(status=599)  # dropped: never sent
+            finally:
+                self._in_flight -= 1
+
+        return endpoint
+
+    async def _pipeline(
+        self,
+        request: web.Request,
+        handler: Callable[[web.Request], Awaitable[web.Response]],
+        is_oauth: bool,
+    ) -> web.Response | None:
+        cfg = self.config
+        if not is_oauth:
+            body = self._auth(request.headers)
+            if body is not None:
+                self._auth_failures += 1
+                return _json_response(body, 401)
+        # outage switch (applies to the OAuth route too: an outage is an outage)
+        down = cfg.down
+        if down is not None:
+            if down == "503":
+                return _json_response(_BODY_503, 503)
+            if down == "drop":
+                await self._drop(request, "drop")
+            else:
+                await self._hang(request)
+            return None
+        if is_oauth:  # no random faults and no rate limit on token generation
+            return await handler(request)
+        if self._faulty:
+            rnd = self._rng.random
+            if cfg.p_drop and rnd() < cfg.p_drop:
+                await self._drop(request, "drop")
+                return None
+            if cfg.p_hang and rnd() < cfg.p_hang:
+                await self._hang(request)
+                return None
+            if cfg.p_500 and rnd() < cfg.p_500:
+                return _json_response(_BODY_500, 500)
+            if cfg.p_503 and rnd() < cfg.p_503:
+                return _json_response(_BODY_503, 503)
+            if cfg.p_429 and rnd() < cfg.p_429:
+                return _json_response(_BODY_429, 429, self._h429)
+        if not self._admit():
+            self._rejected_429 += 1
+            return _json_response(_BODY_429, 429, self._h429)
+        if self._delayed:
+            delay = cfg.latency
+            if cfg.jitter:
+                delay += self._rng.uniform(-cfg.jitter, cfg.jitter)
+            if delay > 0:
+                await asyncio.sleep(delay)
+        return await handler(request)
+
+    def _admit(self) -> bool:
+        """Rate limiter + peak accounting. True = accepted (and recorded)."""
+        now = time.monotonic()
+        w1 = self._win1
+        w60 = self._win60
+        cut = now - 1.0
+        while w1 and w1[0] <= cut:
+            w1.popleft()
+        cut = now - 60.0
+        while w60 and w60[0] <= cut:
+            w60.popleft()
+        if self._limited:
+            cfg = self.config
+            rps = cfg.rate_per_second
+            rpm = cfg.rate_per_minute
+            if self._fixed:
+                wall = time.time()
+                sec = int(wall)
+                if sec != self._fixed_sec:
+                    self._fixed_sec, self._fixed_sec_n = sec, 0
+                minute = int(wall // 60)
+                if minute != self._fixed_min:
+                    self._fixed_min, self._fixed_min_n = minute, 0
+                if (rps and self._fixed_sec_n >= rps) or (rpm and self._fixed_min_n >= rpm):
+                    return False
+                self._fixed_sec_n += 1
+                self._fixed_min_n += 1
+            elif (rps and len(w1) >= rps) or (rpm and len(w60) >= rpm):
+                return False
+        w1.append(now)
+        w60.append(now)
+        self._accepted += 1
+        if len(w1) > self._peak_1:
+            self._peak_1 = len(w1)
+        if len(w60) > self._peak_60:
+            self._peak_60 = len(w60)
+        return True
+
+    # ------------------------------------------------------------------ API handlers
+    def _business_error(self, code: int, message: str) -> web.Response:
+        return _json_response(_error_body(code, message), self.config.errors_status)
+
+    def _lookup(self, number: str) -> _Card | None:
+        card = self._cards.get(number)
+        if card is None and self.config.auto_create and 0 < len(number) <= MAX_LEN:
+            card = self._cards[number] = _Card(number, None, next(self._card_seq))
+        return card
+
+    async def _h_oauth(self, request: web.Request) -> web.Response:
+        try:
+            data = json.loads(await request.read())
+        except ValueError:
+            data = None
+        cfg = self.config
+        if (
+            not isinstance(data, dict)
+            or data.get("key") != cfg.client_key
+            or data.get("secret") != cfg.client_secret
+        ):
+            return _json_response(_BODY_OAUTH_BAD, 401)
+        token = secrets.token_urlsafe(24)
+        self._tokens[token] = time.monotonic() + cfg.token_ttl
+        self._tokens_issued += 1
+        if len(self._tokens) > 10000:  # forget long-expired tokens now and then
+            horizon = time.monotonic() - 3600
+            self._tokens = {t: e for t, e in self._tokens.items() if e > horizon}
+        ttl = cfg.token_ttl
+        return _json_response(
+            _dumps(
+                {"data": {"accessToken": token, "ttlSeconds": int(ttl) if ttl == int(ttl) else ttl},
+                 "errors": None}
+            )
+        )
+
+    async def _h_put_card(self, request: web.Request) -> web.Response:
+        try:
+            data = json.loads(await request.read())
+        except ValueError:
+            return _json_response(_error_body(400, "Invalid JSON in request body"), 400)
+        if not isinstance(data, dict):
+            return _json_response(_error_body(400, "Request body must be a JSON object"), 400)
+        number = data.get("cardNumber")
+        ext = data.get("cardExternalId")
+        if not isinstance(number, str) or not number:
+            return _json_response(_error_body(400, "cardNumber is required"), 400)
+        if not isinstance(ext, str) or not ext:
+            return _json_response(_error_body(400, "cardExternalId is required"), 400)
+        self._puts_per_card[number] = self._puts_per_card.get(number, 0) + 1
+        if len(number) > MAX_LEN:
+            return self._business_error(3029, "Card number max length exceeded")
+        card = self._lookup(number)
+        if card is None:
+            return self._business_error(3010, "Card number does not exist")
+        if len(ext) > MAX_LEN:
+            return self._business_error(3051, "Unable to update/generate card external id")
+        want = self.config.external_id_length
+        if want is not None and len(ext) != want:
+            return self._business_error(
+                3050,
+                f"Card external id length {len(ext)} should be equal or greater than "
+                f"card id length {want}",
+            )
+        holder = self._owner.get(ext)
+        if holder is not None and holder != number:
+            return self._business_error(3045, "Card external id exists")
+        if card.ext == ext:
+            if self.config.reapply_same == "3045":
+                return self._business_error(3045, "Card external id exists")
+        else:
+            if card.ext is not None:
+                self._owner.pop(card.ext, None)
+            card.ext = ext
+            self._owner[ext] = number
+            self._applied_per_card[number] = self._applied_per_card.get(number, 0) + 1
+        return _json_response(
+            _dumps(
+                {
+                    "cardId": card.card_id,
+                    "customerId": card.customer_id,
+                    "cardExternalId": ext,
+                    "cardNumber": number,
+                    "orgId": 0,
+                    "entityId": card.customer_id,
+                    "transactionNotAllowed": False,
+                    "activeAndDigital": True,
+                    "warnings": [],
+                }
+            )
+        )
+
+    async def _h_get_card(self, request: web.Request) -> web.Response:
+        query = request.query
+        number = query.get("number")
+        if number:
+            card = self._lookup(number)
+        else:
+            ext = query.get("externalId")
+            if not ext:
+                return _json_response(_error_body(400, "number is required"), 400)
+            holder = self._owner.get(ext)
+            card = self._cards.get(holder) if holder is not None else None
+        if card is None:
+            return self._business_error(3010, "Card number does not exist")
+        return _json_response(
+            _dumps(
+                {
+                    "cardNumber": card.number,
+                    "cardExternalId": card.ext,
+                    "cardId": card.card_id,
+                    "customerId": card.customer_id,
+                    "seriesId": 1,
+                    "statusInfo": {"status": "ACTIVE"},
+                    "warnings": [],
+                }
+            )
+        )
+
+    async def _h_gen_number(self, request: web.Request) -> web.Response:
+        width = self.config.external_id_length
+        width = width - 3 if width is not None and width >= 4 else 12
+        while True:
+            candidate = "GEN" + str(next(self._gen_seq)).zfill(width)
+            if len(candidate) > MAX_LEN:  # pragma: no cover - needs 10**47 calls
+                raise web.HTTPInternalServerError(text="generator exhausted")
+            if candidate not in self._owner:
+                break
+        return _json_response(_dumps({"entity": candidate, "warnings": []}))
+
+    # ------------------------------------------------------------------ admin routes
+    async def _admin_stats(self, request: web.Request) -> web.Response:
+        return _json_response(_dumps(self.stats()))
+
+    async def _admin_cards(self, request: web.Request) -> web.Response:
+        return _json_response(_dumps(self.card_ids()))
+
+    async def _admin_config(self, request: web.Request) -> web.Response:
+        try:
+            changes = json.loads(await request.read() or b"{}")
+            if not isinstance(changes, dict):
+                raise ValueError("body must be a JSON object of SimConfig field changes")
+            reset = changes.pop("reset_stats", False)
+            self.update(**changes)
+            if reset:
+                self.reset_stats()
+        except (ValueError, TypeError) as exc:
+            return _json_response(_dumps({"ok": False, "error": str(exc)}), 400)
+        cfg = dataclasses.asdict(self.config)
+        cfg.pop("cards", None)
+        return _json_response(_dumps({"ok": True, "config": cfg}))
+
+
+class SimulatorThread:
+    """A :class:`Simulator` on its own event loop in a daemon thread (tests, ``capbatch demo``).
+
+    ``with SimulatorThread(SimConfig(cards=...)) as sim: run_client(sim.url)``."""
+
+    def __init__(self, config: SimConfig, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.config = config
+        self.host = host
+        self.port = port
+        self.url: str = ""
+        self.sim = Simulator(config)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> "SimulatorThread":
+        if self._thread is not None:
+            raise RuntimeError("simulator thread already started")
+        loop = asyncio.new_event_loop()
+        ready = threading.Event()
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            asyncio.set_event_loop(loop)
+            try:
+                self.url = loop.run_until_complete(self.sim.start(self.host, self.port))
+            except BaseException as exc:  # noqa: BLE001 - handed to the starting thread
+                failure.append(exc)
+                ready.set()
+                return
+            ready.set()
+            try:
+                loop.run_forever()
+            finally:
+                try:
+                    loop.run_until_complete(self.sim.stop())
+                    pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+                    for task in pending:
+                        task.cancel()
+                    if pending:
+                        loop.run_until_complete(
+                            asyncio.gather(*pending, return_exceptions=True)
+                        )
+                    loop.run_until_complete(loop.shutdown_asyncgens())
+                finally:
+                    asyncio.set_event_loop(None)
+
+        self._loop = loop
+        self._thread = threading.Thread(target=run, name="capbatch-simulator", daemon=True)
+        self._thread.start()
+        ready.wait()
+        if failure:
+            self._thread.join()
+            self._thread = None
+            self._loop = None
+            loop.close()
+            raise failure[0]
+        return self
+
+    def stop(self) -> None:
+        thread, loop = self._thread, self._loop
+        if thread is None or loop is None:
+            return
+        self._thread = self._loop = None
+        if thread.is_alive():
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(timeout=15)
+        if not loop.is_running():
+            loop.close()
+
+    def __enter__(self) -> "SimulatorThread":
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def _call(self, fn: Callable[[], Any]) -> Any:
+        loop = self._loop
+        if loop is None:
+            raise RuntimeError("simulator thread is not running")
+        if threading.current_thread() is self._thread:
+            return fn()
+
+        async def call() -> Any:
+            return fn()
+
+        return asyncio.run_coroutine_threadsafe(call(), loop).result(timeout=10)
+
+    def stats(self) -> dict[str, Any]:
+        return self._call(self.sim.stats)
+
+    def card_ids(self) -> dict[str, str | None]:
+        return self._call(self.sim.card_ids)
+
+    def update(self, **changes: Any) -> None:
+        self._call(lambda: self.sim.update(**changes))
+
+    def reset_stats(self) -> None:
+        self._call(self.sim.reset_stats)
+
+
+def serve(config: SimConfig, host: str = "127.0.0.1", port: int = 8080) -> None:
+    """Run the simulator until Ctrl-C / SIGTERM. Prints the URL and demo credentials once
+    listening (first line: ``Capillary simulator listening on <url>``)."""
+
+    async def run() -> None:
+        sim = Simulator(config)
+        url = await sim.start(host, port)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        try:
+            loop.add_signal_handler(signal.SIGTERM, stop.set)
+        except (NotImplementedError, RuntimeError, ValueError):  # pragma: no cover - Windows
+            pass
+        c = sim.config
+        print(f"Capillary simulator listening on {url}", flush=True)
+        print(
+            f"  basic auth: username={c.username} password={c.password}\n"
+            f"  oauth:      key={c.client_key} secret={c.client_secret} (ttl {c.token_ttl:g}s)\n"
+            f"  cards: {len(c.cards)} seeded{' (+ auto-create)' if c.auto_create else ''}\n"
+            f"  admin: {url}/_sim/stats  {url}/_sim/cards  POST {url}/_sim/config\n"
+            f"  Ctrl-C to stop",
+            flush=True,
+        )
+        try:
+            await stop.wait()
+        finally:
+            await sim.stop()
+
+    try:
+        asyncio.run(run())
+    except KeyboardInterrupt:
+        pass
+
+
+_CARD_COLUMNS = ("cardnumber", "cardno", "cardnum", "card", "number", "cardid")
+_EXT_COLUMNS = (
+    "currentexternalid", "cardexternalid", "externalid", "currentcardexternalid",
+    "existingexternalid", "extid", "external",
+)
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", name.lower())
+
+
+def load_cards_csv(path: str | Path) -> dict[str, str | None]:
+    """Seed helper: a CSV with a header row. The card number column is one named like
+    ``cardNumber``/``card_number``/``card`` (else the first column); the optional current
+    external id column one named like ``cardExternalId``/``external_id`` (else none).
+    Empty external ids mean "no external id"; rows without a card number are skipped."""
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        sample = fh.read(64 * 1024)
+        fh.seek(0)
+        try:
+            dialect: Any = csv.Sniffer().sniff(sample, delimiters=",;\t|")
+        except csv.Error:
+            dialect = csv.excel
+        reader = csv.reader(fh, dialect)
+        header = next(reader, None)
+        if header is None:
+            return {}
+        names = [_norm(h) for h in header]
+        card_col = next((names.index(c) for c in _CARD_COLUMNS if c in names), 0)
+        ext_col = next(
+            (names.index(c) for c in _EXT_COLUMNS if c in names and names.index(c) != card_col),
+            None,
+        )
+        if ext_col is None:
+            ext_col = next(
+                (i for i, n in enumerate(names) if "external" in n and i != card_col), None
+            )
+        cards: dict[str, str | None] = {}
+        for row in reader:
+            if card_col >= len(row):
+                continue
+            number = row[card_col].strip()
+            if not number:
+                continue
+            ext = row[ext_col].strip() if ext_col is not None and ext_col < len(row) else ""
+            cards[number] = ext or None
+        return cards
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m capbatch.simulator",
+        description="Local stand-in for the Capillary card API (PUT/GET /v2/card, "
+        "GET /v2/cardNumber, OAuth) with rate limits and fault injection.",
+    )
+    d = SimConfig()
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080, help="0 picks a free port (default 8080)")
+    p.add_argument("--username", default=d.username)
+    p.add_argument("--password", default=d.password)
+    p.add_argument("--client-key", default=d.client_key)
+    p.add_argument("--client-secret", default=d.client_secret)
+    p.add_argument("--token-ttl", type=float, default=d.token_ttl)
+    p.add_argument("--cards", metavar="FILE.csv", help="seed cards from a CSV")
+    p.add_argument("--auto-create", action="store_true", help="every card number exists")
+    p.add_argument("--latency", type=float, default=0.0)
+    p.add_argument("--jitter", type=float, default=0.0)
+    p.add_argument("--rate-per-minute", type=int)
+    p.add_argument("--rate-per-second", type=int)
+    p.add_argument("--rate-window", choices=("sliding", "fixed"), default="sliding")
+    p.add_argument("--retry-after", type=float)
+    for name in ("500", "503", "drop", "hang", "429"):
+        p.add_argument(f"--p-{name}", type=float, default=0.0, metavar="P")
+    p.add_argument("--hang-seconds", type=float, default=d.hang_seconds)
+    p.add_argument("--errors-status", type=int, default=d.errors_status)
+    p.add_argument("--reapply-same", choices=("ok", "3045"), default="ok")
+    p.add_argument("--external-id-length", type=int)
+    p.add_argument("--down", choices=("503", "drop", "hang"))
+    p.add_argument("--seed", type=int)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    cards = load_cards_csv(args.cards) if args.cards else {}
+    try:
+        config = SimConfig(
+            username=args.username, password=args.password,
+            client_key=args.client_key, client_secret=args.client_secret,
+            token_ttl=args.token_ttl, cards=cards, auto_create=args.auto_create,
+            rate_per_minute=args.rate_per_minute, rate_per_second=args.rate_per_second,
+            rate_window=args.rate_window, retry_after=args.retry_after,
+            latency=args.latency, jitter=args.jitter,
+            p_500=args.p_500, p_503=args.p_503, p_drop=args.p_drop, p_hang=args.p_hang,
+            p_429=args.p_429, hang_seconds=args.hang_seconds,
+            errors_status=args.errors_status, reapply_same=args.reapply_same,
+            external_id_length=args.external_id_length, down=args.down, seed=args.seed,
+        )
+        config.validate()
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    serve(config, args.host, args.port)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
