@@ -349,6 +349,7 @@ class Engine:
             if outcome.kind is Kind.FATAL:
                 self._abort(outcome.error_message or "fatal API error")
                 raise AbortRow
+            pacer.answered(outcome.throttled, outcome.retry_after)
             transient = outcome.kind is Kind.RETRY
             self.breaker.record(transient and not outcome.throttled, probe)
             if not transient:
@@ -358,7 +359,6 @@ class Engine:
                 self._ambiguous.add(ctx.row_id)
             if outcome.throttled:
                 self.counters.throttled += 1
-                pacer.throttled(outcome.retry_after)
             if not (probe or self.breaker.is_open):
                 tries += 1
             if tries >= self.s.max_attempts:

@@ -29,22 +29,30 @@ INCREASE_STEP = 0.05    # fraction of the configured rate regained per step
 
 
 class Pacer:
-    """Paces requests to a rate, and slows every worker when the server throttles (AIMD).
+    """Paces requests to a rate, and slows every worker when the server throttles.
 
-    On a 429, all workers wait out ``Retry-After`` (or a short default) and the rate drops to 70 %
-    of its current value (once per episode); each further 2 s free of 429s gives back 5 % of the
-    configured rate, so a misjudged ``--rate`` settles just under what the server accepts.
+    Every 429 that carries ``Retry-After`` pauses all workers until it has passed. The rate itself
+    is lowered (to 70 %, at most once a second) only when throttling is systematic — at least 20 % of
+    the last 50 answers were 429 — so a stray 429 costs one retry, not the run's speed. Each further
+    2 s without that condition gives back 5 % of the configured rate (AIMD), so a misjudged ``--rate``
+    settles just under what the server accepts. With no ``--rate`` at all, the first systematic
+    throttling sets the rate to 70 % of the rate observed just before it.
     """
+
+    WINDOW = 50
+    THRESHOLD = 0.20
 
     def __init__(self, rate: Rate | None) -> None:
         self.rate = rate
         self.factor = 1.0
         self._pause_until = 0.0
-        self._last_decrease = 0.0
+        self._last_decrease = -1e9
         self._last_increase = 0.0
         self._limiter: AsyncLimiter | None = None
         self._sends: deque[float] = deque(maxlen=512)
-        self._learned_rate: float | None = None  # with no --rate, the rate learned from the first 429
+        self._answers: deque[bool] = deque(maxlen=self.WINDOW)   # True = throttled
+        self._throttled_in_window = 0
+        self._learned_rate: float | None = None
         self.throttle_events = 0
         self._build()
 
@@ -74,21 +82,28 @@ class Pacer:
                 await limiter.acquire()
                 if limiter is not self._limiter or loop.time() < self._pause_until:
                     continue  # the rate changed or a pause began while we waited: queue again
-            self._sends.append(loop.time())
-            self._maybe_increase(loop.time())
+            now = loop.time()
+            self._sends.append(now)
+            self._maybe_increase(now)
             return
 
-    def throttled(self, retry_after: float | None) -> None:
-        """A 429 arrived: pause everyone and lower the rate (once per episode)."""
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        pause = retry_after if retry_after is not None else 1.0 + random.random()
-        self._pause_until = max(self._pause_until, now + min(pause, 300.0))
-        if now - self._last_decrease < max(1.0, pause):
+    def answered(self, throttled: bool, retry_after: float | None = None) -> None:
+        """Every answer passes through here: 429s pause and, when systematic, slow the run."""
+        if len(self._answers) == self._answers.maxlen and self._answers[0]:
+            self._throttled_in_window -= 1
+        self._answers.append(throttled)
+        self._throttled_in_window += throttled
+        if not throttled:
+            return
+        now = asyncio.get_running_loop().time()
+        if retry_after is not None:
+            self._pause_until = max(self._pause_until, now + min(retry_after, 300.0))
+        systematic = self._throttled_in_window >= max(5, self.THRESHOLD * len(self._answers))
+        if not systematic or now - self._last_decrease < max(1.0, retry_after or 0.0):
             return
         self.throttle_events += 1
         self._last_decrease = now
-        self._last_increase = now + pause
+        self._last_increase = now
         if self.rate is None and self._learned_rate is None:
             self._learned_rate = self._observed_rate(now) or 10.0
         else:
@@ -97,6 +112,8 @@ class Pacer:
 
     def _maybe_increase(self, now: float) -> None:
         if self.factor >= 1.0 or now - self._last_increase < INCREASE_EVERY:
+            return
+        if self._throttled_in_window >= max(5, self.THRESHOLD * len(self._answers)):
             return
         self._last_increase = now
         self.factor = min(1.0, self.factor + INCREASE_STEP)

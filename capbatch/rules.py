@@ -122,8 +122,13 @@ class _Reject(Exception):
 
 def _clean(raw: str, column: str, settings: RuleSettings) -> str:
     """Trim, check for invisible characters and number artefacts. Raises _Reject."""
-    label = _LABEL[column]
     value = raw.strip(_SPACES)
+    if value.isascii() and value.isalnum():
+        # fast path (the common case): no control characters, no '.', ',', '+', '-' or '/',
+        # so only a word placeholder ('NA', 'null', 'nan'...) can be wrong with it
+        if value.casefold() not in PLACEHOLDERS:
+            return value
+    label = _LABEL[column]
     bad = _invisible_chars(value)
     if bad:
         if settings.strip_invisible:
@@ -166,8 +171,8 @@ def _clean(raw: str, column: str, settings: RuleSettings) -> str:
 
 def check_row(row: SourceRow, settings: RuleSettings = RuleSettings()) -> Verdict:
     """The verdict for one row: cleaned values, or the first reason (card first) to reject."""
-    card = row.card.strip(_SPACES)
-    ext = row.external_id.strip(_SPACES)
+    card = row.card
+    ext = row.external_id
     try:
         if row.card_problem:
             code = _problem_code(row.card_problem)
@@ -226,5 +231,5 @@ def check_row(row: SourceRow, settings: RuleSettings = RuleSettings()) -> Verdic
                 "external_id",
             )
     except _Reject as r:
-        return Verdict(card, ext, r.code, r.reason, r.column)
+        return Verdict(card.strip(_SPACES), ext.strip(_SPACES), r.code, r.reason, r.column)
     return Verdict(card, ext, None, None, None)

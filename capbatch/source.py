@@ -416,11 +416,25 @@ def _xls_special_cells(path: Path, sheet_name: str, cols: set[int]) -> dict:
     return found
 
 
-def _load_sheet(path: Path, sheet_name: str | None):
+def _magic(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(2)
+
+
+def _workbook(path: Path):
+    """Open with calamine; by content when the extension does not say what the file is."""
     import python_calamine as pc
 
+    ext = path.suffix.lower()
+    if ext in _XLSX_EXTS and _magic(path) == b"PK" or ext in _XLS_EXTS and _magic(path) == b"\xd0\xcf":
+        return pc.CalamineWorkbook.from_path(str(path))
+    with open(path, "rb") as fh:
+        return pc.CalamineWorkbook.from_filelike(fh)
+
+
+def _load_sheet(path: Path, sheet_name: str | None):
     try:
-        wb = pc.CalamineWorkbook.from_path(str(path))
+        wb = _workbook(path)
         return wb.get_sheet_by_name(sheet_name)
     except Exception as e:  # noqa: BLE001 - calamine raises several unrelated types
         raise _calamine_error(path, e) from e
@@ -977,13 +991,11 @@ def _validate_structure(table: InputTable) -> None:
 
 
 def _open_excel(table: InputTable, options: InputOptions, fmt: str) -> None:
-    import python_calamine as pc
-
     path = table.path
     table._excel_format = fmt
     hr = options.header_row
     try:
-        wb = pc.CalamineWorkbook.from_path(str(path))
+        wb = _workbook(path)
         metas = list(wb.sheets_metadata)
     except Exception as e:  # noqa: BLE001
         raise _calamine_error(path, e) from e

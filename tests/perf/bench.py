@@ -1,0 +1,625 @@
+"""capbatch performance benchmarks (not a test: pytest never collects this file).
+
+    python tests/perf/bench.py [--scenarios latency,cpu,quota,resume,scale] [--quick] [--profile]
+
+Every scenario starts the simulator in its own process (a fresh one per measurement, so the card
+map starts empty every time), runs capbatch as a child process exactly as a user would, and runs a
+bare aiohttp loop (64 in flight, the same PUTs and Basic auth header, no ledger) against an identical
+simulator in the same invocation. Per child process, wall time, CPU seconds and peak RSS come from
+os.wait4's rusage (exactly that child, not a delta of RUSAGE_CHILDREN).
+
+Scenarios
+  latency  20 ms latency, 64 in flight, 50k rows (quick: 10k): capbatch >= 0.9x bare.
+  cpu      zero latency, 50k rows end to end incl. import and reports: >= 0.6x bare; CPU-s/1k rows.
+           --profile adds one extra cProfile'd capbatch run (not timed) and prints the hot spots.
+  quota    simulator allows exactly R requests in any sliding 60 s window, R=600 and R=3000, 3 min
+           each; achieved rate >= 0.97 R, zero 429s. --quick: R/60 per sliding 1 s window
+           (capbatch --rate R/60/s), 20 s each: the stricter short-window check, fast.
+  resume   1,000,000-row ledger with 999,000 settled: time to first request (seen by the
+           simulator) < 3 s, and the remaining 1,000 rows at full speed (20 ms latency).
+  scale    zero latency, 100k and 1M rows end to end: peak RSS must not grow with rows (< 400 MB).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import datetime as dt
+import hashlib
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any, Callable
+
+REPO = Path(__file__).resolve().parents[2]
+PY = sys.executable
+CONCURRENCY = 64
+CLK = os.sysconf("SC_CLK_TCK")
+
+
+# ---------------------------------------------------------------------------------------------
+# processes
+# ---------------------------------------------------------------------------------------------
+def child_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CAPILLARY_", "CAPBATCH_"))}
+    env.update(CAPILLARY_USERNAME="demo", CAPILLARY_PASSWORD="demo", PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+class Child:
+    """A child process whose own rusage (CPU, peak RSS) is collected with os.wait4."""
+
+    def __init__(self, cmd: list[str], log: Path, cwd: Path) -> None:
+        self.cmd = cmd
+        self.log = log
+        self._fh = open(log, "wb")
+        self.started = time.time()
+        self._mono = time.monotonic()
+        self.proc = subprocess.Popen(cmd, cwd=cwd, env=child_env(), stdout=self._fh,
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self.pid = self.proc.pid
+        self.rc: int | None = None
+        self.wall = 0.0
+        self.cpu = 0.0
+        self.maxrss_mb = 0.0
+        self.ended = 0.0
+
+    def poll(self) -> bool:
+        """True once the child has exited (and its rusage was collected)."""
+        if self.rc is not None:
+            return True
+        pid, status, ru = os.wait4(self.pid, os.WNOHANG)
+        if pid == 0:
+            return False
+        self._collect(status, ru)
+        return True
+
+    def wait(self, timeout: float | None = None, tick: Callable[[], None] | None = None,
+             interval: float = 0.05) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.poll():
+            if tick is not None:
+                tick()
+            if deadline is not None and time.monotonic() > deadline:
+                self.kill()
+                raise TimeoutError(f"{self.cmd[:4]} did not finish within {timeout} s; log {self.log}")
+            time.sleep(interval)
+        assert self.rc is not None
+        return self.rc
+
+    def signal(self, sig: int) -> None:
+        if self.rc is None:
+            os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        if self.rc is None:
+            os.kill(self.pid, signal.SIGKILL)
+            _, status, ru = os.wait4(self.pid, 0)
+            self._collect(status, ru)
+
+    def cpu_now(self) -> float:
+        """CPU seconds so far, from /proc (for processes still running)."""
+        try:
+            fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / CLK
+        except (OSError, IndexError, ValueError):
+            return self.cpu
+
+    def _collect(self, status: int, ru: Any) -> None:
+        self.rc = os.waitstatus_to_exitcode(status)
+        self.proc.returncode = self.rc
+        self.wall = time.monotonic() - self._mono
+        self.ended = time.time()
+        self.cpu = ru.ru_utime + ru.ru_stime
+        self.maxrss_mb = ru.ru_maxrss / 1024.0  # KiB on Linux
+        self._fh.close()
+
+
+class Sim:
+    """`python -m capbatch.simulator` in its own process."""
+
+    def __init__(self, workdir: Path, name: str, latency: float = 0.0, rate_per_minute: int | None = None,
+                 rate_per_second: int | None = None) -> None:
+        cmd = [PY, "-m", "capbatch.simulator", "--port", "0", "--auto-create", "--latency", str(latency)]
+        if rate_per_minute:
+            cmd += ["--rate-per-minute", str(rate_per_minute)]
+        if rate_per_second:
+            cmd += ["--rate-per-second", str(rate_per_second)]
+        self.child = Child(cmd, workdir / f"sim-{name}.log", workdir)
+        deadline = time.monotonic() + 20
+        self.url = ""
+        while time.monotonic() < deadline:
+            text = self.child.log.read_text(errors="replace")
+            if "listening on " in text:
+                self.url = text.split("listening on ", 1)[1].split()[0]
+                break
+            if self.child.poll():
+                raise RuntimeError(f"simulator exited: {text}")
+            time.sleep(0.02)
+        if not self.url:
+            self.child.kill()
+            raise RuntimeError("simulator did not start")
+        self.cpu_start = self.child.cpu_now()
+
+    def stats(self) -> dict[str, Any]:
+        with urllib.request.urlopen(self.url + "/_sim/stats", timeout=60) as resp:
+            return json.loads(resp.read())
+
+    def requests(self) -> tuple[int, int, int]:
+        """(requests, accepted, rate_limited): cheap only while few cards were touched."""
+        s = self.stats()
+        return s["requests"], s["accepted"], s["rate_limited"]
+
+    def stop(self) -> dict[str, Any]:
+        stats = self.stats()
+        slim = {k: v for k, v in stats.items() if k not in ("puts_per_card", "applied_per_card")}
+        slim["puts_total"] = sum(stats["puts_per_card"].values())
+        slim["cards_put_more_than_once"] = sum(1 for v in stats["puts_per_card"].values() if v > 1)
+        slim["sim_cpu"] = self.child.cpu_now() - self.cpu_start
+        del stats
+        self.child.signal(signal.SIGTERM)
+        try:
+            self.child.wait(timeout=20)
+        except TimeoutError:
+            pass
+        return slim
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs
+# ---------------------------------------------------------------------------------------------
+def card(i: int) -> str:
+    return f"00{i:014d}"
+
+
+def ext(i: int) -> str:
+    return f"EXT{i:08d}"
+
+
+def make_csv(workdir: Path, n: int) -> Path:
+    path = workdir / f"cards-{n}.csv"
+    if path.exists():
+        return path
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as fh:
+        fh.write("cardNumber,cardExternalId\r\n")
+        step = 100_000
+        for start in range(0, n, step):
+            fh.write("".join(f"{card(i)},{ext(i)}\r\n" for i in range(start, min(n, start + step))))
+    os.replace(tmp, path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# the bare loop (runs in a child process: `bench.py --_bare URL N`)
+# ---------------------------------------------------------------------------------------------
+def bare_main(url: str, n: int, concurrency: int) -> None:
+    import aiohttp
+
+    async def go() -> dict[str, Any]:
+        digest = hashlib.md5(b"demo").hexdigest()
+        auth = "Basic " + base64.b64encode(f"demo:{digest}".encode()).decode()
+        headers = {"Authorization": auth, "Content-Type": "application/json"}
+        put_url = url.rstrip("/") + "/v2/card?format=json"
+        statuses: dict[int, int] = {}
+        first = last = 0.0
+        rows = iter(range(n))
+        connector = aiohttp.TCPConnector(limit=concurrency + 4)
+        async with aiohttp.ClientSession(connector=connector,
+                                         headers={"User-Agent": "bare/1", "Accept": "application/json"}) as session:
+            async def worker() -> None:
+                nonlocal first, last
+                for i in rows:
+                    body = json.dumps({"cardNumber": card(i), "cardExternalId": ext(i)}).encode()
+                    async with session.put(put_url, data=body, headers=headers) as resp:
+                        await resp.read()
+                        st = resp.status
+                    statuses[st] = statuses.get(st, 0) + 1
+                    now = time.time()
+                    if not first:
+                        first = now
+                    last = now
+
+            t0 = time.time()
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
+            t1 = time.time()
+        return {"loop_seconds": t1 - t0, "first": first, "last": last,
+                "statuses": {str(k): v for k, v in statuses.items()}}
+
+    print("BARE " + json.dumps(asyncio.run(go())), flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# measurements
+# ---------------------------------------------------------------------------------------------
+RESULTS: list[dict[str, Any]] = []
+NOTES: list[str] = []
+
+
+def record(**row: Any) -> dict[str, Any]:
+    RESULTS.append(row)
+    return row
+
+
+def run_bare(workdir: Path, name: str, n: int, latency: float) -> dict[str, Any]:
+    sim = Sim(workdir, f"{name}-bare", latency=latency)
+    child = Child([PY, str(Path(__file__).resolve()), "--_bare", sim.url, str(n), str(CONCURRENCY)],
+                  workdir / f"{name}-bare.log", workdir)
+    child.wait(timeout=3600)
+    stats = sim.stop()
+    text = child.log.read_text()
+    data = json.loads(text.split("BARE ", 1)[1].splitlines()[0]) if "BARE " in text else {}
+    if child.rc != 0 or not data:
+        raise RuntimeError(f"bare loop failed (rc {child.rc}): {text[-2000:]}")
+    send = max(data["last"] - data["first"], 1e-9)
+    non200 = sum(v for k, v in data["statuses"].items() if k != "200")
+    return {"rows": n, "wall": child.wall, "cpu": child.cpu, "rss": child.maxrss_mb,
+            "send_s": send, "send_rate": (n - 1) / send, "loop_s": data["loop_seconds"],
+            "non200": non200, "n429": stats["by_status"].get("429", 0), "sim_cpu": stats["sim_cpu"]}
+
+
+def ledger_phases(run_dir: Path) -> dict[str, float]:
+    """Wall-clock marks from the ledger of a finished run (time.time() values)."""
+    conn = sqlite3.connect(f"file:{run_dir / 'ledger.sqlite'}?mode=ro", uri=True)
+    try:
+        imported = conn.execute("SELECT value FROM meta WHERE key='imported_at'").fetchone()
+        inv = conn.execute("SELECT started_at, ended_at, requests FROM runs ORDER BY id DESC LIMIT 1").fetchone()
+        first, last, n = conn.execute(
+            "SELECT min(settled_at), max(settled_at), count(*) FROM rows WHERE settled_at >= ?",
+            (inv[0],)).fetchone()
+        counts = dict(conn.execute("SELECT state, count(*) FROM rows GROUP BY state").fetchall())
+    finally:
+        conn.close()
+    return {"imported_at": float(imported[0]) if imported else 0.0, "inv_start": inv[0], "inv_end": inv[1] or 0.0,
+            "requests": inv[2] or 0, "first_settle": first or 0.0, "last_settle": last or 0.0,
+            "settled_here": n, "counts": counts}
+
+
+def run_capbatch(workdir: Path, name: str, csv_path: Path, n_send: int, sim: Sim, run_dir: Path,
+                 rate: str = "unlimited", prefix: list[str] | None = None, tick: Callable[[Child], None] | None = None,
+                 interval: float = 0.05, timeout: float = 7200) -> tuple[Child, dict[str, Any]]:
+    cmd = (prefix or [PY]) + ["-m", "capbatch", "run", str(csv_path), "--base-url", sim.url, "--rate", rate,
+                              "--concurrency", str(CONCURRENCY), "--progress", "none", "-q",
+                              "--run-dir", str(run_dir)]
+    child = Child(cmd, workdir / f"{name}-capbatch.log", workdir)
+    child.wait(timeout=timeout, tick=(lambda: tick(child)) if tick else None, interval=interval)
+    return child, {}
+
+
+def capbatch_row(name: str, child: Child, sim_stats: dict[str, Any], run_dir: Path, n_send: int,
+                 bare: dict[str, Any] | None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    if child.rc not in (0,):
+        NOTES.append(f"{name}: capbatch exited {child.rc}; log {child.log}: "
+                     f"{child.log.read_text(errors='replace')[-600:]}")
+    ph = ledger_phases(run_dir)
+    send = max(ph["last_settle"] - ph["first_settle"], 1e-9)
+    send_rate = (ph["settled_here"] - 1) / send if ph["settled_here"] > 1 else 0.0
+    rate = n_send / child.wall
+    row = {
+        "scenario": name, "rows": n_send, "seconds": child.wall, "rows_s": rate,
+        "ratio": (rate / (bare["rows"] / bare["wall"])) if bare else None,
+        "send_rate": send_rate,
+        "send_ratio": (send_rate / bare["send_rate"]) if bare else None,
+        "n429": sim_stats["by_status"].get("429", 0),
+        "cpu_per_1k": child.cpu / n_send * 1000, "rss": child.maxrss_mb, "rc": child.rc,
+        "sim_cpu_util": sim_stats["sim_cpu"] / child.wall,
+        "phases": {
+            "start->imported": ph["imported_at"] - child.started if ph["imported_at"] > child.started else None,
+            "start->invocation": ph["inv_start"] - child.started,
+            "invocation->first settle": ph["first_settle"] - ph["inv_start"],
+            "send (first->last settle)": send,
+            "last settle->engine end": ph["inv_end"] - ph["last_settle"],
+            "engine end->exit (reports)": child.ended - ph["inv_end"],
+        },
+        "requests_sim": sim_stats["requests"], "puts_sim": sim_stats["puts_total"],
+        "dup_puts": sim_stats["cards_put_more_than_once"], "counts": ph["counts"],
+    }
+    if extra:
+        row.update(extra)
+    return record(**row)
+
+
+def bare_row(name: str, b: dict[str, Any]) -> dict[str, Any]:
+    return record(scenario=f"{name} [bare]", rows=b["rows"], seconds=b["wall"], rows_s=b["rows"] / b["wall"],
+                  ratio=1.0, send_rate=b["send_rate"], send_ratio=1.0, n429=b["n429"],
+                  cpu_per_1k=b["cpu"] / b["rows"] * 1000, rss=b["rss"], rc=0,
+                  sim_cpu_util=b["sim_cpu"] / b["wall"])
+
+
+def throughput_scenario(workdir: Path, name: str, n: int, latency: float) -> None:
+    csv_path = make_csv(workdir, n)
+    bare = run_bare(workdir, name, n, latency)
+    bare_row(name, bare)
+    sim = Sim(workdir, name, latency=latency)
+    run_dir = fresh_dir(workdir / f"run-{name}")
+    child, _ = run_capbatch(workdir, name, csv_path, n, sim, run_dir)
+    stats = sim.stop()
+    capbatch_row(name, child, stats, run_dir, n, bare)
+    _print_last(2)
+
+
+def fresh_dir(path: Path) -> Path:
+    if path.exists():
+        shutil.rmtree(path)
+    return path
+
+
+# ---- latency / cpu -----------------------------------------------------------------------------
+def scenario_latency(workdir: Path, quick: bool, args: argparse.Namespace) -> None:
+    throughput_scenario(workdir, "latency20ms", 10_000 if quick else 50_000, 0.02)
+
+
+def scenario_cpu(workdir: Path, quick: bool, args: argparse.Namespace) -> None:
+    n = 20_000 if quick else 50_000
+    throughput_scenario(workdir, "cpu0ms", n, 0.0)
+    if args.profile:
+        profile_run(workdir, n)
+
+
+def profile_run(workdir: Path, n: int) -> None:
+    import pstats
+
+    csv_path = make_csv(workdir, n)
+    sim = Sim(workdir, "profile", latency=0.0)
+    run_dir = fresh_dir(workdir / "run-profile")
+    prof = workdir / "capbatch.prof"
+    child, _ = run_capbatch(workdir, "profile", csv_path, n, sim, run_dir,
+                            prefix=[PY, "-m", "cProfile", "-o", str(prof)])
+    sim.stop()
+    print(f"\n== cProfile of capbatch, {n} rows, zero latency (wall {child.wall:.1f} s under the profiler, "
+          f"rc {child.rc}); raw profile: {prof}")
+    st = pstats.Stats(str(prof))
+    st.sort_stats("cumulative").print_stats(40)
+    st.sort_stats("tottime").print_stats(40)
+
+
+# ---- quota --------------------------------------------------------------------------------------
+def scenario_quota(workdir: Path, quick: bool, args: argparse.Namespace) -> None:
+    for r in (600, 3000):
+        if quick:
+            per_s = r // 60
+            duration = 20.0
+            sim = Sim(workdir, f"quota{r}", latency=0.02, rate_per_second=per_s)
+            rate_flag, limit, window = f"{per_s}/s", per_s, "1 s"
+        else:
+            duration = 180.0
+            sim = Sim(workdir, f"quota{r}", latency=0.02, rate_per_minute=r)
+            rate_flag, limit, window = f"{r}/min", r, "60 s"
+        n = int(r / 60 * duration * 1.3) + 200
+        csv_path = make_csv(workdir, n)
+        run_dir = fresh_dir(workdir / f"run-quota{r}")
+        marks: dict[str, Any] = {}
+
+        def tick(child: Child) -> None:
+            now = time.monotonic()
+            if "t0" not in marks:
+                req, acc, lim = sim.requests()
+                if req:
+                    marks["t0"] = now
+                    marks["acc0"] = acc
+                return
+            if "mid" not in marks and now - marks["t0"] >= 10.0:
+                marks["mid"] = now
+                marks["acc_mid"] = sim.requests()[1]
+            if "end" not in marks and now - marks["t0"] >= duration:
+                marks["end"] = now
+                marks["stats_end"] = sim.requests()
+                child.signal(signal.SIGTERM)  # stop the run: the measured window is over
+
+        child, _ = run_capbatch(workdir, f"quota{r}", csv_path, n, sim, run_dir, rate=rate_flag, tick=tick,
+                                interval=0.02)
+        stats = sim.stop()
+        if "end" not in marks:
+            NOTES.append(f"quota{r}: capbatch ended before the {duration:.0f} s window closed (rc {child.rc}); "
+                         f"log {child.log}")
+            continue
+        req, acc, lim = marks["stats_end"]
+        span = marks["end"] - marks["t0"]
+        achieved = acc / span * 60          # per minute, including the start-up burst
+        steady = (acc - marks["acc_mid"]) / (marks["end"] - marks["mid"]) * 60
+        target = r
+        record(scenario=f"quota R={r}/min ({'1 s window R/60' if quick else '60 s sliding'})", rows=acc,
+               seconds=span, rows_s=acc / span, ratio=achieved / target, send_rate=steady / 60,
+               send_ratio=steady / target, n429=stats["rate_limited"] + 0, cpu_per_1k=None, rss=None,
+               rc=child.rc, sim_cpu_util=None,
+               note=(f"achieved {achieved:.1f}/min ({achieved / target:.3f} R), steady after 10 s "
+                     f"{steady:.1f}/min ({steady / target:.3f} R); 429s during window {lim}, whole run "
+                     f"{stats['rate_limited']}; sim peak in any {window} window: "
+                     f"{stats['peak_per_second'] if quick else stats['peak_per_minute']} (limit {limit}); "
+                     f"capbatch exit {child.rc} (130 = stopped by the bench at the end of the window)"))
+        _print_last(1)
+
+
+# ---- resume -------------------------------------------------------------------------------------
+RESUME_TOTAL = 1_000_000
+RESUME_LEFT = 1_000
+
+
+def build_resume_template(workdir: Path, total: int, left: int) -> tuple[Path, Path]:
+    csv_path = make_csv(workdir, total)
+    template = workdir / f"resume-template-{total}-{left}"
+    if (template / "ledger.sqlite").exists() and (template / "READY").exists():
+        return csv_path, template
+    fresh_dir(template)
+    code = (
+        "import os,sys\nfrom pathlib import Path\nfrom capbatch import config, runner\n"
+        "s = config.resolve({'input': Path(sys.argv[1]), 'run_dir': Path(sys.argv[2])}, os.environ)\n"
+        "p = runner.prepare(s)\nprint(p.ledger.counts())\np.ledger.close()\n"
+    )
+    t = time.monotonic()
+    subprocess.run([PY, "-c", code, str(csv_path), str(template)], check=True, env=child_env(), cwd=workdir)
+    import_s = time.monotonic() - t
+    conn = sqlite3.connect(template / "ledger.sqlite", isolation_level=None)
+    now = time.time() - 3600
+    conn.execute("BEGIN IMMEDIATE")
+    conn.execute("UPDATE rows SET state='succeeded', attempts=1, http_status=200, card_id=id, "
+                 "customer_id=100000+id, latency_ms=20.0, settled_at=? + id * 0.0001 "
+                 "WHERE id <= ? AND state='pending'", (now, total - left))
+    conn.execute("INSERT INTO runs(pid, started_at, ended_at, exit_code, outcome, requests) "
+                 "VALUES (1, ?, ?, 130, 'interrupted', ?)", (now, now + 1000, total - left))
+    conn.execute("COMMIT")
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    counts = dict(conn.execute("SELECT state, count(*) FROM rows GROUP BY state").fetchall())
+    conn.close()
+    (template / ".lock").unlink(missing_ok=True)
+    (template / "READY").write_text(json.dumps(counts))
+    NOTES.append(f"resume: built the {total}-row template ledger in {time.monotonic() - t:.1f} s "
+                 f"(import {import_s:.1f} s); counts {counts}")
+    return csv_path, template
+
+
+def scenario_resume(workdir: Path, quick: bool, args: argparse.Namespace) -> None:
+    total = 200_000 if quick else RESUME_TOTAL
+    left = RESUME_LEFT
+    latency = 0.02
+    csv_path, template = build_resume_template(workdir, total, left)
+    bare = run_bare(workdir, "resume", left, latency)
+    bare_row(f"resume {left} left", bare)
+    run_dir = fresh_dir(workdir / "run-resume")
+    shutil.copytree(template, run_dir)
+    (run_dir / "READY").unlink()
+    sim = Sim(workdir, "resume", latency=latency)
+    marks: dict[str, float] = {}
+
+    def tick(child: Child) -> None:
+        if "first" in marks and "last" in marks:
+            return
+        req = sim.requests()[0]
+        now = time.time()
+        if req and "first" not in marks:
+            marks["first"] = now
+        if req >= left + 1 and "last" not in marks:   # preflight GET + the PUTs
+            marks["last"] = now
+
+    child, _ = run_capbatch(workdir, "resume", csv_path, left, sim, run_dir, tick=tick, interval=0.005)
+    stats = sim.stop()
+    ttfr = marks.get("first", float("nan")) - child.started
+    row = capbatch_row(f"resume {total // 1000}k, {left} left", child, stats, run_dir, left, bare)
+    row["note"] = (f"time to first request (simulator side, 5 ms polling) {ttfr:.2f} s (target < 3 s); "
+                   f"first->last request {marks.get('last', float('nan')) - marks.get('first', float('nan')):.2f} s; "
+                   f"ledger pending/in_flight left: {row['counts'].get('pending', 0)}/"
+                   f"{row['counts'].get('in_flight', 0)}")
+    row["ttfr"] = ttfr
+    _print_last(2)
+
+
+# ---- scale --------------------------------------------------------------------------------------
+def scenario_scale(workdir: Path, quick: bool, args: argparse.Namespace) -> None:
+    sizes = [int(x) for x in args.scale_rows.split(",")] if args.scale_rows else (
+        [20_000, 100_000] if quick else [100_000, 1_000_000])
+    for n in sizes:
+        name = f"scale{n // 1000}k"
+        csv_path = make_csv(workdir, n)
+        bare = None
+        if n <= args.scale_bare_max:
+            bare = run_bare(workdir, name, n, 0.0)
+            bare_row(name, bare)
+        sim = Sim(workdir, name, latency=0.0)
+        run_dir = fresh_dir(workdir / f"run-{name}")
+        child, _ = run_capbatch(workdir, name, csv_path, n, sim, run_dir)
+        stats = sim.stop()
+        capbatch_row(name, child, stats, run_dir, n, bare)
+        if not args.keep:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        _print_last(2 if bare else 1)
+
+
+SCENARIOS: dict[str, Callable[[Path, bool, argparse.Namespace], None]] = {
+    "latency": scenario_latency, "cpu": scenario_cpu, "quota": scenario_quota,
+    "resume": scenario_resume, "scale": scenario_scale,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# output
+# ---------------------------------------------------------------------------------------------
+def _f(v: Any, fmt: str) -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+HEADER = (f"{'scenario':<34} {'rows':>9} {'seconds':>8} {'rows/s':>8} {'ratio':>6} {'send/s':>8} "
+          f"{'s.ratio':>7} {'429s':>5} {'CPUs/1k':>8} {'RSS MB':>7} {'simCPU':>6} {'rc':>4}")
+
+
+def _line(r: dict[str, Any]) -> str:
+    return (f"{r['scenario']:<34} {r['rows']:>9} {_f(r['seconds'], '8.2f')} {_f(r['rows_s'], '8.1f')} "
+            f"{_f(r['ratio'], '6.3f')} {_f(r['send_rate'], '8.1f')} {_f(r['send_ratio'], '7.3f')} "
+            f"{r['n429']:>5} {_f(r['cpu_per_1k'], '8.3f')} {_f(r['rss'], '7.1f')} "
+            f"{_f(r['sim_cpu_util'], '6.2f')} {r['rc']:>4}")
+
+
+def _print_last(k: int) -> None:
+    for r in RESULTS[-k:]:
+        print(_line(r), flush=True)
+        if "phases" in r:
+            print("    phases: " + ", ".join(f"{k} {_f(v, '.2f')}s" for k, v in r["phases"].items()), flush=True)
+        if r.get("note"):
+            print("    " + r["note"], flush=True)
+
+
+def print_table() -> None:
+    print()
+    print(f"capbatch benchmark  {dt.datetime.now().isoformat(timespec='seconds')}  cores={os.cpu_count()}  "
+          f"python {sys.version.split()[0]}  concurrency={CONCURRENCY}")
+    print("rows/s and ratio: end to end (process start to exit, incl. import and reports for capbatch; "
+          "process start to exit for bare). send/s, s.ratio: first->last settled row only.")
+    print("quota rows: rows = accepted requests in the window, ratio = achieved/R, s.ratio = steady-state/R. "
+          "simCPU = simulator CPU-s per wall-s (1.0 = simulator saturated one core).")
+    print(HEADER)
+    print("-" * len(HEADER))
+    for r in RESULTS:
+        print(_line(r))
+    for r in RESULTS:
+        if r.get("note"):
+            print(f"  {r['scenario']}: {r['note']}")
+    for n in NOTES:
+        print("  note: " + n)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--_bare":
+        bare_main(argv[1], int(argv[2]), int(argv[3]))
+        return 0
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--scenarios", default="latency,cpu,quota,resume,scale",
+                   help="comma-separated: " + ",".join(SCENARIOS))
+    p.add_argument("--quick", action="store_true", help="smaller inputs, short quota windows")
+    p.add_argument("--profile", action="store_true", help="cpu: add one cProfile'd capbatch run")
+    p.add_argument("--workdir", type=Path, default=Path("/tmp/capbatch-bench"),
+                   help="inputs are cached here between invocations")
+    p.add_argument("--scale-rows", help="comma-separated row counts for the scale scenario")
+    p.add_argument("--scale-bare-max", type=int, default=100_000,
+                   help="scale: run the bare loop only up to this many rows")
+    p.add_argument("--keep", action="store_true", help="keep large run directories")
+    p.add_argument("--json", type=Path, help="also write the results as JSON here")
+    args = p.parse_args(argv)
+    names = [s.strip() for s in args.scenarios.split(",") if s.strip()]
+    unknown = [s for s in names if s not in SCENARIOS]
+    if unknown:
+        p.error(f"unknown scenarios: {', '.join(unknown)}")
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    print(HEADER, flush=True)
+    for name in names:
+        try:
+            SCENARIOS[name](args.workdir, args.quick, args)
+        except Exception as exc:  # keep going: report what failed
+            NOTES.append(f"{name}: FAILED: {exc.__class__.__name__}: {exc}")
+            print(f"!! {name} failed: {exc}", flush=True)
+    print_table()
+    if args.json:
+        args.json.write_text(json.dumps({"results": RESULTS, "notes": NOTES}, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

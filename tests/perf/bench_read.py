@@ -1,0 +1,102 @@
+"""Benchmark: open_input + rows() + check_row over generated files.
+
+Not collected by pytest. Run:  python tests/perf/bench_read.py [--keep DIR]
+Each case runs in a fresh subprocess so the peak RSS figures are separate.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def gen_csv(path: Path, n: int) -> None:
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        f.write("Card Number,cardExternalId,Name,City,Notes\r\n")
+        for i in range(n):
+            f.write(f"{i:016d},EXT{i:010d},Customer {i},Zürich,\"a, quoted note\"\r\n")
+
+
+def gen_xlsx(path: Path, n: int) -> None:
+    import openpyxl
+
+    wb = openpyxl.Workbook(write_only=True)
+    ws = wb.create_sheet("Cards")
+    ws.append(["cardNumber", "cardExternalId", "Name", "Amount"])
+    for i in range(n):
+        ws.append([f"{i:016d}", f"EXT{i:010d}", f"Customer {i}", i * 1.5])
+    wb.save(path)
+
+
+def run_case(path: str) -> dict:
+    """Child process: time the whole read+check and report peak RSS."""
+    import resource
+
+    sys.path.insert(0, str(ROOT))
+    from capbatch.rules import RuleSettings, check_row
+    from capbatch.source import open_input
+
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    settings = RuleSettings()
+    t0 = time.perf_counter()
+    table = open_input(path)
+    t_open = time.perf_counter() - t0
+    ok = bad = 0
+    for row in table.rows():
+        if check_row(row, settings).reason_code is None:
+            ok += 1
+        else:
+            bad += 1
+    total = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {
+        "open_s": round(t_open, 2),
+        "total_s": round(total, 2),
+        "rows": ok + bad,
+        "rejected": bad,
+        "peak_rss_mb": round(peak / 1024, 1),
+        "rss_before_mb": round(base / 1024, 1),
+    }
+
+
+def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == "--child":
+        print(json.dumps(run_case(sys.argv[2])))
+        return
+    keep = sys.argv[2] if len(sys.argv) == 3 and sys.argv[1] == "--keep" else None
+    tmp_ctx = tempfile.TemporaryDirectory() if keep is None else None
+    d = Path(keep or tmp_ctx.name)  # type: ignore[union-attr]
+    d.mkdir(parents=True, exist_ok=True)
+    cases = [
+        ("csv 100k", d / "100k.csv", lambda p: gen_csv(p, 100_000)),
+        ("csv 1M", d / "1m.csv", lambda p: gen_csv(p, 1_000_000)),
+        ("xlsx 200k", d / "200k.xlsx", lambda p: gen_xlsx(p, 200_000)),
+    ]
+    print(f"{'case':<10} {'size MB':>8} {'open s':>7} {'total s':>8} {'rows':>9} {'peak RSS MB':>12}")
+    for name, path, gen in cases:
+        if not path.exists():
+            gen(path)
+        out = subprocess.run(
+            [sys.executable, __file__, "--child", str(path)], capture_output=True, text=True
+        )
+        if out.returncode != 0:
+            print(name, "FAILED", out.stderr[-2000:])
+            continue
+        r = json.loads(out.stdout)
+        size = path.stat().st_size / 1e6
+        print(
+            f"{name:<10} {size:>8.1f} {r['open_s']:>7} {r['total_s']:>8} {r['rows']:>9} "
+            f"{r['peak_rss_mb']:>12}"
+        )
+    if tmp_ctx is not None:
+        tmp_ctx.cleanup()
+
+
+if __name__ == "__main__":
+    main()
