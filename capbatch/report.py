@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .ledger import Ledger, State
+from .source import REPORT_MARKER_COLUMN
 
 RESULTS_CSV = "results.csv"
 FAILURES_CSV = "failures.csv"
@@ -24,7 +25,7 @@ SUMMARY_JSON = "summary.json"
 REPORT_HTML = "report.html"
 
 FORMULA_TRIGGERS = ("=", "+", "-", "@", "\t", "\r")
-MARKER_COLUMN = "capbatch_row"   # present in every CSV report; tells the reader to undo neutralising
+MARKER_COLUMN = REPORT_MARKER_COLUMN   # in every CSV report; tells the reader to undo neutralising
 
 EXIT_OK, EXIT_ROWS_FAILED, EXIT_USAGE, EXIT_ABORTED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 

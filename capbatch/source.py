@@ -100,6 +100,22 @@ class CellProblem(str):
         return (self.code, str(self))
 
 
+# capbatch's own CSV reports carry this column. Their cells were neutralised against formula
+# injection (a leading ' before = + - @ TAB CR); reading such a file back restores the originals,
+# so a failures.csv fed back to `capbatch run` sends exactly what the user first wrote.
+REPORT_MARKER_COLUMN = "capbatch_row"
+_NEUTRALISED_PREFIXES = tuple("'" + c for c in ("=", "+", "-", "@", "\t", "\r"))
+
+
+def _restore(value: str) -> str:
+    return value[1:] if value.startswith(_NEUTRALISED_PREFIXES) else value
+
+
+def _restore_neutralised(row: SourceRow) -> SourceRow:
+    return SourceRow(row.sheet, row.row_number, tuple(_restore(v) for v in row.values), _restore(row.card),
+                     _restore(row.external_id), row.card_problem, row.external_id_problem)
+
+
 def normalize_header(name: str) -> str:
     """Lowercase and drop everything but letters and digits: 'Card Number' -> 'cardnumber'."""
     return re.sub(r"[^0-9a-z]", "", name.replace("\ufeff", "").casefold())
@@ -149,9 +165,10 @@ class InputTable:
         )
 
     def rows(self) -> Iterator[SourceRow]:
-        if self.format == "csv":
-            return self._csv_rows()
-        return self._excel_rows()
+        rows = self._csv_rows() if self.format == "csv" else self._excel_rows()
+        if REPORT_MARKER_COLUMN in self.columns:
+            return (_restore_neutralised(r) for r in rows)
+        return rows
 
     # ---- delimited text ------------------------------------------------------------------
 
@@ -1126,4 +1143,7 @@ def open_input(path: str | Path, options: InputOptions = InputOptions()) -> Inpu
             _open_excel(table, options, fmt)
     except PermissionError as e:
         raise InputFileError(f"{p}: permission denied", "check the file permissions") from e
+    if REPORT_MARKER_COLUMN in table.columns:
+        table.notes.append("this is a capbatch report: cells neutralised against formula injection "
+                           "are restored to their original values")
     return table

@@ -246,16 +246,19 @@ NOTES: list[str] = []
 
 
 def record(**row: Any) -> dict[str, Any]:
+    row.setdefault("load", os.getloadavg()[0])
     RESULTS.append(row)
     return row
 
 
 def run_bare(workdir: Path, name: str, n: int, latency: float) -> dict[str, Any]:
     sim = Sim(workdir, f"{name}-bare", latency=latency)
-    child = Child([PY, str(Path(__file__).resolve()), "--_bare", sim.url, str(n), str(CONCURRENCY)],
-                  workdir / f"{name}-bare.log", workdir)
-    child.wait(timeout=3600)
-    stats = sim.stop()
+    try:
+        child = Child([PY, str(Path(__file__).resolve()), "--_bare", sim.url, str(n), str(CONCURRENCY)],
+                      workdir / f"{name}-bare.log", workdir)
+        child.wait(timeout=3600)
+    finally:
+        stats = sim.stop()
     text = child.log.read_text()
     data = json.loads(text.split("BARE ", 1)[1].splitlines()[0]) if "BARE " in text else {}
     if child.rc != 0 or not data:
@@ -335,16 +338,38 @@ def bare_row(name: str, b: dict[str, Any]) -> dict[str, Any]:
                   sim_cpu_util=b["sim_cpu"] / b["wall"])
 
 
-def throughput_scenario(workdir: Path, name: str, n: int, latency: float) -> None:
+def throughput_scenario(workdir: Path, name: str, n: int, latency: float, repeats: int) -> None:
+    """bare, capbatch, bare, capbatch, ... (interleaved against drift in machine load); medians reported."""
     csv_path = make_csv(workdir, n)
-    bare = run_bare(workdir, name, n, latency)
-    bare_row(name, bare)
-    sim = Sim(workdir, name, latency=latency)
-    run_dir = fresh_dir(workdir / f"run-{name}")
-    child, _ = run_capbatch(workdir, name, csv_path, n, sim, run_dir)
-    stats = sim.stop()
-    capbatch_row(name, child, stats, run_dir, n, bare)
+    bares: list[dict[str, Any]] = []
+    runs: list[tuple[Child, dict[str, Any], Path]] = []
+    for k in range(repeats):
+        bares.append(run_bare(workdir, f"{name}-{k}", n, latency))
+        sim = Sim(workdir, f"{name}-{k}", latency=latency)
+        run_dir = fresh_dir(workdir / f"run-{name}-{k}")
+        try:
+            child, _ = run_capbatch(workdir, f"{name}-{k}", csv_path, n, sim, run_dir)
+        finally:
+            stats = sim.stop()
+        runs.append((child, stats, run_dir))
+        print(f"  {name} #{k + 1}: bare {n / bares[-1]['wall']:.0f} rows/s, capbatch {n / child.wall:.0f} rows/s "
+              f"(load {os.getloadavg()[0]:.2f})", flush=True)
+    bare = _median(bares, lambda b: b["rows"] / b["wall"])
+    child, stats, run_dir = _median(runs, lambda r: n / r[0].wall)
+    b = bare_row(name, bare)
+    c = capbatch_row(name, child, stats, run_dir, n, bare)
+    if repeats > 1:
+        b["note"] = ("median of %d; end-to-end rows/s seen: %s" %
+                     (repeats, ", ".join(f"{x['rows'] / x['wall']:.0f}" for x in bares)))
+        c["note"] = ("median of %d; end-to-end rows/s seen: %s; CPU-s/1k seen: %s" %
+                     (repeats, ", ".join(f"{n / r[0].wall:.0f}" for r in runs),
+                      ", ".join(f"{r[0].cpu / n * 1000:.3f}" for r in runs)))
     _print_last(2)
+
+
+def _median(items: list[Any], key: Callable[[Any], float]) -> Any:
+    ordered = sorted(items, key=key)
+    return ordered[(len(ordered) - 1) // 2]
 
 
 def fresh_dir(path: Path) -> Path:
@@ -355,12 +380,12 @@ def fresh_dir(path: Path) -> Path:
 
 # ---- latency / cpu -----------------------------------------------------------------------------
 def scenario_latency(workdir: Path, quick: bool, args: argparse.Namespace) -> None:
-    throughput_scenario(workdir, "latency20ms", 10_000 if quick else 50_000, 0.02)
+    throughput_scenario(workdir, "latency20ms", 10_000 if quick else 50_000, 0.02, args.repeat or (1 if quick else 3))
 
 
 def scenario_cpu(workdir: Path, quick: bool, args: argparse.Namespace) -> None:
     n = 20_000 if quick else 50_000
-    throughput_scenario(workdir, "cpu0ms", n, 0.0)
+    throughput_scenario(workdir, "cpu0ms", n, 0.0, args.repeat or (1 if quick else 3))
     if args.profile:
         profile_run(workdir, n)
 
@@ -372,9 +397,11 @@ def profile_run(workdir: Path, n: int) -> None:
     sim = Sim(workdir, "profile", latency=0.0)
     run_dir = fresh_dir(workdir / "run-profile")
     prof = workdir / "capbatch.prof"
-    child, _ = run_capbatch(workdir, "profile", csv_path, n, sim, run_dir,
-                            prefix=[PY, "-m", "cProfile", "-o", str(prof)])
-    sim.stop()
+    try:
+        child, _ = run_capbatch(workdir, "profile", csv_path, n, sim, run_dir,
+                                prefix=[PY, "-m", "cProfile", "-o", str(prof)])
+    finally:
+        sim.stop()
     print(f"\n== cProfile of capbatch, {n} rows, zero latency (wall {child.wall:.1f} s under the profiler, "
           f"rc {child.rc}); raw profile: {prof}")
     st = pstats.Stats(str(prof))
@@ -415,9 +442,11 @@ def scenario_quota(workdir: Path, quick: bool, args: argparse.Namespace) -> None
                 marks["stats_end"] = sim.requests()
                 child.signal(signal.SIGTERM)  # stop the run: the measured window is over
 
-        child, _ = run_capbatch(workdir, f"quota{r}", csv_path, n, sim, run_dir, rate=rate_flag, tick=tick,
-                                interval=0.02)
-        stats = sim.stop()
+        try:
+            child, _ = run_capbatch(workdir, f"quota{r}", csv_path, n, sim, run_dir, rate=rate_flag, tick=tick,
+                                    interval=0.02)
+        finally:
+            stats = sim.stop()
         if "end" not in marks:
             NOTES.append(f"quota{r}: capbatch ended before the {duration:.0f} s window closed (rc {child.rc}); "
                          f"log {child.log}")
@@ -500,8 +529,10 @@ def scenario_resume(workdir: Path, quick: bool, args: argparse.Namespace) -> Non
         if req >= left + 1 and "last" not in marks:   # preflight GET + the PUTs
             marks["last"] = now
 
-    child, _ = run_capbatch(workdir, "resume", csv_path, left, sim, run_dir, tick=tick, interval=0.005)
-    stats = sim.stop()
+    try:
+        child, _ = run_capbatch(workdir, "resume", csv_path, left, sim, run_dir, tick=tick, interval=0.005)
+    finally:
+        stats = sim.stop()
     ttfr = marks.get("first", float("nan")) - child.started
     row = capbatch_row(f"resume {total // 1000}k, {left} left", child, stats, run_dir, left, bare)
     row["note"] = (f"time to first request (simulator side, 5 ms polling) {ttfr:.2f} s (target < 3 s); "
@@ -525,8 +556,10 @@ def scenario_scale(workdir: Path, quick: bool, args: argparse.Namespace) -> None
             bare_row(name, bare)
         sim = Sim(workdir, name, latency=0.0)
         run_dir = fresh_dir(workdir / f"run-{name}")
-        child, _ = run_capbatch(workdir, name, csv_path, n, sim, run_dir)
-        stats = sim.stop()
+        try:
+            child, _ = run_capbatch(workdir, name, csv_path, n, sim, run_dir)
+        finally:
+            stats = sim.stop()
         capbatch_row(name, child, stats, run_dir, n, bare)
         if not args.keep:
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -547,14 +580,14 @@ def _f(v: Any, fmt: str) -> str:
 
 
 HEADER = (f"{'scenario':<34} {'rows':>9} {'seconds':>8} {'rows/s':>8} {'ratio':>6} {'send/s':>8} "
-          f"{'s.ratio':>7} {'429s':>5} {'CPUs/1k':>8} {'RSS MB':>7} {'simCPU':>6} {'rc':>4}")
+          f"{'s.ratio':>7} {'429s':>5} {'CPUs/1k':>8} {'RSS MB':>7} {'simCPU':>6} {'rc':>4} {'load':>5}")
 
 
 def _line(r: dict[str, Any]) -> str:
     return (f"{r['scenario']:<34} {r['rows']:>9} {_f(r['seconds'], '8.2f')} {_f(r['rows_s'], '8.1f')} "
             f"{_f(r['ratio'], '6.3f')} {_f(r['send_rate'], '8.1f')} {_f(r['send_ratio'], '7.3f')} "
             f"{r['n429']:>5} {_f(r['cpu_per_1k'], '8.3f')} {_f(r['rss'], '7.1f')} "
-            f"{_f(r['sim_cpu_util'], '6.2f')} {r['rc']:>4}")
+            f"{_f(r['sim_cpu_util'], '6.2f')} {r['rc']:>4} {_f(r.get('load'), '5.2f')}")
 
 
 def _print_last(k: int) -> None:
@@ -573,7 +606,8 @@ def print_table() -> None:
     print("rows/s and ratio: end to end (process start to exit, incl. import and reports for capbatch; "
           "process start to exit for bare). send/s, s.ratio: first->last settled row only.")
     print("quota rows: rows = accepted requests in the window, ratio = achieved/R, s.ratio = steady-state/R. "
-          "simCPU = simulator CPU-s per wall-s (1.0 = simulator saturated one core).")
+          "simCPU = simulator CPU-s per wall-s (1.0 = simulator saturated one core). "
+          "load = 1-min load average after the measurement (other tenants share this machine).")
     print(HEADER)
     print("-" * len(HEADER))
     for r in RESULTS:
@@ -600,6 +634,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scale-rows", help="comma-separated row counts for the scale scenario")
     p.add_argument("--scale-bare-max", type=int, default=100_000,
                    help="scale: run the bare loop only up to this many rows")
+    p.add_argument("--repeat", type=int, help="latency/cpu: interleaved repeats, median reported "
+                   "(default 3, quick 1)")
     p.add_argument("--keep", action="store_true", help="keep large run directories")
     p.add_argument("--json", type=Path, help="also write the results as JSON here")
     args = p.parse_args(argv)
