@@ -132,6 +132,9 @@ def _settings(flags: dict[str, Any], input_path: Path | None = None) -> config.S
 @click.option("--progress", type=click.Choice(config.PROGRESS_MODES), help="auto (bar on a terminal, log lines otherwise), bar, lines, none.")
 @click.option("--progress-interval", type=float, help="Seconds between progress lines when not on a terminal (default 10).")
 @click.option("--dry-run", is_flag=True, default=None, help="Validate only; send nothing.")
+@click.option("--check-remote", is_flag=True, default=None, help="With --dry-run: also read every card and report which do not exist and which already hold their ID.")
+@click.option("--job", help="Job name tying nightly runs together (state store beside the run directories).")
+@click.option("--skip-confirmed", is_flag=True, default=None, help="With --job: settle pairs an earlier run confirmed without any request.")
 @click.option("--json", "json_out", is_flag=True, default=False, help="Print the summary as JSON on stdout.")
 @input_flags
 @_guard
@@ -161,6 +164,54 @@ def validate_cmd(input_path: Path, output: Path | None, json_out: bool, **flags:
     if json_out:
         click.echo(json.dumps(result, indent=2))
     return int(result["exit_code"])
+
+
+@main.command("verify", epilog=EXIT_CODES_HELP)
+@click.argument("target", metavar="RUN_DIR|INPUT", type=click.Path(path_type=Path, exists=True))
+@click.option("--cluster", type=click.Choice(sorted(config.CLUSTERS), case_sensitive=False))
+@click.option("--base-url")
+@click.option("--rate", help=f"Read rate cap (default {config.DEFAULT_RATE}).")
+@click.option("--concurrency", type=int)
+@click.option("--allow-http", is_flag=True, default=None)
+@click.option("--no-verify-tls", "no_verify_tls", is_flag=True, default=False)
+@click.option("--json", "json_out", is_flag=True, default=False)
+@input_flags
+@_guard
+def verify_cmd(target: Path, no_verify_tls: bool, json_out: bool, **flags: Any) -> int:
+    """Read every card back and report any whose external ID differs from the intended one (exit 1). Read-only."""
+    if no_verify_tls:
+        flags["verify_tls"] = False
+    setup_logging(bool(flags.get("quiet")), flags.get("verbose") or 0)
+    settings = _settings(flags)
+    result = runner.verify(settings, target)
+    if json_out:
+        click.echo(json.dumps(result, indent=2))
+    return int(result["exit_code"])
+
+
+@main.command("history")
+@click.option("--job", required=True, help="Job name given to `capbatch run --job`.")
+@click.option("--reports-dir", type=click.Path(path_type=Path), default=Path("reports"), show_default=True)
+@click.option("--json", "json_out", is_flag=True, default=False)
+@_guard
+def history_cmd(job: str, reports_dir: Path, json_out: bool) -> int:
+    """List a job's runs with their counts."""
+    from . import jobs
+
+    runs = jobs.history(jobs.store_path(reports_dir), jobs.check_name(job))
+    if json_out:
+        click.echo(json.dumps(runs, indent=2))
+        return 0
+    if not runs:
+        click.echo(f"no runs recorded for job {job!r} under {reports_dir}")
+        return 0
+    for r in runs:
+        c = r["counts"]
+        began = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["started_at"] or 0))
+        click.echo(f"{began}  exit {r['exit_code']}  {r['requests'] or 0:>8} requests  "
+                   f"succeeded={c.get('succeeded', 0)} unchanged={c.get('unchanged', 0)} "
+                   f"failed={c.get('failed', 0)} rejected={c.get('rejected', 0)}  {r['input_name']}  {r['run_dir']}")
+    return 0
 
 
 @main.command("status")

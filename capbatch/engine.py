@@ -287,7 +287,7 @@ class Engine:
                     note = ("confirmed by reading the card after an interrupted run" if state is State.SUCCEEDED
                             else "card already held the target external ID")
                     return self._result_row(row, ctx, state, got, note=note)
-                previous = got.external_id
+                previous = got.external_id or ""   # '' = the card had no external ID
             elif got.kind is Kind.REJECTED and got.error_code == str(CARD_NOT_FOUND):
                 return self._result_row(row, ctx, State.FAILED, got)
             # any other read problem: the PUT below decides

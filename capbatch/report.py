@@ -164,6 +164,9 @@ def build_summary(ledger: Ledger, run_dir: Path, *, stop: str | None = None, mes
                                 "WHERE state='rejected' GROUP BY 1 ORDER BY 2 DESC"):
         by_reason[str(code)] = n
     retries, throttled = ledger.query("SELECT coalesce(sum(retried),0), coalesce(sum(throttled),0) FROM timeline")[0]
+    drifted = ledger.query("SELECT count(*) FROM rows WHERE state='succeeded' AND previous_external_id <> '' "
+                           "AND previous_external_id <> external_id")[0][0]
+    generated = ledger.query("SELECT count(*) FROM rows WHERE generated=1")[0][0]
     settled_by_api = counts["succeeded"] + counts["failed"] + counts["unchanged"]
     hist = latency_histogram(ledger)
     if stop is None:
@@ -180,6 +183,8 @@ def build_summary(ledger: Ledger, run_dir: Path, *, stop: str | None = None, mes
             "mapping": ledger.get_meta_json("mapping", {}),
         },
         "counts": counts,
+        "drifted": drifted,
+        "generated_external_ids": generated,
         "failed_by_error_code": by_error,
         "rejected_by_reason": by_reason,
         "started_at": iso(started),

@@ -97,8 +97,9 @@ table.ex{margin:0 0 6px;font-size:12.5px;border:1px solid var(--line);border-rad
 table.ex th{background:var(--zebra)}
 table.ex td,table.ex th{padding:3px 8px}
 table.ex tbody tr:nth-child(even) td{background:var(--zebra)}
-table.ex td:first-child,table.ex th:first-child{width:70px}
-table.ex td.wrap{overflow-wrap:break-word;max-width:32em}
+table.ex{table-layout:fixed}
+table.ex .exrow{width:70px}table.ex .excard{width:28%}table.ex .exext{width:26%}
+table.ex td.wrap{overflow-wrap:anywhere}
 .chart{border:1px solid var(--line);border-radius:6px;padding:8px 8px 2px;background:#fff}
 .chart svg{display:block;width:100%;height:auto}
 .empty{color:var(--muted);font-style:italic;padding:8px 0}
@@ -328,20 +329,21 @@ def _timeline(ledger: Ledger) -> str:
                  f'text-anchor="middle" fill="#5a6472">per second</text>')
     # bars: ok with failed stacked on top
     gap = 0.15 * bw if bw > 4 else 0.0
+    bar = min(bw - gap, 60.0)            # a short run has few bins: keep bars slim, centred in their bin
     for i, (ok, failed, retried, throttled) in enumerate(rates):
-        x = L + i * bw + gap / 2
+        x = L + i * bw + (bw - bar) / 2
         start = first + i * width
         tip = (f"{utc(start, '%H:%M:%S')}{'' if width == 1 else '–' + utc(start + width - 1, '%H:%M:%S')} UTC: "
                f"{bins[i][0]:,} ok, {bins[i][1]:,} failed, {bins[i][2]:,} retries, {bins[i][3]:,} 429s")
         parts.append(f"<g><title>{e(tip)}</title>")
         if ok:
-            parts.append(f'<rect x="{x:.2f}" y="{y(ok):.2f}" width="{bw - gap:.2f}" height="{y(0) - y(ok):.2f}" '
+            parts.append(f'<rect x="{x:.2f}" y="{y(ok):.2f}" width="{bar:.2f}" height="{y(0) - y(ok):.2f}" '
                          f'fill="{C_OK}"/>')
         if failed:
-            parts.append(f'<rect x="{x:.2f}" y="{y(ok + failed):.2f}" width="{bw - gap:.2f}" '
+            parts.append(f'<rect x="{x:.2f}" y="{y(ok + failed):.2f}" width="{bar:.2f}" '
                          f'height="{y(ok) - y(ok + failed):.2f}" fill="{C_FAIL}"/>')
         if not ok and not failed:  # keep a hover target for empty bins
-            parts.append(f'<rect x="{x:.2f}" y="{T}" width="{bw - gap:.2f}" height="{ph}" fill="transparent"/>')
+            parts.append(f'<rect x="{x:.2f}" y="{T}" width="{bar:.2f}" height="{ph}" fill="transparent"/>')
         parts.append("</g>")
     # lines: retries and 429s
     for idx, colour, dash in ((2, C_RETRY, ""), (3, C_429, ' stroke-dasharray="5 3"')):
@@ -350,7 +352,8 @@ def _timeline(ledger: Ledger) -> str:
         pts = " ".join(f"{L + (i + 0.5) * bw:.1f},{y(r[idx]):.1f}" for i, r in enumerate(rates))
         parts.append(f'<polyline points="{pts}" fill="none" stroke="{colour}" stroke-width="2"{dash}/>')
         if nbins <= 40:
-            parts.extend(f'<circle cx="{L + (i + 0.5) * bw:.1f}" cy="{y(r[idx]):.1f}" r="3" fill="{colour}"/>'
+            parts.extend(f'<circle cx="{L + (i + 0.5) * bw:.1f}" cy="{y(r[idx]):.1f}" r="4" fill="{colour}" '
+                         f'stroke="#fff" stroke-width="1.5"/>'
                          for i, r in enumerate(rates))
     # x axis
     parts.append(f'<line x1="{L}" x2="{W - R}" y1="{y(0):.1f}" y2="{y(0):.1f}" stroke="#718096"/>')
@@ -468,7 +471,8 @@ def _breakdown(ledger: Ledger, state: str, column: str, message_column: str, tot
         ex_rows = [(e(row_label(sheet, number)), f'<span class="mono">{e(clip(card))}</span>',
                     f'<span class="mono">{e(clip(ext))}</span>', e(clip(msg, 400)))
                    for sheet, number, card, ext, msg, _ in examples]
-        ex_html = table([("Row", "n"), ("Card", "wrap"), ("External ID", "wrap"), ("Message", "")], ex_rows, "ex")
+        ex_html = table([("Row", "n exrow"), ("Card", "wrap excard"), ("External ID", "wrap exext"),
+                         ("Message", "exmsg")], ex_rows, "ex")
         head.append(f'<tbody class="grp"><tr><td class="code">{e(code)}</td><td class="n">{num(n)}</td>'
                     f'<td class="n">{e(pct(n, total))}</td><td>{e(clip(message, 400))}</td></tr>'
                     f'<tr class="examples"><td></td><td colspan="3"><div class="exlabel">first {len(examples)} '

@@ -7,17 +7,18 @@ the API, then write the reports. Rerunning the same command resumes: the ledger 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import signal
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator
 
-from . import report
+from . import jobs, report
 from .api import CapillaryClient
 from .config import Settings, target_url
 from .engine import Engine, EngineResult
@@ -216,21 +217,21 @@ def run(s: Settings) -> dict[str, Any]:
     Raises the same :class:`~capbatch.errors.CapbatchError` subclasses the CLI reports; a run that
     ends with failed or rejected rows is not an exception: read ``summary["exit_code"]``.
     """
+    if s.skip_confirmed and not s.job:
+        raise UsageError("--skip-confirmed needs --job NAME", "name the job whose earlier runs confirmed the pairs")
+    if s.job:
+        jobs.check_name(s.job)
     if s.dry_run:
-        return validate(s)
+        return check_remote(s) if s.check_remote else validate(s)
     base_url = target_url(s)
-    if s.credentials.kind == "none":
-        raise ConfigError(
-            "no Capillary credentials in the environment",
-            "export CAPILLARY_USERNAME and CAPILLARY_PASSWORD (Basic auth) or "
-            "CAPILLARY_CLIENT_KEY and CAPILLARY_CLIENT_SECRET (OAuth); they are never read from flags",
-        )
+    _require_credentials(s)
     if not s.verify_tls:
         log.warning("TLS certificate verification is OFF (--no-verify-tls): use this only for a trusted test host")
     prepared = prepare(s)
     ledger, run_dir = prepared.ledger, prepared.run_dir
     file_log = _attach_json_log(run_dir)
     invocation = ledger.start_invocation()
+    started_at = time.time()
     result: EngineResult | None = None
     try:
         v = validation_report(ledger)
@@ -240,6 +241,9 @@ def run(s: Settings) -> dict[str, Any]:
             counts = ledger.counts()
             log.info("resuming: %s", report.status_line(counts))
         ledger.set_meta("settings", json.dumps(s.public_dict(), default=str))
+        if s.job and s.skip_confirmed:
+            skipped = jobs.skip_confirmed(ledger, jobs.store_path(s.reports_dir), s.job)
+            log.info("job %s: %d rows already confirmed by earlier runs, settled without a request", s.job, skipped)
         log.info("target %s, auth %s, rate %s, concurrency %d", base_url, s.credentials.kind,
                  s.rate or "unlimited", s.concurrency)
         result = asyncio.run(_run_engine(s, ledger, base_url))
@@ -260,6 +264,8 @@ def run(s: Settings) -> dict[str, Any]:
                                        "throttle_events": result.throttle_events,
                                        "outages": result.outages,
                                        "outage_seconds": round(result.outage_seconds, 3)}})
+    if s.job:
+        jobs.remember(ledger, jobs.store_path(s.reports_dir), s.job, run_dir, summary, started_at)
     _log_summary(summary)
     _detach(file_log)
     ledger.close()
@@ -362,4 +368,66 @@ def rebuild_reports(run_dir: Path) -> dict[str, Any]:
         ledger.close()
 
 
-_ = time  # time is used by callers through report timestamps
+
+# ---- read-only checks against the API -------------------------------------------------------------
+def check_remote(s: Settings) -> dict[str, Any]:
+    """``run --dry-run --check-remote``: validate, then read every valid card; send and record nothing."""
+    from .verify import Target, check_cards
+
+    base_url = target_url(s)
+    _require_credentials(s)
+    with tempfile.TemporaryDirectory(prefix="capbatch-check-") as tmp:
+        prepared = prepare(s, run_dir=Path(tmp))
+        try:
+            v = validation_report(prepared.ledger)
+            log_validation(prepared.notes, v)
+            targets = (Target(row_label(r["sheet"], r["row_number"]), r["card"], r["external_id"])
+                       for r in prepared.ledger.iter_rows("WHERE state='pending'"))
+            out = s.reports_dir / f"{Path(s.input or 'input').stem}.check-remote.csv"
+            counts = check_cards(s, base_url, targets, out)
+        finally:
+            prepared.ledger.close()
+    log.info("remote check: %d already hold their target ID, %d would change, %d cards do not exist, "
+             "%d could not be read; details in %s", counts["match"], counts["differs"], counts["missing"],
+             counts["error"], out)
+    v.update(remote=counts, check_csv=str(out))
+    v["exit_code"] = 1 if (v["rejected"] or counts["missing"] or counts["error"]) else 0
+    return v
+
+
+def verify(s: Settings, target: Path) -> dict[str, Any]:
+    """Read every card back and compare with the intended external ID. Read-only; exit 1 on any difference.
+
+    ``target`` is a run directory (checks the rows it settled) or an input file (checks its valid rows).
+    """
+    from .verify import Target, check_cards
+
+    base_url = target_url(s)
+    _require_credentials(s)
+    with contextlib.ExitStack() as stack:
+        if target.is_dir():
+            ledger = Ledger.open_readonly(target)
+            out = target / "verify.csv"
+            where = "WHERE state IN ('succeeded', 'unchanged')"
+        else:
+            tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="capbatch-verify-"))
+            ledger = prepare(replace(s, input=target), run_dir=Path(tmp)).ledger
+            out = s.reports_dir / f"{target.stem}.verify.csv"
+            where = "WHERE state='pending'"
+        stack.callback(ledger.close)
+        targets = (Target(row_label(r["sheet"], r["row_number"]), r["card"], r["external_id"])
+                   for r in ledger.iter_rows(where))
+        counts = check_cards(s, base_url, targets, out)
+    log.info("verify: %d match, %d differ, %d cards missing, %d unreadable; details in %s",
+             counts["match"], counts["differs"], counts["missing"], counts["error"], out)
+    bad = counts["differs"] + counts["missing"] + counts["error"]
+    return {"counts": counts, "verify_csv": str(out), "exit_code": 1 if bad else 0}
+
+
+def _require_credentials(s: Settings) -> None:
+    if s.credentials.kind == "none":
+        raise ConfigError(
+            "no Capillary credentials in the environment",
+            "export CAPILLARY_USERNAME and CAPILLARY_PASSWORD (Basic auth) or "
+            "CAPILLARY_CLIENT_KEY and CAPILLARY_CLIENT_SECRET (OAuth); they are never read from flags",
+        )

@@ -163,9 +163,10 @@ def test_results_csv_one_line_per_input_row(run1: Run) -> None:
             assert res["capbatch_error_code"] == code, where
             assert res["capbatch_message"], where
             assert res["capbatch_card_id"] == "", where
-    # retries happened (fixed seed), and every attempt is one request the simulator saw
+    # retries happened (fixed seed); attempts never exceed the requests the simulator saw
     attempts = sum(int(r["capbatch_attempts"]) for r in results)
-    assert attempts == run1.stats["requests"]
+    sent = sum(1 for r in ROWS if r[3] in ("succeeded", "failed"))
+    assert sent < attempts <= run1.stats["requests"]
     assert any(int(r["capbatch_attempts"]) > 1 for r in results)
 
 

@@ -576,7 +576,10 @@ SCENARIOS: dict[str, Callable[[Path, bool, argparse.Namespace], None]] = {
 # output
 # ---------------------------------------------------------------------------------------------
 def _f(v: Any, fmt: str) -> str:
-    return "-" if v is None else format(v, fmt)
+    if v is None:
+        width = fmt.split(".")[0]
+        return "-".rjust(int(width) if width.isdigit() else 0)
+    return format(v, fmt)
 
 
 HEADER = (f"{'scenario':<34} {'rows':>9} {'seconds':>8} {'rows/s':>8} {'ratio':>6} {'send/s':>8} "
