@@ -322,6 +322,9 @@ def target_url(s: Settings) -> str:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise UsageError(f"--base-url {url!r} is not an http(s) URL", "e.g. --base-url https://eu.api.capillarytech.com")
+    if parts.username or parts.password:
+        raise UsageError("--base-url must not carry credentials (user:password@host)",
+                         "put them in CAPILLARY_USERNAME / CAPILLARY_PASSWORD instead")
     if parts.scheme == "http" and not is_loopback(parts.hostname) and not s.allow_http:
         raise UsageError(
             f"refusing plain http:// to {parts.hostname}: credentials would cross the network unencrypted",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import time
 from datetime import datetime, timezone
@@ -25,6 +26,9 @@ SUMMARY_JSON = "summary.json"
 REPORT_HTML = "report.html"
 
 FORMULA_TRIGGERS = ("=", "+", "-", "@", "\t", "\r")
+# A value that already starts with ' + trigger gets the prefix too, so the reader's "strip one
+# quote" restores it exactly.
+_QUOTED_TRIGGERS = tuple("'" + t for t in FORMULA_TRIGGERS)
 MARKER_COLUMN = REPORT_MARKER_COLUMN   # in every CSV report; tells the reader to undo neutralising
 
 EXIT_OK, EXIT_ROWS_FAILED, EXIT_USAGE, EXIT_ABORTED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -33,7 +37,7 @@ EXIT_OK, EXIT_ROWS_FAILED, EXIT_USAGE, EXIT_ABORTED, EXIT_INTERRUPTED = 0, 1, 2,
 def neutralise(value: Any) -> str:
     """OWASP CSV-injection defence: a leading ' makes the spreadsheet show the cell as text."""
     text = "" if value is None else str(value)
-    if text and text.startswith(FORMULA_TRIGGERS):
+    if text and (text.startswith(FORMULA_TRIGGERS) or text.startswith(_QUOTED_TRIGGERS)):
         return "'" + text
     return text
 
@@ -129,21 +133,22 @@ def latency_histogram(ledger: Ledger) -> list[tuple[int, int]]:
     return [(int(b), int(n)) for b, n in ledger.query(sql)]
 
 
-def percentiles(hist: Iterable[tuple[int, int]], points: Iterable[float] = (50, 90, 95, 99)) -> dict[str, float]:
-    hist = list(hist)
-    total = sum(n for _, n in hist)
+def percentiles(ledger: Ledger, points: Iterable[float] = (50, 90, 95, 99)) -> dict[str, float]:
+    """Exact latency percentiles (nearest rank) of each row's last request, streamed in one sorted pass."""
+    total = ledger.query("SELECT count(*) FROM rows WHERE latency_ms IS NOT NULL")[0][0]
     out: dict[str, float] = {}
     if not total:
         return out
-    for p in points:
-        target = total * p / 100.0
-        seen = 0
-        for bucket, n in hist:
-            seen += n
-            if seen >= target:
-                out[f"p{p:g}"] = float(bucket)
-                break
-    out["max"] = float(hist[-1][0])
+    wanted = sorted((max(0, math.ceil(total * p / 100.0) - 1), f"p{p:g}") for p in points)
+    i = 0
+    last = 0.0
+    for index, (value,) in enumerate(ledger.conn.execute(
+            "SELECT latency_ms FROM rows WHERE latency_ms IS NOT NULL ORDER BY latency_ms")):
+        last = value
+        while i < len(wanted) and wanted[i][0] == index:
+            out[wanted[i][1]] = round(value, 2)
+            i += 1
+    out["max"] = round(last, 2)
     return out
 
 
@@ -168,7 +173,6 @@ def build_summary(ledger: Ledger, run_dir: Path, *, stop: str | None = None, mes
                            "AND previous_external_id <> external_id")[0][0]
     generated = ledger.query("SELECT count(*) FROM rows WHERE generated=1")[0][0]
     settled_by_api = counts["succeeded"] + counts["failed"] + counts["unchanged"]
-    hist = latency_histogram(ledger)
     if stop is None:
         last = invocations[-1] if invocations else None
         stop = (last or {}).get("outcome") or ("in progress" if last and not last.get("ended_at") else "done")
@@ -195,7 +199,7 @@ def build_summary(ledger: Ledger, run_dir: Path, *, stop: str | None = None, mes
         "retries": retries,
         "throttled_responses": throttled,
         "throughput_rows_per_second": round(settled_by_api / active, 2) if active > 0 else 0.0,
-        "latency_ms": percentiles(hist),
+        "latency_ms": percentiles(ledger),
         "settings": ledger.get_meta_json("settings", {}),
         "stop": stop,
         "message": message,
@@ -212,10 +216,8 @@ def write_reports(ledger: Ledger, run_dir: Path, **kwargs: Any) -> dict[str, Any
     write_failures(ledger, run_dir)
     summary = build_summary(ledger, run_dir, **kwargs)
     _atomic_write(run_dir / SUMMARY_JSON, lambda fh: json.dump(summary, fh, indent=2, sort_keys=False))
-    try:
-        from .report_html import write_html
-    except ImportError:  # pragma: no cover - the HTML report ships with the package
-        return summary
+    from .report_html import write_html  # imported here: report_html builds on this module
+
     write_html(ledger, run_dir, summary)
     return summary
 

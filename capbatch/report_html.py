@@ -90,7 +90,7 @@ table.breakdown{table-layout:auto}
 table.breakdown tbody.grp td{background:#fff}
 table.breakdown tbody.grp{border-top:2px solid var(--line)}
 table.breakdown td.code{font-weight:650;white-space:nowrap;width:1%}
-table.breakdown th.n,table.breakdown td.n{width:1%}
+table.breakdown>thead>tr>th.n,table.breakdown>tbody>tr>td.n{width:1%}
 table.breakdown tr.examples td{border-bottom:none;padding-top:0}
 .exlabel{color:var(--muted);font-size:11.5px;margin:0 0 2px}
 table.ex{margin:0 0 6px;font-size:12.5px;border:1px solid var(--line);border-radius:4px}
@@ -239,13 +239,16 @@ def _headline(summary: dict[str, Any]) -> str:
         ("Failed", num(failed), pct(failed, total), "bad" if failed else ""),
         ("Rejected", num(rejected), pct(rejected, total) or "invalid input", "warn" if rejected else ""),
         ("Pending", num(pending), "not settled yet" if pending else "", "warn" if pending else ""),
-        ("Duration", e(duration(summary.get("duration_seconds"))), f"{num(summary.get('invocations', 0))} invocation(s)", ""),
-        ("Throughput", f"{tput:,.1f}", f"rows/s · {tput * 60:,.0f}/min", ""),
+        ("Duration", e(duration(summary.get("duration_seconds"))),
+         f"{num(summary.get('invocations', 0))} invocation(s)", ""),
+        ("Throughput", f"{tput:,.0f}" if tput >= 100 else f"{tput:,.1f}", f"rows/s · {tput * 60:,.0f}/min", ""),
         ("Requests", num(summary.get("requests", 0)), "HTTP requests sent", ""),
         ("Retries", num(summary.get("retries", 0)), "transient errors retried", ""),
         ("429s", num(summary.get("throttled_responses", 0)), "rate-limited answers", ""),
-        ("Exit code", e(summary.get("exit_code", "—")), e(summary.get("stop") or ""),
-         "good" if summary.get("exit_code") == 0 else "bad"),
+        ("Exit code", "—" if summary.get("stop") == "in progress" or not summary.get("invocations")
+         else e(summary.get("exit_code", "—")),
+         e(summary.get("stop") or ""),
+         "info" if summary.get("stop") == "in progress" else ("good" if summary.get("exit_code") == 0 else "bad")),
     ]
     out = ['<div class="grid">']
     for label, value, sub, cls in cards:
@@ -290,6 +293,22 @@ def _input_section(ledger: Ledger, summary: dict[str, Any], run_dir: Path) -> st
     return f'<table class="kv"><tbody>{body}</tbody></table>'
 
 
+def _y_axis(parts: list[str], top: float, step: float, y: Any, L: float, right: float, label: str) -> None:
+    v = 0.0
+    while v <= top + 1e-9:
+        parts.append(f'<line x1="{L}" x2="{right}" y1="{y(v):.1f}" y2="{y(v):.1f}" stroke="#e2e8f0"/>')
+        parts.append(f'<text x="{L - 6}" y="{y(v) + 4:.1f}" text-anchor="end" fill="#5a6472">{e(fmt_tick(v))}</text>')
+        v += step
+    mid = (y(0) + y(top)) / 2
+    parts.append(f'<text x="12" y="{mid:.1f}" transform="rotate(-90 12 {mid:.1f})" text-anchor="middle" '
+                 f'fill="#5a6472">{e(label)}</text>')
+
+
+def _scale(peak: float) -> tuple[float, float]:
+    step = nice_step(peak or 1.0)
+    return step * max(1, math.ceil((peak or 1.0) / step)), step
+
+
 def _timeline(ledger: Ledger) -> str:
     first, last = ledger.query("SELECT min(second), max(second) FROM timeline")[0]
     if first is None:
@@ -305,29 +324,31 @@ def _timeline(ledger: Ledger) -> str:
         if 0 <= int(b) < nbins:
             bins[int(b)] = [int(ok or 0), int(failed or 0), int(retried or 0), int(throttled or 0)]
     rates = [[v / width for v in row] for row in bins]
-    peak = max(max(r[0] + r[1], r[2], r[3]) for r in rates) or 1.0
-    step = nice_step(peak)
-    top = step * math.ceil(peak / step)
 
-    W, H, L, R, T, B = 1000, 260, 56, 12, 12, 42
-    pw, ph = W - L - R, H - T - B
+    # Two panels on one time axis: throughput (rows settled, ok + failed stacked) on top, and the
+    # error rates (failed rows, retries, 429s) below on their own scale, so a 1% error rate shows.
+    W, L, R = 1000, 56, 12
+    T1, H1, GAP, H2, B = 12, 170, 26, 90, 42
+    T2 = T1 + H1 + GAP
+    H = T2 + H2 + B
+    pw = W - L - R
     bw = pw / nbins
+    top1, step1 = _scale(max(r[0] + r[1] for r in rates))
+    top2, step2 = _scale(max(max(r[1], r[2], r[3]) for r in rates))
 
-    def y(v: float) -> float:
-        return T + ph - (v / top) * ph
+    def y1(v: float) -> float:
+        return T1 + H1 - (v / top1) * H1
 
-    parts = [f'<svg viewBox="0 0 {W} {H}" role="img" '
-             f'aria-label="throughput and errors over time" font-family="system-ui,sans-serif" font-size="11">']
-    # grid + y labels
-    v = 0.0
-    while v <= top + 1e-9:
-        yy = y(v)
-        parts.append(f'<line x1="{L}" x2="{W - R}" y1="{yy:.1f}" y2="{yy:.1f}" stroke="#e2e8f0"/>')
-        parts.append(f'<text x="{L - 6}" y="{yy + 4:.1f}" text-anchor="end" fill="#5a6472">{e(fmt_tick(v))}</text>')
-        v += step
-    parts.append(f'<text x="12" y="{T + ph / 2:.1f}" transform="rotate(-90 12 {T + ph / 2:.1f})" '
-                 f'text-anchor="middle" fill="#5a6472">per second</text>')
-    # bars: ok with failed stacked on top
+    def y2(v: float) -> float:
+        return T2 + H2 - (v / top2) * H2
+
+    def cx(i: int) -> float:
+        return L + (i + 0.5) * bw
+
+    parts = [f'<svg viewBox="0 0 {W} {H}" role="img" aria-label="throughput and errors over time" '
+             f'font-family="system-ui,sans-serif" font-size="11">']
+    _y_axis(parts, top1, step1, y1, L, W - R, "rows / s")
+    _y_axis(parts, top2, step2, y2, L, W - R, "errors / s")
     gap = 0.15 * bw if bw > 4 else 0.0
     bar = min(bw - gap, 60.0)            # a short run has few bins: keep bars slim, centred in their bin
     for i, (ok, failed, retried, throttled) in enumerate(rates):
@@ -337,42 +358,50 @@ def _timeline(ledger: Ledger) -> str:
                f"{bins[i][0]:,} ok, {bins[i][1]:,} failed, {bins[i][2]:,} retries, {bins[i][3]:,} 429s")
         parts.append(f"<g><title>{e(tip)}</title>")
         if ok:
-            parts.append(f'<rect x="{x:.2f}" y="{y(ok):.2f}" width="{bar:.2f}" height="{y(0) - y(ok):.2f}" '
+            parts.append(f'<rect x="{x:.2f}" y="{y1(ok):.2f}" width="{bar:.2f}" height="{y1(0) - y1(ok):.2f}" '
                          f'fill="{C_OK}"/>')
         if failed:
-            parts.append(f'<rect x="{x:.2f}" y="{y(ok + failed):.2f}" width="{bar:.2f}" '
-                         f'height="{y(ok) - y(ok + failed):.2f}" fill="{C_FAIL}"/>')
-        if not ok and not failed:  # keep a hover target for empty bins
-            parts.append(f'<rect x="{x:.2f}" y="{T}" width="{bar:.2f}" height="{ph}" fill="transparent"/>')
-        parts.append("</g>")
-    # lines: retries and 429s
-    for idx, colour, dash in ((2, C_RETRY, ""), (3, C_429, ' stroke-dasharray="5 3"')):
+            parts.append(f'<rect x="{x:.2f}" y="{y1(ok + failed):.2f}" width="{bar:.2f}" '
+                         f'height="{y1(ok) - y1(ok + failed):.2f}" fill="{C_FAIL}"/>')
+        # a transparent hover target over both panels
+        parts.append(f'<rect x="{L + i * bw:.2f}" y="{T1}" width="{bw:.2f}" height="{T2 + H2 - T1}" '
+                     f'fill="transparent"/></g>')
+    # lower panel: one line per error kind
+    drawn = 0
+    for idx, colour, dash in ((1, C_FAIL, ""), (2, C_RETRY, ""), (3, C_429, ' stroke-dasharray="5 3"')):
         if not any(r[idx] for r in rates):
             continue
-        pts = " ".join(f"{L + (i + 0.5) * bw:.1f},{y(r[idx]):.1f}" for i, r in enumerate(rates))
-        parts.append(f'<polyline points="{pts}" fill="none" stroke="{colour}" stroke-width="2"{dash}/>')
+        drawn += 1
+        if nbins > 1:
+            pts = " ".join(f"{cx(i):.1f},{y2(r[idx]):.1f}" for i, r in enumerate(rates))
+            parts.append(f'<polyline points="{pts}" fill="none" stroke="{colour}" stroke-width="2"{dash}/>')
         if nbins <= 40:
-            parts.extend(f'<circle cx="{L + (i + 0.5) * bw:.1f}" cy="{y(r[idx]):.1f}" r="4" fill="{colour}" '
-                         f'stroke="#fff" stroke-width="1.5"/>'
-                         for i, r in enumerate(rates))
-    # x axis
-    parts.append(f'<line x1="{L}" x2="{W - R}" y1="{y(0):.1f}" y2="{y(0):.1f}" stroke="#718096"/>')
+            parts.extend(f'<circle cx="{cx(i):.1f}" cy="{y2(r[idx]):.1f}" r="3.5" fill="{colour}" '
+                         f'stroke="#fff" stroke-width="1.5"/>' for i, r in enumerate(rates) if r[idx])
+    if not drawn:
+        parts.append(f'<text x="{L + pw / 2:.1f}" y="{y2(top2 / 2) + 4:.1f}" text-anchor="middle" '
+                     f'fill="#5a6472">no failed rows, retries or 429s</text>')
+    # axes
+    for y0 in (y1(0), y2(0)):
+        parts.append(f'<line x1="{L}" x2="{W - R}" y1="{y0:.1f}" y2="{y0:.1f}" stroke="#718096"/>')
     fmt = "%H:%M:%S" if span < 86400 else "%m-%d %H:%M"
     labels = min(6, nbins)
     for k in range(labels):
         i = 0 if labels == 1 else round(k * (nbins - 1) / (labels - 1))
-        x = L + (i + 0.5) * bw
-        parts.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{y(0):.1f}" y2="{y(0) + 4:.1f}" stroke="#718096"/>')
-        parts.append(f'<text x="{x:.1f}" y="{y(0) + 17:.1f}" text-anchor="middle" fill="#5a6472">'
+        x = cx(i)
+        parts.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{y2(0):.1f}" y2="{y2(0) + 4:.1f}" stroke="#718096"/>')
+        anchor = "middle" if labels == 1 or 0 < k < labels - 1 else ("start" if k == 0 else "end")
+        tx = x if anchor == "middle" else (max(x - 20, L) if k == 0 else min(x + 20, W - R))
+        parts.append(f'<text x="{tx:.1f}" y="{y2(0) + 17:.1f}" text-anchor="{anchor}" fill="#5a6472">'
                      f'{e(utc(first + i * width, fmt))}</text>')
     parts.append(f'<text x="{L + pw / 2:.1f}" y="{H - 4}" text-anchor="middle" fill="#5a6472">time (UTC), '
                  f'{width}-second bins</text>')
     parts.append("</svg>")
     legend = ('<div class="legend">'
-              f'<span><span class="sw" style="background:{C_OK}"></span>rows settled ok /s</span>'
-              f'<span><span class="sw" style="background:{C_FAIL}"></span>rows failed /s</span>'
-              f'<span><span class="sw" style="background:{C_RETRY}"></span>retries /s</span>'
-              f'<span><span class="sw" style="background:{C_429}"></span>429 answers /s</span>'
+              f'<span><span class="sw" style="background:{C_OK}"></span>rows settled ok</span>'
+              f'<span><span class="sw" style="background:{C_FAIL}"></span>rows failed</span>'
+              f'<span><span class="sw" style="background:{C_RETRY}"></span>retries</span>'
+              f'<span><span class="sw" style="background:{C_429}"></span>429 answers</span>'
               f'<span>{e(utc(first))} → {e(utc(last + 1))} UTC ({e(duration(span))} wall clock)</span></div>')
     return legend + f'<div class="chart">{"".join(parts)}</div>'
 
@@ -491,7 +520,7 @@ def _invocations(invocations: list[dict[str, Any]]) -> str:
     for inv in invocations:
         end = inv.get("ended_at")
         took = (end or time.time()) - float(inv.get("started_at") or 0)
-        rows.append((num(inv.get("id")), num(inv.get("pid")), e(utc(inv.get("started_at"))), e(utc(end)),
+        rows.append((num(inv.get("id")), e(inv.get("pid") or "—"), e(utc(inv.get("started_at"))), e(utc(end)),
                      e(duration(took)), e(inv.get("outcome") or ("running or killed" if not end else "")),
                      e("—" if inv.get("exit_code") is None else inv["exit_code"]), num(inv.get("requests") or 0)))
     return table([("#", "n"), ("PID", "n"), ("Started (UTC)", ""), ("Ended (UTC)", ""), ("Duration", "n"),

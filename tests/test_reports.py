@@ -445,8 +445,9 @@ def test_html_for_a_run_in_progress(tmp_path: Path) -> None:
     assert "in progress" in text and page.cards["Pending"] == "19"
     assert "user:pw" not in raw and "</table>" in text            # URL userinfo redacted, values escaped
     assert "&lt;b&gt;e30&lt;/b&gt;" in raw and "<b>" not in raw
-    bars = page.section_tags["timeline"].count("rect")
-    assert 100 <= bars <= 125                                     # 150 busy seconds of 300 -> <= 120 bins
+    bins = page.section_tags["timeline"].count("g")               # one <g> (bars + tooltip) per time bin
+    assert 100 <= bins <= 120                                     # 300 s of timeline -> at most 120 bins
+    assert page.section_tags["timeline"].count("polyline") == 2   # retries and 429s (no failed rows there)
     assert "unknown" in "".join(page.section_text["failed"])       # failed row without an error code
 
 

@@ -104,7 +104,7 @@ def fresh_cards(pairs: list[tuple[str, str]]) -> dict[str, str | None]:
 
 
 def oauth_env(**extra: str) -> dict[str, str]:
-    env = cli_env(CAPILLARY_CLIENT_KEY="demo-key", CAPILLARY_CLIENT_SECRET="demo-secret", **extra)
+    env = cli_env(**{"CAPILLARY_CLIENT_KEY": "demo-key", "CAPILLARY_CLIENT_SECRET": "demo-secret", **extra})
     env.pop("CAPILLARY_USERNAME", None)
     env.pop("CAPILLARY_PASSWORD", None)
     return env
@@ -193,7 +193,7 @@ def test_sigkill_at_random_points_loses_and_doubles_nothing(tmp_path, sim, run_c
 @pytest.mark.parametrize("resume_check, reapply_same", [("read", "ok"), ("resend", "ok"), ("resend", "3045")])
 def test_rows_in_flight_at_a_kill_are_settled_by_the_resume_check(tmp_path, sim, run_cli, resume_check,
                                                                   reapply_same):
-    n = 600
+    n = 500
     pairs, src = setup_input(tmp_path, n)
     intended = dict(pairs)
     s = sim(cards=fresh_cards(pairs), latency=0.005, reapply_same=reapply_same)
@@ -336,7 +336,7 @@ def test_short_outage_is_ridden_out_without_failures(tmp_path, sim):
 
 @pytest.mark.parametrize("down", ["503", "drop"])
 def test_outage_outlasting_the_budget_aborts_resumably(tmp_path, sim, run_cli, down):
-    n = 200
+    n = 100
     pairs, src = setup_input(tmp_path, n)
     s = sim(cards=fresh_cards(pairs))
     run_dir = tmp_path / "run"
@@ -367,7 +367,7 @@ def test_outage_outlasting_the_budget_aborts_resumably(tmp_path, sim, run_cli, d
 
 # ---- 6. signals ---------------------------------------------------------------------------------------
 def test_sigterm_stops_within_grace_and_the_rerun_completes(tmp_path, sim, run_cli):
-    n = 400
+    n = 250
     pairs, src = setup_input(tmp_path, n)
     s = sim(cards=fresh_cards(pairs), latency=0.01)
     run_dir = tmp_path / "run"
@@ -397,7 +397,7 @@ def test_sigterm_stops_within_grace_and_the_rerun_completes(tmp_path, sim, run_c
 
 
 def test_second_sigint_exits_at_once_and_the_rerun_completes(tmp_path, sim, run_cli):
-    n = 400
+    n = 250
     pairs, src = setup_input(tmp_path, n)
     s = sim(cards=fresh_cards(pairs), latency=0.01)
     run_dir = tmp_path / "run"
@@ -459,7 +459,7 @@ def test_concurrency_cap_bounds_requests_in_flight(tmp_path, sim, run_cli):
 
 # ---- 8. throttling ---------------------------------------------------------------------------------------
 def test_rate_set_too_high_is_absorbed_by_throttling_back_off(tmp_path, sim, run_cli):
-    n = 100
+    n = 60
     pairs, src = setup_input(tmp_path, n)
     s = sim(cards=fresh_cards(pairs), rate_per_second=20)
     run_dir = tmp_path / "run"

@@ -1,0 +1,92 @@
+"""The pacer against spies: the rate bound holds for any window, 429s slow everyone, the breaker opens."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from capbatch.config import Rate
+from capbatch.pacing import Breaker, Pacer, backoff_delay
+
+
+async def _send_times(pacer: Pacer, n: int, workers: int = 16) -> list[float]:
+    times: list[float] = []
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for i in range(n):
+        queue.put_nowait(i)
+
+    async def worker() -> None:
+        while not queue.empty():
+            queue.get_nowait()
+            await pacer.acquire()
+            times.append(time.monotonic())
+
+    await asyncio.gather(*(worker() for _ in range(workers)))
+    return sorted(times)
+
+
+def _max_in_window(times: list[float], window: float) -> int:
+    best, j = 0, 0
+    for i, t in enumerate(times):
+        while times[j] <= t - window:
+            j += 1
+        best = max(best, i - j + 1)
+    return best
+
+
+async def test_no_window_of_the_period_ever_holds_more_than_the_quota():
+    rate = Rate(50, 1.0)                       # 50 per any 1 s window
+    times = await _send_times(Pacer(rate), 150)
+    assert _max_in_window(times, 1.0) <= 50
+    achieved = (len(times) - 1) / (times[-1] - times[0])
+    assert achieved >= 0.95 * 50               # sits at the limit, not below it
+
+
+async def test_a_large_quota_is_not_sent_as_one_burst():
+    rate = Rate(3000, 60.0)                    # a plain AsyncLimiter(3000, 60) would send 3000 at once
+    times = await _send_times(Pacer(rate), 200)
+    assert _max_in_window(times, 1.0) <= 3000 / 60 + 15   # at most the 0.5 % bucket above the steady rate
+
+
+async def test_systematic_429s_pause_everyone_and_lower_the_rate_then_recover():
+    pacer = Pacer(Rate(100, 1.0))
+    for _ in range(20):
+        pacer.answered(True, 0.2)
+    assert pacer.factor < 1.0 and pacer.throttle_events == 1
+    start = time.monotonic()
+    await pacer.acquire()                      # waits out the Retry-After
+    assert time.monotonic() - start >= 0.15
+    lowered = pacer.factor
+    for _ in range(60):
+        pacer.answered(False)
+    pacer._last_increase -= 10
+    await pacer.acquire()
+    assert pacer.factor > lowered
+
+
+async def test_a_stray_429_does_not_lower_the_rate():
+    pacer = Pacer(Rate(100, 1.0))
+    for i in range(100):
+        pacer.answered(i % 25 == 0)            # 4 % spurious 429s
+    assert pacer.factor == 1.0 and pacer.throttle_events == 0
+
+
+async def test_breaker_opens_on_mostly_transient_failures_and_probes():
+    breaker = Breaker(budget=5.0, window=10, threshold=0.8)
+    for _ in range(10):
+        breaker.record(True, probe=False)
+    assert breaker.is_open
+    probe = await asyncio.wait_for(breaker.admit(), 3)
+    assert probe is True
+    waiter = asyncio.create_task(breaker.admit())   # others wait while the probe is out
+    await asyncio.sleep(0.05)
+    assert not waiter.done()
+    breaker.record(False, probe=True)              # the probe succeeded: closed
+    assert await asyncio.wait_for(waiter, 2) is False
+    assert not breaker.is_open and breaker.outages == 1
+
+
+def test_backoff_is_full_jitter_and_capped():
+    delays = [backoff_delay(10) for _ in range(200)]
+    assert all(0 <= d <= 30 for d in delays) and max(delays) > 10
+    assert all(0 <= backoff_delay(1) <= 0.5 for _ in range(50))
