@@ -62,6 +62,12 @@ def _guard(fn: Callable[..., int]) -> Callable[..., None]:
         except KeyboardInterrupt:
             click.echo("capbatch: interrupted; rerun the same command to resume", err=True)
             sys.exit(report.EXIT_INTERRUPTED)
+        except Exception as exc:  # a bug: say so plainly, keep the details for -v
+            log.debug("internal error", exc_info=True)
+            click.echo(f"capbatch: internal error ({exc.__class__.__name__}: {exc}). The ledger is consistent: "
+                       "rerun the same command to resume; rerun with -v for details and please report it",
+                       err=True)
+            sys.exit(report.EXIT_ABORTED)
         sys.exit(code)
 
     wrapper.__name__ = fn.__name__
