@@ -1,8 +1,10 @@
 """The async pool: a feeder pages rows out of the ledger, workers settle them through the API, a writer
 records outcomes in batches. Retries, back-off, the breaker, aborts and graceful shutdown live here.
 
-Journal first: a chunk of rows is marked ``in_flight`` (one commit) before any of them is sent, so a
-process killed at any instant leaves at most a few chunks whose outcome is unknown. On the next run
+Journal first: a chunk of rows is marked ``in_flight`` before any of them is sent, in the same commit
+that records the outcomes finished since the previous chunk. A process killed at any instant leaves
+about three chunks (``3 × concurrency`` rows) whose outcome is unknown: one queued, one being sent,
+one finished but not yet recorded. On the next run
 those rows are settled first — by reading the card (default) or by resending the idempotent PUT.
 """
 
@@ -93,12 +95,13 @@ class Writer:
         if throttled:
             bucket[3] += 1
 
-    def flush(self) -> None:
-        if not self.buffer and not self.timeline:
+    def flush(self, journal: list[int] | None = None) -> None:
+        """Write buffered outcomes; with ``journal``, mark those rows in flight in the same commit."""
+        if not self.buffer and not self.timeline and not journal:
             return
         batch, self.buffer = self.buffer, []
         timeline, self.timeline = dict(self.timeline), defaultdict(lambda: [0, 0, 0, 0])
-        self.ledger.record(batch, timeline)
+        self.ledger.record(batch, timeline, journal or ())
 
 
 class Engine:
@@ -239,7 +242,9 @@ class Engine:
                     if self.stopping.is_set():
                         return
                     part = page[i:i + chunk]
-                    self.ledger.mark_in_flight([r.id for r in part])
+                    # One commit settles what finished since the last chunk and journals this one,
+                    # so a kill leaves about three chunks in flight, not a flush interval's worth.
+                    self.writer.flush(journal=[r.id for r in part])
                     self._journalled.update(r.id for r in part)
                     for row in part:
                         await self.queue.put(row)

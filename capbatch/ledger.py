@@ -360,8 +360,10 @@ class Ledger:
         """Record a generated external ID before it is sent, so a rerun never generates a second one."""
         self._many("UPDATE rows SET external_id=?, generated=1 WHERE id=?", [(external_id, row_id)])
 
-    def record(self, results: Sequence[RowResult], timeline: dict[int, list[int]] | None = None) -> None:
-        """Write a batch of outcomes (and the timeline counters) in one transaction."""
+    def record(self, results: Sequence[RowResult], timeline: dict[int, list[int]] | None = None,
+               journal: Sequence[int] = ()) -> None:
+        """Write a batch of outcomes, the timeline counters and (optionally) the journal entry for the
+        next chunk — all in one transaction."""
         sql = ("UPDATE rows SET state=?, attempts=attempts+?, http_status=?, error_code=?, error_message=?, "
                "card_id=coalesce(?, card_id), customer_id=coalesce(?, customer_id), "
                "previous_external_id=coalesce(?, previous_external_id), latency_ms=coalesce(?, latency_ms), "
@@ -378,6 +380,8 @@ class Ledger:
                     "ON CONFLICT(second) DO UPDATE SET ok=ok+excluded.ok, failed=failed+excluded.failed, "
                     "retried=retried+excluded.retried, throttled=throttled+excluded.throttled",
                     [(sec, *vals) for sec, vals in timeline.items()])
+            if journal:
+                self.conn.executemany("UPDATE rows SET state='in_flight' WHERE id=?", ((i,) for i in journal))
             self.conn.execute("COMMIT")
         except sqlite3.Error as exc:
             if self.conn.in_transaction:

@@ -163,6 +163,8 @@ def test_sigkill_at_random_points_loses_and_doubles_nothing(tmp_path, sim, run_c
         c = counts(run_dir)
         assert c is not None and sum(c.values()) == n, c
         assert set(c) <= {"pending", "in_flight", "succeeded"}, c
+        # the journal leaves about three chunks unknown: queued, being sent, finished but unrecorded
+        assert c.get("in_flight", 0) <= 3 * concurrency, c
         print(f"kill {kills}: after {at_least}+ rows dispatched; ledger {c} "
               f"(in flight at start of this run: {in_flight_before})")
 
@@ -204,8 +206,11 @@ def test_rows_in_flight_at_a_kill_are_settled_by_the_resume_check(tmp_path, sim,
     killed = kill_after_dispatch(proc, run_dir, n, at_least=200)
     out = finish(proc, timeout=30)
     assert killed, f"the run finished before it could be killed:\n{out}"
+    # requests the dead process had sent may still be inside the simulator (its latency): let them land
+    assert wait_until(lambda: s.stats()["in_flight"] == 0, timeout=5)
 
     unknown = [r for r in rows(run_dir) if r["state"] == "in_flight"]
+    assert len(unknown) <= 3 * 16, len(unknown)
     held_now = s.card_ids()
     landed = {r["card"] for r in unknown if held_now[r["card"]] == intended[r["card"]]}
     not_landed = {r["card"] for r in unknown} - landed
@@ -252,6 +257,8 @@ def test_transient_faults_of_every_kind_end_with_every_row_succeeded(tmp_path, s
     elapsed = time.monotonic() - started
     assert p.returncode == 0, p.stderr
     assert_all_settled_once(run_dir, s, pairs)
+    # a hung request is counted when the simulator gives up on it (hang_seconds), maybe after the run ended
+    wait_until(lambda: s.stats()["in_flight"] == 0, timeout=3)
     st = s.stats()
     by_status = st["by_status"]
     for kind in ("500", "503", "drop", "hang", "429"):
@@ -329,21 +336,22 @@ def test_short_outage_is_ridden_out_without_failures(tmp_path, sim):
     st = s.stats()
     spent = st["by_status"].get("503", 0)
     inv = summary_json(run_dir)["this_invocation"]
-    assert inv["outages"] >= 1, inv
     print(f"\noutage of 3 s: {spent} requests answered 503 during it; breaker: {inv['outages']} outage(s), "
           f"{inv['outage_seconds']} s open; {st['requests']} requests for {n} rows")
 
 
+# "503": the rows sent during the outage are released to pending. "drop": their PUTs are ambiguous,
+# so they stay in_flight and the rerun settles them by reading the cards.
 @pytest.mark.parametrize("down", ["503", "drop"])
 def test_outage_outlasting_the_budget_aborts_resumably(tmp_path, sim, run_cli, down):
-    n = 100
+    n = 80
     pairs, src = setup_input(tmp_path, n)
     s = sim(cards=fresh_cards(pairs))
     run_dir = tmp_path / "run"
     args = run_args(src, s.url, run_dir, "--rate", "100/s", "--outage-budget", "4")
     proc = popen_cli(*args, cwd=tmp_path)
     try:
-        assert wait_until(lambda: (counts(run_dir) or {}).get("succeeded", 0) >= 20, proc, timeout=20)
+        assert wait_until(lambda: (counts(run_dir) or {}).get("succeeded", 0) >= 15, proc, timeout=20)
         s.update(down=down)
         flipped = time.monotonic()
     finally:
@@ -367,14 +375,14 @@ def test_outage_outlasting_the_budget_aborts_resumably(tmp_path, sim, run_cli, d
 
 # ---- 6. signals ---------------------------------------------------------------------------------------
 def test_sigterm_stops_within_grace_and_the_rerun_completes(tmp_path, sim, run_cli):
-    n = 250
+    n = 200
     pairs, src = setup_input(tmp_path, n)
     s = sim(cards=fresh_cards(pairs), latency=0.01)
     run_dir = tmp_path / "run"
     args = run_args(src, s.url, run_dir, "--rate", "100/s")
     proc = popen_cli(*args, cwd=tmp_path)
     try:
-        assert wait_until(lambda: (counts(run_dir) or {}).get("succeeded", 0) >= 60, proc, timeout=20)
+        assert wait_until(lambda: (counts(run_dir) or {}).get("succeeded", 0) >= 50, proc, timeout=20)
         sent = time.monotonic()
         proc.send_signal(signal.SIGTERM)
     finally:
@@ -397,14 +405,14 @@ def test_sigterm_stops_within_grace_and_the_rerun_completes(tmp_path, sim, run_c
 
 
 def test_second_sigint_exits_at_once_and_the_rerun_completes(tmp_path, sim, run_cli):
-    n = 250
+    n = 200
     pairs, src = setup_input(tmp_path, n)
     s = sim(cards=fresh_cards(pairs), latency=0.01)
     run_dir = tmp_path / "run"
     args = run_args(src, s.url, run_dir, "--rate", "100/s")
     proc = popen_cli(*args, cwd=tmp_path)
     try:
-        assert wait_until(lambda: (counts(run_dir) or {}).get("succeeded", 0) >= 60, proc, timeout=20)
+        assert wait_until(lambda: (counts(run_dir) or {}).get("succeeded", 0) >= 50, proc, timeout=20)
         sent = time.monotonic()
         proc.send_signal(signal.SIGINT)
         time.sleep(0.05)
