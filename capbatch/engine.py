@@ -155,6 +155,8 @@ class Engine:
             stop_wait = asyncio.create_task(self.stopping.wait())
             await asyncio.wait([all_workers, stop_wait], return_when=asyncio.FIRST_COMPLETED)
             stop_wait.cancel()
+            if all_workers.done() and not all_workers.cancelled() and all_workers.exception():
+                raise all_workers.exception()  # type: ignore[misc]  # e.g. the ledger's disk filled up
             if not all_workers.done():
                 # Stopping: queued rows go back; in-flight requests get the grace period, then they
                 # are cut off (their rows stay in_flight and are settled by the next run).

@@ -351,7 +351,7 @@ def _timeline(ledger: Ledger) -> str:
     _y_axis(parts, top2, step2, y2, L, W - R, "errors / s")
     gap = 0.15 * bw if bw > 4 else 0.0
     bar = min(bw - gap, 60.0)            # a short run has few bins: keep bars slim, centred in their bin
-    for i, (ok, failed, retried, throttled) in enumerate(rates):
+    for i, (ok, failed, _retried, _throttled) in enumerate(rates):
         x = L + i * bw + (bw - bar) / 2
         start = first + i * width
         tip = (f"{utc(start, '%H:%M:%S')}{'' if width == 1 else '–' + utc(start + width - 1, '%H:%M:%S')} UTC: "
