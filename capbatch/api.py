@@ -144,10 +144,11 @@ class CapillaryClient:
     async def __aenter__(self) -> "CapillaryClient":
         ssl_arg: Any = None if self._verify_tls else False
         connector = aiohttp.TCPConnector(limit=self._max_connections, ssl=ssl_arg, ttl_dns_cache=300)
+        headers = {"User-Agent": USER_AGENT, "Accept": "application/json", "Content-Type": "application/json"}
+        if self._basic is not None:
+            headers["Authorization"] = self._basic   # set once: aiohttp merges per-call headers each time
         self._session = aiohttp.ClientSession(
-            connector=connector, timeout=self._timeout,
-            headers={"User-Agent": USER_AGENT, "Accept": "application/json"},
-            json_serialize=json.dumps,
+            connector=connector, timeout=self._timeout, headers=headers, json_serialize=json.dumps,
         )
         return self
 
@@ -168,12 +169,12 @@ class CapillaryClient:
         return await self._call("GET", self._gen_url, None, None)
 
     # ---- plumbing -----------------------------------------------------------------------------
-    async def _headers(self) -> tuple[dict[str, str], int]:
+    async def _headers(self) -> tuple[dict[str, str] | None, int]:
         if self._basic is not None:
-            return {"Authorization": self._basic, "Content-Type": "application/json"}, 0
+            return None, 0
         assert self._tokens is not None and self._session is not None
         token, generation = await self._tokens.token(self._session)
-        return {OAUTH_HEADER: token, "Content-Type": "application/json"}, generation
+        return {OAUTH_HEADER: token}, generation
 
     async def _call(self, method: str, url: str, params: dict[str, str] | None, body: bytes | None) -> Outcome:
         outcome = await self._once(method, url, params, body)

@@ -9,6 +9,7 @@ back to ``capbatch run`` sends the original values.
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import math
 import os
@@ -34,12 +35,20 @@ MARKER_COLUMN = REPORT_MARKER_COLUMN   # in every CSV report; tells the reader t
 EXIT_OK, EXIT_ROWS_FAILED, EXIT_USAGE, EXIT_ABORTED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 
+_RISKY_FIRST = frozenset("=+-@\t\r'")
+
+
 def neutralise(value: Any) -> str:
     """OWASP CSV-injection defence: a leading ' makes the spreadsheet show the cell as text."""
-    text = "" if value is None else str(value)
-    if text and (text.startswith(FORMULA_TRIGGERS) or text.startswith(_QUOTED_TRIGGERS)):
+    text = "" if value is None else value if type(value) is str else str(value)
+    if text[:1] in _RISKY_FIRST and (text.startswith(FORMULA_TRIGGERS) or text.startswith(_QUOTED_TRIGGERS)):
         return "'" + text
     return text
+
+
+@functools.lru_cache(maxsize=4096)
+def _iso_second(second: int) -> str:
+    return datetime.fromtimestamp(second, tz=timezone.utc).isoformat(timespec="seconds")
 
 
 def exit_code_for(counts: dict[str, int], stop: str) -> int:
@@ -55,9 +64,7 @@ def exit_code_for(counts: dict[str, int], stop: str) -> int:
 
 
 def iso(ts: float | None) -> str:
-    if not ts:
-        return ""
-    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="seconds")
+    return _iso_second(int(ts)) if ts else ""
 
 
 def _atomic_write(path: Path, write: Any) -> None:
@@ -76,23 +83,33 @@ def _reason(row: Any) -> tuple[str, str]:
 
 def write_results(ledger: Ledger, run_dir: Path) -> None:
     columns = ledger.get_meta_json("columns", [])
+    width = len(columns)
     header = ([MARKER_COLUMN, "capbatch_sheet"] + list(columns) +
               ["capbatch_state", "capbatch_attempts", "capbatch_http_status", "capbatch_error_code",
                "capbatch_message", "capbatch_sent_external_id", "capbatch_previous_external_id",
                "capbatch_generated", "capbatch_card_id", "capbatch_customer_id", "capbatch_settled_at"])
+    sql = ("SELECT row_number, sheet, original, state, attempts, http_status, error_code, error_message, "
+           "reason_code, reason, note, external_id, previous_external_id, generated, card_id, customer_id, "
+           "settled_at FROM rows ORDER BY id")
+    loads, n = json.loads, neutralise
 
     def write(fh: Any) -> None:
         w = csv.writer(fh)
-        w.writerow([neutralise(h) for h in header])
-        for row in ledger.iter_rows():
-            code, message = _reason(row)
-            original = json.loads(row["original"])
-            w.writerow([row["row_number"], neutralise(row["sheet"] or "")]
-                       + [neutralise(v) for v in _fit(original, len(columns))]
-                       + [row["state"], row["attempts"], row["http_status"] or "", neutralise(code),
-                          neutralise(message), neutralise(row["external_id"] if row["state"] != "rejected" else ""),
-                          neutralise(row["previous_external_id"] or ""), "yes" if row["generated"] else "",
-                          row["card_id"] or "", row["customer_id"] or "", iso(row["settled_at"])])
+        w.writerow([n(h) for h in header])
+        for (row_number, sheet, original, state, attempts, http_status, error_code, error_message,
+             reason_code, reason, note, external_id, previous, generated, card_id, customer_id,
+             settled_at) in ledger.conn.execute(sql):
+            if error_code or error_message:
+                code, message = error_code or "", error_message or ""
+            else:
+                code, message = reason_code or "", reason or note or ""
+            values = loads(original)
+            if len(values) != width:
+                values = _fit(values, width)
+            w.writerow([row_number, n(sheet)] + [n(v) for v in values]
+                       + [state, attempts, http_status or "", n(code), n(message),
+                          n(external_id) if state != "rejected" else "", n(previous),
+                          "yes" if generated else "", card_id or "", customer_id or "", iso(settled_at)])
 
     _atomic_write(run_dir / RESULTS_CSV, write)
 

@@ -123,7 +123,7 @@ def prepare(s: Settings, run_dir: Path | None = None) -> Prepared:
 
 
 def _ledger_rows(table: InputTable, rules: RuleSettings) -> Iterator[tuple[Any, ...]]:
-    dumps = json.dumps
+    dumps = json.JSONEncoder(ensure_ascii=False).encode   # one encoder, not one per row
     for row in table.rows():
         v: Verdict = check_row(row, rules)
         state = "rejected" if v.reason_code else "pending"
@@ -132,7 +132,7 @@ def _ledger_rows(table: InputTable, rules: RuleSettings) -> Iterator[tuple[Any, 
             column = table.card_column
         elif v.column == "external_id":
             column = table.external_id_column
-        yield (row.sheet, row.row_number, dumps(row.values, ensure_ascii=False), v.card, v.external_id,
+        yield (row.sheet, row.row_number, dumps(row.values), v.card, v.external_id,
                state, v.reason_code, v.reason, column)
 
 
