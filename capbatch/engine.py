@@ -15,7 +15,8 @@ import logging
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Awaitable, Callable, TypeVar
 
 from .api import CARD_NOT_FOUND, EXTERNAL_ID_EXISTS, CapillaryClient, Kind, Outcome
 from .config import Settings
@@ -27,6 +28,9 @@ log = logging.getLogger("capbatch.engine")
 FLUSH_EVERY = 0.25     # seconds between ledger flushes
 FLUSH_SIZE = 1000      # or as soon as this many outcomes wait
 PAGE_SIZE = 2000       # rows read from the ledger per page
+
+
+_T = TypeVar("_T")
 
 
 class AbortRow(Exception):
@@ -72,12 +76,18 @@ class _RowContext:
 
 
 class Writer:
-    """Buffers outcomes and writes them to the ledger in batches (one transaction each)."""
+    """Buffers outcomes and writes them to the ledger in batches, on the ledger's own thread.
+
+    SQLite commits would otherwise stall the event loop, and with it every request in flight. One
+    thread owns all ledger writes during a run, so they land in the order they were made.
+    """
 
     def __init__(self, ledger: Ledger) -> None:
         self.ledger = ledger
         self.buffer: list[RowResult] = []
         self.timeline: dict[int, list[int]] = defaultdict(lambda: [0, 0, 0, 0])
+        self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="capbatch-ledger")
+        self.full = asyncio.Event()
 
     def add(self, result: RowResult) -> None:
         self.buffer.append(result)
@@ -87,7 +97,7 @@ class Writer:
         elif result.state is State.FAILED:
             bucket[1] += 1
         if len(self.buffer) >= FLUSH_SIZE:
-            self.flush()
+            self.full.set()
 
     def note_retry(self, throttled: bool) -> None:
         bucket = self.timeline[int(time.time())]
@@ -95,13 +105,30 @@ class Writer:
         if throttled:
             bucket[3] += 1
 
-    def flush(self, journal: list[int] | None = None) -> None:
+    def _take(self) -> tuple[list[RowResult], dict[int, list[int]]]:
+        batch, self.buffer = self.buffer, []
+        timeline, self.timeline = dict(self.timeline), defaultdict(lambda: [0, 0, 0, 0])
+        self.full.clear()
+        return batch, timeline
+
+    async def flush(self, journal: list[int] | None = None) -> None:
         """Write buffered outcomes; with ``journal``, mark those rows in flight in the same commit."""
         if not self.buffer and not self.timeline and not journal:
             return
-        batch, self.buffer = self.buffer, []
-        timeline, self.timeline = dict(self.timeline), defaultdict(lambda: [0, 0, 0, 0])
-        self.ledger.record(batch, timeline, journal or ())
+        batch, timeline = self._take()
+        await self.call(self.ledger.record, batch, timeline, journal or ())
+
+    def flush_now(self) -> None:
+        """Synchronous last-chance flush (second Ctrl-C). SQLite serialises it with the ledger thread."""
+        batch, timeline = self._take()
+        self.ledger.record(batch, timeline)
+
+    async def call(self, fn: Callable[..., _T], *args: Any) -> _T:
+        """Run a ledger call on the ledger thread."""
+        return await asyncio.get_running_loop().run_in_executor(self.thread, fn, *args)
+
+    def close(self) -> None:
+        self.thread.shutdown(wait=True)
 
 
 class Engine:
@@ -142,9 +169,11 @@ class Engine:
         unknown = self.ledger.unknown_rows()
         first = unknown[0] if unknown else next(iter(self.ledger.pending_page(0, 1)), None)
         if first is None:
+            self.writer.close()
             return self._result()
         await self._preflight(first)
         if self.abort_message:
+            self.writer.close()
             return self._result()
 
         feeder = asyncio.create_task(self._feed(unknown), name="feeder")
@@ -186,14 +215,17 @@ class Engine:
         return self._result()
 
     async def _finish(self) -> None:
-        self.writer.flush()
-        # Journalled rows no request went out for return to pending; ambiguous ones stay in_flight.
-        never_sent = sorted(self._journalled - self._started)
-        self.ledger.release(never_sent)
-        started_unknown = sorted((self._started & self._journalled) - self._ambiguous)
-        if self.abort_message and started_unknown:
-            # Aborted before their outcome: the API refused them (401/403/outage), so not applied.
-            self.ledger.release(started_unknown)
+        try:
+            await self.writer.flush()
+            # Journalled rows no request went out for return to pending; ambiguous ones stay in_flight.
+            never_sent = sorted(self._journalled - self._started)
+            await self.writer.call(self.ledger.release, never_sent)
+            started_unknown = sorted((self._started & self._journalled) - self._ambiguous)
+            if self.abort_message and started_unknown:
+                # Aborted before their outcome: the API refused them (401/403/outage), so not applied.
+                await self.writer.call(self.ledger.release, started_unknown)
+        finally:
+            self.writer.close()
 
     def _result(self) -> EngineResult:
         if self.abort_message:
@@ -218,8 +250,11 @@ class Engine:
 
     async def _flush_periodically(self) -> None:
         while True:
-            await asyncio.sleep(FLUSH_EVERY)
-            self.writer.flush()
+            try:
+                await asyncio.wait_for(self.writer.full.wait(), FLUSH_EVERY)
+            except asyncio.TimeoutError:
+                pass
+            await self.writer.flush()
 
     # ---- feeder --------------------------------------------------------------------------------
     async def _feed(self, unknown: list[WorkRow]) -> None:
@@ -236,7 +271,7 @@ class Engine:
                     await self.queue.put(row)
             after = 0
             while not self.stopping.is_set():
-                page = self.ledger.pending_page(after, PAGE_SIZE)
+                page = await self.writer.call(self.ledger.pending_page, after, PAGE_SIZE)
                 if not page:
                     break
                 after = page[-1].id
@@ -246,7 +281,7 @@ class Engine:
                     part = page[i:i + chunk]
                     # One commit settles what finished since the last chunk and journals this one,
                     # so a kill leaves about three chunks in flight, not a flush interval's worth.
-                    self.writer.flush(journal=[r.id for r in part])
+                    await self.writer.flush(journal=[r.id for r in part])
                     self._journalled.update(r.id for r in part)
                     for row in part:
                         await self.queue.put(row)
@@ -306,7 +341,7 @@ class Engine:
             if not gen.ok or not gen.external_id:
                 return self._result_row(row, ctx, State.FAILED, gen)
             external_id = gen.external_id
-            self.ledger.store_generated(row.id, external_id)
+            await self.writer.call(self.ledger.store_generated, row.id, external_id)
             generated_note = "external ID generated by GET /v2/cardNumber"
 
         put = await self._call(ctx, self.pacer, self.client.put_card, row.card, external_id, is_put=True)

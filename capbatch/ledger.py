@@ -159,7 +159,8 @@ class Ledger:
         lock_fd = _take_lock(run_dir)
         path = run_dir / LEDGER_FILE
         try:
-            conn = sqlite3.connect(path, isolation_level=None, timeout=10)
+            # check_same_thread off: during a run one ledger thread does the writes (engine.Writer)
+            conn = sqlite3.connect(path, isolation_level=None, timeout=10, check_same_thread=False)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA temp_store=FILE")   # big GROUP BYs at import spill to disk, not RAM

@@ -295,7 +295,7 @@ async def _run_engine(s: Settings, ledger: Ledger, base_url: str) -> EngineResul
             else:
                 log.warning("second %s: exiting now; the ledger is consistent, rerun to resume", signame)
                 try:
-                    engine.writer.flush()
+                    engine.writer.flush_now()
                 finally:
                     os._exit(report.EXIT_INTERRUPTED)
 

@@ -298,8 +298,8 @@ class Simulator:
         }
 
     # ------------------------------------------------------------------ lifecycle
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
-        """Listen on host:port (0 = any free port); return the base URL."""
+    async def start(self, host: str = "127.0.0.1", port: int = 0, ssl_context: Any = None) -> str:
+        """Listen on host:port (0 = any free port), over TLS when given an ssl_context; return the base URL."""
         if self._runner is not None:
             raise RuntimeError("simulator already started")
         self._closing = asyncio.Event()
@@ -307,7 +307,7 @@ class Simulator:
             self.app, access_log=None, handle_signals=False, shutdown_timeout=1.0
         )
         await runner.setup()
-        site = web.TCPSite(runner, host, port, reuse_address=True)
+        site = web.TCPSite(runner, host, port, reuse_address=True, ssl_context=ssl_context)
         try:
             await site.start()
         except BaseException:
@@ -318,7 +318,7 @@ class Simulator:
         assert server is not None and server.sockets  # type: ignore[union-attr]
         real_port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         url_host = f"[{host}]" if ":" in host else host
-        self.url = f"http://{url_host}:{real_port}"
+        self.url = f"{'https' if ssl_context else 'http'}://{url_host}:{real_port}"
         return self.url
 
     async def stop(self) -> None:
@@ -643,10 +643,12 @@ class SimulatorThread:
 
     ``with SimulatorThread(SimConfig(cards=...)) as sim: run_client(sim.url)``."""
 
-    def __init__(self, config: SimConfig, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, config: SimConfig, host: str = "127.0.0.1", port: int = 0,
+                 ssl_context: Any = None) -> None:
         self.config = config
         self.host = host
         self.port = port
+        self.ssl_context = ssl_context
         self.url: str = ""
         self.sim = Simulator(config)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -662,7 +664,7 @@ class SimulatorThread:
         def run() -> None:
             asyncio.set_event_loop(loop)
             try:
-                self.url = loop.run_until_complete(self.sim.start(self.host, self.port))
+                self.url = loop.run_until_complete(self.sim.start(self.host, self.port, self.ssl_context))
             except BaseException as exc:  # noqa: BLE001 - handed to the starting thread
                 failure.append(exc)
                 ready.set()
