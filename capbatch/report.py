@@ -91,7 +91,7 @@ def write_results(ledger: Ledger, run_dir: Path) -> None:
     sql = ("SELECT row_number, sheet, original, state, attempts, http_status, error_code, error_message, "
            "reason_code, reason, note, external_id, previous_external_id, generated, card_id, customer_id, "
            "settled_at FROM rows ORDER BY id")
-    loads, n = json.loads, neutralise
+    loads, n, risky = json.loads, neutralise, _RISKY_FIRST
 
     def write(fh: Any) -> None:
         w = csv.writer(fh)
@@ -106,7 +106,7 @@ def write_results(ledger: Ledger, run_dir: Path) -> None:
             values = loads(original)
             if len(values) != width:
                 values = _fit(values, width)
-            w.writerow([row_number, n(sheet)] + [n(v) for v in values]
+            w.writerow([row_number, n(sheet)] + [n(v) if v[:1] in risky else v for v in values]
                        + [state, attempts, http_status or "", n(code), n(message),
                           n(external_id) if state != "rejected" else "", n(previous),
                           "yes" if generated else "", card_id or "", customer_id or "", iso(settled_at)])
