@@ -84,11 +84,11 @@ class TokenSource:
                 return
             body = json.dumps({"key": self._key, "secret": self._secret})
             try:
-                async with session.post(self._url, data=body,
+                async with session.post(self._url, data=body, allow_redirects=False,
                                         headers={"Content-Type": "application/json"}) as resp:
                     raw = await resp.read()
                     status = resp.status
-            except aiohttp.ClientError as exc:
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
                 raise TokenError(f"could not reach the OAuth endpoint: {exc.__class__.__name__}", transient=True) from exc
             data = _loads(raw) or {}
             token = ((data.get("data") or {}) if isinstance(data, dict) else {}).get("accessToken")
@@ -98,7 +98,10 @@ class TokenSource:
                 errors = data.get("errors") if isinstance(data, dict) else None
                 detail = _first_error(errors)[1] or f"HTTP {status}"
                 raise TokenError(f"OAuth token request refused: {detail}", transient=False)
-            ttl = float((data.get("data") or {}).get("ttlSeconds") or 300)
+            try:
+                ttl = float((data.get("data") or {}).get("ttlSeconds") or 300)
+            except (TypeError, ValueError):
+                ttl = 300.0
             self._token = token
             self._refresh_at = time.monotonic() + ttl * (1 - self.REFRESH_MARGIN)
             self.generation += 1
@@ -177,32 +180,41 @@ class CapillaryClient:
         return {OAUTH_HEADER: token}, generation
 
     async def _call(self, method: str, url: str, params: dict[str, str] | None, body: bytes | None) -> Outcome:
-        outcome = await self._once(method, url, params, body)
+        outcome, generation = await self._once(method, url, params, body)
         if outcome.auth_problem and self._tokens is not None:
-            # One shared refresh, then one more try; a 401 that survives a fresh token is fatal.
-            generation = self._tokens.generation
+            # One shared refresh (skipped if another worker already replaced the token this request
+            # used), then one more try; a 401 that survives a fresh token is fatal.
             try:
                 assert self._session is not None
                 await self._tokens.refresh(self._session, generation)
             except TokenError as exc:
                 return _token_outcome(exc)
-            outcome = await self._once(method, url, params, body)
+            outcome, _ = await self._once(method, url, params, body)
         if outcome.auth_problem:
             return Outcome(Kind.FATAL, outcome.http_status, outcome.error_code,
                            "the API refused the credentials (HTTP 401): check CAPILLARY_* credentials "
                            "and that the till/key may use the v2 card API", latency_ms=outcome.latency_ms)
         return outcome
 
-    async def _once(self, method: str, url: str, params: dict[str, str] | None, body: bytes | None) -> Outcome:
+    async def _once(self, method: str, url: str, params: dict[str, str] | None,
+                    body: bytes | None) -> tuple[Outcome, int]:
+        """One request; also returns the token generation it was sent with."""
         assert self._session is not None, "use CapillaryClient as an async context manager"
         try:
-            headers, _ = await self._headers()
+            headers, generation = await self._headers()
         except TokenError as exc:
-            return _token_outcome(exc)
+            return _token_outcome(exc), 0
+        return await self._send(method, url, params, body, headers), generation
+
+    async def _send(self, method: str, url: str, params: dict[str, str] | None, body: bytes | None,
+                    headers: dict[str, str] | None) -> Outcome:
+        assert self._session is not None
         started = time.perf_counter()
         self.requests_sent += 1
         try:
-            async with self._session.request(method, url, params=params, data=body, headers=headers) as resp:
+            # No redirects: a redirected request would carry the OAuth token header to another host.
+            async with self._session.request(method, url, params=params, data=body, headers=headers,
+                                             allow_redirects=False) as resp:
                 raw = await resp.read()
                 status = resp.status
                 retry_after = _retry_after(resp.headers.get("Retry-After"))
@@ -227,6 +239,11 @@ def classify(status: int, raw: bytes, retry_after: float | None, latency_ms: flo
     data = _loads(raw)
     errors = data.get("errors") if isinstance(data, dict) else None
     code, message = _first_error(errors)
+    if 300 <= status < 400:
+        return Outcome(Kind.FATAL, status, str(status),
+                       f"the API answered a redirect (HTTP {status}): point --base-url at the final host "
+                       "(redirects are not followed, so credentials never travel to another host)",
+                       latency_ms=latency_ms)
     if status in (401, TOKEN_EXPIRED_CODE) or code == TOKEN_EXPIRED_CODE:
         return Outcome(Kind.FATAL, status, _s(code or status), message or "unauthorized",
                        latency_ms=latency_ms, auth_problem=True)

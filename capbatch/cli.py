@@ -176,7 +176,7 @@ def validate_cmd(input_path: Path, output: Path | None, json_out: bool, **flags:
 @click.argument("target", metavar="RUN_DIR|INPUT", type=click.Path(path_type=Path, exists=True))
 @click.option("--cluster", type=click.Choice(sorted(config.CLUSTERS), case_sensitive=False))
 @click.option("--base-url")
-@click.option("--rate", help=f"Read rate cap (default {config.DEFAULT_RATE}).")
+@click.option("--rate", "read_rate", help=f"Read rate cap (default: the run's rate, {config.DEFAULT_RATE}).")
 @click.option("--concurrency", type=int)
 @click.option("--allow-http", is_flag=True, default=None)
 @click.option("--no-verify-tls", "no_verify_tls", is_flag=True, default=False)
@@ -197,13 +197,15 @@ def verify_cmd(target: Path, no_verify_tls: bool, json_out: bool, **flags: Any) 
 
 @main.command("history")
 @click.option("--job", required=True, help="Job name given to `capbatch run --job`.")
-@click.option("--reports-dir", type=click.Path(path_type=Path), default=Path("reports"), show_default=True)
+@click.option("--reports-dir", type=click.Path(path_type=Path), help="Where the run directories are (default ./reports, or the configured one).")
+@click.option("--config", "config_file", type=click.Path(path_type=Path))
 @click.option("--json", "json_out", is_flag=True, default=False)
 @_guard
-def history_cmd(job: str, reports_dir: Path, json_out: bool) -> int:
+def history_cmd(job: str, reports_dir: Path | None, config_file: Path | None, json_out: bool) -> int:
     """List a job's runs with their counts."""
     from . import jobs
 
+    reports_dir = config.resolve({"reports_dir": reports_dir}, os.environ, config_file).reports_dir
     runs = jobs.history(jobs.store_path(reports_dir), jobs.check_name(job))
     if json_out:
         click.echo(json.dumps(runs, indent=2))

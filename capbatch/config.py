@@ -61,7 +61,7 @@ def parse_rate(text: str | None) -> Rate | None:
     if text is None:
         return None
     raw = str(text).strip().lower().replace(" ", "")
-    if raw in ("none", "unlimited", "off", "0"):
+    if raw in ("none", "unlimited", "off"):
         return None
     m = re.fullmatch(r"(\d+(?:\.\d+)?)(?:/|per)(\d*\.?\d*)([a-z]+)", raw)
     if not m or m.group(3) not in _PERIODS:
@@ -169,9 +169,20 @@ class Settings:
             if f.name in ("credentials", "sources"):
                 continue
             value = getattr(self, f.name)
+            if f.name == "base_url" and value:
+                value = _redact_url(value)
             out[f.name] = str(value) if isinstance(value, (Path, Rate)) else value
         out["auth"] = self.credentials.kind
         return out
+
+
+def _redact_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.username or parts.password or parts.query:
+        host = parts.hostname or ""
+        port = f":{parts.port}" if parts.port else ""
+        return f"{parts.scheme}://***@{host}{port}{parts.path}" + ("?***" if parts.query else "")
+    return url
 
 
 # Settings a TOML file or CAPBATCH_* variable may set, with their parser.
@@ -285,10 +296,28 @@ def resolve(
             values[key] = raw
             sources[key] = "flag"
 
+    _one_target(values, sources)
     values["credentials"] = Credentials.from_env(env)
     values["sources"] = sources
     settings = Settings(**values)
     return validate(settings)
+
+
+_RANK = {"flag": 3, "env": 2, "file": 1}
+
+
+def _one_target(values: dict[str, Any], sources: dict[str, str]) -> None:
+    """--cluster and --base-url name the same thing: the one from the stronger source wins
+    (a --cluster flag must beat a base_url from the TOML file); both as flags is a usage error."""
+    if not values.get("cluster") or not values.get("base_url"):
+        return
+    rank = {k: _RANK[sources[k].split()[0]] for k in ("cluster", "base_url")}
+    if rank["cluster"] == rank["base_url"]:
+        raise UsageError(f"both cluster and base_url are set ({sources['cluster']}, {sources['base_url']})",
+                         "give one of --cluster or --base-url")
+    weaker = "cluster" if rank["cluster"] < rank["base_url"] else "base_url"
+    values.pop(weaker)
+    sources.pop(weaker)
 
 
 def validate(s: Settings) -> Settings:
@@ -322,9 +351,10 @@ def target_url(s: Settings) -> str:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise UsageError(f"--base-url {url!r} is not an http(s) URL", "e.g. --base-url https://eu.api.capillarytech.com")
-    if parts.username or parts.password:
-        raise UsageError("--base-url must not carry credentials (user:password@host)",
-                         "put them in CAPILLARY_USERNAME / CAPILLARY_PASSWORD instead")
+    if parts.username or parts.password or parts.query:
+        raise UsageError("--base-url must not carry credentials or a query string (user:password@host, ?key=...)",
+                         "give the bare API root, e.g. https://eu.api.capillarytech.com; credentials go in "
+                         "CAPILLARY_USERNAME / CAPILLARY_PASSWORD")
     if parts.scheme == "http" and not is_loopback(parts.hostname) and not s.allow_http:
         raise UsageError(
             f"refusing plain http:// to {parts.hostname}: credentials would cross the network unencrypted",

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import functools
 import json
 import os
 import sqlite3
@@ -119,24 +118,6 @@ class RowResult:
     settled_at: float = 0.0
 
 
-_RECORD_CHUNK = 500   # rows per statement: 12 parameters each stays far below SQLite's 32,766 limit
-
-
-@functools.lru_cache(maxsize=64)
-def _record_sql(n: int) -> str:
-    values = ",".join(["(?,?,?,?,?,?,?,?,?,?,?,?)"] * n)
-    return (
-        "WITH v(id, state, attempts, http_status, error_code, error_message, card_id, customer_id, previous, "
-        f"latency_ms, note, settled_at) AS (VALUES {values}) "
-        "UPDATE rows SET state=v.state, attempts=rows.attempts+v.attempts, http_status=v.http_status, "
-        "error_code=v.error_code, error_message=v.error_message, card_id=coalesce(v.card_id, rows.card_id), "
-        "customer_id=coalesce(v.customer_id, rows.customer_id), "
-        "previous_external_id=coalesce(v.previous, rows.previous_external_id), "
-        "latency_ms=coalesce(v.latency_ms, rows.latency_ms), note=v.note, settled_at=v.settled_at "
-        "FROM v WHERE rows.id = v.id"
-    )
-
-
 def row_label(sheet: str | None, row_number: int) -> str:
     return f"{sheet}!{row_number}" if sheet else str(row_number)
 
@@ -178,7 +159,8 @@ class Ledger:
         lock_fd = _take_lock(run_dir)
         path = run_dir / LEDGER_FILE
         try:
-            # check_same_thread off: during a run one ledger thread does the writes (engine.Writer)
+            # check_same_thread off: from a running event loop (a notebook) the engine runs on a thread
+            # of its own; the connection is still only ever used by one thread at a time.
             conn = sqlite3.connect(path, isolation_level=None, timeout=10, check_same_thread=False)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
@@ -391,21 +373,17 @@ class Ledger:
     def record(self, results: Sequence[RowResult], timeline: dict[int, list[int]] | None = None,
                journal: Sequence[int] = ()) -> None:
         """Write a batch of outcomes, the timeline counters and (optionally) the journal entry for the
-        next chunk — all in one transaction.
-
-        Outcomes go in as one multi-row statement rather than ``executemany``: it runs on the ledger
-        thread, and one statement hands the GIL back and forth once per batch instead of once per row.
-        """
+        next chunk — all in one transaction."""
+        sql = ("UPDATE rows SET state=?, attempts=attempts+?, http_status=?, error_code=?, error_message=?, "
+               "card_id=coalesce(?, card_id), customer_id=coalesce(?, customer_id), "
+               "previous_external_id=coalesce(?, previous_external_id), latency_ms=coalesce(?, latency_ms), "
+               "note=?, settled_at=? WHERE id=?")
+        params = [(r.state.value, r.attempts, r.http_status, r.error_code, r.error_message, r.card_id,
+                   r.customer_id, r.previous_external_id, r.latency_ms, r.note, r.settled_at, r.id)
+                  for r in results]
         try:
             self.conn.execute("BEGIN IMMEDIATE")
-            for start in range(0, len(results), _RECORD_CHUNK):
-                part = results[start:start + _RECORD_CHUNK]
-                params: list[Any] = []
-                for r in part:
-                    params += (r.id, r.state.value, r.attempts, r.http_status, r.error_code, r.error_message,
-                               r.card_id, r.customer_id, r.previous_external_id, r.latency_ms, r.note,
-                               r.settled_at)
-                self.conn.execute(_record_sql(len(part)), params)
+            self.conn.executemany(sql, params)
             if timeline:
                 self.conn.executemany(
                     "INSERT INTO timeline(second, ok, failed, retried, throttled) VALUES (?,?,?,?,?) "

@@ -63,8 +63,13 @@ class Pacer:
         self._learned_rate: float | None = None
         self.throttle_events = 0
         # The guard: the last R send times, R being the configured quota per period.
-        self._window = rate.period if rate else 0.0
-        self._window_max = min(GUARD_MAX, max(1, math.floor(rate.requests))) if rate else 0
+        # A fractional or huge quota is rescaled to an equivalent whole count over a scaled window
+        # (0.5/s -> 1 per 2 s; 2,000,000/h -> 1,000,000 per 30 min) so the guard stays exact.
+        if rate:
+            self._window_max = min(GUARD_MAX, max(1, math.floor(rate.requests)))
+            self._window = rate.period * self._window_max / rate.requests
+        else:
+            self._window_max, self._window = 0, 0.0
         self._window_sends: deque[float] = deque()
         self._build()
 

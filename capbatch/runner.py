@@ -166,6 +166,18 @@ def log_validation(notes: list[str], v: dict[str, Any]) -> None:
                     v["rejected"] - len(v["first_problems"]))
 
 
+def run_async(coro: Any) -> Any:
+    """asyncio.run, also from code that already has a running loop (a notebook): then on a thread."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="capbatch-run") as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
 # ---- validate -------------------------------------------------------------------------------------
 def validate(s: Settings, output: Path | None = None) -> dict[str, Any]:
     """Read and check the input without any network. Writes a validation CSV; returns the counts.
@@ -246,10 +258,11 @@ def run(s: Settings) -> dict[str, Any]:
             log.info("job %s: %d rows already confirmed by earlier runs, settled without a request", s.job, skipped)
         log.info("target %s, auth %s, rate %s, concurrency %d", base_url, s.credentials.kind,
                  s.rate or "unlimited", s.concurrency)
-        result = asyncio.run(_run_engine(s, ledger, base_url))
-    except BaseException:
-        counts = ledger.counts()
-        ledger.end_invocation(invocation, report.EXIT_INTERRUPTED, "interrupted", 0)
+        result = run_async(_run_engine(s, ledger, base_url))
+    except BaseException as exc:
+        code = getattr(exc, "exit_code", report.EXIT_INTERRUPTED if isinstance(exc, KeyboardInterrupt)
+                       else report.EXIT_ABORTED)
+        ledger.end_invocation(invocation, code, "interrupted" if code == report.EXIT_INTERRUPTED else "error", 0)
         _detach(file_log)
         ledger.close()
         raise
@@ -295,7 +308,7 @@ async def _run_engine(s: Settings, ledger: Ledger, base_url: str) -> EngineResul
             else:
                 log.warning("second %s: exiting now; the ledger is consistent, rerun to resume", signame)
                 try:
-                    engine.writer.flush_now()
+                    engine.writer.flush()
                 finally:
                     os._exit(report.EXIT_INTERRUPTED)
 

@@ -49,7 +49,7 @@ async def _read_one(client: CapillaryClient, pacer: Pacer, target: Target, max_a
             raise RunAborted(f"check aborted: {outcome.error_message}", "fix the cause and rerun")
         if outcome.kind is not Kind.RETRY:
             break
-        await asyncio.sleep(max(backoff_delay(attempt), outcome.retry_after or 0.0))
+        await asyncio.sleep(max(backoff_delay(attempt), min(outcome.retry_after or 0.0, 300.0)))
     assert outcome is not None
     if outcome.ok:
         actual = outcome.external_id
@@ -101,6 +101,8 @@ def check_cards(s: Settings, base_url: str, targets: Iterable[Target], out_csv: 
                 log.warning("row %s: card %s %s (intended %r, found %r) %s", c.target.label, c.target.card,
                             c.status, c.target.intended, c.actual, c.message)
 
-        asyncio.run(_check_all(s, base_url, targets, sink))
+        from .runner import run_async
+
+        run_async(_check_all(s, base_url, targets, sink))
     tmp.replace(out_csv)
     return counts

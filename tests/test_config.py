@@ -89,3 +89,21 @@ def test_config_command_masks_credentials_and_names_sources(tmp_path, run_cli):
 def test_settings_path_types(tmp_path):
     s = resolve({"run_dir": str(tmp_path / "x"), "sheet": "2"}, {})
     assert isinstance(s.run_dir, Path) and s.sheet == 2
+
+
+def test_a_cluster_flag_beats_a_base_url_from_the_file_and_both_flags_is_an_error(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('base_url = "https://eu.api.capillarytech.com"\n')
+    s = resolve({"cluster": "us"}, {}, cfg)
+    assert target_url(s) == "https://us.api.capillarytech.com"
+    s = resolve({"base_url": "http://127.0.0.1:9"}, {"CAPBATCH_CLUSTER": "eu"})
+    assert target_url(s) == "http://127.0.0.1:9"
+    with pytest.raises(UsageError, match="give one of"):
+        resolve({"cluster": "us", "base_url": "http://127.0.0.1:9"}, {})
+
+
+def test_base_url_secrets_are_refused_and_redacted():
+    with pytest.raises(UsageError, match="credentials or a query string"):
+        target_url(resolve({"base_url": "https://u:pw@eu.api.capillarytech.com"}, {}))
+    shown = resolve({}, {"CAPBATCH_BASE_URL": "https://u:pw@host.example/api?key=abc"}).public_dict()["base_url"]
+    assert "pw" not in shown and "abc" not in shown

@@ -90,3 +90,8 @@ def test_backoff_is_full_jitter_and_capped():
     delays = [backoff_delay(10) for _ in range(200)]
     assert all(0 <= d <= 30 for d in delays) and max(delays) > 10
     assert all(0 <= backoff_delay(1) <= 0.5 for _ in range(50))
+
+
+async def test_a_fractional_quota_is_respected():
+    times = await _send_times(Pacer(Rate(3, 2.0)), 5, workers=4)     # 1.5/s: 3 in any 2 s window
+    assert _max_in_window(times, 2.0) <= 3
