@@ -96,7 +96,7 @@ def input_flags(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--header-row", type=int, help="1-based row holding the headers (default 1)."),
         click.option("--external-id-length", type=int, help="Your org's CONF_CARD_NUMBER_LENGTH: reject other lengths before sending."),
         click.option("--external-id-pattern", help="Regex every external ID must match in full."),
-        click.option("--strip-invisible", is_flag=True, default=None, help="Strip zero-width/control characters instead of rejecting the row."),
+        click.option("--strip-invisible/--no-strip-invisible", default=None, help="Strip zero-width/control characters instead of rejecting the row."),
         click.option("--reports-dir", type=click.Path(path_type=Path), help="Where run directories go (default ./reports)."),
         click.option("--config", "config_file", type=click.Path(path_type=Path), help="TOML settings file (default ./capbatch.toml if present)."),
         click.option("-q", "--quiet", is_flag=True, default=None, help="Only warnings, errors and the final summary line."),
@@ -130,7 +130,7 @@ def _settings(flags: dict[str, Any], input_path: Path | None = None) -> config.S
 @click.option("--max-attempts", type=int, help="Attempts per request for transient errors (default 8).")
 @click.option("--timeout", type=float, help="Seconds per request (default 30).")
 @click.option("--resume-check", type=click.Choice(config.RESUME_CHECKS), help="Rows in flight when a run died: read the card first (default) or resend.")
-@click.option("--generate-missing", is_flag=True, default=None, help="Rows with an empty external ID get one from GET /v2/cardNumber.")
+@click.option("--generate-missing/--no-generate-missing", default=None, help="Rows with an empty external ID get one from GET /v2/cardNumber.")
 @click.option("--outage-budget", type=float, help="Seconds the API may stay down before the run aborts (default 300).")
 @click.option("--grace-period", type=float, help="Seconds in-flight requests get after Ctrl-C/SIGTERM (default 10).")
 @click.option("--allow-http", is_flag=True, default=None, help="Allow plain http:// to a non-loopback host.")
@@ -140,7 +140,7 @@ def _settings(flags: dict[str, Any], input_path: Path | None = None) -> config.S
 @click.option("--dry-run", is_flag=True, default=None, help="Validate only; send nothing.")
 @click.option("--check-remote", is_flag=True, default=None, help="With --dry-run: also read every card and report which do not exist and which already hold their ID.")
 @click.option("--job", help="Job name tying nightly runs together (state store beside the run directories).")
-@click.option("--skip-confirmed", is_flag=True, default=None, help="With --job: settle pairs an earlier run confirmed without any request.")
+@click.option("--skip-confirmed/--no-skip-confirmed", default=None, help="With --job: settle pairs an earlier run confirmed without any request.")
 @click.option("--json", "json_out", is_flag=True, default=False, help="Print the summary as JSON on stdout.")
 @input_flags
 @_guard

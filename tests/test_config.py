@@ -107,3 +107,11 @@ def test_base_url_secrets_are_refused_and_redacted():
         target_url(resolve({"base_url": "https://u:pw@eu.api.capillarytech.com"}, {}))
     shown = resolve({}, {"CAPBATCH_BASE_URL": "https://u:pw@host.example/api?key=abc"}).public_dict()["base_url"]
     assert "pw" not in shown and "abc" not in shown
+
+
+def test_a_negative_flag_beats_a_true_setting_in_the_file(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("strip_invisible = true\ngenerate_missing = true\n")
+    s = resolve({"strip_invisible": False}, {}, cfg)
+    assert s.strip_invisible is False and s.sources["strip_invisible"] == "flag"
+    assert s.generate_missing is True
