@@ -67,18 +67,21 @@ def iso(ts: float | None) -> str:
     return _iso_second(int(ts)) if ts else ""
 
 
-def _atomic_write(path: Path, write: Any) -> None:
+def atomic_write(path: Path, write: Any) -> None:
+    """Write through ``write(fh)`` to a temporary file, then rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", newline="", encoding="utf-8-sig" if path.suffix == ".csv" else "utf-8") as fh:
         write(fh)
     os.replace(tmp, path)
 
 
-def _reason(row: Any) -> tuple[str, str]:
+def _reason(error_code: str | None, error_message: str | None, reason_code: str | None,
+            reason: str | None, note: str | None) -> tuple[str, str]:
     """(code, message) explaining a row's state, whichever stage produced it."""
-    if row["error_code"] or row["error_message"]:
-        return row["error_code"] or "", row["error_message"] or ""
-    return row["reason_code"] or "", row["reason"] or row["note"] or ""
+    if error_code or error_message:
+        return error_code or "", error_message or ""
+    return reason_code or "", reason or note or ""
 
 
 def write_results(ledger: Ledger, run_dir: Path) -> None:
@@ -99,10 +102,7 @@ def write_results(ledger: Ledger, run_dir: Path) -> None:
         for (row_number, sheet, original, state, attempts, http_status, error_code, error_message,
              reason_code, reason, note, external_id, previous, generated, card_id, customer_id,
              settled_at) in ledger.conn.execute(sql):
-            if error_code or error_message:
-                code, message = error_code or "", error_message or ""
-            else:
-                code, message = reason_code or "", reason or note or ""
+            code, message = _reason(error_code, error_message, reason_code, reason, note)
             values = loads(original)
             if len(values) != width:
                 values = _fit(values, width)
@@ -111,7 +111,7 @@ def write_results(ledger: Ledger, run_dir: Path) -> None:
                           n(external_id) if state != "rejected" else "", n(previous),
                           "yes" if generated else "", card_id or "", customer_id or "", iso(settled_at)])
 
-    _atomic_write(run_dir / RESULTS_CSV, write)
+    atomic_write(run_dir / RESULTS_CSV, write)
 
 
 def write_failures(ledger: Ledger, run_dir: Path) -> int:
@@ -126,14 +126,15 @@ def write_failures(ledger: Ledger, run_dir: Path) -> int:
         w = csv.writer(fh)
         w.writerow([neutralise(h) for h in header])
         for row in ledger.iter_rows("WHERE state IN ('failed', 'rejected')"):
-            code, message = _reason(row)
+            code, message = _reason(row["error_code"], row["error_message"], row["reason_code"], row["reason"],
+                                    row["note"])
             original = json.loads(row["original"])
             w.writerow([neutralise(v) for v in _fit(original, len(columns))]
                        + [row["row_number"], neutralise(row["sheet"] or ""), row["state"], neutralise(code),
                           neutralise(message)])
             count += 1
 
-    _atomic_write(run_dir / FAILURES_CSV, write)
+    atomic_write(run_dir / FAILURES_CSV, write)
     return count
 
 
@@ -232,7 +233,7 @@ def write_reports(ledger: Ledger, run_dir: Path, **kwargs: Any) -> dict[str, Any
     write_results(ledger, run_dir)
     write_failures(ledger, run_dir)
     summary = build_summary(ledger, run_dir, **kwargs)
-    _atomic_write(run_dir / SUMMARY_JSON, lambda fh: json.dump(summary, fh, indent=2, sort_keys=False))
+    atomic_write(run_dir / SUMMARY_JSON, lambda fh: json.dump(summary, fh, indent=2, sort_keys=False))
     from .report_html import write_html  # imported here: report_html builds on this module
 
     write_html(ledger, run_dir, summary)

@@ -126,14 +126,8 @@ def _ledger_rows(table: InputTable, rules: RuleSettings) -> Iterator[tuple[Any, 
     dumps = json.JSONEncoder(ensure_ascii=False).encode   # one encoder, not one per row
     for row in table.rows():
         v: Verdict = check_row(row, rules)
-        state = "rejected" if v.reason_code else "pending"
-        column = None
-        if v.column == "card":
-            column = table.card_column
-        elif v.column == "external_id":
-            column = table.external_id_column
         yield (row.sheet, row.row_number, dumps(row.values), v.card, v.external_id,
-               state, v.reason_code, v.reason, column)
+               "rejected" if v.reason_code else "pending", v.reason_code, v.reason, v.column)
 
 
 def validation_report(ledger: Ledger) -> dict[str, Any]:
@@ -189,7 +183,6 @@ def validate(s: Settings, output: Path | None = None) -> dict[str, Any]:
         try:
             v = validation_report(prepared.ledger)
             out = output or (s.reports_dir / f"{Path(s.input or 'input').stem}.validation.csv")
-            out.parent.mkdir(parents=True, exist_ok=True)
             _write_validation_csv(prepared.ledger, out)
             v["validation_csv"] = str(out)
             v["notes"] = prepared.notes
@@ -205,21 +198,22 @@ def _write_validation_csv(ledger: Ledger, out: Path) -> None:
     import csv
 
     columns = ledger.get_meta_json("columns", [])
-    tmp = out.with_name(out.name + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8-sig") as fh:
+    mapping = ledger.get_meta_json("mapping", {})
+    header_of = {"card": mapping.get("cardNumber", ""), "external_id": mapping.get("cardExternalId", "")}
+    n = report.neutralise
+
+    def write(fh: Any) -> None:
         w = csv.writer(fh)
         w.writerow(["sheet", "row", "column", "value", "reason_code", "reason"])
         for r in ledger.iter_rows("WHERE state IN ('rejected', 'duplicate')"):
-            column = r["problem_column"] or ""
-            if column == "card":
-                column = ledger.get_meta_json("mapping", {}).get("cardNumber", "")
-            elif column == "external_id":
-                column = ledger.get_meta_json("mapping", {}).get("cardExternalId", "")
+            column = header_of.get(r["problem_column"] or "", "")
             values = json.loads(r["original"])
-            value = values[columns.index(column)] if column in columns and columns.index(column) < len(values) else ""
-            w.writerow([report.neutralise(r["sheet"] or ""), r["row_number"], report.neutralise(column),
-                        report.neutralise(value), r["reason_code"], report.neutralise(r["reason"])])
-    os.replace(tmp, out)
+            at = columns.index(column) if column in columns else len(values)
+            value = values[at] if at < len(values) else ""
+            w.writerow([n(r["sheet"] or ""), r["row_number"], n(column), n(value), r["reason_code"],
+                        n(r["reason"])])
+
+    report.atomic_write(out, write)
 
 
 # ---- run ------------------------------------------------------------------------------------------

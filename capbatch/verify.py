@@ -11,13 +11,13 @@ import csv
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 from .api import CARD_NOT_FOUND, CapillaryClient, Kind, Outcome
 from .config import Settings
 from .errors import RunAborted
 from .pacing import Pacer, backoff_delay
-from .report import neutralise
+from .report import atomic_write, neutralise
 
 log = logging.getLogger("capbatch.verify")
 
@@ -87,9 +87,8 @@ async def _check_all(s: Settings, base_url: str, targets: Iterable[Target], sink
 def check_cards(s: Settings, base_url: str, targets: Iterable[Target], out_csv: Path) -> dict[str, int]:
     """Read every target card; write ``out_csv`` (row, card, intended, actual, status, message)."""
     counts = {"match": 0, "differs": 0, "missing": 0, "error": 0}
-    out_csv.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_csv.with_name(out_csv.name + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8-sig") as fh:
+
+    def write(fh: Any) -> None:
         w = csv.writer(fh)
         w.writerow(["row", "cardNumber", "intended_external_id", "actual_external_id", "status", "message"])
 
@@ -104,5 +103,6 @@ def check_cards(s: Settings, base_url: str, targets: Iterable[Target], out_csv: 
         from .runner import run_async
 
         run_async(_check_all(s, base_url, targets, sink))
-    tmp.replace(out_csv)
+
+    atomic_write(out_csv, write)
     return counts

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -36,6 +37,20 @@ def write_csv(path: Path, pairs: list[tuple[str, str]], header: tuple[str, str] 
 def read_csv(path: Path) -> list[dict[str, str]]:
     with open(path, newline="", encoding="utf-8-sig") as fh:
         return list(csv.DictReader(fh))
+
+
+def ledger_query(run_dir: Path, sql: str) -> list[sqlite3.Row]:
+    """Read a run's ledger the way `capbatch status` does: read-only, safe while a run writes."""
+    conn = sqlite3.connect(f"file:{run_dir / 'ledger.sqlite'}?mode=ro", uri=True, timeout=5)
+    conn.row_factory = sqlite3.Row
+    try:
+        return conn.execute(sql).fetchall()
+    finally:
+        conn.close()
+
+
+def ledger_rows(run_dir: Path) -> list[sqlite3.Row]:
+    return ledger_query(run_dir, "SELECT * FROM rows ORDER BY id")
 
 
 @pytest.fixture
