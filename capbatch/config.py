@@ -151,6 +151,14 @@ class Settings:
     check_remote: bool = False
     outage_budget: float = 300.0
     grace_period: float = 10.0
+    # planning, time windows and the shared quota (capbatch.plan, capbatch.window, capbatch.quota)
+    windows: tuple[str, ...] = ()
+    timezone: str | None = None
+    window_exit: bool = False
+    deadline: str | None = None
+    deadline_strict: bool = False
+    quota_dir: Path | None = None
+    priority: int = 1
     # safety
     allow_http: bool = False
     verify_tls: bool = True
@@ -213,6 +221,11 @@ def _path(v: Any) -> Path:
     return Path(str(v))
 
 
+def _windows(v: Any) -> tuple[str, ...]:
+    items = v if isinstance(v, (list, tuple)) else str(v).split(",")
+    return tuple(str(i).strip() for i in items if str(i).strip())
+
+
 def _sheet(v: Any) -> str | int:
     s = str(v)
     return int(s) if s.isdigit() else s
@@ -227,6 +240,8 @@ SETTABLE: dict[str, Any] = {
     "max_attempts": _int, "timeout": _float, "resume_check": _str,
     "generate_missing": _bool, "skip_confirmed": _bool, "job": _str,
     "outage_budget": _float, "grace_period": _float,
+    "windows": _windows, "timezone": _str, "window_exit": _bool, "deadline": _str,
+    "deadline_strict": _bool, "quota_dir": _path, "priority": _int,
     "allow_http": _bool, "verify_tls": _bool,
     "progress": _str, "progress_interval": _float,
 }
@@ -335,6 +350,16 @@ def validate(s: Settings) -> Settings:
         raise UsageError("--header-row counts from 1", "e.g. --header-row 3 when two title rows sit above the header")
     if s.external_id_length is not None and not 1 <= s.external_id_length <= 50:
         raise UsageError("--external-id-length must be 1..50", "external IDs are at most 50 characters")
+    if not 1 <= s.priority <= 100:
+        raise UsageError(f"--priority {s.priority} is out of range",
+                         "use 1 (default) to 100: a run's share of a shared quota is proportional to it")
+    from .window import parse_deadline, parse_timezone, parse_window
+
+    for text in s.windows:
+        parse_window(text)
+    tz = parse_timezone(s.timezone)
+    if s.deadline:
+        parse_deadline(s.deadline, 0.0, tz)
     if s.cluster and s.cluster.lower() not in CLUSTERS:
         raise UsageError(f"--cluster {s.cluster!r} is unknown", f"use one of: {', '.join(CLUSTERS)} or --base-url")
     return s

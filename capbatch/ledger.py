@@ -346,6 +346,11 @@ class Ledger:
     def total(self) -> int:
         return int(self._exec("SELECT count(*) FROM rows").fetchone()[0])
 
+    def missing_external_ids(self) -> int:
+        """Rows still to send without an external ID (--generate-missing asks the API for one each)."""
+        return int(self._exec("SELECT count(*) FROM rows WHERE state IN ('pending', 'in_flight') "
+                              "AND external_id = ''").fetchone()[0])
+
     def unknown_rows(self) -> list[WorkRow]:
         """Rows an earlier process had in flight when it stopped: their outcome is unknown."""
         cur = self._exec("SELECT id, card, external_id, generated FROM rows WHERE state='in_flight' ORDER BY id")

@@ -56,6 +56,8 @@ def exit_code_for(counts: dict[str, int], stop: str) -> int:
         return EXIT_ABORTED
     if stop == "interrupted":
         return EXIT_INTERRUPTED
+    if stop == "paused" and (counts.get("pending", 0) or counts.get("in_flight", 0)):
+        return EXIT_ABORTED       # the sending window closed (--window-exit): stopped, resumable
     if counts.get("failed", 0) or counts.get("rejected", 0):
         return EXIT_ROWS_FAILED
     if counts.get("pending", 0) or counts.get("in_flight", 0):
@@ -223,6 +225,10 @@ def build_summary(ledger: Ledger, run_dir: Path, *, stop: str | None = None, mes
         "message": message,
         "exit_code": exit_code,
     }
+    plan = ledger.get_meta_json("plan")
+    if plan:   # made before the last invocation's first request; its actual figures beside it
+        summary["plan"] = plan
+        summary["actual"] = ledger.get_meta_json("plan_actual")
     if extra:
         summary.update(extra)
     return summary

@@ -22,9 +22,14 @@ from . import jobs, report
 from .api import CapillaryClient
 from .config import Settings, target_url
 from .engine import Engine, EngineResult
-from .errors import ConfigError, Interrupted, InputFileError, LedgerError, RunAborted, UsageError
-from .ledger import Ledger, row_label
+from .errors import ConfigError, Interrupted, InputFileError, LedgerError, Paused, RunAborted, UsageError
+from .ledger import LEDGER_FILE, Ledger, row_label
+from .pacing import shared_pacers
+from .plan import Plan, PlanSettings, announce, check_deadline, make_plan
+from .plan import actual as plan_actual
 from .progress import Progress, choose_mode
+from .quota import QuotaKey, credential_fingerprint, live_peers, open_backend
+from .window import SYSTEM_CLOCK, Clock, Schedule, WindowGate, human_duration, parse_deadline, schedule_for
 from .rules import RuleSettings, Verdict, check_row
 from .source import InputOptions, InputTable, file_sha256, open_input
 
@@ -188,6 +193,8 @@ def validate(s: Settings, output: Path | None = None) -> dict[str, Any]:
             v["notes"] = prepared.notes
             log_validation(prepared.notes, v)
             log.info("validation details written to %s", out)
+            v["plan"] = _plan_before_run(s, prepared, temporary=True).to_dict()
+            v["input_sha256"] = prepared.sha256
         finally:
             prepared.ledger.close()
     v["exit_code"] = 1 if v["rejected"] else 0
@@ -217,24 +224,40 @@ def _write_validation_csv(ledger: Ledger, out: Path) -> None:
 
 
 # ---- run ------------------------------------------------------------------------------------------
-def run(s: Settings) -> dict[str, Any]:
+def run(s: Settings, *, clock: Clock | None = None) -> dict[str, Any]:
     """Run (or resume) a backfill. Returns the summary dict (also written to summary.json).
 
     Raises the same :class:`~capbatch.errors.CapbatchError` subclasses the CLI reports; a run that
     ends with failed or rejected rows is not an exception: read ``summary["exit_code"]``.
+    ``clock`` (epoch seconds) decides the sending windows; tests pass one they control.
     """
     if s.skip_confirmed and not s.job:
         raise UsageError("--skip-confirmed needs --job NAME", "name the job whose earlier runs confirmed the pairs")
     if s.job:
         jobs.check_name(s.job)
     if s.dry_run:
-        return check_remote(s) if s.check_remote else validate(s)
+        result = check_remote(s) if s.check_remote else validate(s)
+        _write_dry_run_summary(s, result)
+        return result
     base_url = target_url(s)
     _require_credentials(s)
+    clock = clock or SYSTEM_CLOCK
+    schedule = schedule_for(s.windows, s.timezone)
+    if s.window_exit and not schedule.is_open(clock.now()):
+        opens = schedule.next_open(clock.now())
+        log.info("outside the sending windows %s (the next opens %s, in %s): --window-exit, nothing sent",
+                 schedule.describe(), schedule.local_hhmm(opens, clock.now()), human_duration(opens - clock.now()))
+        return {"stop": "outside window", "exit_code": report.EXIT_OK, "next_window_opens_at": report.iso(opens)}
     if not s.verify_tls:
         log.warning("TLS certificate verification is OFF (--no-verify-tls): use this only for a trusted test host")
     prepared = prepare(s)
     ledger, run_dir = prepared.ledger, prepared.run_dir
+    try:
+        plan = _plan_before_run(s, prepared, schedule, clock, base_url)
+    except BaseException:
+        ledger.close()
+        raise
+    ledger.set_meta("plan", json.dumps(plan.to_dict()))
     file_log = _attach_json_log(run_dir)
     invocation = ledger.start_invocation()
     started_at = time.time()
@@ -246,13 +269,14 @@ def run(s: Settings) -> dict[str, Any]:
         if not prepared.freshly_imported:
             counts = ledger.counts()
             log.info("resuming: %s", report.status_line(counts))
+        announce(plan, schedule)
         ledger.set_meta("settings", json.dumps(s.public_dict(), default=str))
         if s.job and s.skip_confirmed:
             skipped = jobs.skip_confirmed(ledger, jobs.store_path(s.reports_dir), s.job)
             log.info("job %s: %d rows already confirmed by earlier runs, settled without a request", s.job, skipped)
         log.info("target %s, auth %s, rate %s, concurrency %d", base_url, s.credentials.kind,
                  s.rate or "unlimited", s.concurrency)
-        result = run_async(_run_engine(s, ledger, base_url))
+        result = run_async(_run_engine(s, ledger, base_url, schedule, clock))
     except BaseException as exc:
         code = getattr(exc, "exit_code", report.EXIT_INTERRUPTED if isinstance(exc, KeyboardInterrupt)
                        else report.EXIT_ABORTED)
@@ -264,6 +288,9 @@ def run(s: Settings) -> dict[str, Any]:
     counts = ledger.counts()
     exit_code = report.exit_code_for(counts, stop)
     ledger.end_invocation(invocation, exit_code, stop, result.counters.requests)
+    ledger.set_meta("plan_actual", json.dumps(plan_actual(
+        plan.to_dict(), result.counters.settled, result.counters.requests, time.time() - started_at,
+        result.waiting_seconds)))
     summary = report.write_reports(ledger, run_dir, stop=stop, message=result.message,
                                    extra={"this_invocation": {
                                        "requests": result.counters.requests,
@@ -281,14 +308,95 @@ def run(s: Settings) -> dict[str, Any]:
                          f"fix the cause, then rerun the same command to resume ({counts['pending']} rows left)")
     if stop == "interrupted":
         raise Interrupted("run interrupted", "rerun the same command to resume where it stopped")
+    if stop == "paused" and exit_code == report.EXIT_ABORTED:
+        raise Paused(result.message or "the sending window closed",
+                     f"{counts['pending'] + counts['in_flight']} rows left: rerun the same command inside a "
+                     "window to resume")
     return summary
 
 
-async def _run_engine(s: Settings, ledger: Ledger, base_url: str) -> EngineResult:
+def plan_settings(s: Settings, now: float) -> PlanSettings:
+    tz = schedule_for((), s.timezone).tz
+    return PlanSettings(mode=s.mode, resume_check=s.resume_check, generate_missing=s.generate_missing,
+                        rate=s.rate, read_rate=s.read_rate,
+                        canary_reads=int(getattr(s, "canary", 0) or 0),   # issue 11's --canary K, once merged
+                        deadline=parse_deadline(s.deadline, now, tz) if s.deadline else None,
+                        deadline_text=s.deadline)
+
+
+def _plan_before_run(s: Settings, prepared: Prepared, schedule: Schedule | None = None,
+                     clock: Clock = SYSTEM_CLOCK, base_url: str | None = None, temporary: bool = False) -> Plan:
+    """State the plan (rows, requests, rate, time) from the ledger that will be sent from; with
+    --deadline-strict, refuse (exit 2) when it cannot finish in time. Sends nothing.
+    ``temporary``: ``prepared`` is validate's scratch ledger; a run already under way for this
+    input (in the run directory a real run would use) is planned from the rows it has left."""
+    schedule = schedule or schedule_for(s.windows, s.timezone)
+    now = clock.now()
+    existing = _existing_ledger(s, prepared) if temporary else None
+    source = existing or prepared.ledger
+    try:
+        shared = 0
+        if base_url and s.rate:
+            backend = open_backend(s.quota_dir)
+            shared = live_peers(backend, QuotaKey(base_url, credential_fingerprint(s.credentials)), s.rate, now)
+        plan = make_plan(source.counts(), source.missing_external_ids(), plan_settings(s, now), schedule, now,
+                         shared_with=shared)
+    finally:
+        if existing is not None:
+            existing.close()
+    check_deadline(plan, s.deadline_strict)
+    if temporary:
+        announce(plan, schedule)
+    return plan
+
+
+def _run_dir_for(s: Settings, sha256: str) -> Path:
+    return Path(s.run_dir or default_run_dir(s, Path(s.input or "input"), sha256))
+
+
+def _existing_ledger(s: Settings, prepared: Prepared) -> Ledger | None:
+    run_dir = _run_dir_for(s, prepared.sha256)
+    if not (run_dir / LEDGER_FILE).exists():
+        return None
+    try:
+        ledger = Ledger.open_readonly(run_dir)
+    except LedgerError:
+        return None
+    if ledger.get_meta("input_sha256") != prepared.sha256:
+        ledger.close()
+        return None
+    log.info("run directory %s holds this input's run: the plan covers the rows it has left", run_dir)
+    return ledger
+
+
+def _write_dry_run_summary(s: Settings, result: dict[str, Any]) -> None:
+    """--dry-run writes summary.json (with the plan) where the run would, unless a run is there."""
+    if "input_sha256" not in result:
+        return
+    run_dir = _run_dir_for(s, result["input_sha256"])
+    if (run_dir / LEDGER_FILE).exists():
+        log.info("dry run: %s holds a run already; its summary.json is left as it is", run_dir)
+        return
+    summary = {"dry_run": True, "run_dir": str(run_dir), "input": {"name": Path(s.input or "").name,
+                                                                   "sha256": result["input_sha256"]},
+               "validation": {k: result.get(k) for k in ("rows", "valid", "rejected", "duplicates", "by_reason")},
+               "plan": result.get("plan"), "settings": s.public_dict(), "exit_code": result.get("exit_code")}
+    report.atomic_write(run_dir / report.SUMMARY_JSON, lambda fh: json.dump(summary, fh, indent=2, default=str))
+    log.info("dry run: plan written to %s", run_dir / report.SUMMARY_JSON)
+
+
+async def _run_engine(s: Settings, ledger: Ledger, base_url: str, schedule: Schedule | None = None,
+                      clock: Clock = SYSTEM_CLOCK) -> EngineResult:
     async with CapillaryClient(base_url, s.credentials, timeout=s.timeout, verify_tls=s.verify_tls,
                                max_connections=s.concurrency + 4) as client:
-        engine = Engine(s, ledger, client)
-        progress = Progress(choose_mode(s.progress, s.quiet), s.progress_interval)
+        pacer, read_pacer, _backend = shared_pacers(s.rate, s.read_rate, target=base_url, credentials=s.credentials,
+                                                    quota_dir=s.quota_dir, priority=s.priority)
+        gate = WindowGate(schedule or Schedule(), clock)
+        engine = Engine(s, ledger, client, pacers=(pacer, read_pacer), window=gate)
+        if s.window_exit:
+            gate.on_close = lambda: engine.request_pause(
+                f"the sending window closed ({gate.schedule.describe()}): --window-exit, stopping here")
+        progress = Progress(choose_mode(s.progress, s.quiet), s.progress_interval, window=gate)
         loop = asyncio.get_running_loop()
         presses = 0
 
@@ -315,11 +423,15 @@ async def _run_engine(s: Settings, ledger: Ledger, base_url: str) -> EngineResul
                 pass
         progress.start(engine.counters)
         try:
-            return await engine.run()
+            result = await engine.run()
+            result.waiting_seconds = gate.closed_seconds
+            return result
         finally:
             await progress.stop()
             for sig in installed:
                 loop.remove_signal_handler(sig)
+            for p in {pacer, read_pacer}:
+                await p.close()
 
 
 def _log_summary(summary: dict[str, Any]) -> None:
@@ -391,6 +503,8 @@ def check_remote(s: Settings) -> dict[str, Any]:
             targets = (Target(row_label(r["sheet"], r["row_number"]), r["card"], r["external_id"])
                        for r in prepared.ledger.iter_rows("WHERE state='pending'"))
             out = s.reports_dir / f"{Path(s.input or 'input').stem}.check-remote.csv"
+            v["plan"] = _plan_before_run(s, prepared, base_url=base_url, temporary=True).to_dict()
+            v["input_sha256"] = prepared.sha256
             counts = check_cards(s, base_url, targets, out)
         finally:
             prepared.ledger.close()
