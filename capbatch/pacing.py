@@ -75,6 +75,7 @@ class Pacer:
         self._turn = asyncio.Lock()
         self._changed = asyncio.Event()
         self._reports: set[asyncio.Task[None]] = set()
+        self._unreported: tuple[float | None, bool] | None = None
         self._fallback_warned = False
         self._guard_sends: deque[float] = deque()
         self._set_cadence(rate)
@@ -86,12 +87,12 @@ class Pacer:
             return self.agreed.per_second * Cadence.of(self.agreed).efficiency * self.factor
         return self._learned_rate
 
-    def _set_cadence(self, rate: Rate | None) -> None:
+    def _set_cadence(self, rate: Rate | None, jitter: float = 0.0) -> None:
         if rate is None:
             self._cadence: Cadence | None = None
             self._block = self._limit = 1
             return
-        self._cadence = Cadence.of(rate)
+        self._cadence = Cadence.of(rate, jitter)
         interval = self._cadence.interval / max(self.factor, 0.05)
         lease_seconds = getattr(self._backend, "lease_seconds", 0.02)
         self._block = max(1, round(lease_seconds / interval))
@@ -179,9 +180,8 @@ class Pacer:
         self.factor = grant.factor
         self._pause_until = max(self._pause_until, grant.pause_until)
         self.peers = grant.peers
-        if grant.rate != self.agreed or self._cadence is None:
-            self.agreed = grant.rate
-        self._set_cadence(self.agreed)
+        self.agreed = grant.rate
+        self._set_cadence(self.agreed, grant.jitter)
 
     def _say_shared(self, grant: Grant) -> None:
         own = self.rate
@@ -235,10 +235,20 @@ class Pacer:
                 self._learned_rate = self._observed_rate(now) or 10.0
                 self.rate_learned(Rate(self._learned_rate, 1.0))
             return
-        if retry_after is not None or slow_down:
-            task = asyncio.get_running_loop().create_task(self._report(now, retry_after, slow_down))
+        # Reports are coalesced: one task at a time carries the longest Retry-After and any slow-down.
+        waiting_ra, waiting_slow = self._unreported or (None, False)
+        longest = retry_after if waiting_ra is None else max(waiting_ra, retry_after or 0.0)
+        self._unreported = (longest, waiting_slow or slow_down)
+        if not self._reports:
+            task = asyncio.get_running_loop().create_task(self._drain_reports())
             self._reports.add(task)
             task.add_done_callback(self._reports.discard)
+
+    async def _drain_reports(self) -> None:
+        while self._unreported is not None:
+            retry_after, slow_down = self._unreported
+            self._unreported = None
+            await self._report(time.time(), retry_after, slow_down)
 
     def rate_learned(self, rate: Rate) -> None:
         self._backend = MemoryQuotaBackend()

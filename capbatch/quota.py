@@ -22,6 +22,9 @@ runs at the lowest rate among live members, and each member says so when its own
 Shared back-off: a 429 with Retry-After pauses the whole grid (``pause_until``); systematic
 throttling seen by any member lowers the shared ``factor`` (x0.7, at most once a second), which
 recovers by 5 % of the rate every 2 s without throttling — so one run's 429s slow all of them.
+Any 429 also widens the grid's margin by a step (``jitter``: 4 ms, or 0.1 % of the window), because
+at a correct rate a 429 means the path to the server jitters more than the margin allows; a minute
+without 429s narrows it again by a step.
 
 Crash safety: members carry a ``seen`` time and their pid; a member whose process is gone (same
 host) or that has not leased for ``MEMBER_TTL`` is dropped, so a killed run leaves nothing that
@@ -74,6 +77,9 @@ HOST = socket.gethostname()
 GUARD_MAX = 1_000_000    # quotas above this many per window are rescaled to an equivalent window
 MIN_MARGIN = 0.008       # seconds every quota window is stretched by, at least (network jitter)
 MARGIN_FRACTION = 0.002  # ... or this fraction of the window, if larger (0.12 s of a minute)
+JITTER_STEP = 0.004      # each 429 widens the margin by this (or 0.1 % of the window, if larger) ...
+JITTER_MAX = 0.05        # ... up to this fraction of the window
+JITTER_DECAY = 60.0      # and every this many seconds without a 429 narrows it by one step again
 MIN_FACTOR = 0.05        # the 429 back-off never goes below 5 % of the rate
 DECREASE = 0.7           # multiplicative decrease per throttling episode
 INCREASE_EVERY = 2.0     # seconds without throttling between additive increases
@@ -101,10 +107,15 @@ class Cadence:
     margin: float
 
     @classmethod
-    def of(cls, rate: Rate) -> "Cadence":
+    def of(cls, rate: Rate, jitter: float = 0.0) -> "Cadence":
+        """``jitter``: extra margin learned from 429s (the path to the server jitters more than assumed)."""
         count = min(GUARD_MAX, max(1, math.floor(rate.requests)))
         window = rate.period * count / rate.requests
-        return cls(count, window, max(MIN_MARGIN, MARGIN_FRACTION * window))
+        return cls(count, window, max(MIN_MARGIN, MARGIN_FRACTION * window) + min(jitter, JITTER_MAX * window))
+
+    @property
+    def jitter_step(self) -> float:
+        return max(JITTER_STEP, 0.001 * self.window)
 
     @property
     def interval(self) -> float:
@@ -171,6 +182,8 @@ class QuotaState:
     factor: float = 1.0             # shared 429 back-off, 1.0 = full rate
     changed_at: float = 0.0         # when the factor last changed (recovery counts from here)
     pause_until: float = 0.0        # shared Retry-After pause
+    jitter: float = 0.0             # extra slot margin learned from 429s (seconds)
+    jitter_at: float = 0.0          # when it last changed
     throttle_events: int = 0
     last_member: str = ""           # who leased the grid's last slots (only they can give them back)
     members: dict[str, MemberState] = field(default_factory=dict)
@@ -183,6 +196,7 @@ class QuotaState:
         members = {k: MemberState(**v) for k, v in (data.get("members") or {}).items()}
         return cls(tat=float(data.get("tat", 0.0)), factor=float(data.get("factor", 1.0)),
                    changed_at=float(data.get("changed_at", 0.0)), pause_until=float(data.get("pause_until", 0.0)),
+                   jitter=float(data.get("jitter", 0.0)), jitter_at=float(data.get("jitter_at", 0.0)),
                    throttle_events=int(data.get("throttle_events", 0)),
                    last_member=str(data.get("last_member", "")), members=members)
 
@@ -201,6 +215,7 @@ class Grant:
 
     slots: tuple[float, ...]
     rate: Rate                      # the rate in force: the lowest any live member gave
+    jitter: float                   # extra margin in force (learned from 429s)
     factor: float
     pause_until: float
     peers: tuple[Peer, ...]         # the other live members
@@ -239,6 +254,13 @@ def _recover(state: QuotaState, now: float) -> None:
         state.changed_at += steps * INCREASE_EVERY
 
 
+def _relax(state: QuotaState, now: float, cadence: Cadence) -> None:
+    if state.jitter > 0 and now - state.jitter_at >= JITTER_DECAY:
+        steps = math.floor((now - state.jitter_at) / JITTER_DECAY)
+        state.jitter = max(0.0, state.jitter - steps * cadence.jitter_step)
+        state.jitter_at += steps * JITTER_DECAY
+
+
 def _touch(state: QuotaState, member: Member, now: float) -> None:
     known = state.members.get(member.id)
     if known is None:
@@ -254,7 +276,8 @@ def lease_slots(state: QuotaState, member: Member, count: int, now: float) -> Gr
     prune(state, now, member.rate)
     _recover(state, now)
     rate = agreed_rate(state, member.rate)
-    interval = Cadence.of(rate).interval / max(state.factor, MIN_FACTOR)
+    _relax(state, now, Cadence.of(rate))
+    interval = Cadence.of(rate, state.jitter).interval / max(state.factor, MIN_FACTOR)
     if state.tat > now + MAX_PAUSE + 60 + count * interval:
         state.tat = now                 # a clock stepped backwards: do not wait for it
     state.pause_until = min(state.pause_until, now + MAX_PAUSE)
@@ -264,14 +287,19 @@ def lease_slots(state: QuotaState, member: Member, count: int, now: float) -> Gr
         state.tat = start + len(slots) * interval
         state.last_member = member.id
     peers = tuple(Peer(m.pid, m.host, m.rate, m.weight) for k, m in state.members.items() if k != member.id)
-    return Grant(slots, rate, state.factor, state.pause_until, peers)
+    return Grant(slots, rate, state.jitter, state.factor, state.pause_until, peers)
 
 
 def report_throttle(state: QuotaState, member: Member, now: float, retry_after: float | None,
                     slow_down: bool) -> bool:
-    """A member saw 429s: share the pause, and (``slow_down``) lower the shared rate.
-    Returns True when this report lowered the rate."""
+    """A member saw a 429: widen the slot margin a step (at most one step a second: the quota was
+    crowded, so the path jitters more than the margin allows), share the pause, and (``slow_down``,
+    systematic throttling) lower the shared rate. Returns True when this report lowered the rate."""
     _touch(state, member, now)
+    cadence = Cadence.of(agreed_rate(state, member.rate))
+    if now - state.jitter_at >= 1.0 and state.jitter < JITTER_MAX * cadence.window:
+        state.jitter = min(JITTER_MAX * cadence.window, state.jitter + cadence.jitter_step)
+        state.jitter_at = now
     if retry_after is not None and retry_after > 0:
         state.pause_until = max(state.pause_until, now + min(retry_after, MAX_PAUSE))
     if not slow_down:
