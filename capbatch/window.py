@@ -279,7 +279,8 @@ class WindowGate:
         self.opens_at = None
 
 
-_DURATION = re.compile(r"\+?\s*(?:(\d+(?:\.\d+)?)\s*d)?\s*(?:(\d+(?:\.\d+)?)\s*h)?\s*(?:(\d+(?:\.\d+)?)\s*m(?:in)?)?\s*")
+_DURATION = re.compile(r"\+?\s*(?:(\d+(?:\.\d+)?)\s*d)?\s*(?:(\d+(?:\.\d+)?)\s*h)?"
+                       r"\s*(?:(\d+(?:\.\d+)?)\s*m(?:in)?)?\s*")
 
 
 def parse_deadline(text: str, now: float, tz: ZoneInfo | None = None) -> float:

@@ -27,7 +27,7 @@ async def _send_times(pacer: Pacer, n: int, workers: int = 16) -> list[float]:
     return sorted(times)
 
 
-def _max_in_window(times: list[float], window: float) -> int:
+def max_in_window(times: list[float], window: float) -> int:
     best, j = 0, 0
     for i, t in enumerate(times):
         while times[j] <= t - window:
@@ -39,7 +39,7 @@ def _max_in_window(times: list[float], window: float) -> int:
 async def test_no_window_of_the_period_ever_holds_more_than_the_quota():
     rate = Rate(50, 1.0)                       # 50 per any 1 s window
     times = await _send_times(Pacer(rate), 150)
-    assert _max_in_window(times, 1.0) <= 50
+    assert max_in_window(times, 1.0) <= 50
     achieved = (len(times) - 1) / (times[-1] - times[0])
     assert achieved >= 0.95 * 50               # sits at the limit, not below it
 
@@ -47,7 +47,7 @@ async def test_no_window_of_the_period_ever_holds_more_than_the_quota():
 async def test_a_large_quota_is_not_sent_as_one_burst():
     rate = Rate(3000, 60.0)                    # a plain AsyncLimiter(3000, 60) would send 3000 at once
     times = await _send_times(Pacer(rate), 200)
-    assert _max_in_window(times, 1.0) <= 3000 / 60 + 15   # at most the 0.5 % bucket above the steady rate
+    assert max_in_window(times, 1.0) <= 3000 / 60 + 15   # at most the 0.5 % bucket above the steady rate
 
 
 async def test_systematic_429s_pause_everyone_and_lower_the_rate_then_recover():
@@ -99,4 +99,4 @@ def test_backoff_is_full_jitter_and_capped():
 
 async def test_a_fractional_quota_is_respected():
     times = await _send_times(Pacer(Rate(3, 2.0)), 5, workers=4)     # 1.5/s: 3 in any 2 s window
-    assert _max_in_window(times, 2.0) <= 3
+    assert max_in_window(times, 2.0) <= 3

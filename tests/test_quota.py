@@ -16,23 +16,14 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import cli_env, ledger_query, make_cards, popen_cli, write_csv
+from test_pacing import max_in_window
 
 from capbatch.config import Credentials, Rate
 from capbatch.pacing import Pacer
 from capbatch.quota import FileQuotaBackend, QuotaKey, credential_fingerprint
 
-from conftest import cli_env, ledger_query, make_cards, popen_cli, write_csv
-
 KEY = QuotaKey("http://api.example", "f" * 16)
-
-
-def _max_in_window(times: list[float], window: float) -> int:
-    best, j = 0, 0
-    for i, t in enumerate(times):
-        while times[j] <= t - window:
-            j += 1
-        best = max(best, i - j + 1)
-    return best
 
 
 async def _send(pacer: Pacer, n: int, out: list[tuple[float, str]], tag: str, workers: int = 8) -> None:
@@ -62,7 +53,7 @@ async def test_runs_on_one_key_take_turns_by_priority_and_never_exceed_the_quota
     sends: list[tuple[float, str]] = []
     await asyncio.gather(_send(a, 80, sends, "a"), _send(b, 160, sends, "b"))
     times = sorted(t for t, _ in sends)
-    assert _max_in_window(times, 1.0) <= 100                   # both together, any 1 s window
+    assert max_in_window(times, 1.0) <= 100                   # both together, any 1 s window
     assert (len(times) - 1) / (times[-1] - times[0]) >= 0.9 * 100
     first = [tag for _, tag in sorted(sends)][:150]             # while both were sending: 1 : 2
     assert 38 <= first.count("a") <= 62, first.count("a")
@@ -79,7 +70,7 @@ async def test_the_lower_rate_holds_for_every_run_on_the_key_and_each_says_so(tm
     sends: list[tuple[float, str]] = []
     await _send(fast, 25, sends, "fast")
     times = sorted(t for t, _ in sends)
-    assert _max_in_window(times, 1.0) <= 20                     # the fast run paces at the slow run's 20/s
+    assert max_in_window(times, 1.0) <= 20                     # the fast run paces at the slow run's 20/s
     assert fast.agreed == Rate(20, 1.0)
     assert "another run on this API key gave --rate 20/s: the lower rate holds" in caplog.text
     await slow.close()                                           # the slow run ends: back to 100/s
