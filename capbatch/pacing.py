@@ -13,7 +13,8 @@ tests/perf/bench.py ``quota``):
 - Slots are leased from a shared state (a file per API key, or this process's memory), a couple
   at a time, so every run on one key paces against the same grid and takes turns fairly.
 - A thin guard on top keeps the exact promise for this process: it remembers the last R send times
-  and never lets an (R+1)-th send into any window of the quota's length plus half the margin.
+  and never lets an (R+1)-th send into any window of the quota's length plus the margin, so sends
+  bunched by an event-loop stall cannot eat into the margin the server's side of the path needs.
 - A slot reached too late (an event-loop stall) while other runs share the grid is skipped rather
   than sent late, because a late send could crowd a window together with another run's slots.
 """
@@ -97,7 +98,7 @@ class Pacer:
         self._block = max(1, round(lease_seconds / interval))
         self._limit = 2 * self._block * self.priority
         self._late_limit = self._cadence.margin * 0.75
-        self._guard_gap = self._cadence.window + self._cadence.margin / 2
+        self._guard_gap = self._cadence.window + self._cadence.margin
 
     # ---- sending -----------------------------------------------------------------------------
     async def acquire(self) -> None:

@@ -22,9 +22,9 @@ runs at the lowest rate among live members, and each member says so when its own
 Shared back-off: a 429 with Retry-After pauses the whole grid (``pause_until``); systematic
 throttling seen by any member lowers the shared ``factor`` (x0.7, at most once a second), which
 recovers by 5 % of the rate every 2 s without throttling — so one run's 429s slow all of them.
-Any 429 also widens the grid's margin by a step (``jitter``: 4 ms, or 0.1 % of the window), because
-at a correct rate a 429 means the path to the server jitters more than the margin allows; a minute
-without 429s narrows it again by a step.
+Any 429 also widens the grid's margin by a step (``jitter``: 2 ms, or 0.1 % of the window), because
+at a correct rate a 429 means the path to the server jitters more than the margin allows; 30 s
+without 429s narrow it again by a step.
 
 Crash safety: members carry a ``seen`` time and their pid; a member whose process is gone (same
 host) or that has not leased for ``MEMBER_TTL`` is dropped, so a killed run leaves nothing that
@@ -77,9 +77,9 @@ HOST = socket.gethostname()
 GUARD_MAX = 1_000_000    # quotas above this many per window are rescaled to an equivalent window
 MIN_MARGIN = 0.008       # seconds every quota window is stretched by, at least (network jitter)
 MARGIN_FRACTION = 0.002  # ... or this fraction of the window, if larger (0.12 s of a minute)
-JITTER_STEP = 0.004      # each 429 widens the margin by this (or 0.1 % of the window, if larger) ...
+JITTER_STEP = 0.002      # each 429 widens the margin by this (or 0.1 % of the window, if larger) ...
 JITTER_MAX = 0.05        # ... up to this fraction of the window
-JITTER_DECAY = 60.0      # and every this many seconds without a 429 narrows it by one step again
+JITTER_DECAY = 30.0      # and every this many seconds without a 429 narrows it by one step again
 MIN_FACTOR = 0.05        # the 429 back-off never goes below 5 % of the rate
 DECREASE = 0.7           # multiplicative decrease per throttling episode
 INCREASE_EVERY = 2.0     # seconds without throttling between additive increases

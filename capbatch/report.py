@@ -196,7 +196,7 @@ def build_summary(ledger: Ledger, run_dir: Path, *, stop: str | None = None, mes
     if stop is None:
         last = invocations[-1] if invocations else None
         stop = (last or {}).get("outcome") or ("in progress" if last and not last.get("ended_at") else "done")
-    exit_code = exit_code_for(counts, stop if stop in ("aborted", "interrupted") else "done")
+    exit_code = exit_code_for(counts, stop if stop in ("aborted", "interrupted", "paused") else "done")
     summary: dict[str, Any] = {
         "run_dir": str(run_dir),
         "input": {
