@@ -11,7 +11,8 @@ Requests per row:
 - reconcile reads every card first (one GET each);
 - rows in flight when an earlier run stopped are read first (``--resume-check read``);
 - ``--generate-missing`` asks GET /v2/cardNumber once per row without an external ID;
-- the canary (issue 11's ``--canary K``) reads K cards before the pool starts;
+- the canary (issue 11's ``--canary K``) reads K cards before the pool starts, and ``--read-back``
+  reads every card after its PUT;
 - one preflight read checks the credentials before the pool starts.
 Retries are not in the plan: they depend on the API on the day (the summary's actual figures show them).
 """
@@ -42,6 +43,7 @@ class PlanSettings:
     rate: Rate | None = None
     read_rate: Rate | None = None
     canary_reads: int = 0          # hook for issue 11's --canary K: reads before the pool starts
+    read_back: bool = False        # hook for issue 11's --read-back: one GET after every PUT
     deadline: float | None = None  # epoch seconds
     deadline_text: str | None = None
 
@@ -129,6 +131,7 @@ def make_plan(counts: dict[str, int], missing_external_ids: int, ps: PlanSetting
         "reconcile": rows if ps.mode == "reconcile" else 0,
         "resume": unknown if ps.mode != "reconcile" and ps.resume_check == "read" else 0,
         "generate_missing": missing_external_ids if ps.generate_missing else 0,
+        "read_back": rows if ps.read_back else 0,
         "canary": min(ps.canary_reads, rows) if rows else 0,
         "preflight": 1 if rows else 0,
     }

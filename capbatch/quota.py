@@ -41,6 +41,7 @@ A backend stores one :class:`QuotaState` per :class:`QuotaKey` and applies the p
         async def throttled(self, key, member, now, retry_after, slow_down) -> bool
         async def leave(self, key, member, unused_slots, now) -> None
         def describe(self) -> str   # where the state lives, for messages
+        def close(self) -> None     # release files / connections
 
 ``now`` and every slot are wall-clock epoch seconds (``time.time()``), comparable between
 processes. :class:`FileQuotaBackend` keeps the state as a small JSON file per key in a user-level
@@ -48,7 +49,10 @@ state directory, read-modify-written under ``fcntl.flock`` (released by the kern
 dies, so a lock can never go stale); :class:`MemoryQuotaBackend` keeps it in the process (one run
 alone, and tests). A database backend keeps the same state in one row per key, updated in one
 transaction (``SELECT ... FOR UPDATE``, apply the rule, ``UPDATE``), and sets ``lease_seconds`` to
-about a second so each worker process leases a second's worth of slots per round trip.
+about a second so each worker process leases a second's worth of slots per round trip. Across
+hosts the slots are compared on each host's own clock, so the hosts' clocks must be synchronised
+(NTP): any skew between them eats into the margin; members on other hosts are not pid-checked and
+expire by ``MEMBER_TTL`` alone.
 """
 
 from __future__ import annotations
@@ -336,6 +340,8 @@ class QuotaBackend(Protocol):
 
     def describe(self) -> str: ...
 
+    def close(self) -> None: ...
+
 
 class MemoryQuotaBackend:
     """The quota state in this process only: one run pacing itself (and the tests)."""
@@ -360,6 +366,9 @@ class MemoryQuotaBackend:
 
     def describe(self) -> str:
         return "this process only"
+
+    def close(self) -> None:
+        self.states.clear()
 
 
 class QuotaLockTimeout(Exception):
@@ -465,8 +474,7 @@ class FileQuotaBackend:
 
     def read(self, key: QuotaKey) -> QuotaState:
         """The state as stored (for status and tests); no lock, no change."""
-        fd = self._fd(key)
-        return self._load(key, fd)
+        return self._load(key, self._fd(key))
 
     def close(self) -> None:
         for fd in self._fds.values():
@@ -499,13 +507,15 @@ def open_backend(directory: Path | None) -> QuotaBackend:
         return MemoryQuotaBackend()
 
 
-def live_peers(backend: QuotaBackend, key: QuotaKey, rate: Rate, now: float) -> int:
-    """How many runs are sharing ``key`` right now (read without changing anything)."""
-    if not isinstance(backend, FileQuotaBackend):
+def live_peers(directory: Path | None, key: QuotaKey, rate: Rate, now: float) -> int:
+    """How many runs share ``key`` right now, read from its state file (nothing is created or changed)."""
+    if directory is not None and str(directory).lower() in ("none", "off"):
         return 0
+    path = (Path(directory) if directory is not None else default_quota_dir()) / f"{key.name}.json"
     try:
-        state = backend.read(key)
-    except OSError:
+        data = json.loads(path.read_bytes())
+        state = QuotaState.from_json(data["state"]) if data.get("key") == key.name else QuotaState()
+    except (OSError, ValueError, KeyError, TypeError):
         return 0
     prune(state, now, rate)
     return len(state.members)

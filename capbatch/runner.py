@@ -28,7 +28,7 @@ from .pacing import shared_pacers
 from .plan import Plan, PlanSettings, announce, check_deadline, make_plan
 from .plan import actual as plan_actual
 from .progress import Progress, choose_mode
-from .quota import QuotaKey, credential_fingerprint, live_peers, open_backend
+from .quota import QuotaKey, credential_fingerprint, live_peers
 from .window import SYSTEM_CLOCK, Clock, Schedule, WindowGate, human_duration, parse_deadline, schedule_for
 from .rules import RuleSettings, Verdict, check_row
 from .source import InputOptions, InputTable, file_sha256, open_input
@@ -337,8 +337,7 @@ def _plan_before_run(s: Settings, prepared: Prepared, schedule: Schedule | None 
     try:
         shared = 0
         if base_url and s.rate:
-            backend = open_backend(s.quota_dir)
-            shared = live_peers(backend, QuotaKey(base_url, credential_fingerprint(s.credentials)), s.rate, now)
+            shared = live_peers(s.quota_dir, QuotaKey(base_url, credential_fingerprint(s.credentials)), s.rate, now)
         plan = make_plan(source.counts(), source.missing_external_ids(), plan_settings(s, now), schedule, now,
                          shared_with=shared)
     finally:
@@ -389,7 +388,7 @@ async def _run_engine(s: Settings, ledger: Ledger, base_url: str, schedule: Sche
                       clock: Clock = SYSTEM_CLOCK) -> EngineResult:
     async with CapillaryClient(base_url, s.credentials, timeout=s.timeout, verify_tls=s.verify_tls,
                                max_connections=s.concurrency + 4) as client:
-        pacer, read_pacer, _backend = shared_pacers(s.rate, s.read_rate, target=base_url, credentials=s.credentials,
+        pacer, read_pacer, backend = shared_pacers(s.rate, s.read_rate, target=base_url, credentials=s.credentials,
                                                     quota_dir=s.quota_dir, priority=s.priority)
         gate = WindowGate(schedule or Schedule(), clock)
         engine = Engine(s, ledger, client, pacers=(pacer, read_pacer), window=gate)
@@ -432,6 +431,7 @@ async def _run_engine(s: Settings, ledger: Ledger, base_url: str, schedule: Sche
                 loop.remove_signal_handler(sig)
             for p in {pacer, read_pacer}:
                 await p.close()
+            backend.close()
 
 
 def _log_summary(summary: dict[str, Any]) -> None:

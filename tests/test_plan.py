@@ -27,7 +27,8 @@ COUNTS = {"pending": 1_234_000, "in_flight": 567, "succeeded": 10, "rejected": 3
 def test_the_issues_example_one_request_per_row_plus_the_reads():
     plan = make_plan(COUNTS, 0, PlanSettings(rate=Rate(1000, 60)), Schedule(), at("2026-03-02T08:00"))
     assert plan.rows_to_send == 1_234_567
-    assert plan.read_detail == {"reconcile": 0, "resume": 567, "generate_missing": 0, "canary": 0, "preflight": 1}
+    assert plan.read_detail == {"reconcile": 0, "resume": 567, "generate_missing": 0, "read_back": 0, "canary": 0,
+                                "preflight": 1}
     assert plan.requests_expected == 1_234_567 + 567 + 1
     assert plan.rate_per_second == pytest.approx(1000 / 60)
     assert plan.eta_seconds == pytest.approx(plan.requests_expected / (1000 / 60))
@@ -35,12 +36,13 @@ def test_the_issues_example_one_request_per_row_plus_the_reads():
 
 
 def test_reads_for_reconcile_generate_missing_and_the_canary_and_a_separate_read_rate():
-    ps = PlanSettings(mode="reconcile", generate_missing=True, canary_reads=5, rate=Rate(100, 1.0),
+    ps = PlanSettings(mode="reconcile", generate_missing=True, canary_reads=5, read_back=True, rate=Rate(100, 1.0),
                       read_rate=Rate(50, 1.0))
     plan = make_plan({"pending": 1000, "in_flight": 0}, 40, ps, Schedule(), 0.0)
-    assert plan.read_detail == {"reconcile": 1000, "resume": 0, "generate_missing": 40, "canary": 5, "preflight": 1}
-    assert plan.puts == 1000 and plan.requests_expected == 2046
-    assert plan.send_seconds == pytest.approx(1046 / 50)          # the read quota is the slower one
+    assert plan.read_detail == {"reconcile": 1000, "resume": 0, "generate_missing": 40, "read_back": 1000,
+                                "canary": 5, "preflight": 1}
+    assert plan.puts == 1000 and plan.requests_expected == 3046
+    assert plan.send_seconds == pytest.approx(2046 / 50)          # the read quota is the slower one
     resend = make_plan({"pending": 10, "in_flight": 4}, 0, PlanSettings(resume_check="resend", rate=Rate(1, 1.0)),
                        Schedule(), 0.0)
     assert resend.requests_expected == 15 and resend.read_detail["resume"] == 0
