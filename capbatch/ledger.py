@@ -424,6 +424,11 @@ class Ledger:
             raise _wrap(exc, self.path) from exc
         yield from cur
 
+    def rows_in_states(self, states: Sequence[str] = ()) -> Iterator[sqlite3.Row]:
+        """Rows (all of them, or those in ``states``) in input order, each a mapping of column -> value."""
+        marks = ",".join("?" * len(states))
+        yield from self.iter_rows(f"WHERE state IN ({marks})" if states else "", tuple(states))
+
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         return list(self._exec(sql, params))
 
