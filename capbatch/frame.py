@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import sys
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 from capbatch.errors import InputFileError, UsageError
 from capbatch.source import (
@@ -69,13 +69,19 @@ class MemoryTable:
                  keys: tuple[int, int], notes: list[str]) -> None:
         self.format = kind                 # "dataframe" | "records"
         self.columns = columns
-        self._cells = cells                # one list of Python values per column
         self._labels = labels              # the row label reported for each row
         self._card_idx, self._ext_idx = keys
         self.card_column = columns[keys[0]]
         self.external_id_column = columns[keys[1]]
         self.notes = notes
         self.row_count = len(labels)
+        self.numbered_by_position = isinstance(labels, range)   # True when labels are not the index's
+        # Cells become text once, column by column (a str cell is kept as the same object).
+        self._texts = [[v if type(v) is str else _text(v) for v in column] for column in cells]
+        where = "in the DataFrame" if kind == "dataframe" else "in the input"
+        self._problems = [{i: p for i, v in enumerate(cells[at]) if type(v) is not str
+                           and (p := _not_text(v, self._texts[at][i], label, where))}
+                          for at, label in zip(keys, _KEY_LABELS)]
         self._sha256: str | None = None
 
     def __repr__(self) -> str:
@@ -88,25 +94,21 @@ class MemoryTable:
 
     def rows(self) -> Iterator[SourceRow]:
         ci, ei = self._card_idx, self._ext_idx
-        where = "in the DataFrame" if self.format == "dataframe" else "in the input"
-        for label, cells in zip(self._labels, zip(*self._cells)):
-            values = [_text(v) for v in cells]
-            card_problem = _not_text(cells[ci], values[ci], _KEY_LABELS[0], where)
-            ext_problem = _not_text(cells[ei], values[ei], _KEY_LABELS[1], where)
-            yield SourceRow(None, label, tuple(values), values[ci], values[ei], card_problem, ext_problem)
+        card_problems, ext_problems = self._problems
+        for i, (label, values) in enumerate(zip(self._labels, zip(*self._texts))):
+            yield SourceRow(None, label, values, values[ci], values[ei], card_problems.get(i),
+                            ext_problems.get(i))
 
     def sha256(self) -> str:
-        """A fingerprint of the content (labels, column names, every cell as the rows carry it):
-        the same data gives the same run directory and resumes it, whatever object it came in."""
+        """A fingerprint of the content (column names, row labels, every cell's text and which key cells
+        are not text): the same data gives the same run directory and resumes it, whatever object it
+        came in (a DataFrame of any string dtype, a list of pairs)."""
         if self._sha256 is None:
             h = hashlib.sha256()
-            h.update("\x1f".join(self.columns).encode("utf-8", "surrogatepass"))
-            for row in self.rows():
-                h.update(b"\x1e%d\x1d" % row.row_number)
-                h.update("\x1f".join(row.values).encode("utf-8", "surrogatepass"))
-                for problem in (row.card_problem, row.external_id_problem):
-                    if problem:
-                        h.update(b"\x1d" + str(problem).encode("utf-8", "surrogatepass"))
+            for part in (self.columns, map(str, self._labels), *self._texts):
+                h.update("\x1f".join(part).encode("utf-8", "surrogatepass") + b"\x1e")
+            for problems in self._problems:
+                h.update(repr(sorted(problems.items())).encode("utf-8", "surrogatepass") + b"\x1e")
             self._sha256 = h.hexdigest()
         return self._sha256
 

@@ -18,9 +18,10 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Union
+from typing import TYPE_CHECKING, Any
 
 from . import jobs, report
 from .config import Settings, target_url
@@ -48,7 +49,7 @@ Source = Any
 class Input:
     """An input opened and checked as a whole, with the fingerprint of its content."""
 
-    table: Union[InputTable, MemoryTable]
+    table: InputTable | MemoryTable
     sha256: str
     name: str                 # file name, or "dataframe" / "records"
     path: Path | None         # None for an in-memory input
@@ -110,7 +111,7 @@ def rule_settings(s: Settings) -> RuleSettings:
                         strip_invisible=s.strip_invisible, allow_missing_external_id=s.generate_missing)
 
 
-def checked_rows(table: Union[InputTable, MemoryTable], rules: RuleSettings) -> Iterator[tuple[Any, ...]]:
+def checked_rows(table: InputTable | MemoryTable, rules: RuleSettings) -> Iterator[tuple[Any, ...]]:
     """Every input row with its verdict, as the ledger stores it."""
     dumps = json.JSONEncoder(ensure_ascii=False).encode   # one encoder, not one per row
     for row in table.rows():
@@ -189,7 +190,7 @@ class Prepared:
 
     ledger: Ledger
     run_dir: Path
-    table: Union[InputTable, MemoryTable]
+    table: InputTable | MemoryTable
     sha256: str
     notes: list[str] = field(default_factory=list)
     freshly_imported: bool = False
