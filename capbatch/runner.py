@@ -359,7 +359,10 @@ def run_async(coro: Any, switch: StopSwitch | None = None) -> Any:
         future = pool.submit(lambda: asyncio.run(make()))
         while True:
             try:
-                return future.result()
+                # Short waits: a signal that lands on another thread only raises KeyboardInterrupt here
+                # once this thread runs Python code again.
+                if concurrent.futures.wait([future], timeout=0.2).done:
+                    return future.result()
             except KeyboardInterrupt:
                 if switch is None:
                     raise

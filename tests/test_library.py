@@ -263,6 +263,43 @@ def test_inside_a_running_event_loop_sync_and_async(tmp_path, sim, fast):
     assert s.card_ids() == dict(pairs)
 
 
+def test_ctrl_c_in_a_notebook_stops_the_run_gracefully(tmp_path, sim, fast):
+    """ipykernel turns "interrupt kernel" into KeyboardInterrupt in the main thread, whose loop is
+    running the cell: the rows are then being sent on capbatch's own thread, which must stop too."""
+    import _thread
+
+    pairs = make_cards(200)
+    s = sim(cards={c: None for c, _ in pairs}, latency=0.01)
+
+    def like_ipykernel(signum, frame):
+        raise KeyboardInterrupt
+
+    def interrupt_when_busy():
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if s.stats()["requests"] >= 30:
+                _thread.interrupt_main()
+                return
+            time.sleep(0.01)
+
+    async def cell():
+        threading.Thread(target=interrupt_when_busy, daemon=True).start()
+        return capbatch.run_backfill(pairs, base_url=s.url, **{**fast, "rate": "100/s"}, concurrency=4)
+
+    previous = signal.signal(signal.SIGINT, like_ipykernel)
+    try:
+        with pytest.raises(capbatch.Interrupted):
+            asyncio.run(cell())
+        assert signal.getsignal(signal.SIGINT) is like_ipykernel
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    run_dir = next((tmp_path / "reports").iterdir())
+    stopped = json.loads((run_dir / "summary.json").read_text())
+    assert stopped["stop"] == "interrupted" and 0 < stopped["counts"]["succeeded"] < len(pairs)
+    assert capbatch.run_backfill(pairs, base_url=s.url, **fast).exit_code == 0
+    assert s.card_ids() == dict(pairs)
+
+
 async def test_cancelling_the_async_run_stops_it_and_it_resumes(tmp_path, sim, fast):
     pairs = make_cards(200)
     s = sim(cards={c: None for c, _ in pairs}, latency=0.01)
