@@ -67,6 +67,8 @@ def _validation_fingerprint(s: Settings, table: InputTable) -> dict[str, Any]:
 
 
 def default_run_dir(s: Settings, input_path: Path, sha256: str) -> Path:
+    if s.job:
+        return jobs.run_dir_for(s.reports_dir, s.job, input_path.stem, sha256, latest=s.retry_failed)
     return s.reports_dir / f"{input_path.stem}-{sha256[:12]}"
 
 
@@ -94,8 +96,10 @@ def prepare(s: Settings, run_dir: Path | None = None) -> Prepared:
                 raise LedgerError(
                     f"run directory {run_dir} belongs to different input content "
                     f"(ledger {known[:12] if known else '?'}…, {path.name} is {sha[:12]}…)",
-                    "the file changed since that run: use a new --run-dir (or omit it) to start a new run, "
-                    "or restore the original file to resume" if explicit else "use a new --run-dir")
+                    _changed_input_hint(s) if explicit else "use a new --run-dir")
+            if ledger.get_meta("reverted_at"):
+                raise LedgerError(f"the run in {run_dir} was reverted (capbatch revert) and cannot be resumed",
+                                  "fix the input and start a new run (a changed file gets a new run directory)")
             stored = ledger.get_meta_json("validation", {})
             if stored != fingerprint:
                 changed = sorted(k for k in fingerprint if stored.get(k) != fingerprint[k])
@@ -120,6 +124,15 @@ def prepare(s: Settings, run_dir: Path | None = None) -> Prepared:
         ledger.close()
         raise
     return Prepared(ledger, run_dir, table, sha, list(table.notes), fresh)
+
+
+def _changed_input_hint(s: Settings) -> str:
+    if s.job:
+        return (f"the file changed since that run. With --job every export gets its own run directory under "
+                f"{jobs.job_dir(s.reports_dir, s.job)}: drop --run-dir. To resume that run, restore the original file")
+    return ("the file changed since that run. For a nightly export, drop --run-dir and name a job instead "
+            "(--job NAME --skip-confirmed): every export gets its own run directory and the job remembers "
+            "the pairs already confirmed (README: Jobs). To resume that run, restore the original file")
 
 
 def _ledger_rows(table: InputTable, rules: RuleSettings) -> Iterator[tuple[Any, ...]]:
@@ -223,8 +236,19 @@ def run(s: Settings) -> dict[str, Any]:
     Raises the same :class:`~capbatch.errors.CapbatchError` subclasses the CLI reports; a run that
     ends with failed or rejected rows is not an exception: read ``summary["exit_code"]``.
     """
+    if s.job and not s.dry_run:
+        with jobs.lock(s.reports_dir, jobs.check_name(s.job)):   # one run of a job at a time
+            return _run(s)
+    return _run(s)
+
+
+def _run(s: Settings) -> dict[str, Any]:
     if s.skip_confirmed and not s.job:
         raise UsageError("--skip-confirmed needs --job NAME", "name the job whose earlier runs confirmed the pairs")
+    if s.audit_fraction and not s.skip_confirmed:
+        raise UsageError("--audit-fraction needs --skip-confirmed",
+                         "the audit re-reads a slice of the pairs --skip-confirmed would not send; "
+                         "without it every row is sent anyway")
     if s.job:
         jobs.check_name(s.job)
     if s.dry_run:
@@ -233,6 +257,8 @@ def run(s: Settings) -> dict[str, Any]:
     _require_credentials(s)
     if not s.verify_tls:
         log.warning("TLS certificate verification is OFF (--no-verify-tls): use this only for a trusted test host")
+    if s.job:
+        jobs.bind_target(jobs.store_path(s.reports_dir), s.job, base_url)
     prepared = prepare(s)
     ledger, run_dir = prepared.ledger, prepared.run_dir
     file_log = _attach_json_log(run_dir)
@@ -247,9 +273,18 @@ def run(s: Settings) -> dict[str, Any]:
             counts = ledger.counts()
             log.info("resuming: %s", report.status_line(counts))
         ledger.set_meta("settings", json.dumps(s.public_dict(), default=str))
+        if s.retry_failed:
+            log.info("--retry-failed: %d failed rows go out again (rejected rows stay rejected)",
+                     ledger.requeue_failed())
+        if s.job:
+            ledger.set_meta("job", s.job)
+            ledger.set_meta("job_store", str(jobs.store_path(s.reports_dir).resolve()))
         if s.job and s.skip_confirmed:
-            skipped = jobs.skip_confirmed(ledger, jobs.store_path(s.reports_dir), s.job)
+            skipped, audited = jobs.skip_confirmed(ledger, jobs.store_path(s.reports_dir), s.job, s.audit_fraction)
             log.info("job %s: %d rows already confirmed by earlier runs, settled without a request", s.job, skipped)
+            if s.audit_fraction:
+                log.info("job %s: rolling audit re-reads %d confirmed pairs this run (--audit-fraction %g)",
+                         s.job, audited, s.audit_fraction)
         log.info("target %s, auth %s, rate %s, concurrency %d", base_url, s.credentials.kind,
                  s.rate or "unlimited", s.concurrency)
         result = run_async(_run_engine(s, ledger, base_url))
@@ -324,12 +359,15 @@ async def _run_engine(s: Settings, ledger: Ledger, base_url: str) -> EngineResul
 
 def _log_summary(summary: dict[str, Any]) -> None:
     c = summary["counts"]
+    audit = summary.get("audit")
     log.info(
         "done: %d succeeded, %d unchanged, %d failed, %d rejected, %d duplicates, %d pending — "
-        "%d requests, %.1f rows/s; reports in %s",
+        "%d requests, %.1f rows/s%s; reports in %s",
         c["succeeded"], c["unchanged"], c["failed"], c["rejected"], c["duplicate"],
         c["pending"] + c["in_flight"], summary["this_invocation"]["requests"],
-        summary["throughput_rows_per_second"], summary["run_dir"])
+        summary["throughput_rows_per_second"],
+        f"; audit: {audit['rows']} re-read, {audit['drift_fixed']} drifted and put back" if audit else "",
+        summary["run_dir"])
     if c["failed"] or c["rejected"]:
         log.info("fix the rows in %s and feed it back: capbatch run %s ...",
                  Path(summary["run_dir"]) / report.FAILURES_CSV, Path(summary["run_dir"]) / report.FAILURES_CSV)
