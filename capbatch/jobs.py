@@ -163,7 +163,7 @@ def skip_confirmed(ledger: Ledger, store: Path, job: str, audit_fraction: float 
     With ``audit_fraction`` F, ceil(F x those rows) of them, the longest unchecked first, stay pending
     flagged for the rolling audit (the engine reads the card, and puts the ID back if it drifted). The
     slice is picked once per run directory, so a resumed run does not pick a second one.
-    Returns (rows settled without a request, rows picked for the audit).
+    Returns (rows settled without a request, rows in this run's audit slice).
     """
     if not store.exists():
         return 0, 0
@@ -175,8 +175,8 @@ def skip_confirmed(ledger: Ledger, store: Path, job: str, audit_fraction: float 
         conn.execute("ATTACH DATABASE ? AS jobstore", (str(store),))
         try:
             conn.execute("BEGIN IMMEDIATE")
-            audited = 0
-            picked = conn.execute("SELECT 1 FROM meta WHERE key='audit_picked'").fetchone()
+            picked = conn.execute("SELECT value FROM meta WHERE key='audit_picked'").fetchone()
+            audited = int(picked[0]) if picked else 0
             if audit_fraction and not picked:
                 matched = conn.execute(f"SELECT count(*) {match}", (job,)).fetchone()[0]
                 audited = conn.execute(

@@ -132,7 +132,7 @@ def _changed_input_hint(s: Settings) -> str:
                 f"{jobs.job_dir(s.reports_dir, s.job)}: drop --run-dir. To resume that run, restore the original file")
     return ("the file changed since that run. For a nightly export, drop --run-dir and name a job instead "
             "(--job NAME --skip-confirmed): every export gets its own run directory and the job remembers "
-            "the pairs already confirmed (README: Jobs). To resume that run, restore the original file")
+            "the pairs already confirmed (README: Nightly jobs). To resume that run, restore the original file")
 
 
 def _ledger_rows(table: InputTable, rules: RuleSettings) -> Iterator[tuple[Any, ...]]:
@@ -251,6 +251,10 @@ def _run(s: Settings) -> dict[str, Any]:
                          "without it every row is sent anyway")
     if s.job:
         jobs.check_name(s.job)
+        folder = jobs.job_dir(s.reports_dir, s.job)
+        if s.run_dir and Path(s.run_dir).resolve() == folder.resolve():
+            raise UsageError(f"--run-dir {s.run_dir} is the folder of job {s.job} itself",
+                             f"drop --run-dir: with --job every export gets its own run directory under {folder}")
     if s.dry_run:
         return check_remote(s) if s.check_remote else validate(s)
     base_url = target_url(s)
@@ -368,7 +372,12 @@ def _log_summary(summary: dict[str, Any]) -> None:
         summary["throughput_rows_per_second"],
         f"; audit: {audit['rows']} re-read, {audit['drift_fixed']} drifted and put back" if audit else "",
         summary["run_dir"])
-    if c["failed"] or c["rejected"]:
+    job = (summary.get("settings") or {}).get("job")
+    if (c["failed"] or c["rejected"]) and job:
+        log.info("failed rows go out again with the next run of job %s (now: the same command with "
+                 "--retry-failed); rejected rows need a fixed export; details in %s",
+                 job, Path(summary["run_dir"]) / report.FAILURES_CSV)
+    elif c["failed"] or c["rejected"]:
         log.info("fix the rows in %s and feed it back: capbatch run %s ...",
                  Path(summary["run_dir"]) / report.FAILURES_CSV, Path(summary["run_dir"]) / report.FAILURES_CSV)
 

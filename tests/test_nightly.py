@@ -234,6 +234,8 @@ def test_job_guards(tmp_path, sim, run_cli):
     job = ("run", src, "--base-url", s.url, "--rate", "unlimited", "--job", "eu", "--reports-dir", reports)
     assert run_cli(*job, "--audit-fraction", "0.1").returncode == 2
     assert run_cli(*job, "--skip-confirmed", "--audit-fraction", "1.5").returncode == 2
+    p = run_cli(*job, "--run-dir", reports / "eu")
+    assert p.returncode == 2 and "drop --run-dir" in p.stderr
     # a job remembers its target
     assert run_cli(*job, "--skip-confirmed").returncode == 0
     other = sim(cards={c: None for c, _ in pairs})
@@ -255,3 +257,24 @@ def test_job_guards(tmp_path, sim, run_cli):
     proc.send_signal(signal.SIGTERM)
     proc.communicate()
     assert p.returncode == 2 and "is running on" in p.stderr and "eu" in p.stderr
+
+
+def test_revert_of_a_job_run_updates_the_job_memory(tmp_path, sim, run_cli):
+    pairs = make_cards(4)
+    s = sim(cards={c: f"OLD{i}" for i, (c, _) in enumerate(pairs)})
+    src = write_csv(tmp_path / "export.csv", pairs)
+    reports = tmp_path / "r"
+    night = ("run", src, "--mode", "reconcile", "--base-url", s.url, "--rate", "unlimited", "--job", "j",
+             "--skip-confirmed", "--reports-dir", reports)
+    assert run_cli(*night).returncode == 0
+    run_dir = Path(json.loads(run_cli("history", "--job", "j", "--reports-dir", reports, "--json").stdout)[0]["run_dir"])
+    s.update(cards={pairs[3][0]: "ELSE"})
+    p = run_cli("revert", run_dir, "--rate", "unlimited")
+    assert p.returncode == 1, p.stderr                     # one card changed since: left alone
+    assert s.card_ids() == {**{c: f"OLD{i}" for i, (c, _) in enumerate(pairs[:3])}, pairs[3][0]: "ELSE"}
+    runs = json.loads(run_cli("history", "--job", "j", "--reports-dir", reports, "--json").stdout)
+    assert [r["input_name"] for r in runs] == ["export.csv", f"revert of {run_dir.name}"]
+    # next night, the same export: the job no longer believes the reverted or changed pairs hold
+    before = puts(s)
+    assert run_cli(*night).returncode == 0
+    assert puts(s) - before == 4 and s.card_ids() == dict(pairs)
