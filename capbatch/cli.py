@@ -179,7 +179,7 @@ def validate_cmd(input_path: Path, output: Path | None, json_out: bool, **flags:
 @click.argument("target", metavar="RUN_DIR|INPUT", type=click.Path(path_type=Path, exists=True))
 @click.option("--cluster", type=click.Choice(sorted(config.CLUSTERS), case_sensitive=False))
 @click.option("--base-url")
-@click.option("--rate", "read_rate", help=f"Read rate cap (default: the run's rate, {config.DEFAULT_RATE}).")
+@click.option("--rate", help=f"Read rate cap (default {config.DEFAULT_RATE}; 'unlimited' for none).")
 @click.option("--concurrency", type=int)
 @click.option("--allow-http", is_flag=True, default=None)
 @click.option("--no-verify-tls", "no_verify_tls", is_flag=True, default=False)
