@@ -9,7 +9,11 @@ import signal
 import time
 from pathlib import Path
 
+import pytest
 from conftest import REPO, ledger_query, ledger_rows, make_cards, popen_cli, read_csv, write_csv
+
+from capbatch.config import resolve
+from capbatch.errors import UsageError
 
 
 def readme_nightly_command() -> list[str]:
@@ -232,8 +236,10 @@ def test_job_guards(tmp_path, sim, run_cli):
     assert p.returncode == 2 and "belongs to different input content" in p.stderr and "--job NAME" in p.stderr
     # --audit-fraction needs --skip-confirmed; out of range is refused
     job = ("run", src, "--base-url", s.url, "--rate", "unlimited", "--job", "eu", "--reports-dir", reports)
-    assert run_cli(*job, "--audit-fraction", "0.1").returncode == 2
-    assert run_cli(*job, "--skip-confirmed", "--audit-fraction", "1.5").returncode == 2
+    p = run_cli(*job, "--audit-fraction", "0.1")
+    assert p.returncode == 2 and "--audit-fraction needs --skip-confirmed" in p.stderr
+    with pytest.raises(UsageError, match="out of range"):
+        resolve({"audit_fraction": "1.5"}, {})
     p = run_cli(*job, "--run-dir", reports / "eu")
     assert p.returncode == 2 and "drop --run-dir" in p.stderr
     # a job remembers its target
@@ -246,7 +252,7 @@ def test_job_guards(tmp_path, sim, run_cli):
     before = puts(s)
     assert run_cli(*job, "--skip-confirmed").returncode == 0 and puts(s) - before == 2
     # one run of a job at a time
-    s.update(latency=0.5)
+    s.update(latency=0.3)
     write_csv(tmp_path / "export.csv", pairs)
     proc = popen_cli(*job, "--concurrency", "1", cwd=tmp_path)
     assert proc.stdout is not None
@@ -278,3 +284,22 @@ def test_revert_of_a_job_run_updates_the_job_memory(tmp_path, sim, run_cli):
     before = puts(s)
     assert run_cli(*night).returncode == 0
     assert puts(s) - before == 4 and s.card_ids() == dict(pairs)
+
+
+def test_a_ledger_from_before_the_audit_and_revert_columns_is_upgraded(tmp_path):
+    import sqlite3
+
+    from capbatch.ledger import SCHEMA_VERSION, Ledger
+
+    with Ledger.open(tmp_path) as ledger:
+        ledger.import_rows([(None, 2, '["1","A"]', "1", "A", "pending", None, None, None)])
+    conn = sqlite3.connect(tmp_path / "ledger.sqlite")
+    conn.executescript("ALTER TABLE rows DROP COLUMN audit; ALTER TABLE rows DROP COLUMN expect_external_id; "
+                       "UPDATE meta SET value='1' WHERE key='schema_version';")
+    conn.close()
+    with Ledger.open_readonly(tmp_path) as old:
+        assert old.audit_counts() == {}                 # reports still work on the old file, read-only
+    with Ledger.open(tmp_path) as ledger:
+        assert ledger.get_meta("schema_version") == str(SCHEMA_VERSION)
+        row = ledger.pending_page(0, 10)[0]
+        assert (row.card, row.audit, row.expect) == ("1", False, None)
