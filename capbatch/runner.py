@@ -133,19 +133,23 @@ def validation_fingerprint(inp: Input, header_row: int, rules: RuleSettings) -> 
 
 
 # ==== 3. ledger ======================================================================================
-def default_run_dir(reports_dir: Path, inp: Input) -> Path:
-    """reports/<input>-<content hash>: the same content (file or in-memory) finds the same run again."""
+def default_run_dir(reports_dir: Path, inp: Input, job: str | None = None, latest: bool = False) -> Path:
+    """reports/<input>-<content hash>: the same content (file or in-memory) finds the same run again.
+    A job's runs go under reports/<job>/ (see jobs.run_dir_for; ``latest``: --retry-failed)."""
+    if job:
+        return jobs.run_dir_for(reports_dir, job, inp.stem, inp.sha256, latest=latest)
     return reports_dir / f"{inp.stem}-{inp.sha256[:12]}"
 
 
 def load_ledger(run_dir: Path, inp: Input, rules: RuleSettings, fingerprint: dict[str, Any],
-                explicit: bool) -> tuple[Ledger, bool]:
+                changed_hint: str) -> tuple[Ledger, bool]:
     """Open (or create) the run's ledger; import and check the rows the first time. Returns
-    (ledger, freshly_imported). Resuming with other content or other validation settings is refused."""
+    (ledger, freshly_imported). Resuming with other content or other validation settings, or a run
+    that was reverted, is refused; ``changed_hint`` is what to say when the content changed."""
     ledger = Ledger.open(run_dir)
     try:
         if ledger.is_imported():
-            _check_same_run(ledger, run_dir, inp, fingerprint, explicit)
+            _check_same_run(ledger, run_dir, inp, fingerprint, changed_hint)
             return ledger, False
         ledger.reset_import()
         ledger.import_rows(checked_rows(inp.table, rules))
@@ -166,16 +170,15 @@ def load_ledger(run_dir: Path, inp: Input, rules: RuleSettings, fingerprint: dic
 
 
 def _check_same_run(ledger: Ledger, run_dir: Path, inp: Input, fingerprint: dict[str, Any],
-                    explicit: bool) -> None:
+                    changed_hint: str) -> None:
     known = ledger.get_meta("input_sha256")
     if known != inp.sha256:
-        what = "the file" if inp.path else "the data"
         raise LedgerError(
             f"run directory {run_dir} belongs to different input content "
-            f"(ledger {known[:12] if known else '?'}…, {inp.name} is {inp.sha256[:12]}…)",
-            f"{what} changed since that run: use a new --run-dir (or omit it) to start a new run, "
-            f"or restore the original {'file' if inp.path else 'data'} to resume" if explicit
-            else "use a new --run-dir")
+            f"(ledger {known[:12] if known else '?'}…, {inp.name} is {inp.sha256[:12]}…)", changed_hint)
+    if ledger.get_meta("reverted_at"):
+        raise LedgerError(f"the run in {run_dir} was reverted (capbatch revert) and cannot be resumed",
+                          "fix the input and start a new run (a changed file gets a new run directory)")
     stored = ledger.get_meta_json("validation", {})
     if stored != fingerprint:
         changed = sorted(k for k in fingerprint if stored.get(k) != fingerprint[k])
@@ -201,9 +204,20 @@ def prepare(s: Settings, run_dir: Path | None = None, source: Source = None) -> 
     inp = read_input(s.input if source is None else source, input_options(s))
     rules = rule_settings(s)
     explicit = run_dir is not None or s.run_dir is not None
-    run_dir = Path(run_dir or s.run_dir or default_run_dir(s.reports_dir, inp))
-    ledger, fresh = load_ledger(run_dir, inp, rules, validation_fingerprint(inp, s.header_row, rules), explicit)
+    run_dir = Path(run_dir or s.run_dir or default_run_dir(s.reports_dir, inp, s.job, s.retry_failed))
+    hint = _changed_input_hint(s, "file" if inp.path else "data") if explicit else "use a new --run-dir"
+    ledger, fresh = load_ledger(run_dir, inp, rules, validation_fingerprint(inp, s.header_row, rules), hint)
     return Prepared(ledger, run_dir, inp.table, inp.sha256, list(inp.table.notes), fresh)
+
+
+def _changed_input_hint(s: Settings, what: str = "file") -> str:
+    if s.job:
+        return (f"the {what} changed since that run. With --job every export gets its own run directory under "
+                f"{jobs.job_dir(s.reports_dir, s.job)}: drop --run-dir. To resume that run, restore the "
+                f"original {what}")
+    return (f"the {what} changed since that run. For a nightly export, drop --run-dir and name a job instead "
+            "(--job NAME --skip-confirmed): every export gets its own run directory and the job remembers "
+            f"the pairs already confirmed (README: Nightly jobs). To resume that run, restore the original {what}")
 
 
 def validation_report(ledger: Ledger) -> dict[str, Any]:
@@ -338,6 +352,11 @@ async def _engine_session(s: Settings, ledger: Ledger, base_url: str, switch: St
                 await progress.stop()
 
 
+async def _run_engine(s: Settings, ledger: Ledger, base_url: str) -> EngineResult:
+    """The engine stage as a coroutine (capbatch revert runs it on its own ledger)."""
+    return await _engine_session(s, ledger, base_url, StopSwitch())
+
+
 def send_rows(s: Settings, ledger: Ledger, base_url: str, switch: StopSwitch) -> EngineResult:
     """Stage 4: settle every pending row of ``ledger`` through the API. The engine takes the whole
     Settings (rate, retries, modes, grace period...); this stage adds the client and the stop switch."""
@@ -383,13 +402,21 @@ def write_run_reports(ledger: Ledger, run_dir: Path, result: EngineResult) -> Su
 
 def _log_summary(summary: dict[str, Any]) -> None:
     c = summary["counts"]
+    audit = summary.get("audit")
     log.info(
         "done: %d succeeded, %d unchanged, %d failed, %d rejected, %d duplicates, %d pending — "
-        "%d requests, %.1f rows/s; reports in %s",
+        "%d requests, %.1f rows/s%s; reports in %s",
         c["succeeded"], c["unchanged"], c["failed"], c["rejected"], c["duplicate"],
         c["pending"] + c["in_flight"], summary["this_invocation"]["requests"],
-        summary["throughput_rows_per_second"], summary["run_dir"])
-    if c["failed"] or c["rejected"]:
+        summary["throughput_rows_per_second"],
+        f"; audit: {audit['rows']} re-read, {audit['drift_fixed']} drifted and put back" if audit else "",
+        summary["run_dir"])
+    job = (summary.get("settings") or {}).get("job")
+    if (c["failed"] or c["rejected"]) and job:
+        log.info("failed rows go out again with the next run of job %s (now: the same command with "
+                 "--retry-failed); rejected rows need a fixed export; details in %s",
+                 job, Path(summary["run_dir"]) / report.FAILURES_CSV)
+    elif c["failed"] or c["rejected"]:
         log.info("fix the rows in %s and feed it back: capbatch run %s ...",
                  Path(summary["run_dir"]) / report.FAILURES_CSV, Path(summary["run_dir"]) / report.FAILURES_CSV)
 
@@ -426,16 +453,33 @@ def run(s: Settings, source: Source = None, *, stop: StopSwitch | None = None) -
     ends with failed or rejected rows is not an exception: read ``summary.exit_code``. ``stop`` lets
     another thread stop the run (the library's async entry point uses it).
     """
+    if s.job and not s.dry_run:
+        with jobs.lock(s.reports_dir, jobs.check_name(s.job)):   # one run of a job at a time
+            return _run(s, source, stop)
+    return _run(s, source, stop)
+
+
+def _run(s: Settings, source: Source, stop: StopSwitch | None) -> Summary:
     if s.skip_confirmed and not s.job:
         raise UsageError("--skip-confirmed needs --job NAME", "name the job whose earlier runs confirmed the pairs")
+    if s.audit_fraction and not s.skip_confirmed:
+        raise UsageError("--audit-fraction needs --skip-confirmed",
+                         "the audit re-reads a slice of the pairs --skip-confirmed would not send; "
+                         "without it every row is sent anyway")
     if s.job:
         jobs.check_name(s.job)
+        folder = jobs.job_dir(s.reports_dir, s.job)
+        if s.run_dir and Path(s.run_dir).resolve() == folder.resolve():
+            raise UsageError(f"--run-dir {s.run_dir} is the folder of job {s.job} itself",
+                             f"drop --run-dir: with --job every export gets its own run directory under {folder}")
     if s.dry_run:
         return check_remote(s, source) if s.check_remote else validate(s, source=source)
     base_url = target_url(s)
     _require_credentials(s)
     if not s.verify_tls:
         log.warning("TLS certificate verification is OFF (--no-verify-tls): use this only for a trusted test host")
+    if s.job:
+        jobs.bind_target(jobs.store_path(s.reports_dir), s.job, base_url)
     switch = stop or StopSwitch()
     prepared = prepare(s, source=source)
     ledger, run_dir = prepared.ledger, prepared.run_dir
@@ -449,9 +493,18 @@ def run(s: Settings, source: Source = None, *, stop: StopSwitch | None = None) -
         if not prepared.freshly_imported:
             log.info("resuming: %s", report.status_line(ledger.counts()))
         ledger.set_meta("settings", json.dumps(s.public_dict(), default=str))
+        if s.retry_failed:
+            log.info("--retry-failed: %d failed rows go out again (rejected rows stay rejected)",
+                     ledger.requeue_failed())
+        if s.job:
+            ledger.set_meta("job", s.job)
+            ledger.set_meta("job_store", str(jobs.store_path(s.reports_dir).resolve()))
         if s.job and s.skip_confirmed:
-            skipped = jobs.skip_confirmed(ledger, jobs.store_path(s.reports_dir), s.job)
+            skipped, audited = jobs.skip_confirmed(ledger, jobs.store_path(s.reports_dir), s.job, s.audit_fraction)
             log.info("job %s: %d rows already confirmed by earlier runs, settled without a request", s.job, skipped)
+            if s.audit_fraction:
+                log.info("job %s: rolling audit re-reads %d confirmed pairs this run (--audit-fraction %g)",
+                         s.job, audited, s.audit_fraction)
         if switch.pressed:
             raise Interrupted("run stopped before the first request", "rerun the same command to resume")
         log.info("target %s, auth %s, rate %s, concurrency %d", base_url, s.credentials.kind,
