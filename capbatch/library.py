@@ -117,7 +117,7 @@ def _a(value: Any) -> str:
 
 # ---- running ----------------------------------------------------------------------------------------
 def run_backfill(source: Any, *, config_file: Any = None, env: Mapping[str, str] | None = None,
-                 **settings: Any) -> Summary:
+                 **settings: Any) -> Summary | dict[str, Any]:
     """Run (or resume) a backfill of ``source`` and return its :class:`~capbatch.summary.Summary`.
 
     ``source`` is a CSV/Excel path, a ``pandas.DataFrame`` (text columns; see README "Use from code"),
@@ -125,7 +125,8 @@ def run_backfill(source: Any, *, config_file: Any = None, env: Mapping[str, str]
     options with underscores; credentials come from ``env`` (default ``os.environ``). The same content
     finds the same run directory again, so calling again resumes. Rows that failed or were rejected
     are not an exception: ``summary.exit_code`` is 1. An aborted run raises :class:`RunAborted`, a
-    stopped one (Ctrl-C, SIGTERM) :class:`Interrupted`; both are resumable.
+    stopped one (Ctrl-C, SIGTERM) :class:`Interrupted`; both are resumable. With ``dry_run=True``
+    nothing is sent and the result is :func:`validate_file`'s counts.
 
     Works where an event loop is already running (a notebook): the requests then run on a thread of
     their own. From a coroutine, prefer :func:`run_backfill_async`, which does not block the loop.
@@ -137,7 +138,7 @@ def run_backfill(source: Any, *, config_file: Any = None, env: Mapping[str, str]
 
 
 async def run_backfill_async(source: Any, *, config_file: Any = None, env: Mapping[str, str] | None = None,
-                             **settings: Any) -> Summary:
+                             **settings: Any) -> Summary | dict[str, Any]:
     """:func:`run_backfill` for async code: the run goes to a worker thread, so the caller's event loop
     stays free. Cancelling the awaiting task stops the run like SIGTERM (requests in flight finish
     within the grace period; a second cancel cuts them off), then re-raises ``CancelledError``; rerun

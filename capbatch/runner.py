@@ -445,9 +445,9 @@ def _detach(handler: logging.Handler | None) -> None:
 
 
 # ==== the entry points ===============================================================================
-def run(s: Settings, source: Source = None, *, stop: StopSwitch | None = None) -> Summary:
+def run(s: Settings, source: Source = None, *, stop: StopSwitch | None = None) -> Summary | dict[str, Any]:
     """Run (or resume) a backfill of ``source`` (default ``s.input``). Returns the summary (also
-    written to summary.json).
+    written to summary.json); with ``dry_run`` the validation counts (see :func:`validate`).
 
     Raises the same :class:`~capbatch.errors.CapbatchError` subclasses the CLI reports; a run that
     ends with failed or rejected rows is not an exception: read ``summary.exit_code``. ``stop`` lets
@@ -459,7 +459,7 @@ def run(s: Settings, source: Source = None, *, stop: StopSwitch | None = None) -
     return _run(s, source, stop)
 
 
-def _run(s: Settings, source: Source, stop: StopSwitch | None) -> Summary:
+def _run(s: Settings, source: Source, stop: StopSwitch | None) -> Summary | dict[str, Any]:
     if s.skip_confirmed and not s.job:
         raise UsageError("--skip-confirmed needs --job NAME", "name the job whose earlier runs confirmed the pairs")
     if s.audit_fraction and not s.skip_confirmed:
