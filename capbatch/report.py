@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .ledger import Ledger, State
+from .report_html import REPORT_HTML, write_html  # noqa: F401  (REPORT_HTML: re-exported name)
 from .source import REPORT_MARKER_COLUMN
 
 RESULTS_CSV = "results.csv"
 FAILURES_CSV = "failures.csv"
 SUMMARY_JSON = "summary.json"
-REPORT_HTML = "report.html"
 
 FORMULA_TRIGGERS = ("=", "+", "-", "@", "\t", "\r")
 # A value that already starts with ' + trigger gets the prefix too, so the reader's "strip one
@@ -142,15 +142,6 @@ def _fit(values: list[str], width: int) -> list[str]:
     return values[:width] + [""] * (width - len(values))
 
 
-def latency_histogram(ledger: Ledger) -> list[tuple[int, int]]:
-    """(bucket_ms, count) with 1 ms buckets below 100 ms, 10 ms up to 1 s, 100 ms above."""
-    sql = ("SELECT CASE WHEN latency_ms < 100 THEN CAST(latency_ms AS INT) "
-           "WHEN latency_ms < 1000 THEN CAST(latency_ms / 10 AS INT) * 10 "
-           "ELSE CAST(latency_ms / 100 AS INT) * 100 END AS b, count(*) "
-           "FROM rows WHERE latency_ms IS NOT NULL GROUP BY b ORDER BY b")
-    return [(int(b), int(n)) for b, n in ledger.query(sql)]
-
-
 def percentiles(ledger: Ledger, points: Iterable[float] = (50, 90, 95, 99)) -> dict[str, float]:
     """Exact latency percentiles (nearest rank) of each row's last request, streamed in one sorted pass."""
     total = ledger.query("SELECT count(*) FROM rows WHERE latency_ms IS NOT NULL")[0][0]
@@ -234,8 +225,6 @@ def write_reports(ledger: Ledger, run_dir: Path, **kwargs: Any) -> dict[str, Any
     write_failures(ledger, run_dir)
     summary = build_summary(ledger, run_dir, **kwargs)
     atomic_write(run_dir / SUMMARY_JSON, lambda fh: json.dump(summary, fh, indent=2, sort_keys=False))
-    from .report_html import write_html  # imported here: report_html builds on this module
-
     write_html(ledger, run_dir, summary)
     return summary
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from . import jobs, report
+from .aio import run_async
 from .api import CapillaryClient
 from .config import Settings, target_url
 from .engine import Engine, EngineResult
@@ -158,18 +159,6 @@ def log_validation(notes: list[str], v: dict[str, Any]) -> None:
     if v["rejected"] > len(v["first_problems"]):
         log.warning("  ... and %d more rejected rows (see failures.csv / the validation CSV)",
                     v["rejected"] - len(v["first_problems"]))
-
-
-def run_async(coro: Any) -> Any:
-    """asyncio.run, also from code that already has a running loop (a notebook): then on a thread."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(coro)
-    import concurrent.futures
-
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="capbatch-run") as pool:
-        return pool.submit(asyncio.run, coro).result()
 
 
 # ---- validate -------------------------------------------------------------------------------------

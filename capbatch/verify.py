@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from .aio import run_async
 from .api import CARD_NOT_FOUND, CapillaryClient, Kind, Outcome
 from .config import Settings
 from .errors import RunAborted
@@ -99,8 +100,6 @@ def check_cards(s: Settings, base_url: str, targets: Iterable[Target], out_csv: 
             if c.status != "match" and counts[c.status] <= 10:
                 log.warning("row %s: card %s %s (intended %r, found %r) %s", c.target.label, c.target.card,
                             c.status, c.target.intended, c.actual, c.message)
-
-        from .runner import run_async
 
         run_async(_check_all(s, base_url, targets, sink))
 
