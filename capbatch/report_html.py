@@ -528,7 +528,7 @@ def _invocations(invocations: list[dict[str, Any]]) -> str:
     rows = []
     for inv in invocations:
         end = inv.get("ended_at")
-        took = (end or time.time()) - float(inv.get("started_at") or 0)
+        took = inv["duration"]   # a killed invocation: up to its last commit
         rows.append((num(inv.get("id")), e(inv.get("pid") or "—"), e(utc(inv.get("started_at"))), e(utc(end)),
                      e(duration(took)), e(inv.get("outcome") or ("running or killed" if not end else "")),
                      e("—" if inv.get("exit_code") is None else inv["exit_code"]), num(inv.get("requests") or 0)))

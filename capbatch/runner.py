@@ -16,13 +16,13 @@ import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
-from . import jobs, report
+from . import announce, jobs, outputs, report
 from .aio import run_async
 from .api import CapillaryClient
 from .config import Settings, target_url
-from .engine import Engine, EngineResult
+from .engine import Counters, Engine, EngineResult
 from .errors import ConfigError, Interrupted, InputFileError, LedgerError, RunAborted, UsageError
 from .ledger import Ledger, row_label
 from .progress import Progress, choose_mode
@@ -212,6 +212,17 @@ def run(s: Settings) -> dict[str, Any]:
     Raises the same :class:`~capbatch.errors.CapbatchError` subclasses the CLI reports; a run that
     ends with failed or rejected rows is not an exception: read ``summary["exit_code"]``.
     """
+    announcer = announce.Announcer(announce.Targets(s.metrics_file, s.pushgateway, s.notify_url, s.job),
+                                   Path(s.input).name if s.input else "")
+    try:
+        return _run(s, announcer)
+    except BaseException as exc:
+        if not s.dry_run:
+            announcer.failed(exc)   # metrics, Pushgateway, webhook: the nights that go wrong too
+        raise
+
+
+def _run(s: Settings, announcer: announce.Announcer) -> dict[str, Any]:
     if s.skip_confirmed and not s.job:
         raise UsageError("--skip-confirmed needs --job NAME", "name the job whose earlier runs confirmed the pairs")
     if s.job:
@@ -222,6 +233,11 @@ def run(s: Settings) -> dict[str, Any]:
     _require_credentials(s)
     if not s.verify_tls:
         log.warning("TLS certificate verification is OFF (--no-verify-tls): use this only for a trusted test host")
+    if s.run_dir:
+        outputs.check_dir(s.run_dir, "--run-dir")
+    else:
+        outputs.check_dir(s.reports_dir, "--reports-dir")
+    announcer.check_writable()
     prepared = prepare(s)
     ledger, run_dir = prepared.ledger, prepared.run_dir
     file_log = _attach_json_log(run_dir)
@@ -241,18 +257,18 @@ def run(s: Settings) -> dict[str, Any]:
             log.info("job %s: %d rows already confirmed by earlier runs, settled without a request", s.job, skipped)
         log.info("target %s, auth %s, rate %s, concurrency %d", base_url, s.credentials.kind,
                  s.rate or "unlimited", s.concurrency)
-        result = run_async(_run_engine(s, ledger, base_url))
+        announcer.attach(ledger)
+        result = run_async(_run_engine(s, ledger, base_url, announcer.tick))
     except BaseException as exc:
-        code = getattr(exc, "exit_code", report.EXIT_INTERRUPTED if isinstance(exc, KeyboardInterrupt)
-                       else report.EXIT_ABORTED)
-        ledger.end_invocation(invocation, code, "interrupted" if code == report.EXIT_INTERRUPTED else "error", 0)
+        code = announce.exit_code_of(exc)
+        ledger.end_invocation(invocation, code, "interrupted" if code == report.EXIT_INTERRUPTED else "error")
         _detach(file_log)
         ledger.close()
         raise
     stop = result.stop
     counts = ledger.counts()
     exit_code = report.exit_code_for(counts, stop)
-    ledger.end_invocation(invocation, exit_code, stop, result.counters.requests)
+    ledger.end_invocation(invocation, exit_code, stop, result.counters.requests, result.counters.by_status)
     summary = report.write_reports(ledger, run_dir, stop=stop, message=result.message,
                                    extra={"this_invocation": {
                                        "requests": result.counters.requests,
@@ -263,6 +279,7 @@ def run(s: Settings) -> dict[str, Any]:
     if s.job:
         jobs.remember(ledger, jobs.store_path(s.reports_dir), s.job, run_dir, summary, started_at)
     _log_summary(summary)
+    announcer.finished(summary, exit_code)
     _detach(file_log)
     ledger.close()
     if stop == "aborted":
@@ -273,7 +290,8 @@ def run(s: Settings) -> dict[str, Any]:
     return summary
 
 
-async def _run_engine(s: Settings, ledger: Ledger, base_url: str) -> EngineResult:
+async def _run_engine(s: Settings, ledger: Ledger, base_url: str,
+                      on_tick: Callable[[Counters], None] | None = None) -> EngineResult:
     async with CapillaryClient(base_url, s.credentials, timeout=s.timeout, verify_tls=s.verify_tls,
                                max_connections=s.concurrency + 4) as client:
         engine = Engine(s, ledger, client)
@@ -303,22 +321,39 @@ async def _run_engine(s: Settings, ledger: Ledger, base_url: str) -> EngineResul
             except (NotImplementedError, RuntimeError):  # not the main thread (library use)
                 pass
         progress.start(engine.counters)
+        ticker = loop.create_task(_every(s.progress_interval, on_tick, engine.counters)) if on_tick else None
         try:
             return await engine.run()
         finally:
+            if ticker is not None:
+                ticker.cancel()
+                await asyncio.gather(ticker, return_exceptions=True)
             await progress.stop()
             for sig in installed:
                 loop.remove_signal_handler(sig)
 
 
+async def _every(interval: float, call: Callable[[Counters], None], counters: Counters) -> None:
+    """The periodic hook (metrics file) beside the progress display; never ends the run."""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            call(counters)
+        except Exception:  # noqa: BLE001 - a monitoring hiccup must not stop the run
+            log.debug("periodic hook failed", exc_info=True)
+
+
 def _log_summary(summary: dict[str, Any]) -> None:
     c = summary["counts"]
-    log.info(
-        "done: %d succeeded, %d unchanged, %d failed, %d rejected, %d duplicates, %d pending — "
-        "%d requests, %.1f rows/s; reports in %s",
+    requests = summary["this_invocation"]["requests"]
+    logging.getLogger("capbatch.summary").info(   # shown with -q too: the line a scheduler's log keeps
+        "%s: %d succeeded, %d unchanged, %d failed, %d rejected, %d %s, %d pending — "
+        "%d %s, %.1f rows/s; reports in %s",
+        summary["stop"] if summary["stop"] in ("aborted", "interrupted") else "done",
         c["succeeded"], c["unchanged"], c["failed"], c["rejected"], c["duplicate"],
-        c["pending"] + c["in_flight"], summary["this_invocation"]["requests"],
-        summary["throughput_rows_per_second"], summary["run_dir"])
+        "duplicate" if c["duplicate"] == 1 else "duplicates", c["pending"] + c["in_flight"],
+        requests, "request" if requests == 1 else "requests", summary["throughput_rows_per_second"],
+        summary["run_dir"])
     if c["failed"] or c["rejected"]:
         log.info("fix the rows in %s and feed it back: capbatch run %s ...",
                  Path(summary["run_dir"]) / report.FAILURES_CSV, Path(summary["run_dir"]) / report.FAILURES_CSV)
@@ -348,18 +383,28 @@ def _detach(handler: logging.Handler | None) -> None:
 
 
 def status(run_dir: Path) -> dict[str, Any]:
+    """Counts per state and every invocation (timestamps as ISO 8601 UTC, as in summary.json)."""
     ledger = Ledger.open_readonly(run_dir)
     try:
+        invocations = [{**inv, "started_at": report.iso(inv["started_at"]), "ended_at": report.iso(inv["ended_at"]),
+                        "last_seen_at": report.iso(inv["last_seen_at"]), "duration": round(inv["duration"], 3)}
+                       for inv in ledger.invocations()]
         return {"run_dir": str(run_dir), "input": ledger.get_meta("input_name"),
-                "counts": ledger.counts(), "invocations": ledger.invocations()}
+                "counts": ledger.counts(), "invocations": invocations}
     finally:
         ledger.close()
 
 
-def rebuild_reports(run_dir: Path) -> dict[str, Any]:
+def rebuild_reports(run_dir: Path, out_dir: Path | None = None) -> dict[str, Any]:
+    """Rebuild the reports from the ledger, into ``out_dir`` or the run directory itself."""
+    if out_dir is not None:
+        outputs.check_dir(out_dir, "--output-dir")
+    elif (run_dir / "ledger.sqlite").exists() and not os.access(run_dir, os.W_OK):
+        raise UsageError(f"run directory {run_dir} is read-only: the reports cannot be rebuilt in it",
+                         "pass --output-dir DIR to write them elsewhere")
     ledger = Ledger.open_readonly(run_dir)
     try:
-        return report.write_reports(ledger, run_dir)
+        return report.write_reports(ledger, run_dir, out_dir)
     finally:
         ledger.close()
 
@@ -414,13 +459,23 @@ def verify(s: Settings, target: Path) -> dict[str, Any]:
         targets = (Target(row_label(r["sheet"], r["row_number"]), r["card"], r["external_id"])
                    for r in ledger.iter_rows(where))
         counts = check_cards(s, base_url, targets, out)
-    log.info("verify: %d match, %d differ, %d cards missing, %d unreadable; details in %s",
+    logging.getLogger("capbatch.summary").info("verify: %d match, %d differ, %d cards missing, %d unreadable; details in %s",
              counts["match"], counts["differs"], counts["missing"], counts["error"], out)
     bad = counts["differs"] + counts["missing"] + counts["error"]
     return {"counts": counts, "verify_csv": str(out), "exit_code": 1 if bad else 0}
 
 
 def _require_credentials(s: Settings) -> None:
+    if s.credentials.kind == "both":
+        raise ConfigError(
+            "both Basic (CAPILLARY_USERNAME, CAPILLARY_PASSWORD) and OAuth (CAPILLARY_CLIENT_KEY, "
+            "CAPILLARY_CLIENT_SECRET) credentials are set in the environment",
+            "unset one pair, or choose with --auth basic or --auth oauth")
+    if s.credentials.kind == "none" and s.auth:
+        pair = "CAPILLARY_USERNAME and CAPILLARY_PASSWORD" if s.auth == "basic" else \
+            "CAPILLARY_CLIENT_KEY and CAPILLARY_CLIENT_SECRET"
+        raise ConfigError(f"--auth {s.auth} chooses {pair}, but they are not both set in the environment",
+                          f"export {pair}, or choose the other pair with --auth")
     if s.credentials.kind == "none":
         raise ConfigError(
             "no Capillary credentials in the environment",
