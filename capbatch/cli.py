@@ -293,7 +293,7 @@ def history_cmd(job: str, reports_dir: Path | None, config_file: Path | None, js
                          for r in runs], indent=2))
         return 0
     if not runs:
-        echo(f"no runs recorded for job {job} under {reports_dir}")
+        echo(f"no runs recorded for job '{job}' under {reports_dir}")
         return 0
     for r in runs:
         c = r["counts"]
