@@ -13,7 +13,8 @@ from .simulator import SimConfig, SimulatorThread
 
 log = logging.getLogger("capbatch")
 
-SAMPLES = Path(__file__).resolve().parent.parent / "samples"
+SAMPLES = Path(__file__).resolve().parent.parent / "samples"   # the project checkout (editable installs)
+PACKAGED_SAMPLE = Path(__file__).resolve().parent / "data" / "cards.csv"   # shipped in the wheel
 DEMO_UNKNOWN_PREFIX = "999"   # sample cards starting with this are not seeded: they fail with 3010
 
 
@@ -30,10 +31,16 @@ def _sample_cards(path: Path) -> dict[str, str | None]:
     return cards
 
 
+def default_sample() -> Path:
+    """The sample shipped inside the package (a regular install), else the checkout's samples/."""
+    return PACKAGED_SAMPLE if PACKAGED_SAMPLE.exists() else SAMPLES / "cards.csv"
+
+
 def run_demo(input_path: Path | None, latency: float, rate: str, progress: str) -> int:
-    path = input_path or SAMPLES / "cards.csv"
+    path = input_path or default_sample()
     if not path.exists():
-        raise InputFileError(f"demo input {path} not found", "run the demo from the project checkout, or pass --input")
+        raise InputFileError(f"demo input {path} not found",
+                             "pass --input FILE, or reinstall capbatch (the sample ships with the package)")
     cfg = SimConfig(cards=_sample_cards(path), latency=latency, jitter=latency / 2, seed=7)
     run_dir = Path("reports") / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
     with SimulatorThread(cfg) as sim:
