@@ -203,7 +203,7 @@ TLS_HELP = "Turn TLS certificate verification off (trusted test hosts only; only
 @click.option("--run-dir", type=click.Path(path_type=Path), help="Run directory (default reports/<input>-<hash>).")
 @click.option("--mode", type=click.Choice(config.MODES), help="backfill (default): PUT every row; reconcile: read first, PUT only what differs.")
 @click.option("--rate", help=f"Request rate cap, e.g. 1000/min or 20/s; 'unlimited' for none (default {config.DEFAULT_RATE}).")
-@click.option("--read-rate", help="Separate cap for reads (GET); default: reads share --rate.")
+@click.option("--read-rate", help="Separate cap for reads (GET) (default: reads share --rate).")
 @click.option("--concurrency", type=int, help="Requests in flight at most (default 16).")
 @click.option("--max-attempts", type=int, help="Attempts per request for transient errors (default 8).")
 @click.option("--timeout", type=float, help="Seconds per request (default 30).")
