@@ -16,6 +16,7 @@ import click
 
 from . import __version__, config, report, runner
 from .errors import CapbatchError, UsageError
+from .wording import plural
 
 log = logging.getLogger("capbatch")
 
@@ -322,13 +323,8 @@ def status_cmd(run_dir: Path, json_out: bool) -> int:
     for inv in st["invocations"]:
         exit_code = "-" if inv["exit_code"] is None else inv["exit_code"]
         echo(f"  invocation {inv['id']}: started {inv['started_at']}, {inv['duration']:.1f} s, "
-             f"outcome {inv['outcome'] or 'running or killed'}, exit {exit_code}, {_plural(inv['requests'], 'request')}")
+             f"outcome {inv['outcome'] or 'running or killed'}, exit {exit_code}, {plural(inv['requests'], 'request')}")
     return 0
-
-
-def _plural(n: int | None, word: str) -> str:
-    n = n or 0
-    return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
 @main.command("report")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from . import config, runner
 from .errors import InputFileError
+from .wording import plural
 from .simulator import SimConfig, SimulatorThread
 
 log = logging.getLogger("capbatch")
@@ -52,7 +53,8 @@ def run_demo(input_path: Path | None, latency: float, rate: str, progress: str) 
                                    "progress": progress}, env)
         summary = runner.run(settings)
         stats = sim.stats()
-    log.info("simulator saw %d requests: %s", stats["requests"], stats["by_status"])
+    by_status = ", ".join(f"{n} × HTTP {code}" for code, n in sorted(stats["by_status"].items()))
+    log.info("simulator saw %s: %s", plural(stats["requests"], "request"), by_status or "none")
     log.info("open %s in a browser for the report", run_dir / "report.html")
     log.info("demo complete: the sample's bad rows are deliberate (a real run would exit %d)",
              summary["exit_code"])

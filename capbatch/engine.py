@@ -411,6 +411,8 @@ class Engine:
             self.counters.retries += 1
             self.writer.note_retry(outcome.throttled)
             delay = max(backoff_delay(tries), min(outcome.retry_after or 0.0, MAX_RETRY_AFTER))
+            log.debug("row %d: %s (%s); retry %d in %.1f s", ctx.row_id, outcome.http_status or "no answer",
+                      outcome.error_message or "transient", tries, delay)
             self.counters.retrying += 1
             try:
                 await asyncio.sleep(delay)

@@ -16,16 +16,13 @@ from typing import Any, Mapping
 
 from . import __version__
 from .config import redact_webhook
+from .wording import plural
 
 log = logging.getLogger("capbatch.notify")
 
 TIMEOUT = 5.0
 OUTCOME = {0: "done", 1: "done, some rows failed or were rejected", 2: "refused (usage, config or input)",
            3: "aborted (resumable)", 70: "internal error", 130: "interrupted (resumable)"}
-
-
-def plural(n: int, word: str, plural_form: str | None = None) -> str:
-    return f"{n} {word if n == 1 else (plural_form or word + 's')}"
 
 
 def message(*, job: str | None, input_name: str | None, exit_code: int, summary: Mapping[str, Any] | None,

@@ -28,6 +28,7 @@ from .ledger import Ledger, row_label
 from .progress import Progress, choose_mode
 from .rules import RuleSettings, Verdict, check_row
 from .source import InputOptions, InputTable, file_sha256, open_input
+from .wording import plural
 
 log = logging.getLogger("capbatch")
 
@@ -150,15 +151,15 @@ def validation_report(ledger: Ledger) -> dict[str, Any]:
 def log_validation(notes: list[str], v: dict[str, Any]) -> None:
     for note in notes:
         log.info("%s", note)
-    log.info("input: %d rows, %d valid, %d rejected, %d duplicates (sent once)",
-             v["rows"], v["valid"], v["rejected"], v["duplicates"])
+    log.info("input: %s, %d valid, %d rejected, %s (sent once)",
+             plural(v["rows"], "row"), v["valid"], v["rejected"], plural(v["duplicates"], "duplicate"))
     for code, n in v["by_reason"].items():
         log.info("  %-22s %d", code, n)
     for p in v["first_problems"]:
         log.warning("  row %s: %s", p["row"], p["reason"])
     if v["rejected"] > len(v["first_problems"]):
-        log.warning("  ... and %d more rejected rows (see failures.csv / the validation CSV)",
-                    v["rejected"] - len(v["first_problems"]))
+        log.warning("  ... and %s more (see failures.csv / the validation CSV)",
+                    plural(v["rejected"] - len(v["first_problems"]), "rejected row"))
 
 
 # ---- validate -------------------------------------------------------------------------------------
@@ -347,12 +348,11 @@ def _log_summary(summary: dict[str, Any]) -> None:
     c = summary["counts"]
     requests = summary["this_invocation"]["requests"]
     logging.getLogger("capbatch.summary").info(   # shown with -q too: the line a scheduler's log keeps
-        "%s: %d succeeded, %d unchanged, %d failed, %d rejected, %d %s, %d pending — "
-        "%d %s, %.1f rows/s; reports in %s",
+        "%s: %d succeeded, %d unchanged, %d failed, %d rejected, %s, %d pending — %s, %.1f rows/s; "
+        "reports in %s",
         summary["stop"] if summary["stop"] in ("aborted", "interrupted") else "done",
-        c["succeeded"], c["unchanged"], c["failed"], c["rejected"], c["duplicate"],
-        "duplicate" if c["duplicate"] == 1 else "duplicates", c["pending"] + c["in_flight"],
-        requests, "request" if requests == 1 else "requests", summary["throughput_rows_per_second"],
+        c["succeeded"], c["unchanged"], c["failed"], c["rejected"], plural(c["duplicate"], "duplicate"),
+        c["pending"] + c["in_flight"], plural(requests, "request"), summary["throughput_rows_per_second"],
         summary["run_dir"])
     if c["failed"] or c["rejected"]:
         log.info("fix the rows in %s and feed it back: capbatch run %s ...",
@@ -417,6 +417,7 @@ def check_remote(s: Settings) -> dict[str, Any]:
 
     base_url = target_url(s)
     _require_credentials(s)
+    outputs.check_dir(s.reports_dir, "--reports-dir")
     with tempfile.TemporaryDirectory(prefix="capbatch-check-") as tmp:
         prepared = prepare(s, run_dir=Path(tmp))
         try:
@@ -451,6 +452,7 @@ def verify(s: Settings, target: Path) -> dict[str, Any]:
             out = target / "verify.csv"
             where = "WHERE state IN ('succeeded', 'unchanged')"
         else:
+            outputs.check_dir(s.reports_dir, "--reports-dir")
             tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="capbatch-verify-"))
             ledger = prepare(replace(s, input=target), run_dir=Path(tmp)).ledger
             out = s.reports_dir / f"{target.stem}.verify.csv"
