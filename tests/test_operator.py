@@ -118,8 +118,7 @@ def test_quiet_prints_the_final_summary_line_and_verbose_adds_debug_lines(tmp_pa
     assert " DEBUG setting rate = - (flag)" in v.stderr                    # 'unlimited' is no cap: never 'None'
     assert " DEBUG setting concurrency = 16 (default)" in v.stderr
     assert " DEBUG setting base_url = " + s.url + " (flag)" in v.stderr
-    plain = run_cli("run", src, "--base-url", s.url, "--rate", "unlimited", "--run-dir", tmp_path / "p")
-    assert "DEBUG" not in plain.stderr
+    assert "DEBUG" not in q.stderr and "setting " not in q.stderr
 
 
 def _crashing(tmp_path: Path, command: str, target: str) -> subprocess.CompletedProcess[str]:
@@ -160,18 +159,18 @@ def test_a_closed_stdout_ends_quietly(tmp_path, sim, run_cli):
 
 
 def test_after_kill_9_the_invocation_figures_and_summary_totals_are_right(tmp_path, sim, run_cli):
-    pairs = make_cards(300)
+    pairs = make_cards(120)
     s = sim(cards={c: None for c, _ in pairs})
     src = write_csv(tmp_path / "cards.csv", pairs)
     run_dir = tmp_path / "r"
-    args = ("run", src, "--base-url", s.url, "--rate", "40/s", "--concurrency", "4", "--run-dir", run_dir)
+    args = ("run", src, "--base-url", s.url, "--rate", "50/s", "--concurrency", "4", "--run-dir", run_dir)
     proc = popen_cli(*args, cwd=tmp_path)
     began = time.monotonic()
     try:
         while time.monotonic() - began < 30:
             time.sleep(0.2)
             if (run_dir / "ledger.sqlite").exists() and \
-                    ledger_query(run_dir, "SELECT count(*) FROM rows WHERE state='succeeded'")[0][0] >= 60:
+                    ledger_query(run_dir, "SELECT count(*) FROM rows WHERE state='succeeded'")[0][0] >= 30:
                 break
         killed_after = time.monotonic() - began
         proc.send_signal(signal.SIGKILL)
@@ -186,9 +185,9 @@ def test_after_kill_9_the_invocation_figures_and_summary_totals_are_right(tmp_pa
     assert killed["outcome"] is None and killed["exit_code"] is None
     # recorded in the commits the writer made: at most the last flush's requests are missing
     assert sent_before_kill - 3 * 4 - 10 <= killed["requests"] <= sent_before_kill, (killed, sent_before_kill)
-    assert 0.5 < killed["duration"] <= killed_after + 0.5, (killed, killed_after)
+    assert 0.3 < killed["duration"] <= killed_after + 0.5, (killed, killed_after)
     assert killed["started_at"].endswith("+00:00") and "T" in killed["started_at"]   # ISO, as summary.json
-    time.sleep(1.5)                     # the pause between the kill and the rerun is no run time
+    time.sleep(1.0)                     # the pause between the kill and the rerun is no run time
     rerun_began = time.monotonic()
     p = run_cli(*args)
     rerun_took = time.monotonic() - rerun_began
@@ -198,7 +197,7 @@ def test_after_kill_9_the_invocation_figures_and_summary_totals_are_right(tmp_pa
     assert summary["requests"] == killed["requests"] + second
     assert s.stats()["requests"] - sent_before_kill == second
     assert killed["duration"] < summary["duration_seconds"] <= killed["duration"] + rerun_took
-    assert abs(summary["throughput_rows_per_second"] - 300 / summary["duration_seconds"]) < 0.02
+    assert abs(summary["throughput_rows_per_second"] - 120 / summary["duration_seconds"]) < 0.02
 
 
 def test_status_and_report_leave_no_wal_files_and_work_on_a_read_only_run_dir(tmp_path, sim, run_cli):
