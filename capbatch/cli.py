@@ -257,7 +257,7 @@ def validate_cmd(input_path: Path, output: Path | None, json_out: bool, **flags:
 @click.argument("target", metavar="RUN_DIR|INPUT", type=click.Path(path_type=Path, exists=True))
 @click.option("--cluster", type=click.Choice(sorted(config.CLUSTERS), case_sensitive=False), help="Capillary cluster.")
 @click.option("--base-url", help="API base URL instead of --cluster (a test cluster, a proxy, the simulator).")
-@click.option("--rate", "read_rate", help=f"Read rate cap, e.g. 1000/min (default {config.DEFAULT_RATE}).")
+@click.option("--rate", help=f"Read rate cap, e.g. 1000/min; 'unlimited' for none (default {config.DEFAULT_RATE}).")
 @click.option("--concurrency", type=int, help="Reads in flight at most (default 16).")
 @click.option("--allow-http", is_flag=True, default=None, help="Allow plain http:// to a non-loopback host.")
 @click.option("--no-verify-tls", "no_verify_tls", is_flag=True, default=False, help=TLS_HELP)
