@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
+import click
 import pytest
 
-from conftest import cli_env, make_cards, write_csv
+from conftest import REPO, cli_env, ledger_query, make_cards, popen_cli, write_csv
 
 
 def test_not_on_a_terminal_progress_is_periodic_lines_without_a_bar(tmp_path, sim, run_cli):
@@ -92,16 +98,6 @@ def test_library_api_returns_the_summary_and_raises_the_cli_errors(tmp_path, sim
 
 
 # ---- a CLI that tells the scheduler the truth -----------------------------------------------------
-import os  # noqa: E402
-import signal  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import click  # noqa: E402
-
-from conftest import REPO, ledger_query, popen_cli  # noqa: E402
 
 
 def test_quiet_prints_the_final_summary_line_and_verbose_adds_debug_lines(tmp_path, sim, run_cli):
@@ -269,7 +265,7 @@ def test_a_misspelled_capbatch_variable_is_named_with_its_close_match(run_cli):
     assert "CAPBATCH_WHATEVER is not a capbatch setting" in p.stderr
 
 
-def test_unwritable_reports_dir_is_exit_2_naming_the_flag(tmp_path, sim, run_cli):
+def test_unwritable_outputs_are_exit_2_naming_the_flag_and_nothing_is_sent(tmp_path, sim, run_cli):
     pairs = make_cards(2)
     s = sim(cards={c: None for c, _ in pairs})
     src = write_csv(tmp_path / "cards.csv", pairs)
@@ -278,6 +274,9 @@ def test_unwritable_reports_dir_is_exit_2_naming_the_flag(tmp_path, sim, run_cli
     assert p.returncode == 2 and "--reports-dir" in p.stderr, p.stderr
     p = run_cli("run", src, "--base-url", s.url, "--run-dir", tmp_path / "afile" / "run")
     assert p.returncode == 2 and "--run-dir" in p.stderr, p.stderr
+    p = run_cli("run", src, "--base-url", s.url, "--run-dir", tmp_path / "r", "--metrics-file",
+                tmp_path / "afile" / "m.prom")
+    assert p.returncode == 2 and "--metrics-file" in p.stderr and "cannot be written" in p.stderr, p.stderr
     assert s.stats()["requests"] == 0
 
 

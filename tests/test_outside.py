@@ -7,14 +7,13 @@ import json
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from capbatch import notify
-from conftest import cli_env, ledger_query, make_cards, popen_cli, write_csv
+from conftest import make_cards, popen_cli, write_csv
 
 
 class Recorder:
@@ -206,13 +205,3 @@ def test_a_hanging_webhook_costs_only_its_timeout(receiver):
     down.close()
     assert notify.send(down.url, "hello", timeout=0.5) is False
 
-
-def test_unwritable_metrics_file_is_exit_2_and_nothing_is_sent(tmp_path, sim, run_cli):
-    pairs = make_cards(3)
-    s = sim(cards={c: None for c, _ in pairs})
-    src = write_csv(tmp_path / "cards.csv", pairs)
-    (tmp_path / "afile").write_text("x")
-    p = run_cli("run", src, "--base-url", s.url, "--metrics-file", tmp_path / "afile" / "m.prom")
-    assert p.returncode == 2, p.stderr
-    assert "--metrics-file" in p.stderr and "cannot be written" in p.stderr
-    assert s.stats()["requests"] == 0
