@@ -69,6 +69,8 @@ def _validation_fingerprint(s: Settings, table: InputTable) -> dict[str, Any]:
 
 
 def default_run_dir(s: Settings, input_path: Path, sha256: str) -> Path:
+    if s.job:
+        return jobs.run_dir_for(s.reports_dir, s.job, input_path.stem, sha256, latest=s.retry_failed)
     return s.reports_dir / f"{input_path.stem}-{sha256[:12]}"
 
 
@@ -96,8 +98,10 @@ def prepare(s: Settings, run_dir: Path | None = None) -> Prepared:
                 raise LedgerError(
                     f"run directory {run_dir} belongs to different input content "
                     f"(ledger {known[:12] if known else '?'}…, {path.name} is {sha[:12]}…)",
-                    "the file changed since that run: use a new --run-dir (or omit it) to start a new run, "
-                    "or restore the original file to resume" if explicit else "use a new --run-dir")
+                    _changed_input_hint(s) if explicit else "use a new --run-dir")
+            if ledger.get_meta("reverted_at"):
+                raise LedgerError(f"the run in {run_dir} was reverted (capbatch revert) and cannot be resumed",
+                                  "fix the input and start a new run (a changed file gets a new run directory)")
             stored = ledger.get_meta_json("validation", {})
             if stored != fingerprint:
                 changed = sorted(k for k in fingerprint if stored.get(k) != fingerprint[k])
@@ -122,6 +126,15 @@ def prepare(s: Settings, run_dir: Path | None = None) -> Prepared:
         ledger.close()
         raise
     return Prepared(ledger, run_dir, table, sha, list(table.notes), fresh)
+
+
+def _changed_input_hint(s: Settings) -> str:
+    if s.job:
+        return (f"the file changed since that run. With --job every export gets its own run directory under "
+                f"{jobs.job_dir(s.reports_dir, s.job)}: drop --run-dir. To resume that run, restore the original file")
+    return ("the file changed since that run. For a nightly export, drop --run-dir and name a job instead "
+            "(--job NAME --skip-confirmed): every export gets its own run directory and the job remembers "
+            "the pairs already confirmed (README: Nightly jobs). To resume that run, restore the original file")
 
 
 def _ledger_rows(table: InputTable, rules: RuleSettings) -> Iterator[tuple[Any, ...]]:
@@ -216,6 +229,9 @@ def run(s: Settings) -> dict[str, Any]:
     announcer = announce.Announcer(announce.Targets(s.metrics_file, s.pushgateway, s.notify_url, s.job),
                                    Path(s.input).name if s.input else "")
     try:
+        if s.job and not s.dry_run:
+            with jobs.lock(s.reports_dir, jobs.check_name(s.job)):   # one run of a job at a time
+                return _run(s, announcer)
         return _run(s, announcer)
     except BaseException as exc:
         if not s.dry_run:
@@ -226,8 +242,16 @@ def run(s: Settings) -> dict[str, Any]:
 def _run(s: Settings, announcer: announce.Announcer) -> dict[str, Any]:
     if s.skip_confirmed and not s.job:
         raise UsageError("--skip-confirmed needs --job NAME", "name the job whose earlier runs confirmed the pairs")
+    if s.audit_fraction and not s.skip_confirmed:
+        raise UsageError("--audit-fraction needs --skip-confirmed",
+                         "the audit re-reads a slice of the pairs --skip-confirmed would not send; "
+                         "without it every row is sent anyway")
     if s.job:
         jobs.check_name(s.job)
+        folder = jobs.job_dir(s.reports_dir, s.job)
+        if s.run_dir and Path(s.run_dir).resolve() == folder.resolve():
+            raise UsageError(f"--run-dir {s.run_dir} is the folder of job {s.job} itself",
+                             f"drop --run-dir: with --job every export gets its own run directory under {folder}")
     if s.dry_run:
         return check_remote(s) if s.check_remote else validate(s)
     base_url = target_url(s)
@@ -239,6 +263,8 @@ def _run(s: Settings, announcer: announce.Announcer) -> dict[str, Any]:
     else:
         outputs.check_dir(s.reports_dir, "--reports-dir")
     announcer.check_writable()
+    if s.job:
+        jobs.bind_target(jobs.store_path(s.reports_dir), s.job, base_url)
     prepared = prepare(s)
     ledger, run_dir = prepared.ledger, prepared.run_dir
     file_log = _attach_json_log(run_dir)
@@ -253,9 +279,18 @@ def _run(s: Settings, announcer: announce.Announcer) -> dict[str, Any]:
             counts = ledger.counts()
             log.info("resuming: %s", report.status_line(counts))
         ledger.set_meta("settings", json.dumps(s.public_dict(), default=str))
+        if s.retry_failed:
+            log.info("--retry-failed: %d failed rows go out again (rejected rows stay rejected)",
+                     ledger.requeue_failed())
+        if s.job:
+            ledger.set_meta("job", s.job)
+            ledger.set_meta("job_store", str(jobs.store_path(s.reports_dir).resolve()))
         if s.job and s.skip_confirmed:
-            skipped = jobs.skip_confirmed(ledger, jobs.store_path(s.reports_dir), s.job)
+            skipped, audited = jobs.skip_confirmed(ledger, jobs.store_path(s.reports_dir), s.job, s.audit_fraction)
             log.info("job %s: %d rows already confirmed by earlier runs, settled without a request", s.job, skipped)
+            if s.audit_fraction:
+                log.info("job %s: rolling audit re-reads %d confirmed pairs this run (--audit-fraction %g)",
+                         s.job, audited, s.audit_fraction)
         log.info("target %s, auth %s, rate %s, concurrency %d", base_url, s.credentials.kind,
                  s.rate or "unlimited", s.concurrency)
         announcer.attach(ledger)
@@ -347,14 +382,21 @@ async def _every(interval: float, call: Callable[[Counters], None], counters: Co
 def _log_summary(summary: dict[str, Any]) -> None:
     c = summary["counts"]
     requests = summary["this_invocation"]["requests"]
+    audit = summary.get("audit")
     logging.getLogger("capbatch.summary").info(   # shown with -q too: the line a scheduler's log keeps
-        "%s: %d succeeded, %d unchanged, %d failed, %d rejected, %s, %d pending — %s, %.1f rows/s; "
+        "%s: %d succeeded, %d unchanged, %d failed, %d rejected, %s, %d pending — %s, %.1f rows/s%s; "
         "reports in %s",
         summary["stop"] if summary["stop"] in ("aborted", "interrupted") else "done",
         c["succeeded"], c["unchanged"], c["failed"], c["rejected"], plural(c["duplicate"], "duplicate"),
         c["pending"] + c["in_flight"], plural(requests, "request"), summary["throughput_rows_per_second"],
+        f"; audit: {audit['rows']} re-read, {audit['drift_fixed']} drifted and put back" if audit else "",
         summary["run_dir"])
-    if c["failed"] or c["rejected"]:
+    job = (summary.get("settings") or {}).get("job")
+    if (c["failed"] or c["rejected"]) and job:
+        log.info("failed rows go out again with the next run of job %s (now: the same command with "
+                 "--retry-failed); rejected rows need a fixed export; details in %s",
+                 job, Path(summary["run_dir"]) / report.FAILURES_CSV)
+    elif c["failed"] or c["rejected"]:
         log.info("fix the rows in %s and feed it back: capbatch run %s ...",
                  Path(summary["run_dir"]) / report.FAILURES_CSV, Path(summary["run_dir"]) / report.FAILURES_CSV)
 
