@@ -13,14 +13,15 @@ import json
 import os
 import sqlite3
 import time
+import urllib.parse
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from .errors import LedgerError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 3
 LEDGER_FILE = "ledger.sqlite"
 LOCK_FILE = ".lock"
 
@@ -64,7 +65,9 @@ CREATE TABLE IF NOT EXISTS rows (
     generated INTEGER NOT NULL DEFAULT 0,
     latency_ms REAL,
     note TEXT,
-    settled_at REAL
+    settled_at REAL,
+    audit INTEGER NOT NULL DEFAULT 0,  -- picked for the job's rolling audit: read the card before writing
+    expect_external_id TEXT            -- revert: write only while the card still holds this ID
 );
 CREATE INDEX IF NOT EXISTS rows_by_state ON rows(state, id);
 CREATE TABLE IF NOT EXISTS timeline (
@@ -81,12 +84,20 @@ CREATE TABLE IF NOT EXISTS runs (
     ended_at REAL,
     exit_code INTEGER,
     outcome TEXT,
-    requests INTEGER NOT NULL DEFAULT 0
+    requests INTEGER NOT NULL DEFAULT 0,
+    last_seen_at REAL,                 -- last commit of this invocation: its duration if it was killed
+    requests_by_status TEXT            -- JSON {"2xx": n, "4xx": n, "5xx": n, "none": n}
 );
 """
 
 # Each entry upgrades a ledger from version (index + 1) to (index + 2).
-_MIGRATIONS: list[str] = []
+_MIGRATIONS: list[str] = [
+    # 1 -> 2: the rolling audit (--audit-fraction) and revert's compare-and-set
+    "ALTER TABLE rows ADD COLUMN audit INTEGER NOT NULL DEFAULT 0; "
+    "ALTER TABLE rows ADD COLUMN expect_external_id TEXT;",
+    # 2 -> 3: invocation figures recorded as the run goes (right after a kill -9)
+    "ALTER TABLE runs ADD COLUMN last_seen_at REAL; ALTER TABLE runs ADD COLUMN requests_by_status TEXT;",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +109,8 @@ class WorkRow:
     external_id: str
     unknown: bool = False      # was in flight when an earlier process stopped: outcome unknown
     generated: bool = False
+    audit: bool = False        # a confirmed pair picked for the rolling audit: read before writing
+    expect: str | None = None  # revert: PUT only while the card still holds this external ID
 
 
 @dataclass(slots=True)
@@ -146,6 +159,7 @@ class Ledger:
         self.path = path
         self.conn = conn
         self._lock_fd = lock_fd
+        self._invocation: int | None = None   # this process's row in `runs` (a writer only)
 
     # ---- opening -------------------------------------------------------------------------------
     @classmethod
@@ -175,13 +189,31 @@ class Ledger:
 
     @classmethod
     def open_readonly(cls, run_dir: Path) -> "Ledger":
+        """Open for reading only, creating no file: on a read-only run directory too.
+
+        With no writer running and nothing left in the write-ahead log (every cleanly ended run),
+        the file is opened ``immutable``: SQLite then needs no -wal/-shm files and creates none.
+        While a run writes, or after one was killed (its -wal still holds the last commits), a plain
+        read-only connection reads through the log the writer left.
+        """
         path = run_dir / LEDGER_FILE
         if not path.exists():
             raise LedgerError(f"{run_dir} holds no ledger ({LEDGER_FILE} is missing)",
                               "pass the run directory that `capbatch run` printed")
+        wal = path.with_name(path.name + "-wal")
+        live = _writer_active(run_dir) or (wal.exists() and wal.stat().st_size > 0)
+        base = f"file:{urllib.parse.quote(str(path.resolve()))}?mode=ro"
         try:
-            conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None, timeout=10)
-            conn.execute("SELECT count(*) FROM meta").fetchone()
+            try:
+                conn = sqlite3.connect(base if live else base + "&immutable=1", uri=True, isolation_level=None,
+                                       timeout=10)
+                conn.execute("SELECT count(*) FROM meta").fetchone()
+            except sqlite3.OperationalError:
+                if not live:
+                    raise
+                # a killed run's log in a directory we cannot write: read the file as it stands
+                conn = sqlite3.connect(base + "&immutable=1", uri=True, isolation_level=None, timeout=10)
+                conn.execute("SELECT count(*) FROM meta").fetchone()
         except sqlite3.Error as exc:
             raise _wrap(exc, path) from exc
         return cls(path, conn, None)
@@ -210,7 +242,13 @@ class Ledger:
             raise LedgerError(f"{self.path} was written by a newer capbatch (schema {current})",
                               "upgrade capbatch to resume this run")
         while current < SCHEMA_VERSION:
-            self.conn.executescript(_MIGRATIONS[current - 1])
+            for statement in filter(None, (part.strip() for part in _MIGRATIONS[current - 1].split(";"))):
+                try:
+                    self.conn.execute(statement)
+                except sqlite3.OperationalError as exc:
+                    # a column already there: an upgrade killed half-way (each ALTER commits alone)
+                    if "duplicate column name" not in str(exc):
+                        raise
             current += 1
             self.set_meta("schema_version", str(current))
 
@@ -256,22 +294,12 @@ class Ledger:
         problem_column) tuples."""
         sql = ("INSERT INTO rows(sheet, row_number, original, card, external_id, state, reason_code, reason, "
                "problem_column) VALUES (?,?,?,?,?,?,?,?,?)")
-        count = 0
-        chunk: list[tuple[Any, ...]] = []
         # A bulk load: build the state index once at the end, and skip fsyncs (an import that dies
         # half-way is redone from scratch, see reset_import).
         self._exec("DROP INDEX IF EXISTS rows_by_state")
         self._exec("PRAGMA synchronous=OFF")
         try:
-            for row in rows:
-                chunk.append(row)
-                if len(chunk) >= batch:
-                    self._many(sql, chunk)
-                    count += len(chunk)
-                    chunk.clear()
-            if chunk:
-                self._many(sql, chunk)
-                count += len(chunk)
+            count = self._insert_chunks(sql, rows, batch)
         finally:
             self._exec("PRAGMA synchronous=NORMAL")
             self._exec("CREATE INDEX IF NOT EXISTS rows_by_state ON rows(state, id)")
@@ -353,14 +381,15 @@ class Ledger:
 
     def unknown_rows(self) -> list[WorkRow]:
         """Rows an earlier process had in flight when it stopped: their outcome is unknown."""
-        cur = self._exec("SELECT id, card, external_id, generated FROM rows WHERE state='in_flight' ORDER BY id")
-        return [WorkRow(i, c, e, True, bool(g)) for i, c, e, g in cur]
+        cur = self._exec("SELECT id, card, external_id, generated, audit, expect_external_id FROM rows "
+                         "WHERE state='in_flight' ORDER BY id")
+        return [WorkRow(i, c, e, True, bool(g), bool(a), x) for i, c, e, g, a, x in cur]
 
     def pending_page(self, after_id: int, limit: int) -> list[WorkRow]:
         cur = self._exec(
-            "SELECT id, card, external_id, generated FROM rows WHERE state='pending' AND id > ? "
-            "ORDER BY id LIMIT ?", (after_id, limit))
-        return [WorkRow(i, c, e, False, bool(g)) for i, c, e, g in cur]
+            "SELECT id, card, external_id, generated, audit, expect_external_id FROM rows "
+            "WHERE state='pending' AND id > ? ORDER BY id LIMIT ?", (after_id, limit))
+        return [WorkRow(i, c, e, False, bool(g), bool(a), x) for i, c, e, g, a, x in cur]
 
     def mark_in_flight(self, ids: Sequence[int]) -> None:
         """The journal entry written before a batch of requests goes out."""
@@ -376,13 +405,14 @@ class Ledger:
         self._many("UPDATE rows SET external_id=?, generated=1 WHERE id=?", [(external_id, row_id)])
 
     def record(self, results: Sequence[RowResult], timeline: dict[int, list[int]] | None = None,
-               journal: Sequence[int] = ()) -> None:
+               journal: Sequence[int] = (), requests: Mapping[str, int] | None = None) -> None:
         """Write a batch of outcomes, the timeline counters and (optionally) the journal entry for the
-        next chunk — all in one transaction."""
+        next chunk — all in one transaction. ``requests`` (this process's requests by status class)
+        updates the invocation's figures in the same commit, so they survive a kill -9."""
         sql = ("UPDATE rows SET state=?, attempts=attempts+?, http_status=?, error_code=?, error_message=?, "
                "card_id=coalesce(?, card_id), customer_id=coalesce(?, customer_id), "
                "previous_external_id=coalesce(?, previous_external_id), latency_ms=coalesce(?, latency_ms), "
-               "note=?, settled_at=? WHERE id=?")
+               "note=coalesce(?, note), settled_at=? WHERE id=?")
         params = [(r.state.value, r.attempts, r.http_status, r.error_code, r.error_message, r.card_id,
                    r.customer_id, r.previous_external_id, r.latency_ms, r.note, r.settled_at, r.id)
                   for r in results]
@@ -399,38 +429,137 @@ class Ledger:
                 # A chunk is a run of consecutive pending rows: one range update journals it.
                 self.conn.execute("UPDATE rows SET state='in_flight' WHERE id BETWEEN ? AND ? AND state='pending'",
                                   (min(journal), max(journal)))
+            if requests is not None and self._invocation is not None:
+                self.conn.execute("UPDATE runs SET last_seen_at=?, requests=?, requests_by_status=? WHERE id=?",
+                                  (time.time(), sum(requests.values()), json.dumps(dict(requests)),
+                                   self._invocation))
             self.conn.execute("COMMIT")
         except sqlite3.Error as exc:
             if self.conn.in_transaction:
                 self.conn.execute("ROLLBACK")
             raise _wrap(exc, self.path) from exc
 
+    def requeue_failed(self) -> int:
+        """--retry-failed: failed rows go back to pending (attempts keep counting); the failure they
+        had is kept in the note. Rejected rows stay rejected: their input is invalid."""
+        cur = self._exec(
+            "UPDATE rows SET state='pending', note='earlier attempt failed: ' || "
+            "trim(coalesce(error_code, '') || ' ' || coalesce(error_message, '')), "
+            "error_code=NULL, error_message=NULL, http_status=NULL, settled_at=NULL WHERE state='failed'")
+        return cur.rowcount
+
+    def audit_counts(self) -> dict[str, int]:
+        """Rows picked for the rolling audit, by state ({} when none, or a ledger older than the audit)."""
+        try:
+            cur = self.conn.execute("SELECT state, count(*) FROM rows WHERE audit=1 GROUP BY state")
+        except sqlite3.OperationalError:
+            return {}
+        return {state: n for state, n in cur}
+
+    def codes(self, state: State) -> dict[str, int]:
+        """Rows in ``state`` per code: the reason code of rejected rows, the error code of failed ones."""
+        column = "reason_code" if state in (State.REJECTED, State.DUPLICATE) else "error_code"
+        cur = self._exec(f"SELECT coalesce({column}, 'unknown'), count(*) FROM rows WHERE state=? "
+                         "GROUP BY 1 ORDER BY 2 DESC", (state.value,))
+        return {code: n for code, n in cur}
+
+    # ---- revert --------------------------------------------------------------------------------
+    def changed_rows(self) -> Iterator[sqlite3.Row]:
+        """Rows whose card this run may have written (succeeded, or in flight when it stopped),
+        latest first: undone in that order, an ID moved from one card to another goes back in turn."""
+        return self.iter_rows("WHERE state IN ('succeeded', 'in_flight')",
+                              order="coalesce(settled_at, 9e18) DESC, id DESC")
+
+    def import_expecting(self, rows: Iterable[tuple[Any, ...]], batch: int = 20000) -> int:
+        """Insert rows as :meth:`import_rows` does, each with a 10th field: the external ID the card
+        must still hold for the row to be written (``expect_external_id``)."""
+        sql = ("INSERT INTO rows(sheet, row_number, original, card, external_id, state, reason_code, reason, "
+               "problem_column, expect_external_id) VALUES (?,?,?,?,?,?,?,?,?,?)")
+        return self._insert_chunks(sql, rows, batch)
+
+    def _insert_chunks(self, sql: str, rows: Iterable[tuple[Any, ...]], batch: int) -> int:
+        count = 0
+        chunk: list[tuple[Any, ...]] = []
+        for row in rows:
+            chunk.append(row)
+            if len(chunk) >= batch:
+                self._many(sql, chunk)
+                count += len(chunk)
+                chunk.clear()
+        if chunk:
+            self._many(sql, chunk)
+            count += len(chunk)
+        return count
+
     # ---- invocations ---------------------------------------------------------------------------
     def start_invocation(self) -> int:
-        cur = self._exec("INSERT INTO runs(pid, started_at) VALUES (?, ?)", (os.getpid(), time.time()))
-        return int(cur.lastrowid or 0)
+        now = time.time()
+        cur = self._exec("INSERT INTO runs(pid, started_at, last_seen_at) VALUES (?, ?, ?)", (os.getpid(), now, now))
+        self._invocation = int(cur.lastrowid or 0)
+        return self._invocation
 
-    def end_invocation(self, run_id: int, exit_code: int, outcome: str, requests: int) -> None:
-        self._exec("UPDATE runs SET ended_at=?, exit_code=?, outcome=?, requests=? WHERE id=?",
-                   (time.time(), exit_code, outcome, requests, run_id))
+    def end_invocation(self, run_id: int, exit_code: int, outcome: str, requests: int | None = None,
+                       requests_by_status: Mapping[str, int] | None = None) -> None:
+        """Close the invocation's row; ``requests`` None keeps the figures recorded as the run went."""
+        now = time.time()
+        by_status = json.dumps(dict(requests_by_status)) if requests_by_status is not None else None
+        self._exec("UPDATE runs SET ended_at=?, last_seen_at=?, exit_code=?, outcome=?, requests=coalesce(?, requests), "
+                   "requests_by_status=coalesce(?, requests_by_status) WHERE id=?",
+                   (now, now, exit_code, outcome, requests, by_status, run_id))
+        if run_id == self._invocation:
+            self._invocation = None
 
     def invocations(self) -> list[dict[str, Any]]:
-        cur = self._exec("SELECT id, pid, started_at, ended_at, exit_code, outcome, requests FROM runs ORDER BY id")
+        """Every invocation, oldest first. ``duration`` is up to its end, or for one that never ended
+        (killed, or still running) up to its last commit."""
+        cur = self._exec("SELECT * FROM runs ORDER BY id")
         cols = [d[0] for d in cur.description]
-        return [dict(zip(cols, r)) for r in cur]
+        out = []
+        for r in cur:
+            inv = dict(zip(cols, r))
+            inv.setdefault("last_seen_at", None)
+            by_status = inv.pop("requests_by_status", None)
+            inv["requests_by_status"] = json.loads(by_status) if by_status else {}
+            end = inv["ended_at"] or inv["last_seen_at"] or inv["started_at"]
+            inv["duration"] = max(0.0, end - inv["started_at"])
+            out.append(inv)
+        return out
 
     # ---- reading for reports -------------------------------------------------------------------
-    def iter_rows(self, where: str = "", params: Sequence[Any] = ()) -> Iterator[sqlite3.Row]:
+    def iter_rows(self, where: str = "", params: Sequence[Any] = (), order: str = "id") -> Iterator[sqlite3.Row]:
         cur = self.conn.cursor()
         cur.row_factory = sqlite3.Row
         try:
-            cur.execute(f"SELECT * FROM rows {where} ORDER BY id", params)
+            cur.execute(f"SELECT * FROM rows {where} ORDER BY {order}", params)
         except sqlite3.Error as exc:
             raise _wrap(exc, self.path) from exc
         yield from cur
 
+    def rows_in_states(self, states: Sequence[str] = ()) -> Iterator[sqlite3.Row]:
+        """Rows (all of them, or those in ``states``) in input order, each a mapping of column -> value."""
+        marks = ",".join("?" * len(states))
+        yield from self.iter_rows(f"WHERE state IN ({marks})" if states else "", tuple(states))
+
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         return list(self._exec(sql, params))
+
+
+def _writer_active(run_dir: Path) -> bool:
+    """Whether the process that last locked the run directory is still alive. Checked by the pid it
+    wrote into the lock file, never by taking the lock: a reader must not make a starting run fail."""
+    try:
+        pid = int((run_dir / LOCK_FILE).read_text().strip() or 0)
+    except (OSError, ValueError):
+        return False
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _take_lock(run_dir: Path) -> int:

@@ -1,7 +1,9 @@
-"""The library API: ``run(settings)`` and ``validate(settings)``. The CLI is a thin shell around these.
+"""The pipeline: input -> rules -> ledger -> engine -> reports. The CLI and the library both call it.
 
-run: read + validate the input into the run's ledger (first time only), then settle every row through
-the API, then write the reports. Rerunning the same command resumes: the ledger says what is left.
+``run`` reads and validates the input into the run's ledger (the first time only), settles every
+pending row through the API, then writes the reports. Rerunning with the same input resumes: the
+ledger says what is left. Each stage below takes only the settings it needs; ``run``, ``validate``,
+``check_remote`` and ``verify`` put the stages together from one :class:`Settings`.
 """
 
 from __future__ import annotations
@@ -13,41 +15,56 @@ import logging
 import os
 import signal
 import tempfile
+import threading
 import time
+from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable
 
-from . import jobs, report
-from .api import CapillaryClient
+from . import announce, jobs, outputs, report
+from .aio import run_async
 from .config import Settings, target_url
-from .engine import Engine, EngineResult
-from .errors import ConfigError, Interrupted, InputFileError, LedgerError, Paused, RunAborted, UsageError
+from .errors import ConfigError, InputFileError, Interrupted, LedgerError, Paused, RunAborted, UsageError
+from .frame import MemoryTable, is_dataframe, open_frame, open_records
 from .ledger import LEDGER_FILE, Ledger, row_label
 from .pacing import shared_pacers
-from .plan import Plan, PlanSettings, announce, check_deadline, make_plan
+from .plan import Plan, PlanSettings, check_deadline, make_plan
 from .plan import actual as plan_actual
-from .progress import Progress, choose_mode
+from .plan import announce as announce_plan
 from .quota import QuotaKey, credential_fingerprint, live_peers
 from .window import SYSTEM_CLOCK, Clock, Schedule, WindowGate, human_duration, parse_deadline, schedule_for
-from .rules import RuleSettings, Verdict, check_row
+from .rules import RuleSettings, check_row
 from .source import InputOptions, InputTable, file_sha256, open_input
+from .summary import Summary
+from .wording import plural
+
+if TYPE_CHECKING:  # the engine stage imports these when it runs: `capbatch --help` and `validate` need no HTTP stack
+    from .engine import Counters, Engine, EngineResult
 
 log = logging.getLogger("capbatch")
 
 PROBLEMS_SHOWN = 10
 
+#: What ``run(settings, source)`` accepts besides ``settings.input``: a path, a pandas.DataFrame, or an
+#: iterable of (card, external_id) pairs or of mappings.
+Source = Any
 
-@dataclass
-class Prepared:
-    """An input file read, validated and loaded into a ledger."""
 
-    ledger: Ledger
-    run_dir: Path
-    table: InputTable
+# ==== 1. input =======================================================================================
+@dataclass(frozen=True)
+class Input:
+    """An input opened and checked as a whole, with the fingerprint of its content."""
+
+    table: InputTable | MemoryTable
     sha256: str
-    notes: list[str] = field(default_factory=list)
-    freshly_imported: bool = False
+    name: str                 # file name, or "dataframe" / "records"
+    path: Path | None         # None for an in-memory input
+
+    @property
+    def stem(self) -> str:
+        return self.path.stem if self.path else self.name
 
 
 def input_options(s: Settings) -> InputOptions:
@@ -55,341 +72,279 @@ def input_options(s: Settings) -> InputOptions:
                         delimiter=s.delimiter, encoding=s.encoding, sheet=s.sheet, header_row=s.header_row)
 
 
+def read_input(source: Source, options: InputOptions) -> Input:
+    """Open a file path, a DataFrame or an iterable of pairs/mappings. Raises InputFileError/UsageError."""
+    if source is None:
+        raise UsageError("no input given", "capbatch run INPUT.csv|INPUT.xlsx (from code: run_backfill(source))")
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.exists():
+            raise InputFileError(f"input file {path} does not exist",
+                                 "check the path (relative to the current directory)")
+        if path.is_dir():
+            raise InputFileError(f"{path} is a directory, not a spreadsheet",
+                                 "pass a .csv, .tsv, .txt, .xlsx or .xls file")
+        table = open_input(path, options)
+        return Input(table, file_sha256(path), path.name, path)
+    if is_dataframe(source):
+        memory = open_frame(source, options)
+    elif isinstance(source, (bytes, bytearray)) or not _iterable(source) or _is_mapping(source):
+        raise UsageError(
+            f"the input is a {type(source).__name__}, not a path, a pandas.DataFrame or an iterable of "
+            "(card, external_id) pairs or of mappings",
+            "for a dict of card -> external id pass d.items(); for columns pass pandas.DataFrame(d)"
+            if _is_mapping(source) else "e.g. run_backfill('cards.csv') or run_backfill(df)")
+    else:
+        memory = open_records(source, options)
+    return Input(memory, memory.sha256(), memory.name, None)
+
+
+def _iterable(obj: object) -> bool:
+    try:
+        iter(obj)  # type: ignore[call-overload]
+    except TypeError:
+        return False
+    return True
+
+
+def _is_mapping(obj: object) -> bool:
+    from collections.abc import Mapping
+
+    return isinstance(obj, Mapping)
+
+
+# ==== 2. rules =======================================================================================
 def rule_settings(s: Settings) -> RuleSettings:
     return RuleSettings(external_id_length=s.external_id_length, external_id_pattern=s.external_id_pattern,
                         strip_invisible=s.strip_invisible, allow_missing_external_id=s.generate_missing)
 
 
-def _validation_fingerprint(s: Settings, table: InputTable) -> dict[str, Any]:
-    """Everything that decides which rows are valid: a resumed run must use the same."""
-    return {
-        "card_column": table.card_column, "external_id_column": table.external_id_column,
-        "sheet": table.sheet, "header_row": s.header_row, "delimiter": table.delimiter,
-        "encoding": table.encoding, "external_id_length": s.external_id_length,
-        "external_id_pattern": s.external_id_pattern, "strip_invisible": s.strip_invisible,
-        "generate_missing": s.generate_missing,
-    }
-
-
-def default_run_dir(s: Settings, input_path: Path, sha256: str) -> Path:
-    return s.reports_dir / f"{input_path.stem}-{sha256[:12]}"
-
-
-def prepare(s: Settings, run_dir: Path | None = None) -> Prepared:
-    """Open the input, open (or create) the ledger, and import + validate the rows the first time."""
-    if s.input is None:
-        raise UsageError("no input file given", "capbatch run INPUT.csv|INPUT.xlsx")
-    path = Path(s.input)
-    if not path.exists():
-        raise InputFileError(f"input file {path} does not exist", "check the path (relative to the current directory)")
-    if path.is_dir():
-        raise InputFileError(f"{path} is a directory, not a spreadsheet", "pass a .csv, .tsv, .txt, .xlsx or .xls file")
-    rules = rule_settings(s)
-    table = open_input(path, input_options(s))
-    sha = file_sha256(path)
-    explicit = run_dir is not None or s.run_dir is not None
-    run_dir = Path(run_dir or s.run_dir or default_run_dir(s, path, sha))
-    ledger = Ledger.open(run_dir)
-    try:
-        fingerprint = _validation_fingerprint(s, table)
-        fresh = False
-        if ledger.is_imported():
-            known = ledger.get_meta("input_sha256")
-            if known != sha:
-                raise LedgerError(
-                    f"run directory {run_dir} belongs to different input content "
-                    f"(ledger {known[:12] if known else '?'}…, {path.name} is {sha[:12]}…)",
-                    "the file changed since that run: use a new --run-dir (or omit it) to start a new run, "
-                    "or restore the original file to resume" if explicit else "use a new --run-dir")
-            stored = ledger.get_meta_json("validation", {})
-            if stored != fingerprint:
-                changed = sorted(k for k in fingerprint if stored.get(k) != fingerprint[k])
-                raise LedgerError(
-                    f"run directory {run_dir} was validated with different settings ({', '.join(changed)})",
-                    "rerun with the settings of the original run to resume, or use a new --run-dir")
-        else:
-            ledger.reset_import()
-            ledger.import_rows(_ledger_rows(table, rules))
-            ledger.apply_cross_row_rules(allow_empty_external_id=s.generate_missing)
-            ledger.set_meta("input_name", path.name)
-            ledger.set_meta("input_path", str(path.resolve()))
-            ledger.set_meta("input_sha256", sha)
-            ledger.set_meta("columns", json.dumps(table.columns, ensure_ascii=False))
-            ledger.set_meta("mapping", json.dumps({"cardNumber": table.card_column,
-                                                   "cardExternalId": table.external_id_column},
-                                                  ensure_ascii=False))
-            ledger.set_meta("validation", json.dumps(fingerprint))
-            ledger.mark_imported()
-            fresh = True
-    except BaseException:
-        ledger.close()
-        raise
-    return Prepared(ledger, run_dir, table, sha, list(table.notes), fresh)
-
-
-def _ledger_rows(table: InputTable, rules: RuleSettings) -> Iterator[tuple[Any, ...]]:
+def checked_rows(table: InputTable | MemoryTable, rules: RuleSettings) -> Iterator[tuple[Any, ...]]:
+    """Every input row with its verdict, as the ledger stores it."""
     dumps = json.JSONEncoder(ensure_ascii=False).encode   # one encoder, not one per row
     for row in table.rows():
-        v: Verdict = check_row(row, rules)
+        v = check_row(row, rules)
         yield (row.sheet, row.row_number, dumps(row.values), v.card, v.external_id,
                "rejected" if v.reason_code else "pending", v.reason_code, v.reason, v.column)
 
 
+def validation_fingerprint(inp: Input, header_row: int, rules: RuleSettings) -> dict[str, Any]:
+    """Everything that decides which rows are valid: a resumed run must use the same."""
+    t = inp.table
+    return {
+        "card_column": t.card_column, "external_id_column": t.external_id_column,
+        "sheet": t.sheet, "header_row": header_row, "delimiter": t.delimiter,
+        "encoding": t.encoding, "external_id_length": rules.external_id_length,
+        "external_id_pattern": rules.external_id_pattern, "strip_invisible": rules.strip_invisible,
+        "generate_missing": rules.allow_missing_external_id,
+    }
+
+
+# ==== 3. ledger ======================================================================================
+def default_run_dir(reports_dir: Path, inp: Input, job: str | None = None, latest: bool = False) -> Path:
+    """reports/<input>-<content hash>: the same content (file or in-memory) finds the same run again.
+    A job's runs go under reports/<job>/ (see jobs.run_dir_for; ``latest``: --retry-failed)."""
+    if job:
+        return jobs.run_dir_for(reports_dir, job, inp.stem, inp.sha256, latest=latest)
+    return reports_dir / f"{inp.stem}-{inp.sha256[:12]}"
+
+
+def load_ledger(run_dir: Path, inp: Input, rules: RuleSettings, fingerprint: dict[str, Any],
+                changed_hint: str) -> tuple[Ledger, bool]:
+    """Open (or create) the run's ledger; import and check the rows the first time. Returns
+    (ledger, freshly_imported). Resuming with other content or other validation settings, or a run
+    that was reverted, is refused; ``changed_hint`` is what to say when the content changed."""
+    ledger = Ledger.open(run_dir)
+    try:
+        if ledger.is_imported():
+            _check_same_run(ledger, run_dir, inp, fingerprint, changed_hint)
+            return ledger, False
+        ledger.reset_import()
+        ledger.import_rows(checked_rows(inp.table, rules))
+        ledger.apply_cross_row_rules(allow_empty_external_id=rules.allow_missing_external_id)
+        ledger.set_meta("input_name", inp.name)
+        ledger.set_meta("input_path", str(inp.path.resolve()) if inp.path else "")
+        ledger.set_meta("input_sha256", inp.sha256)
+        ledger.set_meta("columns", json.dumps(inp.table.columns, ensure_ascii=False))
+        ledger.set_meta("mapping", json.dumps({"cardNumber": inp.table.card_column,
+                                               "cardExternalId": inp.table.external_id_column},
+                                              ensure_ascii=False))
+        ledger.set_meta("validation", json.dumps(fingerprint))
+        ledger.mark_imported()
+    except BaseException:
+        ledger.close()
+        raise
+    return ledger, True
+
+
+def _check_same_run(ledger: Ledger, run_dir: Path, inp: Input, fingerprint: dict[str, Any],
+                    changed_hint: str) -> None:
+    known = ledger.get_meta("input_sha256")
+    if known != inp.sha256:
+        raise LedgerError(
+            f"run directory {run_dir} belongs to different input content "
+            f"(ledger {known[:12] if known else '?'}…, {inp.name} is {inp.sha256[:12]}…)", changed_hint)
+    if ledger.get_meta("reverted_at"):
+        raise LedgerError(f"the run in {run_dir} was reverted (capbatch revert) and cannot be resumed",
+                          "fix the input and start a new run (a changed file gets a new run directory)")
+    stored = ledger.get_meta_json("validation", {})
+    if stored != fingerprint:
+        changed = sorted(k for k in fingerprint if stored.get(k) != fingerprint[k])
+        raise LedgerError(
+            f"run directory {run_dir} was validated with different settings ({', '.join(changed)})",
+            "rerun with the settings of the original run to resume, or use a new --run-dir")
+
+
+@dataclass
+class Prepared:
+    """An input read, validated and loaded into a ledger."""
+
+    ledger: Ledger
+    run_dir: Path
+    table: InputTable | MemoryTable
+    sha256: str
+    notes: list[str] = field(default_factory=list)
+    freshly_imported: bool = False
+
+
+def prepare(s: Settings, run_dir: Path | None = None, source: Source = None) -> Prepared:
+    """Stages 1-3: read ``source`` (default ``s.input``), check every row, load the run's ledger."""
+    inp = read_input(s.input if source is None else source, input_options(s))
+    rules = rule_settings(s)
+    explicit = run_dir is not None or s.run_dir is not None
+    run_dir = Path(run_dir or s.run_dir or default_run_dir(s.reports_dir, inp, s.job, s.retry_failed))
+    hint = _changed_input_hint(s, "file" if inp.path else "data") if explicit else "use a new --run-dir"
+    ledger, fresh = load_ledger(run_dir, inp, rules, validation_fingerprint(inp, s.header_row, rules), hint)
+    return Prepared(ledger, run_dir, inp.table, inp.sha256, list(inp.table.notes), fresh)
+
+
+def _changed_input_hint(s: Settings, what: str = "file") -> str:
+    if s.job:
+        return (f"the {what} changed since that run. With --job every export gets its own run directory under "
+                f"{jobs.job_dir(s.reports_dir, s.job)}: drop --run-dir. To resume that run, restore the "
+                f"original {what}")
+    return (f"the {what} changed since that run. For a nightly export, drop --run-dir and name a job instead "
+            "(--job NAME --skip-confirmed): every export gets its own run directory and the job remembers "
+            f"the pairs already confirmed (README: Nightly jobs). To resume that run, restore the original {what}")
+
+
 def validation_report(ledger: Ledger) -> dict[str, Any]:
     counts = ledger.counts()
-    by_reason = {code: n for code, n in ledger.query(
-        "SELECT reason_code, count(*) FROM rows WHERE state IN ('rejected','duplicate') "
-        "GROUP BY reason_code ORDER BY 2 DESC")}
-    first = [
-        {"row": row_label(sheet, number), "reason": reason}
-        for sheet, number, reason in ledger.query(
-            "SELECT sheet, row_number, reason FROM rows WHERE state='rejected' ORDER BY id LIMIT ?",
-            (PROBLEMS_SHOWN,))
-    ]
+    by_reason: Counter[str] = Counter()
+    first: list[dict[str, Any]] = []
+    for r in ledger.rows_in_states(("rejected", "duplicate")):
+        by_reason[r["reason_code"]] += 1
+        if r["state"] == "rejected" and len(first) < PROBLEMS_SHOWN:
+            first.append({"row": row_label(r["sheet"], r["row_number"]), "reason": r["reason"]})
     valid = counts["pending"] + counts["in_flight"] + counts["succeeded"] + counts["failed"] + counts["unchanged"]
     return {"rows": sum(counts.values()), "valid": valid, "rejected": counts["rejected"],
-            "duplicates": counts["duplicate"], "by_reason": by_reason, "first_problems": first}
+            "duplicates": counts["duplicate"], "by_reason": dict(by_reason.most_common()),
+            "first_problems": first}
 
 
 def log_validation(notes: list[str], v: dict[str, Any]) -> None:
     for note in notes:
         log.info("%s", note)
-    log.info("input: %d rows, %d valid, %d rejected, %d duplicates (sent once)",
-             v["rows"], v["valid"], v["rejected"], v["duplicates"])
+    log.info("input: %s, %d valid, %d rejected, %s (sent once)",
+             plural(v["rows"], "row"), v["valid"], v["rejected"], plural(v["duplicates"], "duplicate"))
     for code, n in v["by_reason"].items():
         log.info("  %-22s %d", code, n)
     for p in v["first_problems"]:
         log.warning("  row %s: %s", p["row"], p["reason"])
     if v["rejected"] > len(v["first_problems"]):
-        log.warning("  ... and %d more rejected rows (see failures.csv / the validation CSV)",
-                    v["rejected"] - len(v["first_problems"]))
+        log.warning("  ... and %s more (see failures.csv / the validation CSV)",
+                    plural(v["rejected"] - len(v["first_problems"]), "rejected row"))
 
 
-def run_async(coro: Any) -> Any:
-    """asyncio.run, also from code that already has a running loop (a notebook): then on a thread."""
+# ==== 4. engine ======================================================================================
+class StopSwitch:
+    """Stops a run from any thread: the first press lets requests in flight finish (grace period),
+    the second cuts them off at once. Signal handlers, Ctrl-C in a notebook and a cancelled
+    ``run_backfill_async`` all press it; a press before the engine starts means it never starts."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.presses = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._engine: Engine | None = None
+        self._task: asyncio.Future[Any] | None = None
+
+    @property
+    def pressed(self) -> bool:
+        return self.presses > 0
+
+    @property
+    def hard(self) -> bool:
+        return self.presses > 1
+
+    def press(self, why: str) -> None:
+        with self._lock:
+            self.presses += 1
+            loop = self._loop
+        if loop is not None:
+            loop.call_soon_threadsafe(self._apply, why)
+
+    def _attach(self, loop: asyncio.AbstractEventLoop, engine: Engine, task: asyncio.Future[Any]) -> None:
+        with self._lock:
+            self._loop, self._engine, self._task = loop, engine, task
+            early = self.presses
+        for _ in range(early):
+            self._apply("stop requested before the run started")
+
+    def _detach(self) -> None:
+        with self._lock:
+            self._loop = self._engine = self._task = None
+
+    def _apply(self, why: str) -> None:
+        engine, task = self._engine, self._task
+        if engine is None or task is None or task.done():
+            return
+        if not engine.interrupted:
+            log.warning("%s: stopping — finishing requests in flight (up to %g s); "
+                        "press Ctrl-C again to stop at once", why, engine.s.grace_period)
+            engine.request_stop()
+        elif self.hard:
+            log.warning("%s again: stopping now; the ledger is consistent, rerun to resume", why)
+            task.cancel()
+
+
+@contextlib.contextmanager
+def _signals_press(switch: StopSwitch, loop: asyncio.AbstractEventLoop) -> Iterator[None]:
+    """SIGINT/SIGTERM press the switch while the engine runs — only in the main thread — and the
+    host's own handlers (an orchestrator's SIGTERM handler) are put back afterwards, whatever happens."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous: dict[signal.Signals, Any] = {}
+
+    def on_signal(signum: int, _frame: object) -> None:
+        loop.call_soon_threadsafe(switch.press, signal.Signals(signum).name)
+
     try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(coro)
-    import concurrent.futures
-
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="capbatch-run") as pool:
-        return pool.submit(asyncio.run, coro).result()
-
-
-# ---- validate -------------------------------------------------------------------------------------
-def validate(s: Settings, output: Path | None = None) -> dict[str, Any]:
-    """Read and check the input without any network. Writes a validation CSV; returns the counts.
-
-    ``exit_code`` in the result: 0 all valid, 1 some rows rejected (file-level problems raise).
-    """
-    with tempfile.TemporaryDirectory(prefix="capbatch-validate-") as tmp:
-        prepared = prepare(s, run_dir=Path(tmp))
-        try:
-            v = validation_report(prepared.ledger)
-            out = output or (s.reports_dir / f"{Path(s.input or 'input').stem}.validation.csv")
-            _write_validation_csv(prepared.ledger, out)
-            v["validation_csv"] = str(out)
-            v["notes"] = prepared.notes
-            log_validation(prepared.notes, v)
-            log.info("validation details written to %s", out)
-            v["plan"] = _plan_before_run(s, prepared, temporary=True).to_dict()
-            v["input_sha256"] = prepared.sha256
-        finally:
-            prepared.ledger.close()
-    v["exit_code"] = 1 if v["rejected"] else 0
-    return v
-
-
-def _write_validation_csv(ledger: Ledger, out: Path) -> None:
-    import csv
-
-    columns = ledger.get_meta_json("columns", [])
-    mapping = ledger.get_meta_json("mapping", {})
-    header_of = {"card": mapping.get("cardNumber", ""), "external_id": mapping.get("cardExternalId", "")}
-    n = report.neutralise
-
-    def write(fh: Any) -> None:
-        w = csv.writer(fh)
-        w.writerow(["sheet", "row", "column", "value", "reason_code", "reason"])
-        for r in ledger.iter_rows("WHERE state IN ('rejected', 'duplicate')"):
-            column = header_of.get(r["problem_column"] or "", "")
-            values = json.loads(r["original"])
-            at = columns.index(column) if column in columns else len(values)
-            value = values[at] if at < len(values) else ""
-            w.writerow([n(r["sheet"] or ""), r["row_number"], n(column), n(value), r["reason_code"],
-                        n(r["reason"])])
-
-    report.atomic_write(out, write)
-
-
-# ---- run ------------------------------------------------------------------------------------------
-def run(s: Settings, *, clock: Clock | None = None) -> dict[str, Any]:
-    """Run (or resume) a backfill. Returns the summary dict (also written to summary.json).
-
-    Raises the same :class:`~capbatch.errors.CapbatchError` subclasses the CLI reports; a run that
-    ends with failed or rejected rows is not an exception: read ``summary["exit_code"]``.
-    ``clock`` (epoch seconds) decides the sending windows; tests pass one they control.
-    """
-    if s.skip_confirmed and not s.job:
-        raise UsageError("--skip-confirmed needs --job NAME", "name the job whose earlier runs confirmed the pairs")
-    if s.job:
-        jobs.check_name(s.job)
-    if s.dry_run:
-        result = check_remote(s) if s.check_remote else validate(s)
-        _write_dry_run_summary(s, result)
-        return result
-    base_url = target_url(s)
-    _require_credentials(s)
-    clock = clock or SYSTEM_CLOCK
-    schedule = schedule_for(s.windows, s.timezone)
-    if s.window_exit and not schedule.is_open(clock.now()):
-        opens = schedule.next_open(clock.now())
-        log.info("outside the sending windows %s (the next opens %s, in %s): --window-exit, nothing sent",
-                 schedule.describe(), schedule.local_hhmm(opens, clock.now()), human_duration(opens - clock.now()))
-        return {"stop": "outside window", "exit_code": report.EXIT_OK, "next_window_opens_at": report.iso(opens)}
-    if not s.verify_tls:
-        log.warning("TLS certificate verification is OFF (--no-verify-tls): use this only for a trusted test host")
-    prepared = prepare(s)
-    ledger, run_dir = prepared.ledger, prepared.run_dir
-    try:
-        plan = _plan_before_run(s, prepared, schedule, clock, base_url)
-    except BaseException:
-        ledger.close()
-        raise
-    ledger.set_meta("plan", json.dumps(plan.to_dict()))
-    file_log = _attach_json_log(run_dir)
-    invocation = ledger.start_invocation()
-    started_at = time.time()
-    result: EngineResult | None = None
-    try:
-        v = validation_report(ledger)
-        log_validation(prepared.notes if prepared.freshly_imported else prepared.notes[:1], v)
-        log.info("run directory: %s", run_dir)
-        if not prepared.freshly_imported:
-            counts = ledger.counts()
-            log.info("resuming: %s", report.status_line(counts))
-        announce(plan, schedule)
-        ledger.set_meta("settings", json.dumps(s.public_dict(), default=str))
-        if s.job and s.skip_confirmed:
-            skipped = jobs.skip_confirmed(ledger, jobs.store_path(s.reports_dir), s.job)
-            log.info("job %s: %d rows already confirmed by earlier runs, settled without a request", s.job, skipped)
-        log.info("target %s, auth %s, rate %s, concurrency %d", base_url, s.credentials.kind,
-                 s.rate or "unlimited", s.concurrency)
-        result = run_async(_run_engine(s, ledger, base_url, schedule, clock))
-    except BaseException as exc:
-        code = getattr(exc, "exit_code", report.EXIT_INTERRUPTED if isinstance(exc, KeyboardInterrupt)
-                       else report.EXIT_ABORTED)
-        ledger.end_invocation(invocation, code, "interrupted" if code == report.EXIT_INTERRUPTED else "error", 0)
-        _detach(file_log)
-        ledger.close()
-        raise
-    stop = result.stop
-    counts = ledger.counts()
-    exit_code = report.exit_code_for(counts, stop)
-    ledger.end_invocation(invocation, exit_code, stop, result.counters.requests)
-    ledger.set_meta("plan_actual", json.dumps(plan_actual(
-        plan.to_dict(), result.counters.settled, result.counters.requests, time.time() - started_at,
-        result.waiting_seconds)))
-    summary = report.write_reports(ledger, run_dir, stop=stop, message=result.message,
-                                   extra={"this_invocation": {
-                                       "requests": result.counters.requests,
-                                       "retries": result.counters.retries,
-                                       "throttle_events": result.throttle_events,
-                                       "outages": result.outages,
-                                       "outage_seconds": round(result.outage_seconds, 3)}})
-    if s.job:
-        jobs.remember(ledger, jobs.store_path(s.reports_dir), s.job, run_dir, summary, started_at)
-    _log_summary(summary)
-    _detach(file_log)
-    ledger.close()
-    if stop == "aborted":
-        raise RunAborted(f"run aborted: {result.message}",
-                         f"fix the cause, then rerun the same command to resume ({counts['pending']} rows left)")
-    if stop == "interrupted":
-        raise Interrupted("run interrupted", "rerun the same command to resume where it stopped")
-    if stop == "paused" and exit_code == report.EXIT_ABORTED:
-        raise Paused(result.message or "the sending window closed",
-                     f"{counts['pending'] + counts['in_flight']} rows left: rerun the same command inside a "
-                     "window to resume")
-    return summary
-
-
-def plan_settings(s: Settings, now: float) -> PlanSettings:
-    tz = schedule_for((), s.timezone).tz
-    return PlanSettings(mode=s.mode, resume_check=s.resume_check, generate_missing=s.generate_missing,
-                        rate=s.rate, read_rate=s.read_rate,
-                        canary_reads=int(getattr(s, "canary", 0) or 0),   # issue 11's --canary K, once merged
-                        deadline=parse_deadline(s.deadline, now, tz) if s.deadline else None,
-                        deadline_text=s.deadline)
-
-
-def _plan_before_run(s: Settings, prepared: Prepared, schedule: Schedule | None = None,
-                     clock: Clock = SYSTEM_CLOCK, base_url: str | None = None, temporary: bool = False) -> Plan:
-    """State the plan (rows, requests, rate, time) from the ledger that will be sent from; with
-    --deadline-strict, refuse (exit 2) when it cannot finish in time. Sends nothing.
-    ``temporary``: ``prepared`` is validate's scratch ledger; a run already under way for this
-    input (in the run directory a real run would use) is planned from the rows it has left."""
-    schedule = schedule or schedule_for(s.windows, s.timezone)
-    now = clock.now()
-    existing = _existing_ledger(s, prepared) if temporary else None
-    source = existing or prepared.ledger
-    try:
-        shared = 0
-        if base_url and s.rate:
-            shared = live_peers(s.quota_dir, QuotaKey(base_url, credential_fingerprint(s.credentials)), s.rate, now)
-        plan = make_plan(source.counts(), source.missing_external_ids(), plan_settings(s, now), schedule, now,
-                         shared_with=shared)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            old = signal.getsignal(sig)
+            if old is None or old is signal.SIG_IGN:   # set from C (could not be put back), or ignored on purpose
+                continue
+            signal.signal(sig, on_signal)
+            previous[sig] = old
+        yield
     finally:
-        if existing is not None:
-            existing.close()
-    check_deadline(plan, s.deadline_strict)
-    if temporary:
-        announce(plan, schedule)
-    return plan
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
-def _run_dir_for(s: Settings, sha256: str) -> Path:
-    return Path(s.run_dir or default_run_dir(s, Path(s.input or "input"), sha256))
+async def _engine_session(s: Settings, ledger: Ledger, base_url: str, switch: StopSwitch,
+                          on_tick: Callable[[Counters], None] | None = None, schedule: Schedule | None = None,
+                          clock: Clock = SYSTEM_CLOCK) -> EngineResult:
+    from .api import CapillaryClient
+    from .engine import Engine
+    from .progress import Progress, choose_mode
 
-
-def _existing_ledger(s: Settings, prepared: Prepared) -> Ledger | None:
-    run_dir = _run_dir_for(s, prepared.sha256)
-    if not (run_dir / LEDGER_FILE).exists():
-        return None
-    try:
-        ledger = Ledger.open_readonly(run_dir)
-    except LedgerError:
-        return None
-    if ledger.get_meta("input_sha256") != prepared.sha256:
-        ledger.close()
-        return None
-    log.info("run directory %s holds this input's run: the plan covers the rows it has left", run_dir)
-    return ledger
-
-
-def _write_dry_run_summary(s: Settings, result: dict[str, Any]) -> None:
-    """--dry-run writes summary.json (with the plan) where the run would, unless a run is there."""
-    if "input_sha256" not in result:
-        return
-    run_dir = _run_dir_for(s, result["input_sha256"])
-    if (run_dir / LEDGER_FILE).exists():
-        log.info("dry run: %s holds a run already; its summary.json is left as it is", run_dir)
-        return
-    summary = {"dry_run": True, "run_dir": str(run_dir), "input": {"name": Path(s.input or "").name,
-                                                                   "sha256": result["input_sha256"]},
-               "validation": {k: result.get(k) for k in ("rows", "valid", "rejected", "duplicates", "by_reason")},
-               "plan": result.get("plan"), "settings": s.public_dict(), "exit_code": result.get("exit_code")}
-    report.atomic_write(run_dir / report.SUMMARY_JSON, lambda fh: json.dump(summary, fh, indent=2, default=str))
-    log.info("dry run: plan written to %s", run_dir / report.SUMMARY_JSON)
-
-
-async def _run_engine(s: Settings, ledger: Ledger, base_url: str, schedule: Schedule | None = None,
-                      clock: Clock = SYSTEM_CLOCK) -> EngineResult:
     async with CapillaryClient(base_url, s.credentials, timeout=s.timeout, verify_tls=s.verify_tls,
                                max_connections=s.concurrency + 4) as client:
+        # one quota shared with every run on this key (capbatch.quota); sending windows (capbatch.window)
         pacer, read_pacer, backend = shared_pacers(s.rate, s.read_rate, target=base_url, credentials=s.credentials,
-                                                    quota_dir=s.quota_dir, priority=s.priority)
+                                                   quota_dir=s.quota_dir, priority=s.priority)
         gate = WindowGate(schedule or Schedule(), clock)
         engine = Engine(s, ledger, client, pacers=(pacer, read_pacer), window=gate)
         if s.window_exit:
@@ -397,52 +352,87 @@ async def _run_engine(s: Settings, ledger: Ledger, base_url: str, schedule: Sche
                 f"the sending window closed ({gate.schedule.describe()}): --window-exit, stopping here")
         progress = Progress(choose_mode(s.progress, s.quiet), s.progress_interval, window=gate)
         loop = asyncio.get_running_loop()
-        presses = 0
-
-        def on_signal(signame: str) -> None:
-            nonlocal presses
-            presses += 1
-            if presses == 1:
-                log.warning("%s: stopping — finishing requests in flight (up to %g s); "
-                            "press Ctrl-C again to exit at once", signame, s.grace_period)
-                engine.request_stop()
-            else:
-                log.warning("second %s: exiting now; the ledger is consistent, rerun to resume", signame)
-                try:
-                    engine.writer.flush()
-                finally:
-                    os._exit(report.EXIT_INTERRUPTED)
-
-        installed = []
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                loop.add_signal_handler(sig, on_signal, sig.name)
-                installed.append(sig)
-            except (NotImplementedError, RuntimeError):  # not the main thread (library use)
-                pass
+        task = asyncio.ensure_future(engine.run())
         progress.start(engine.counters)
+        ticker = loop.create_task(_every(s.progress_interval, on_tick, engine.counters)) if on_tick else None
+        with _signals_press(switch, loop):
+            switch._attach(loop, engine, task)
+            try:
+                result = await task
+                result.waiting_seconds = gate.closed_seconds
+                return result
+            except asyncio.CancelledError:
+                if switch.hard and task.cancelled():
+                    raise Interrupted("run stopped at once (second Ctrl-C/SIGTERM)",
+                                      "rerun the same command to resume; rows that were in flight are "
+                                      "checked first") from None
+                raise
+            finally:
+                switch._detach()
+                if ticker is not None:
+                    ticker.cancel()
+                    await asyncio.gather(ticker, return_exceptions=True)
+                await progress.stop()
+                for p in {pacer, read_pacer}:
+                    await p.close()
+                backend.close()
+
+
+async def _every(interval: float, call: Callable[[Counters], None], counters: Counters) -> None:
+    """The periodic hook (metrics file) beside the progress display; never ends the run."""
+    while True:
+        await asyncio.sleep(interval)
         try:
-            result = await engine.run()
-            result.waiting_seconds = gate.closed_seconds
-            return result
-        finally:
-            await progress.stop()
-            for sig in installed:
-                loop.remove_signal_handler(sig)
-            for p in {pacer, read_pacer}:
-                await p.close()
-            backend.close()
+            call(counters)
+        except Exception:  # noqa: BLE001 - a monitoring hiccup must not stop the run
+            log.debug("periodic hook failed", exc_info=True)
+
+
+async def _run_engine(s: Settings, ledger: Ledger, base_url: str) -> EngineResult:
+    """The engine stage as a coroutine (capbatch revert runs it on its own ledger)."""
+    return await _engine_session(s, ledger, base_url, StopSwitch())
+
+
+def send_rows(s: Settings, ledger: Ledger, base_url: str, switch: StopSwitch,
+              on_tick: Callable[[Counters], None] | None = None, schedule: Schedule | None = None,
+              clock: Clock = SYSTEM_CLOCK) -> EngineResult:
+    """Stage 4: settle every pending row of ``ledger`` through the API. The engine takes the whole
+    Settings (rate, retries, modes, grace period...); this stage adds the client, the stop switch,
+    the periodic hook (``on_tick``, every --progress-interval), the quota shared with other runs on
+    the key and the sending windows (``schedule`` on ``clock``)."""
+    return run_async(lambda: _engine_session(s, ledger, base_url, switch, on_tick, schedule, clock), switch.press)
+
+
+# ==== 5. reports =====================================================================================
+def write_run_reports(ledger: Ledger, run_dir: Path, result: EngineResult) -> Summary:
+    """Stage 5: results.csv, failures.csv, summary.json, report.html from the ledger."""
+    return Summary(report.write_reports(ledger, run_dir, stop=result.stop, message=result.message,
+                                        extra={"this_invocation": {
+                                            "requests": result.counters.requests,
+                                            "retries": result.counters.retries,
+                                            "throttle_events": result.throttle_events,
+                                            "outages": result.outages,
+                                            "outage_seconds": round(result.outage_seconds, 3)}}))
 
 
 def _log_summary(summary: dict[str, Any]) -> None:
     c = summary["counts"]
-    log.info(
-        "done: %d succeeded, %d unchanged, %d failed, %d rejected, %d duplicates, %d pending — "
-        "%d requests, %.1f rows/s; reports in %s",
-        c["succeeded"], c["unchanged"], c["failed"], c["rejected"], c["duplicate"],
-        c["pending"] + c["in_flight"], summary["this_invocation"]["requests"],
-        summary["throughput_rows_per_second"], summary["run_dir"])
-    if c["failed"] or c["rejected"]:
+    requests = summary["this_invocation"]["requests"]
+    audit = summary.get("audit")
+    logging.getLogger("capbatch.summary").info(   # shown with -q too: the line a scheduler's log keeps
+        "%s: %d succeeded, %d unchanged, %d failed, %d rejected, %s, %d pending — %s, %.1f rows/s%s; "
+        "reports in %s",
+        summary["stop"] if summary["stop"] in ("aborted", "interrupted") else "done",
+        c["succeeded"], c["unchanged"], c["failed"], c["rejected"], plural(c["duplicate"], "duplicate"),
+        c["pending"] + c["in_flight"], plural(requests, "request"), summary["throughput_rows_per_second"],
+        f"; audit: {audit['rows']} re-read, {audit['drift_fixed']} drifted and put back" if audit else "",
+        summary["run_dir"])
+    job = (summary.get("settings") or {}).get("job")
+    if (c["failed"] or c["rejected"]) and job:
+        log.info("failed rows go out again with the next run of job %s (now: the same command with "
+                 "--retry-failed); rejected rows need a fixed export; details in %s",
+                 job, Path(summary["run_dir"]) / report.FAILURES_CSV)
+    elif c["failed"] or c["rejected"]:
         log.info("fix the rows in %s and feed it back: capbatch run %s ...",
                  Path(summary["run_dir"]) / report.FAILURES_CSV, Path(summary["run_dir"]) / report.FAILURES_CSV)
 
@@ -470,40 +460,329 @@ def _detach(handler: logging.Handler | None) -> None:
         handler.close()
 
 
+# ==== the entry points ===============================================================================
+def run(s: Settings, source: Source = None, *, stop: StopSwitch | None = None,
+        clock: Clock | None = None) -> Summary | dict[str, Any]:
+    """Run (or resume) a backfill of ``source`` (default ``s.input``). Returns the summary (also
+    written to summary.json); with ``dry_run`` the validation counts (see :func:`validate`).
+
+    Raises the same :class:`~capbatch.errors.CapbatchError` subclasses the CLI reports; a run that
+    ends with failed or rejected rows is not an exception: read ``summary.exit_code``. ``stop`` lets
+    another thread stop the run (the library's async entry point uses it). ``clock`` (epoch seconds)
+    decides the sending windows (--window); tests pass one they control.
+    """
+    announcer = announce.Announcer(announce.Targets(s.metrics_file, s.pushgateway, s.notify_url, s.job),
+                                   _input_name(s, source))
+    try:
+        if s.job and not s.dry_run:
+            with jobs.lock(s.reports_dir, jobs.check_name(s.job)):   # one run of a job at a time
+                return _run(s, source, stop, announcer, clock or SYSTEM_CLOCK)
+        return _run(s, source, stop, announcer, clock or SYSTEM_CLOCK)
+    except BaseException as exc:
+        if not s.dry_run:
+            announcer.failed(exc)   # metrics, Pushgateway, webhook: the nights that go wrong too
+        raise
+
+
+def _input_name(s: Settings, source: Source) -> str:
+    given = s.input if source is None else source
+    if isinstance(given, (str, os.PathLike)):
+        return Path(given).name
+    return _stem(s, source)
+
+
+def _run(s: Settings, source: Source, stop: StopSwitch | None, announcer: announce.Announcer,
+         clock: Clock = SYSTEM_CLOCK) -> Summary | dict[str, Any]:
+    if s.skip_confirmed and not s.job:
+        raise UsageError("--skip-confirmed needs --job NAME", "name the job whose earlier runs confirmed the pairs")
+    if s.audit_fraction and not s.skip_confirmed:
+        raise UsageError("--audit-fraction needs --skip-confirmed",
+                         "the audit re-reads a slice of the pairs --skip-confirmed would not send; "
+                         "without it every row is sent anyway")
+    if s.job:
+        jobs.check_name(s.job)
+        folder = jobs.job_dir(s.reports_dir, s.job)
+        if s.run_dir and Path(s.run_dir).resolve() == folder.resolve():
+            raise UsageError(f"--run-dir {s.run_dir} is the folder of job {s.job} itself",
+                             f"drop --run-dir: with --job every export gets its own run directory under {folder}")
+    if s.dry_run:
+        result = check_remote(s, source) if s.check_remote else validate(s, source=source)
+        _write_dry_run_summary(s, source, result)
+        return result
+    base_url = target_url(s)
+    _require_credentials(s)
+    schedule = schedule_for(s.windows, s.timezone)
+    if s.window_exit and not schedule.is_open(clock.now()):
+        now = clock.now()
+        opens = schedule.next_open(now)
+        log.info("outside the sending windows %s (the next opens %s, in %s): --window-exit, nothing sent",
+                 schedule.describe(), schedule.local_hhmm(opens, now), human_duration(opens - now))
+        return {"stop": "outside window", "exit_code": report.EXIT_OK, "next_window_opens_at": report.iso(opens)}
+    if not s.verify_tls:
+        log.warning("TLS certificate verification is OFF (--no-verify-tls): use this only for a trusted test host")
+    if s.run_dir:
+        outputs.check_dir(s.run_dir, "--run-dir")
+    else:
+        outputs.check_dir(s.reports_dir, "--reports-dir")
+    announcer.check_writable()
+    if s.job:
+        jobs.bind_target(jobs.store_path(s.reports_dir), s.job, base_url)
+    switch = stop or StopSwitch()
+    prepared = prepare(s, source=source)
+    ledger, run_dir = prepared.ledger, prepared.run_dir
+    try:
+        plan = _plan_before_run(s, prepared, schedule, clock, base_url)
+    except BaseException:
+        ledger.close()
+        raise
+    ledger.set_meta("plan", json.dumps(plan.to_dict()))
+    file_log = _attach_json_log(run_dir)
+    invocation = ledger.start_invocation()
+    started_at = time.time()
+    try:
+        v = validation_report(ledger)
+        log_validation(prepared.notes if prepared.freshly_imported else prepared.notes[:1], v)
+        log.info("run directory: %s", run_dir)
+        if not prepared.freshly_imported:
+            log.info("resuming: %s", report.status_line(ledger.counts()))
+        announce_plan(plan, schedule)
+        ledger.set_meta("settings", json.dumps(s.public_dict(), default=str))
+        if s.retry_failed:
+            log.info("--retry-failed: %d failed rows go out again (rejected rows stay rejected)",
+                     ledger.requeue_failed())
+        if s.job:
+            ledger.set_meta("job", s.job)
+            ledger.set_meta("job_store", str(jobs.store_path(s.reports_dir).resolve()))
+        if s.job and s.skip_confirmed:
+            skipped, audited = jobs.skip_confirmed(ledger, jobs.store_path(s.reports_dir), s.job, s.audit_fraction)
+            log.info("job %s: %d rows already confirmed by earlier runs, settled without a request", s.job, skipped)
+            if s.audit_fraction:
+                log.info("job %s: rolling audit re-reads %d confirmed pairs this run (--audit-fraction %g)",
+                         s.job, audited, s.audit_fraction)
+        if switch.pressed:
+            raise Interrupted("run stopped before the first request", "rerun the same command to resume")
+        log.info("target %s, auth %s, rate %s, concurrency %d", base_url, s.credentials.kind,
+                 s.rate or "unlimited", s.concurrency)
+        announcer.attach(ledger)
+        result = send_rows(s, ledger, base_url, switch, announcer.tick, schedule, clock)
+    except BaseException as exc:
+        code = announce.exit_code_of(exc)
+        ledger.end_invocation(invocation, code, "interrupted" if code == report.EXIT_INTERRUPTED else "error")
+        _detach(file_log)
+        ledger.close()
+        raise
+    counts = ledger.counts()
+    exit_code = report.exit_code_for(counts, result.stop)
+    ledger.end_invocation(invocation, exit_code, result.stop, result.counters.requests,
+                          result.counters.by_status)
+    ledger.set_meta("plan_actual", json.dumps(plan_actual(
+        plan.to_dict(), result.counters.settled, result.counters.requests, time.time() - started_at,
+        result.waiting_seconds)))
+    summary = write_run_reports(ledger, run_dir, result)
+    if s.job:
+        jobs.remember(ledger, jobs.store_path(s.reports_dir), s.job, run_dir, summary, started_at)
+    _log_summary(summary)
+    announcer.finished(summary, exit_code)
+    _detach(file_log)
+    ledger.close()
+    if result.stop == "aborted":
+        raise RunAborted(f"run aborted: {result.message}",
+                         f"fix the cause, then rerun the same command to resume ({counts['pending']} rows left)")
+    if result.stop == "interrupted":
+        raise Interrupted("run interrupted", "rerun the same command to resume where it stopped")
+    if result.stop == "paused" and exit_code == report.EXIT_ABORTED:
+        raise Paused(result.message or "the sending window closed",
+                     f"{counts['pending'] + counts['in_flight']} rows left: rerun the same command inside a "
+                     "window to resume")
+    return summary
+
+
+# ---- the plan (capbatch.plan) -----------------------------------------------------------------------
+def plan_settings(s: Settings, now: float) -> PlanSettings:
+    return PlanSettings(mode=s.mode, resume_check=s.resume_check, generate_missing=s.generate_missing,
+                        rate=s.rate, read_rate=s.read_rate,
+                        # hooks for issue 11 (outcome checks), once merged: canary_reads=config.canary_rows(s, url)
+                        canary_reads=int(getattr(s, "canary", 0) or 0), read_back=bool(getattr(s, "read_back", False)),
+                        deadline=parse_deadline(s.deadline, now, schedule_for((), s.timezone).tz)
+                        if s.deadline else None, deadline_text=s.deadline)
+
+
+def _plan_before_run(s: Settings, prepared: Prepared, schedule: Schedule | None = None,
+                     clock: Clock = SYSTEM_CLOCK, base_url: str | None = None, source: Source = None,
+                     temporary: bool = False) -> Plan:
+    """The plan (rows, requests, rate, time) from the ledger that will be sent from; with
+    --deadline-strict, refuse (exit 2) when it cannot finish in time. Sends nothing.
+    ``temporary``: ``prepared`` is validate's scratch ledger — a run already under way for this input
+    (in the run directory a real run would use) is planned from the rows it has left — and the plan
+    is logged here."""
+    schedule = schedule or schedule_for(s.windows, s.timezone)
+    now = clock.now()
+    existing = _existing_ledger(s, prepared, source) if temporary else None
+    ledger = existing or prepared.ledger
+    try:
+        shared = 0
+        if base_url and s.rate:
+            shared = live_peers(s.quota_dir, QuotaKey(base_url, credential_fingerprint(s.credentials)), s.rate, now)
+        plan = make_plan(ledger.counts(), ledger.missing_external_ids(), plan_settings(s, now), schedule, now,
+                         shared_with=shared)
+    finally:
+        if existing is not None:
+            existing.close()
+    check_deadline(plan, s.deadline_strict)
+    if temporary:
+        announce_plan(plan, schedule)
+    return plan
+
+
+def _plan_dict(s: Settings, prepared: Prepared, base_url: str | None = None, source: Source = None) -> dict[str, Any]:
+    """validate / --dry-run: the plan, with the run directory a real run would use."""
+    plan = _plan_before_run(s, prepared, base_url=base_url, source=source, temporary=True).to_dict()
+    run_dir = _would_be_run_dir(s, prepared, source)
+    plan["run_dir"] = str(run_dir) if run_dir is not None else None
+    return plan
+
+
+def _would_be_run_dir(s: Settings, prepared: Prepared, source: Source) -> Path | None:
+    """The run directory a real run of this input would use (None for in-memory inputs)."""
+    if s.run_dir:
+        return Path(s.run_dir)
+    given = s.input if source is None else source
+    if not isinstance(given, (str, os.PathLike)):
+        return None
+    path = Path(given)
+    return default_run_dir(s.reports_dir, Input(prepared.table, prepared.sha256, path.name, path), s.job,
+                           s.retry_failed)
+
+
+def _existing_ledger(s: Settings, prepared: Prepared, source: Source) -> Ledger | None:
+    run_dir = _would_be_run_dir(s, prepared, source)
+    if run_dir is None or not (run_dir / LEDGER_FILE).exists():
+        return None
+    try:
+        ledger = Ledger.open_readonly(run_dir)
+    except LedgerError:
+        return None
+    if ledger.get_meta("input_sha256") != prepared.sha256:
+        ledger.close()
+        return None
+    log.info("run directory %s holds this input's run: the plan covers the rows it has left", run_dir)
+    return ledger
+
+
+def _write_dry_run_summary(s: Settings, source: Source, result: dict[str, Any]) -> None:
+    """--dry-run writes summary.json (with the plan) where the run would, unless a run is there."""
+    where = (result.get("plan") or {}).get("run_dir")
+    if not where:
+        return
+    run_dir = Path(where)
+    if (run_dir / LEDGER_FILE).exists():
+        log.info("dry run: %s holds a run already; its summary.json is left as it is", run_dir)
+        return
+    summary = {"dry_run": True, "run_dir": str(run_dir),
+               "input": {"name": _stem(s, source), "sha256": result.get("input_sha256")},
+               "validation": {k: result.get(k) for k in ("rows", "valid", "rejected", "duplicates", "by_reason")},
+               "plan": result.get("plan"), "settings": s.public_dict(), "exit_code": result.get("exit_code")}
+    report.atomic_write(run_dir / report.SUMMARY_JSON, lambda fh: json.dump(summary, fh, indent=2, default=str))
+    log.info("dry run: plan written to %s", run_dir / report.SUMMARY_JSON)
+
+
+def validate(s: Settings, output: Path | None = None, source: Source = None) -> dict[str, Any]:
+    """Read and check the input without any network. Writes a validation CSV; returns the counts.
+
+    ``exit_code`` in the result: 0 all valid, 1 some rows rejected (file-level problems raise).
+    """
+    with tempfile.TemporaryDirectory(prefix="capbatch-validate-") as tmp:
+        prepared = prepare(s, run_dir=Path(tmp), source=source)
+        try:
+            v = validation_report(prepared.ledger)
+            out = output or (s.reports_dir / f"{_stem(s, source)}.validation.csv")
+            _write_validation_csv(prepared.ledger, out)
+            v["validation_csv"] = str(out)
+            v["notes"] = prepared.notes
+            log_validation(prepared.notes, v)
+            log.info("validation details written to %s", out)
+            v["plan"] = _plan_dict(s, prepared, source=source)
+            v["input_sha256"] = prepared.sha256
+        finally:
+            prepared.ledger.close()
+    v["exit_code"] = 1 if v["rejected"] else 0
+    return v
+
+
+def _stem(s: Settings, source: Source) -> str:
+    """The name reports beside the run directories take: the input file's stem, or what it is."""
+    given = s.input if source is None else source
+    if isinstance(given, (str, os.PathLike)):
+        return Path(given).stem
+    return "dataframe" if is_dataframe(given) else "records"
+
+
+def _write_validation_csv(ledger: Ledger, out: Path) -> None:
+    import csv
+
+    columns = ledger.get_meta_json("columns", [])
+    mapping = ledger.get_meta_json("mapping", {})
+    header_of = {"card": mapping.get("cardNumber", ""), "external_id": mapping.get("cardExternalId", "")}
+    n = report.neutralise
+
+    def write(fh: Any) -> None:
+        w = csv.writer(fh)
+        w.writerow(["sheet", "row", "column", "value", "reason_code", "reason"])
+        for r in ledger.rows_in_states(("rejected", "duplicate")):
+            column = header_of.get(r["problem_column"] or "", "")
+            values = json.loads(r["original"])
+            at = columns.index(column) if column in columns else len(values)
+            value = values[at] if at < len(values) else ""
+            w.writerow([n(r["sheet"] or ""), r["row_number"], n(column), n(value), r["reason_code"],
+                        n(r["reason"])])
+
+    report.atomic_write(out, write)
+
+
 def status(run_dir: Path) -> dict[str, Any]:
+    """Counts per state and every invocation (timestamps as ISO 8601 UTC, as in summary.json)."""
     ledger = Ledger.open_readonly(run_dir)
     try:
+        invocations = [{**inv, "started_at": report.iso(inv["started_at"]), "ended_at": report.iso(inv["ended_at"]),
+                        "last_seen_at": report.iso(inv["last_seen_at"]), "duration": round(inv["duration"], 3)}
+                       for inv in ledger.invocations()]
         return {"run_dir": str(run_dir), "input": ledger.get_meta("input_name"),
-                "counts": ledger.counts(), "invocations": ledger.invocations()}
+                "counts": ledger.counts(), "invocations": invocations}
     finally:
         ledger.close()
 
 
-def rebuild_reports(run_dir: Path) -> dict[str, Any]:
+def rebuild_reports(run_dir: Path, out_dir: Path | None = None) -> Summary:
+    """Rebuild the reports from the ledger, into ``out_dir`` or the run directory itself."""
+    if out_dir is not None:
+        outputs.check_dir(out_dir, "--output-dir")
+    elif (run_dir / "ledger.sqlite").exists() and not os.access(run_dir, os.W_OK):
+        raise UsageError(f"run directory {run_dir} is read-only: the reports cannot be rebuilt in it",
+                         "pass --output-dir DIR to write them elsewhere")
     ledger = Ledger.open_readonly(run_dir)
     try:
-        return report.write_reports(ledger, run_dir)
+        return Summary(report.write_reports(ledger, run_dir, out_dir))
     finally:
         ledger.close()
-
 
 
 # ---- read-only checks against the API -------------------------------------------------------------
-def check_remote(s: Settings) -> dict[str, Any]:
+def check_remote(s: Settings, source: Source = None) -> dict[str, Any]:
     """``run --dry-run --check-remote``: validate, then read every valid card; send and record nothing."""
     from .verify import Target, check_cards
 
     base_url = target_url(s)
     _require_credentials(s)
+    outputs.check_dir(s.reports_dir, "--reports-dir")
     with tempfile.TemporaryDirectory(prefix="capbatch-check-") as tmp:
-        prepared = prepare(s, run_dir=Path(tmp))
+        prepared = prepare(s, run_dir=Path(tmp), source=source)
         try:
             v = validation_report(prepared.ledger)
             log_validation(prepared.notes, v)
             targets = (Target(row_label(r["sheet"], r["row_number"]), r["card"], r["external_id"])
-                       for r in prepared.ledger.iter_rows("WHERE state='pending'"))
-            out = s.reports_dir / f"{Path(s.input or 'input').stem}.check-remote.csv"
-            v["plan"] = _plan_before_run(s, prepared, base_url=base_url, temporary=True).to_dict()
+                       for r in prepared.ledger.rows_in_states(("pending",)))
+            out = s.reports_dir / f"{_stem(s, source)}.check-remote.csv"
+            v["plan"] = _plan_dict(s, prepared, base_url=base_url, source=source)
             v["input_sha256"] = prepared.sha256
             counts = check_cards(s, base_url, targets, out)
         finally:
@@ -529,26 +808,39 @@ def verify(s: Settings, target: Path) -> dict[str, Any]:
         if target.is_dir():
             ledger = Ledger.open_readonly(target)
             out = target / "verify.csv"
-            where = "WHERE state IN ('succeeded', 'unchanged')"
+            states: tuple[str, ...] = ("succeeded", "unchanged")
         else:
+            outputs.check_dir(s.reports_dir, "--reports-dir")
             tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="capbatch-verify-"))
             ledger = prepare(replace(s, input=target), run_dir=Path(tmp)).ledger
             out = s.reports_dir / f"{target.stem}.verify.csv"
-            where = "WHERE state='pending'"
+            states = ("pending",)
         stack.callback(ledger.close)
         targets = (Target(row_label(r["sheet"], r["row_number"]), r["card"], r["external_id"])
-                   for r in ledger.iter_rows(where))
+                   for r in ledger.rows_in_states(states))
         counts = check_cards(s, base_url, targets, out)
-    log.info("verify: %d match, %d differ, %d cards missing, %d unreadable; details in %s",
-             counts["match"], counts["differs"], counts["missing"], counts["error"], out)
+    logging.getLogger("capbatch.summary").info(
+        "verify: %d match, %d differ, %d cards missing, %d unreadable; details in %s",
+        counts["match"], counts["differs"], counts["missing"], counts["error"], out)
     bad = counts["differs"] + counts["missing"] + counts["error"]
     return {"counts": counts, "verify_csv": str(out), "exit_code": 1 if bad else 0}
 
 
 def _require_credentials(s: Settings) -> None:
+    if s.credentials.kind == "both":
+        raise ConfigError(
+            "both Basic (CAPILLARY_USERNAME, CAPILLARY_PASSWORD) and OAuth (CAPILLARY_CLIENT_KEY, "
+            "CAPILLARY_CLIENT_SECRET) credentials are set in the environment",
+            "unset one pair, or choose with --auth basic or --auth oauth")
+    if s.credentials.kind == "none" and s.auth:
+        pair = "CAPILLARY_USERNAME and CAPILLARY_PASSWORD" if s.auth == "basic" else \
+            "CAPILLARY_CLIENT_KEY and CAPILLARY_CLIENT_SECRET"
+        raise ConfigError(f"--auth {s.auth} chooses {pair}, but they are not both set in the environment",
+                          f"export {pair}, or choose the other pair with --auth")
     if s.credentials.kind == "none":
         raise ConfigError(
             "no Capillary credentials in the environment",
             "export CAPILLARY_USERNAME and CAPILLARY_PASSWORD (Basic auth) or "
             "CAPILLARY_CLIENT_KEY and CAPILLARY_CLIENT_SECRET (OAuth); they are never read from flags",
         )
+
