@@ -18,7 +18,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
-from .errors import LedgerError
+from ..errors import LedgerError
 
 SCHEMA_VERSION = 1
 LEDGER_FILE = "ledger.sqlite"
