@@ -69,27 +69,7 @@ def skip_confirmed(ledger: Ledger, store: Path, job: str) -> int:
     if not store.exists():
         return 0
     _connect(store).close()
-    conn = ledger.conn
-    try:
-        conn.execute("ATTACH DATABASE ? AS jobstore", (str(store),))
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            cur = conn.execute(
-                "UPDATE rows SET state='unchanged', settled_at=?, "
-                "note='confirmed by an earlier run of job ' || ? || ' on ' || "
-                "(SELECT datetime(c.confirmed_at, 'unixepoch') FROM jobstore.confirmed c "
-                " WHERE c.job=? AND c.card=rows.card) || ' UTC; not sent (--skip-confirmed)' "
-                "WHERE state='pending' AND external_id <> '' AND EXISTS (SELECT 1 FROM jobstore.confirmed c "
-                "WHERE c.job=? AND c.card=rows.card AND c.external_id=rows.external_id)",
-                (time.time(), job, job, job))
-            conn.execute("COMMIT")
-            return cur.rowcount
-        finally:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            conn.execute("DETACH DATABASE jobstore")
-    except sqlite3.Error as exc:
-        raise LedgerError(f"could not read the job store {store}: {exc}", "rerun; if it persists, move the file aside") from exc
+    return ledger.settle_confirmed_from(store, job, time.time())
 
 
 def remember(ledger: Ledger, store: Path, job: str, run_dir: Path, summary: dict[str, Any],
@@ -99,9 +79,7 @@ def remember(ledger: Ledger, store: Path, job: str, run_dir: Path, summary: dict
     try:
         conn.execute("BEGIN IMMEDIATE")
         batch: list[tuple[Any, ...]] = []
-        for card, ext, settled in ledger.query(
-                "SELECT card, external_id, settled_at FROM rows WHERE state IN ('succeeded','unchanged') "
-                "AND external_id <> ''"):
+        for card, ext, settled in ledger.confirmed_pairs():
             batch.append((job, card, ext, settled or time.time(), str(run_dir)))
             if len(batch) >= 10000:
                 _upsert(conn, batch)

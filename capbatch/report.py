@@ -91,9 +91,6 @@ def write_results(ledger: Ledger, run_dir: Path) -> None:
               ["capbatch_state", "capbatch_attempts", "capbatch_http_status", "capbatch_error_code",
                "capbatch_message", "capbatch_sent_external_id", "capbatch_previous_external_id",
                "capbatch_generated", "capbatch_card_id", "capbatch_customer_id", "capbatch_settled_at"])
-    sql = ("SELECT row_number, sheet, original, state, attempts, http_status, error_code, error_message, "
-           "reason_code, reason, note, external_id, previous_external_id, generated, card_id, customer_id, "
-           "settled_at FROM rows ORDER BY id")
     loads, n, risky = json.loads, neutralise, _RISKY_FIRST
 
     def write(fh: Any) -> None:
@@ -101,7 +98,7 @@ def write_results(ledger: Ledger, run_dir: Path) -> None:
         w.writerow([n(h) for h in header])
         for (row_number, sheet, original, state, attempts, http_status, error_code, error_message,
              reason_code, reason, note, external_id, previous, generated, card_id, customer_id,
-             settled_at) in ledger.conn.execute(sql):
+             settled_at) in ledger.result_rows():
             code, message = _reason(error_code, error_message, reason_code, reason, note)
             values = loads(original)
             if len(values) != width:
@@ -125,7 +122,7 @@ def write_failures(ledger: Ledger, run_dir: Path) -> int:
         nonlocal count
         w = csv.writer(fh)
         w.writerow([neutralise(h) for h in header])
-        for row in ledger.iter_rows("WHERE state IN ('failed', 'rejected')"):
+        for row in ledger.rows_in_states(("failed", "rejected")):
             code, message = _reason(row["error_code"], row["error_message"], row["reason_code"], row["reason"],
                                     row["note"])
             original = json.loads(row["original"])
@@ -144,24 +141,19 @@ def _fit(values: list[str], width: int) -> list[str]:
 
 def latency_histogram(ledger: Ledger) -> list[tuple[int, int]]:
     """(bucket_ms, count) with 1 ms buckets below 100 ms, 10 ms up to 1 s, 100 ms above."""
-    sql = ("SELECT CASE WHEN latency_ms < 100 THEN CAST(latency_ms AS INT) "
-           "WHEN latency_ms < 1000 THEN CAST(latency_ms / 10 AS INT) * 10 "
-           "ELSE CAST(latency_ms / 100 AS INT) * 100 END AS b, count(*) "
-           "FROM rows WHERE latency_ms IS NOT NULL GROUP BY b ORDER BY b")
-    return [(int(b), int(n)) for b, n in ledger.query(sql)]
+    return ledger.latency_histogram()
 
 
 def percentiles(ledger: Ledger, points: Iterable[float] = (50, 90, 95, 99)) -> dict[str, float]:
     """Exact latency percentiles (nearest rank) of each row's last request, streamed in one sorted pass."""
-    total = ledger.query("SELECT count(*) FROM rows WHERE latency_ms IS NOT NULL")[0][0]
+    total = ledger.latency_count()
     out: dict[str, float] = {}
     if not total:
         return out
     wanted = sorted((max(0, math.ceil(total * p / 100.0) - 1), f"p{p:g}") for p in points)
     i = 0
     last = 0.0
-    for index, (value,) in enumerate(ledger.conn.execute(
-            "SELECT latency_ms FROM rows WHERE latency_ms IS NOT NULL ORDER BY latency_ms")):
+    for index, value in enumerate(ledger.latencies_sorted()):
         last = value
         while i < len(wanted) and wanted[i][0] == index:
             out[wanted[i][1]] = round(value, 2)
@@ -179,17 +171,14 @@ def build_summary(ledger: Ledger, run_dir: Path, *, stop: str | None = None, mes
     active = sum(((i["ended_at"] or time.time()) - i["started_at"]) for i in invocations)
     requests = sum(i["requests"] or 0 for i in invocations)
     by_error: dict[str, int] = {}
-    for code, n in ledger.query("SELECT coalesce(error_code, 'unknown'), count(*) FROM rows "
-                                "WHERE state='failed' GROUP BY 1 ORDER BY 2 DESC"):
+    for code, n in ledger.counts_by("error_code", ("failed",)):
         by_error[str(code)] = n
     by_reason: dict[str, int] = {}
-    for code, n in ledger.query("SELECT coalesce(reason_code, 'unknown'), count(*) FROM rows "
-                                "WHERE state='rejected' GROUP BY 1 ORDER BY 2 DESC"):
+    for code, n in ledger.counts_by("reason_code", ("rejected",)):
         by_reason[str(code)] = n
-    retries, throttled = ledger.query("SELECT coalesce(sum(retried),0), coalesce(sum(throttled),0) FROM timeline")[0]
-    drifted = ledger.query("SELECT count(*) FROM rows WHERE state='succeeded' AND previous_external_id <> '' "
-                           "AND previous_external_id <> external_id")[0][0]
-    generated = ledger.query("SELECT count(*) FROM rows WHERE generated=1")[0][0]
+    retries, throttled = ledger.timeline_totals()
+    drifted = ledger.drifted_count()
+    generated = ledger.generated_count()
     settled_by_api = counts["succeeded"] + counts["failed"] + counts["unchanged"]
     if stop is None:
         last = invocations[-1] if invocations else None

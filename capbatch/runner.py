@@ -132,14 +132,10 @@ def _ledger_rows(table: InputTable, rules: RuleSettings) -> Iterator[tuple[Any, 
 
 def validation_report(ledger: Ledger) -> dict[str, Any]:
     counts = ledger.counts()
-    by_reason = {code: n for code, n in ledger.query(
-        "SELECT reason_code, count(*) FROM rows WHERE state IN ('rejected','duplicate') "
-        "GROUP BY reason_code ORDER BY 2 DESC")}
+    by_reason = {code: n for code, n in ledger.counts_by("reason_code", ("rejected", "duplicate"))}
     first = [
         {"row": row_label(sheet, number), "reason": reason}
-        for sheet, number, reason in ledger.query(
-            "SELECT sheet, row_number, reason FROM rows WHERE state='rejected' ORDER BY id LIMIT ?",
-            (PROBLEMS_SHOWN,))
+        for sheet, number, reason in ledger.first_rows("rejected", PROBLEMS_SHOWN)
     ]
     valid = counts["pending"] + counts["in_flight"] + counts["succeeded"] + counts["failed"] + counts["unchanged"]
     return {"rows": sum(counts.values()), "valid": valid, "rejected": counts["rejected"],
@@ -205,7 +201,7 @@ def _write_validation_csv(ledger: Ledger, out: Path) -> None:
     def write(fh: Any) -> None:
         w = csv.writer(fh)
         w.writerow(["sheet", "row", "column", "value", "reason_code", "reason"])
-        for r in ledger.iter_rows("WHERE state IN ('rejected', 'duplicate')"):
+        for r in ledger.rows_in_states(("rejected", "duplicate")):
             column = header_of.get(r["problem_column"] or "", "")
             values = json.loads(r["original"])
             at = columns.index(column) if column in columns else len(values)
@@ -389,7 +385,7 @@ def check_remote(s: Settings) -> dict[str, Any]:
             v = validation_report(prepared.ledger)
             log_validation(prepared.notes, v)
             targets = (Target(row_label(r["sheet"], r["row_number"]), r["card"], r["external_id"])
-                       for r in prepared.ledger.iter_rows("WHERE state='pending'"))
+                       for r in prepared.ledger.rows_in_states(("pending",)))
             out = s.reports_dir / f"{Path(s.input or 'input').stem}.check-remote.csv"
             counts = check_cards(s, base_url, targets, out)
         finally:
@@ -415,15 +411,15 @@ def verify(s: Settings, target: Path) -> dict[str, Any]:
         if target.is_dir():
             ledger = Ledger.open_readonly(target)
             out = target / "verify.csv"
-            where = "WHERE state IN ('succeeded', 'unchanged')"
+            states = ("succeeded", "unchanged")
         else:
             tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="capbatch-verify-"))
             ledger = prepare(replace(s, input=target), run_dir=Path(tmp)).ledger
             out = s.reports_dir / f"{target.stem}.verify.csv"
-            where = "WHERE state='pending'"
+            states = ("pending",)
         stack.callback(ledger.close)
         targets = (Target(row_label(r["sheet"], r["row_number"]), r["card"], r["external_id"])
-                   for r in ledger.iter_rows(where))
+                   for r in ledger.rows_in_states(states))
         counts = check_cards(s, base_url, targets, out)
     log.info("verify: %d match, %d differ, %d cards missing, %d unreadable; details in %s",
              counts["match"], counts["differs"], counts["missing"], counts["error"], out)

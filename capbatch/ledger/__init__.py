@@ -1,4 +1,28 @@
-"""The run's ledger: every input row and its state, in SQLite (default) or PostgreSQL."""
+"""The run's ledger: every input row and its state. The single source of truth.
 
-from .sqlite import (LEDGER_FILE, LOCK_FILE, SCHEMA_VERSION, SETTLED_OK, Ledger, RowResult, State,  # noqa: F401
-                     WorkRow, row_label)
+Two backends behind one interface (:class:`Ledger`): a SQLite file in the run directory (the
+default), or a job in a PostgreSQL database (``--ledger postgresql://USER@HOST:PORT/DB --job NAME``)
+that several workers on several hosts share. The URL's scheme picks the backend.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .base import (SETTLED_OK, Ledger, RowResult, State, WorkRow, is_database_url,  # noqa: F401
+                   redact_password, row_label)
+from .sqlite import LEDGER_FILE, LOCK_FILE, SCHEMA_VERSION, SqliteLedger  # noqa: F401
+
+
+def open_ledger(location: str | None, run_dir: Path, *, job: str | None = None,
+                input_sha256: str | None = None, readonly: bool = False) -> Ledger:
+    """The ledger a command works on: ``location`` is a database URL, or None for ``run_dir``'s SQLite file.
+
+    With a database, ``job`` names the job and ``input_sha256`` the input content whose run to open
+    (created when new); without ``input_sha256`` the job's latest run is opened (status, reports).
+    """
+    if not location:
+        return SqliteLedger.open_readonly(run_dir) if readonly else SqliteLedger.open(run_dir)
+    from .postgres import PostgresLedger   # imported only when used: SQLite users never load the driver
+
+    return PostgresLedger.open(location, job=job, input_sha256=input_sha256, readonly=readonly)

@@ -1,4 +1,4 @@
-"""The run's ledger: one SQLite file holding every input row and its state. The single source of truth.
+"""The SQLite ledger: one file in the run directory holding every input row and its state.
 
 Writes are batched (one transaction per batch) so the ledger is never the bottleneck; WAL mode keeps
 readers (``capbatch status``/``report``) working while a run writes. A process killed at any point
@@ -9,36 +9,19 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import json
 import os
 import sqlite3
 import time
-from dataclasses import dataclass
-from enum import Enum
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from ..errors import LedgerError
+from .base import Ledger, RowResult, WorkRow
 
 SCHEMA_VERSION = 1
 LEDGER_FILE = "ledger.sqlite"
 LOCK_FILE = ".lock"
 
-
-class State(str, Enum):
-    PENDING = "pending"          # valid, not yet settled
-    IN_FLIGHT = "in_flight"      # journalled before sending; outcome unknown if the process died
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"            # the API refused it, or retries ran out
-    REJECTED = "rejected"        # never sent: invalid input or a conflict
-    UNCHANGED = "unchanged"      # the card already carried the target ID; nothing sent
-    DUPLICATE = "duplicate"      # the same pair as an earlier row, which is sent once for both
-
-    def __str__(self) -> str:
-        return self.value
-
-
-SETTLED_OK = (State.SUCCEEDED.value, State.UNCHANGED.value, State.DUPLICATE.value)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -89,39 +72,6 @@ CREATE TABLE IF NOT EXISTS runs (
 _MIGRATIONS: list[str] = []
 
 
-@dataclass(frozen=True, slots=True)
-class WorkRow:
-    """A row the engine must settle."""
-
-    id: int
-    card: str
-    external_id: str
-    unknown: bool = False      # was in flight when an earlier process stopped: outcome unknown
-    generated: bool = False
-
-
-@dataclass(slots=True)
-class RowResult:
-    """The outcome of settling one row, as the engine hands it to the ledger."""
-
-    id: int
-    state: State
-    attempts: int = 0                 # HTTP attempts spent in this process (added to the total)
-    http_status: int | None = None
-    error_code: str | None = None
-    error_message: str | None = None
-    card_id: str | None = None
-    customer_id: str | None = None
-    previous_external_id: str | None = None
-    latency_ms: float | None = None
-    note: str | None = None
-    settled_at: float = 0.0
-
-
-def row_label(sheet: str | None, row_number: int) -> str:
-    return f"{sheet}!{row_number}" if sheet else str(row_number)
-
-
 def _wrap(exc: sqlite3.Error, path: Path) -> LedgerError:
     text = str(exc).lower()
     if "disk is full" in text or "disk i/o" in text:
@@ -139,17 +89,22 @@ def _wrap(exc: sqlite3.Error, path: Path) -> LedgerError:
     return LedgerError(f"ledger error in {path}: {exc}", "rerun the same command; if it persists, use a fresh --run-dir")
 
 
-class Ledger:
+class SqliteLedger(Ledger):
     """A run directory's SQLite ledger. Use :meth:`open` (writer, takes the lock) or :meth:`open_readonly`."""
+
+    backend = "sqlite"
 
     def __init__(self, path: Path, conn: sqlite3.Connection, lock_fd: int | None) -> None:
         self.path = path
+        self.location = str(path)
         self.conn = conn
         self._lock_fd = lock_fd
+        self._unknown: list[WorkRow] | None = None   # claim(): rows in flight when this process began
+        self._after = 0                               # claim(): pending rows are taken in id order
 
     # ---- opening -------------------------------------------------------------------------------
     @classmethod
-    def open(cls, run_dir: Path) -> "Ledger":
+    def open(cls, run_dir: Path) -> "SqliteLedger":
         """Open (creating if needed) the ledger for writing, holding an exclusive lock on the run dir."""
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -174,7 +129,7 @@ class Ledger:
         return ledger
 
     @classmethod
-    def open_readonly(cls, run_dir: Path) -> "Ledger":
+    def open_readonly(cls, run_dir: Path) -> "SqliteLedger":
         path = run_dir / LEDGER_FILE
         if not path.exists():
             raise LedgerError(f"{run_dir} holds no ledger ({LEDGER_FILE} is missing)",
@@ -193,12 +148,6 @@ class Ledger:
             if self._lock_fd is not None:
                 os.close(self._lock_fd)
                 self._lock_fd = None
-
-    def __enter__(self) -> "Ledger":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def _migrate(self) -> None:
         version = self.get_meta("schema_version")
@@ -235,25 +184,15 @@ class Ledger:
         row = self._exec("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
         return row[0] if row else None
 
-    def get_meta_json(self, key: str, default: Any = None) -> Any:
-        value = self.get_meta(key)
-        return default if value is None else json.loads(value)
-
     def set_meta(self, key: str, value: str) -> None:
         self._exec("INSERT INTO meta(key, value) VALUES(?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
                    (key, value))
 
     # ---- import --------------------------------------------------------------------------------
-    def is_imported(self) -> bool:
-        return self.get_meta("imported_at") is not None
-
     def reset_import(self) -> None:
-        """Drop a half-finished import (the process died while loading the file)."""
         self._exec("DELETE FROM rows")
 
     def import_rows(self, rows: Iterable[tuple[Any, ...]], batch: int = 20000) -> int:
-        """Insert (sheet, row_number, original_json, card, external_id, state, reason_code, reason,
-        problem_column) tuples."""
         sql = ("INSERT INTO rows(sheet, row_number, original, card, external_id, state, reason_code, reason, "
                "problem_column) VALUES (?,?,?,?,?,?,?,?,?)")
         count = 0
@@ -278,12 +217,6 @@ class Ledger:
         return count
 
     def apply_cross_row_rules(self, allow_empty_external_id: bool = False) -> None:
-        """Duplicates and conflicts among the valid rows, done in SQL so memory stays flat.
-
-        The same card with different external IDs, or the same external ID on different cards, is a
-        conflict: every row involved is rejected, naming the others. The same pair twice is sent once;
-        the later rows become ``duplicate`` of the first.
-        """
         empty_ok = "AND external_id <> ''" if allow_empty_external_id else ""
         script = f"""
         DROP TABLE IF EXISTS temp.card_conflicts; DROP TABLE IF EXISTS temp.ext_conflicts;
@@ -337,43 +270,41 @@ class Ledger:
         self.set_meta("imported_at", repr(time.time()))
 
     # ---- the engine's side ---------------------------------------------------------------------
-    def counts(self) -> dict[str, int]:
-        out = {s.value: 0 for s in State}
-        for state, n in self._exec("SELECT state, count(*) FROM rows GROUP BY state"):
-            out[state] = n
-        return out
-
-    def total(self) -> int:
-        return int(self._exec("SELECT count(*) FROM rows").fetchone()[0])
-
     def unknown_rows(self) -> list[WorkRow]:
-        """Rows an earlier process had in flight when it stopped: their outcome is unknown."""
         cur = self._exec("SELECT id, card, external_id, generated FROM rows WHERE state='in_flight' ORDER BY id")
         return [WorkRow(i, c, e, True, bool(g)) for i, c, e, g in cur]
 
-    def pending_page(self, after_id: int, limit: int) -> list[WorkRow]:
-        cur = self._exec(
-            "SELECT id, card, external_id, generated FROM rows WHERE state='pending' AND id > ? "
-            "ORDER BY id LIMIT ?", (after_id, limit))
-        return [WorkRow(i, c, e, False, bool(g)) for i, c, e, g in cur]
+    def claim(self, limit: int, results: Sequence[RowResult] = (),
+              timeline: dict[int, list[int]] | None = None) -> list[WorkRow]:
+        # The run directory's lock makes this process the only writer: the rows in flight when it
+        # began are the unknown ones, and the next pending rows are simply the next ones by id.
+        if self._unknown is None:
+            self._unknown = self.unknown_rows()
+        if self._unknown:
+            part, self._unknown = self._unknown[:limit], self._unknown[limit:]
+            self.record(results, timeline)
+            return part
+        page = self.pending_page(self._after, limit)
+        # One commit settles what finished since the last chunk and journals this one.
+        self.record(results, timeline, [r.id for r in page])
+        if page:
+            self._after = page[-1].id
+        return page
 
     def mark_in_flight(self, ids: Sequence[int]) -> None:
-        """The journal entry written before a batch of requests goes out."""
         self._many("UPDATE rows SET state='in_flight' WHERE id=?", ((i,) for i in ids))
 
     def release(self, ids: Sequence[int]) -> None:
-        """Rows journalled but never sent go back to pending (stop, abort)."""
         if ids:
             self._many("UPDATE rows SET state='pending' WHERE id=? AND state='in_flight'", ((i,) for i in ids))
 
     def store_generated(self, row_id: int, external_id: str) -> None:
-        """Record a generated external ID before it is sent, so a rerun never generates a second one."""
         self._many("UPDATE rows SET external_id=?, generated=1 WHERE id=?", [(external_id, row_id)])
 
     def record(self, results: Sequence[RowResult], timeline: dict[int, list[int]] | None = None,
                journal: Sequence[int] = ()) -> None:
-        """Write a batch of outcomes, the timeline counters and (optionally) the journal entry for the
-        next chunk — all in one transaction."""
+        if not results and not timeline and not journal:
+            return
         sql = ("UPDATE rows SET state=?, attempts=attempts+?, http_status=?, error_code=?, error_message=?, "
                "card_id=coalesce(?, card_id), customer_id=coalesce(?, customer_id), "
                "previous_external_id=coalesce(?, previous_external_id), latency_ms=coalesce(?, latency_ms), "
@@ -414,18 +345,50 @@ class Ledger:
         cols = [d[0] for d in cur.description]
         return [dict(zip(cols, r)) for r in cur]
 
-    # ---- reading for reports -------------------------------------------------------------------
-    def iter_rows(self, where: str = "", params: Sequence[Any] = ()) -> Iterator[sqlite3.Row]:
+    # ---- the read primitives the shared queries use ---------------------------------------------
+    def _fetch(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        return list(self._exec(sql, params))
+
+    def _stream(self, sql: str, params: Sequence[Any] = ()) -> Iterator[tuple[Any, ...]]:
+        yield from self._exec(sql, params)
+
+    def _stream_dicts(self, sql: str, params: Sequence[Any] = ()) -> Iterator[Mapping[str, Any]]:
         cur = self.conn.cursor()
         cur.row_factory = sqlite3.Row
         try:
-            cur.execute(f"SELECT * FROM rows {where} ORDER BY id", params)
+            cur.execute(sql, params)
         except sqlite3.Error as exc:
             raise _wrap(exc, self.path) from exc
         yield from cur
 
-    def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        return list(self._exec(sql, params))
+    def iter_rows(self) -> Iterator[Mapping[str, Any]]:
+        return self.rows_in_states(None)
+
+    # ---- job memory (the job store is a SQLite file beside the run directories) ---------------
+    def settle_confirmed_from(self, store: Path, job: str, now: float) -> int:
+        """Settle pending rows whose exact pair the job store says an earlier run of ``job`` confirmed."""
+        conn = self.conn
+        try:
+            conn.execute("ATTACH DATABASE ? AS jobstore", (str(store),))
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                cur = conn.execute(
+                    "UPDATE rows SET state='unchanged', settled_at=?, "
+                    "note='confirmed by an earlier run of job ' || ? || ' on ' || "
+                    "(SELECT datetime(c.confirmed_at, 'unixepoch') FROM jobstore.confirmed c "
+                    " WHERE c.job=? AND c.card=rows.card) || ' UTC; not sent (--skip-confirmed)' "
+                    "WHERE state='pending' AND external_id <> '' AND EXISTS (SELECT 1 FROM jobstore.confirmed c "
+                    "WHERE c.job=? AND c.card=rows.card AND c.external_id=rows.external_id)",
+                    (now, job, job, job))
+                conn.execute("COMMIT")
+                return cur.rowcount
+            finally:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                conn.execute("DETACH DATABASE jobstore")
+        except sqlite3.Error as exc:
+            raise LedgerError(f"could not read the job store {store}: {exc}",
+                              "rerun; if it persists, move the file aside") from exc
 
 
 def _take_lock(run_dir: Path) -> int:
