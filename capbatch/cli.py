@@ -141,6 +141,7 @@ def _settings(flags: dict[str, Any], input_path: Path | None = None) -> config.S
 @click.option("--check-remote", is_flag=True, default=None, help="With --dry-run: also read every card and report which do not exist and which already hold their ID.")
 @click.option("--job", help="Job name tying nightly runs together (state store beside the run directories).")
 @click.option("--skip-confirmed/--no-skip-confirmed", default=None, help="With --job: settle pairs an earlier run confirmed without any request.")
+@click.option("--ledger", help="Keep the ledger in PostgreSQL: postgresql://USER@HOST:PORT/DB (password from PGPASSWORD or ~/.pgpass); needs --job. Several workers may run the same command.")
 @click.option("--json", "json_out", is_flag=True, default=False, help="Print the summary as JSON on stdout.")
 @input_flags
 @_guard

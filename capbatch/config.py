@@ -17,6 +17,7 @@ from typing import Any, Mapping
 from urllib.parse import urlsplit
 
 from .errors import ConfigError, UsageError
+from .ledger.base import is_database_url, redact_password
 
 CLUSTERS: dict[str, str] = {
     "india": "https://apac.api.capillarytech.com",
@@ -147,6 +148,7 @@ class Settings:
     generate_missing: bool = False
     skip_confirmed: bool = False
     job: str | None = None
+    ledger: str | None = None          # a postgresql:// URL; None: the run directory's SQLite file
     dry_run: bool = False
     check_remote: bool = False
     outage_budget: float = 300.0
@@ -171,6 +173,8 @@ class Settings:
             value = getattr(self, f.name)
             if f.name == "base_url" and value:
                 value = _redact_url(value)
+            if f.name == "ledger" and value:
+                value = redact_password(value)
             out[f.name] = str(value) if isinstance(value, (Path, Rate)) else value
         out["auth"] = self.credentials.kind
         return out
@@ -225,7 +229,7 @@ SETTABLE: dict[str, Any] = {
     "external_id_length": _int, "external_id_pattern": _str, "strip_invisible": _bool,
     "mode": _str, "rate": parse_rate, "read_rate": parse_rate, "concurrency": _int,
     "max_attempts": _int, "timeout": _float, "resume_check": _str,
-    "generate_missing": _bool, "skip_confirmed": _bool, "job": _str,
+    "generate_missing": _bool, "skip_confirmed": _bool, "job": _str, "ledger": _str,
     "outage_budget": _float, "grace_period": _float,
     "allow_http": _bool, "verify_tls": _bool,
     "progress": _str, "progress_interval": _float,
@@ -335,6 +339,10 @@ def validate(s: Settings) -> Settings:
         raise UsageError("--header-row counts from 1", "e.g. --header-row 3 when two title rows sit above the header")
     if s.external_id_length is not None and not 1 <= s.external_id_length <= 50:
         raise UsageError("--external-id-length must be 1..50", "external IDs are at most 50 characters")
+    if s.ledger and not is_database_url(s.ledger):
+        raise UsageError(f"--ledger {redact_password(s.ledger)} is not a database URL",
+                         "give postgresql://USER@HOST:PORT/DATABASE, or leave --ledger out to keep the ledger "
+                         "in the run directory")
     if s.cluster and s.cluster.lower() not in CLUSTERS:
         raise UsageError(f"--cluster {s.cluster!r} is unknown", f"use one of: {', '.join(CLUSTERS)} or --base-url")
     return s

@@ -23,7 +23,7 @@ from .api import CapillaryClient
 from .config import Settings, target_url
 from .engine import Engine, EngineResult
 from .errors import ConfigError, Interrupted, InputFileError, LedgerError, RunAborted, UsageError
-from .ledger import Ledger, row_label
+from .ledger import Ledger, open_ledger, row_label
 from .progress import Progress, choose_mode
 from .rules import RuleSettings, Verdict, check_row
 from .source import InputOptions, InputTable, file_sha256, open_input
@@ -83,8 +83,10 @@ def prepare(s: Settings, run_dir: Path | None = None) -> Prepared:
     table = open_input(path, input_options(s))
     sha = file_sha256(path)
     explicit = run_dir is not None or s.run_dir is not None
+    explicit_scratch = run_dir is not None
     run_dir = Path(run_dir or s.run_dir or default_run_dir(s, path, sha))
-    ledger = Ledger.open(run_dir)
+    # A run directory given by the caller is a scratch ledger (validate, checks): never the database.
+    ledger = open_ledger(None if explicit_scratch else s.ledger, run_dir, job=s.job, input_sha256=sha)
     try:
         fingerprint = _validation_fingerprint(s, table)
         fresh = False

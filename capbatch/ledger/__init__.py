@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..errors import LedgerError
+
 from .base import (SETTLED_OK, Ledger, RowResult, State, WorkRow, is_database_url,  # noqa: F401
                    redact_password, row_label)
 from .sqlite import LEDGER_FILE, LOCK_FILE, SCHEMA_VERSION, SqliteLedger  # noqa: F401
@@ -25,4 +27,10 @@ def open_ledger(location: str | None, run_dir: Path, *, job: str | None = None,
         return SqliteLedger.open_readonly(run_dir) if readonly else SqliteLedger.open(run_dir)
     from .postgres import PostgresLedger   # imported only when used: SQLite users never load the driver
 
+    if not readonly:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)   # the run directory still receives the reports
+        except OSError as exc:
+            raise LedgerError(f"cannot create run directory {run_dir}: {exc.strerror}",
+                              "choose a writable place with --run-dir or --reports-dir") from exc
     return PostgresLedger.open(location, job=job, input_sha256=input_sha256, readonly=readonly)

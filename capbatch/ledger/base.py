@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import re
 from abc import ABC, abstractmethod
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -155,12 +154,10 @@ class Ledger(ABC):
         return default if value is None else json.loads(value)
 
     # ---- import --------------------------------------------------------------------------------
-    def importing(self) -> AbstractContextManager[Any]:
-        """Held while the input is checked against the ledger or imported into it. Several workers
-        on one job: the first imports, the others wait here and then find the import done."""
-        return nullcontext()
-
     def is_imported(self) -> bool:
+        """Whether the input is in the ledger. Where several workers share a ledger, the one caller
+        that gets False is the importer (until :meth:`mark_imported` or :meth:`close`): the others wait
+        here meanwhile, then get True and join."""
         return self.get_meta("imported_at") is not None
 
     @abstractmethod
