@@ -421,6 +421,7 @@ class PostgresLedger(Ledger):
                     "RETURNING r.id, r.card, r.external_id, r.generated", params)
             unknown = [WorkRow(i, c, e, True, bool(g)) for i, c, e, g in cur.fetchall()]
             if unknown:
+                self._last_unknown_check = 0.0   # more may follow: look again next time
                 return sorted(unknown, key=lambda r: r.id)
             results, timeline = (), None   # written; now the pending rows
         with self._batch() as conn:
