@@ -223,7 +223,7 @@ class Engine:
             pending_workers = [w for w in workers if not w.done()]
             for w in pending_workers:
                 w.cancel()
-            await asyncio.gather(feeder, flusher, stop_wait, *workers, return_exceptions=True)
+            await asyncio.gather(feeder, flusher, stop_wait, all_workers, *workers, return_exceptions=True)
             await asyncio.shield(self._finish())
         return self._result()
 

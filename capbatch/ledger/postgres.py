@@ -37,6 +37,8 @@ from ..errors import LedgerError, LedgerLost, UsageError
 from .base import Ledger, RowResult, WorkRow, redact_password
 
 log = logging.getLogger("capbatch.ledger")
+# The driver logs what it ignores while tearing down a lost connection; our own error says it all.
+logging.getLogger("psycopg").addHandler(logging.NullHandler())
 
 SCHEMA_VERSION = 1
 LEASE_SECONDS = 30.0            # a worker that has not renewed its lease for this long is dead
@@ -172,7 +174,7 @@ class PostgresLedger(Ledger):
         self.worker_id: int | None = None
         self._last_renew = 0.0
         self._last_unknown_check = 0.0
-        self._lost = False
+        self._lost: LedgerLost | None = None
         self.round_trips = 0      # waits on the server, for the benchmark's round-trip count
 
     # ---- opening -------------------------------------------------------------------------------
@@ -217,18 +219,17 @@ class PostgresLedger(Ledger):
             return LedgerError(f"the ledger database {self.location} is read-only here ({msg})",
                                "point --ledger at the primary server")
         if isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError)) or self.conn.broken:
-            self._lost = True
-            return LedgerLost(f"lost the connection to the ledger database {self.location} ({msg}); "
-                              "stopped sending",
-                              "rows in flight are kept and settled on resume: once the database is back, "
-                              "rerun the same command")
+            self._lost = LedgerLost(f"lost the connection to the ledger database {self.location} ({msg}); "
+                                    "stopped sending",
+                                    "rows in flight are kept and settled on resume: once the database is back, "
+                                    "rerun the same command")
+            return self._lost
         return LedgerError(f"ledger error in {self.location} (job {self.job}): {msg}",
                            "rerun the same command; if it persists, check the database server's log")
 
     def _check(self) -> None:
         if self._lost:
-            raise LedgerLost(f"the connection to the ledger database {self.location} is lost",
-                             "once the database is back, rerun the same command to resume")
+            raise LedgerLost(self._lost.message, self._lost.hint)
 
     def _execute(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()) -> psycopg.Cursor[Any]:
         self._check()

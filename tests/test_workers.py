@@ -1,0 +1,124 @@
+"""The PostgreSQL ledger end to end: the real CLI in subprocesses, a real PostgreSQL server, the simulator.
+
+One worker killed and resumed; the database down at start (exit 2) and lost mid-run (exit 3,
+resumable); several workers on one job sharing the rows and one quota.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import cli_env, make_cards, popen_cli, write_csv
+from test_resilience import finish, fresh_cards, wait_until
+
+
+def pg_counts(url: str, job: str) -> dict[str, int]:
+    """State -> rows of the job's latest run ({} before the import)."""
+    import psycopg
+
+    try:
+        with psycopg.connect(url, autocommit=True) as conn:
+            return dict(conn.execute(
+                "SELECT state, count(*) FROM capbatch.rows WHERE run_id = (SELECT max(id) FROM capbatch.runs "
+                "WHERE job=%s) AND EXISTS (SELECT 1 FROM capbatch.meta m WHERE m.run_id=rows.run_id "
+                "AND m.key='imported_at') GROUP BY state", (job,)).fetchall())
+    except psycopg.Error:
+        return {}
+
+
+def pg_fetch(url: str, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        return conn.execute(sql, params).fetchall()
+
+
+def worker_args(src: Path, sim_url: str, pg_url: str, job: str, *extra: str) -> list[str]:
+    return ["run", str(src), "--base-url", sim_url, "--ledger", pg_url, "--job", job, "--progress", "none",
+            "--grace-period", "2", *extra]
+
+
+def assert_every_card_holds_its_id(url: str, job: str, sim: Any, pairs: list[tuple[str, str]]) -> None:
+    assert pg_counts(url, job) == {"succeeded": len(pairs)}
+    assert sim.card_ids() == dict(pairs)
+
+
+def test_a_killed_worker_resumes_from_the_database(tmp_path, sim, run_cli, pg_url):
+    n = 600
+    pairs = make_cards(n)
+    src = write_csv(tmp_path / "cards.csv", pairs)
+    s = sim(cards=fresh_cards(pairs), latency=0.005)
+    args = worker_args(src, s.url, pg_url, "nightly", "--rate", "unlimited", "--concurrency", "16")
+
+    proc = popen_cli(*args, cwd=tmp_path)
+    reached = wait_until(lambda: pg_counts(pg_url, "nightly").get("succeeded", 0) >= 150, proc, step=0.005)
+    assert reached and proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    finish(proc)
+    c = pg_counts(pg_url, "nightly")
+    assert sum(c.values()) == n and 0 < c.get("in_flight", 0) <= 3 * 16, c
+
+    p = run_cli(*args, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert_every_card_holds_its_id(pg_url, "nightly", s, pairs)
+    assert max(s.stats()["puts_per_card"].values()) <= 2
+    runs = pg_fetch(pg_url, "SELECT ended_at IS NULL, exit_code FROM capbatch.invocations ORDER BY id")
+    assert runs == [(True, None), (False, 0)]
+    # the reports went to the run directory, as with a SQLite ledger
+    run_dirs = list((tmp_path / "reports").glob("cards-*"))
+    assert len(run_dirs) == 1 and (run_dirs[0] / "results.csv").exists()
+    assert not (run_dirs[0] / "ledger.sqlite").exists()
+
+
+def test_database_down_at_start_is_exit_2_naming_the_url_without_its_password(tmp_path, sim, run_cli):
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    pairs = make_cards(5)
+    src = write_csv(tmp_path / "cards.csv", pairs)
+    s = sim(cards=fresh_cards(pairs))
+    url = f"postgresql://capbatch@127.0.0.1:{port}/ledger"
+    p = run_cli(*worker_args(src, s.url, url, "j"), env=cli_env(PGPASSWORD="s3cret-pw"))
+    assert p.returncode == 2, p.stderr
+    assert f"cannot connect to the ledger database {url}" in p.stderr and "s3cret" not in p.stderr + p.stdout
+    assert "Traceback" not in p.stderr and s.stats()["requests"] == 0
+    # a password in the URL is refused before anything is tried, and never echoed
+    p = run_cli(*worker_args(src, s.url, f"postgresql://capbatch:hunter2@127.0.0.1:{port}/ledger", "j"))
+    assert p.returncode == 2 and "hunter2" not in p.stderr and "PGPASSWORD" in p.stderr
+    # the job name is required with a database ledger
+    p = run_cli("run", str(src), "--base-url", s.url, "--ledger", url)
+    assert p.returncode == 2 and "--job" in p.stderr
+
+
+def test_database_lost_mid_run_stops_sending_exit_3_and_resumes(tmp_path, sim, run_cli, pg_url):
+    n = 300
+    pairs = make_cards(n)
+    src = write_csv(tmp_path / "cards.csv", pairs)
+    s = sim(cards=fresh_cards(pairs))
+    args = worker_args(src, s.url, pg_url, "j", "--rate", "100/s", "--concurrency", "4")
+    proc = popen_cli(*args, cwd=tmp_path)
+    assert wait_until(lambda: pg_counts(pg_url, "j").get("succeeded", 0) >= 40, proc, step=0.01)
+    pg_fetch(pg_url, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name='capbatch'")
+    lost_at = time.monotonic()
+    out = finish(proc, timeout=30)
+    assert proc.returncode == 3, out
+    assert "lost the connection to the ledger database" in out and "rerun the same command" in out
+    assert "Traceback" not in out
+    sent_by_then = s.stats()["requests"]
+    assert time.monotonic() - lost_at < 10
+    time.sleep(0.3)
+    assert s.stats()["requests"] == sent_by_then     # nothing more went out
+    assert sent_by_then < n                          # it stopped well before the end
+
+    p = run_cli(*args, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert_every_card_holds_its_id(pg_url, "j", s, pairs)
+    assert max(s.stats()["puts_per_card"].values()) <= 2
