@@ -70,7 +70,7 @@ def iso(ts: float | None) -> str:
 def atomic_write(path: Path, write: Any) -> None:
     """Write through ``write(fh)`` to a temporary file, then rename: readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")   # workers sharing a run directory each write their own
     with open(tmp, "w", newline="", encoding="utf-8-sig" if path.suffix == ".csv" else "utf-8") as fh:
         write(fh)
     os.replace(tmp, path)
