@@ -174,7 +174,9 @@ def validate_cmd(input_path: Path, output: Path | None, json_out: bool, **flags:
 
 
 @main.command("verify", epilog=EXIT_CODES_HELP)
-@click.argument("target", metavar="RUN_DIR|INPUT", type=click.Path(path_type=Path, exists=True))
+@click.argument("target", metavar="RUN_DIR|INPUT", type=click.Path(path_type=Path, exists=True), required=False)
+@click.option("--ledger", help="Database ledger (postgresql://USER@HOST:PORT/DB) to read instead of RUN_DIR; with --job.")
+@click.option("--job", help="With --ledger: the job whose latest run to check.")
 @click.option("--cluster", type=click.Choice(sorted(config.CLUSTERS), case_sensitive=False))
 @click.option("--base-url")
 @click.option("--rate", "read_rate", help=f"Read rate cap (default: the run's rate, {config.DEFAULT_RATE}).")
@@ -198,21 +200,29 @@ def verify_cmd(target: Path, no_verify_tls: bool, json_out: bool, **flags: Any) 
 
 @main.command("history")
 @click.option("--job", required=True, help="Job name given to `capbatch run --job`.")
+@click.option("--ledger", envvar="CAPBATCH_LEDGER", help="The job's database ledger (postgresql://USER@HOST:PORT/DB).")
 @click.option("--reports-dir", type=click.Path(path_type=Path), help="Where the run directories are (default ./reports, or the configured one).")
 @click.option("--config", "config_file", type=click.Path(path_type=Path))
 @click.option("--json", "json_out", is_flag=True, default=False)
 @_guard
-def history_cmd(job: str, reports_dir: Path | None, config_file: Path | None, json_out: bool) -> int:
+def history_cmd(job: str, ledger: str | None, reports_dir: Path | None, config_file: Path | None,
+                json_out: bool) -> int:
     """List a job's runs with their counts."""
     from . import jobs
 
     reports_dir = config.resolve({"reports_dir": reports_dir}, os.environ, config_file).reports_dir
-    runs = jobs.history(jobs.store_path(reports_dir), jobs.check_name(job))
+    where: Any = reports_dir
+    if ledger:
+        from .ledger import job_history, redact_password
+
+        runs, where = job_history(ledger, jobs.check_name(job)), redact_password(ledger)
+    else:
+        runs = jobs.history(jobs.store_path(reports_dir), jobs.check_name(job))
     if json_out:
         click.echo(json.dumps(runs, indent=2))
         return 0
     if not runs:
-        click.echo(f"no runs recorded for job {job!r} under {reports_dir}")
+        click.echo(f"no runs recorded for job {job!r} under {where}")
         return 0
     for r in runs:
         c = r["counts"]
@@ -224,16 +234,20 @@ def history_cmd(job: str, reports_dir: Path | None, config_file: Path | None, js
 
 
 @main.command("status")
-@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.argument("run_dir", type=click.Path(path_type=Path), required=False)
+@click.option("--ledger", envvar="CAPBATCH_LEDGER", help="Database ledger (postgresql://USER@HOST:PORT/DB) instead of RUN_DIR; with --job.")
+@click.option("--job", help="With --ledger: the job whose latest run to show.")
 @click.option("--json", "json_out", is_flag=True, default=False)
 @_guard
-def status_cmd(run_dir: Path, json_out: bool) -> int:
-    """Counts per state from RUN_DIR's ledger (safe while a run is in progress)."""
-    st = runner.status(run_dir)
+def status_cmd(run_dir: Path | None, ledger: str | None, job: str | None, json_out: bool) -> int:
+    """Counts per state from RUN_DIR's ledger, or a job's in a database (safe while a run is in progress)."""
+    st = runner.status(run_dir, ledger if (job or not run_dir) else None, job)
     if json_out:
         click.echo(json.dumps(st, indent=2))
         return 0
     click.echo(f"run directory: {st['run_dir']}  input: {st['input']}")
+    if job:
+        click.echo(f"ledger: {st['ledger']}  job: {job}")
     total = sum(st["counts"].values())
     for state, n in st["counts"].items():
         click.echo(f"  {state:<10} {n:>10}  {100.0 * n / max(total, 1):5.1f}%")
@@ -246,13 +260,15 @@ def status_cmd(run_dir: Path, json_out: bool) -> int:
 
 
 @main.command("report")
-@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.argument("run_dir", type=click.Path(path_type=Path), required=False)
+@click.option("--ledger", envvar="CAPBATCH_LEDGER", help="Database ledger (postgresql://USER@HOST:PORT/DB) to read; with --job. Reports go to RUN_DIR or reports/<input>-<hash>.")
+@click.option("--job", help="With --ledger: the job whose latest run to report.")
 @_guard
-def report_cmd(run_dir: Path) -> int:
-    """Rebuild results.csv, failures.csv, summary.json and report.html from RUN_DIR's ledger."""
+def report_cmd(run_dir: Path | None, ledger: str | None, job: str | None) -> int:
+    """Rebuild results.csv, failures.csv, summary.json and report.html from RUN_DIR's ledger (or a job's)."""
     setup_logging(False, 0)
-    summary = runner.rebuild_reports(run_dir)
-    click.echo(f"reports rebuilt in {run_dir}: {report.status_line(summary['counts'])}")
+    summary = runner.rebuild_reports(run_dir, ledger if (job or not run_dir) else None, job)
+    click.echo(f"reports rebuilt in {summary['run_dir']}: {report.status_line(summary['counts'])}")
     return 0
 
 

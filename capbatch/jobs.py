@@ -66,6 +66,8 @@ def _connect(path: Path) -> sqlite3.Connection:
 
 def skip_confirmed(ledger: Ledger, store: Path, job: str) -> int:
     """Settle pending rows whose exact pair an earlier run of ``job`` confirmed. Returns how many."""
+    if ledger.keeps_job_memory:   # a database ledger holds the job's memory itself
+        return ledger.settle_confirmed_from(store, job, time.time())
     if not store.exists():
         return 0
     _connect(store).close()
@@ -75,6 +77,8 @@ def skip_confirmed(ledger: Ledger, store: Path, job: str) -> int:
 def remember(ledger: Ledger, store: Path, job: str, run_dir: Path, summary: dict[str, Any],
              started_at: float) -> None:
     """Record the pairs this run confirmed, and the run itself, in the job store."""
+    if ledger.keeps_job_memory:
+        return ledger.remember_job_run(job, run_dir, summary, started_at)
     conn = _connect(store)
     try:
         conn.execute("BEGIN IMMEDIATE")

@@ -23,7 +23,7 @@ from .api import CapillaryClient
 from .config import Settings, target_url
 from .engine import Engine, EngineResult
 from .errors import ConfigError, Interrupted, InputFileError, LedgerError, RunAborted, UsageError
-from .ledger import Ledger, open_ledger, row_label
+from .ledger import Ledger, open_for_reading, open_ledger, row_label
 from .progress import Progress, choose_mode
 from .rules import RuleSettings, Verdict, check_row
 from .source import InputOptions, InputTable, file_sha256, open_input
@@ -356,17 +356,17 @@ def _detach(handler: logging.Handler | None) -> None:
         handler.close()
 
 
-def status(run_dir: Path) -> dict[str, Any]:
-    ledger = Ledger.open_readonly(run_dir)
+def status(run_dir: Path | None, ledger_url: str | None = None, job: str | None = None) -> dict[str, Any]:
+    ledger, run_dir = open_for_reading(run_dir, ledger_url, job)
     try:
         return {"run_dir": str(run_dir), "input": ledger.get_meta("input_name"),
-                "counts": ledger.counts(), "invocations": ledger.invocations()}
+                "counts": ledger.counts(), "invocations": ledger.invocations(), "ledger": ledger.location}
     finally:
         ledger.close()
 
 
-def rebuild_reports(run_dir: Path) -> dict[str, Any]:
-    ledger = Ledger.open_readonly(run_dir)
+def rebuild_reports(run_dir: Path | None, ledger_url: str | None = None, job: str | None = None) -> dict[str, Any]:
+    ledger, run_dir = open_for_reading(run_dir, ledger_url, job)
     try:
         return report.write_reports(ledger, run_dir)
     finally:
@@ -400,19 +400,21 @@ def check_remote(s: Settings) -> dict[str, Any]:
     return v
 
 
-def verify(s: Settings, target: Path) -> dict[str, Any]:
+def verify(s: Settings, target: Path | None) -> dict[str, Any]:
     """Read every card back and compare with the intended external ID. Read-only; exit 1 on any difference.
 
-    ``target`` is a run directory (checks the rows it settled) or an input file (checks its valid rows).
+    ``target`` is a run directory (checks the rows it settled) or an input file (checks its valid rows);
+    None with a database ledger checks the rows the job's latest run settled.
     """
     from .verify import Target, check_cards
 
     base_url = target_url(s)
     _require_credentials(s)
     with contextlib.ExitStack() as stack:
-        if target.is_dir():
-            ledger = Ledger.open_readonly(target)
+        if target is None or target.is_dir():
+            ledger, target = open_for_reading(target, s.ledger if target is None else None, s.job, s.reports_dir)
             out = target / "verify.csv"
+            target.mkdir(parents=True, exist_ok=True)
             states = ("succeeded", "unchanged")
         else:
             tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="capbatch-verify-"))

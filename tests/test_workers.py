@@ -36,7 +36,8 @@ def pg_fetch(url: str, sql: str, *params: Any) -> list[tuple[Any, ...]]:
     import psycopg
 
     with psycopg.connect(url, autocommit=True) as conn:
-        return conn.execute(sql, params).fetchall()
+        cur = conn.execute(sql, params)
+        return cur.fetchall() if cur.description else []
 
 
 def worker_args(src: Path, sim_url: str, pg_url: str, job: str, *extra: str) -> list[str]:
@@ -165,3 +166,51 @@ def test_three_workers_one_killed_and_restarted_share_the_job_and_the_quota(tmp_
     assert len(workers) == 4 and sorted(w[2] is None for w in workers) == [False, False, False, True]
     assert sum(w[3] for w in workers if w[3]) > 0
     assert rate >= 0.9 * quota, rate
+
+
+# ---- status, report, history, verify and job memory through the database ------------------------------
+def test_status_report_history_verify_and_job_memory_read_the_database(tmp_path, sim, run_cli, pg_url):
+    import json
+
+    pairs = make_cards(60)
+    monday = write_csv(tmp_path / "monday.csv", pairs[:40])
+    tuesday = write_csv(tmp_path / "tuesday.csv", pairs)          # 40 known pairs + 20 new ones
+    s = sim(cards=fresh_cards(pairs))
+    p = run_cli(*worker_args(monday, s.url, pg_url, "cards", "--rate", "unlimited"))
+    assert p.returncode == 0, p.stderr
+    s.reset_stats()
+    p = run_cli(*worker_args(tuesday, s.url, pg_url, "cards", "--rate", "unlimited", "--skip-confirmed"))
+    assert p.returncode == 0, p.stderr
+    assert s.stats()["puts_per_card"] == {card: 1 for card, _ in pairs[40:]}   # the known 40 were not sent
+    assert s.card_ids() == dict(pairs)
+
+    env = cli_env(CAPBATCH_LEDGER=pg_url)                      # the URL may come from the environment
+    st = run_cli("status", "--job", "cards", "--json", env=env)
+    assert st.returncode == 0, st.stderr
+    status = json.loads(st.stdout)
+    assert status["input"] == "tuesday.csv" and status["counts"]["unchanged"] == 40
+    assert status["counts"]["succeeded"] == 20 and len(status["invocations"]) == 1
+
+    out_dir = tmp_path / "rebuilt"
+    rp = run_cli("report", str(out_dir), "--ledger", pg_url, "--job", "cards")
+    assert rp.returncode == 0, rp.stderr
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert summary["counts"]["unchanged"] == 40 and summary["input"]["name"] == "tuesday.csv"
+    notes = {r["capbatch_message"] for r in __import__("conftest").read_csv(out_dir / "results.csv")[:40]}
+    assert len(notes) == 1 and next(iter(notes)).startswith("confirmed by an earlier run of job cards on ")
+
+    hist = run_cli("history", "--job", "cards", "--json", env=env)
+    assert hist.returncode == 0, hist.stderr
+    runs = json.loads(hist.stdout)
+    assert [r["input_name"] for r in runs] == ["monday.csv", "tuesday.csv"]
+    assert [r["requests"] for r in runs] == [41, 21] and runs[1]["counts"]["unchanged"] == 40
+
+    s.update(cards={pairs[0][0]: "CHANGED-ELSEWHERE"})
+    vp = run_cli("verify", "--ledger", pg_url, "--job", "cards", "--base-url", s.url, "--rate", "unlimited", "--json")
+    assert vp.returncode == 1, vp.stderr
+    assert json.loads(vp.stdout)["counts"] == {"match": 59, "differs": 1, "missing": 0, "error": 0}
+
+    # a different input while the job's run is unfinished is refused: no silent second run
+    pg_fetch(pg_url, "UPDATE capbatch.rows SET state='pending' WHERE id=1 AND run_id=(SELECT max(id) FROM capbatch.runs)")
+    p = run_cli(*worker_args(monday, s.url, pg_url, "cards"))
+    assert p.returncode == 2 and "unfinished run for different input content" in p.stderr

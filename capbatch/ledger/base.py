@@ -252,6 +252,19 @@ class Ledger(ABC):
     @abstractmethod
     def invocations(self) -> list[dict[str, Any]]: ...
 
+    # ---- job memory ----------------------------------------------------------------------------
+    #: True where the ledger holds the job's memory itself (a database); False: capbatch/jobs.py keeps
+    #: it in a store file beside the run directories.
+    keeps_job_memory = False
+
+    def settle_confirmed_from(self, store: Path, job: str, now: float) -> int:
+        """Settle pending rows whose exact pair an earlier run of ``job`` confirmed; how many."""
+        raise NotImplementedError
+
+    def remember_job_run(self, job: str, run_dir: Path, summary: Mapping[str, Any], started_at: float) -> None:
+        """Record the pairs this run confirmed, and the run, in the job's memory (``keeps_job_memory``)."""
+        raise NotImplementedError
+
     # ---- reading for reports -------------------------------------------------------------------
     def rows_in_states(self, states: Sequence[str] | None = None) -> Iterator[Mapping[str, Any]]:
         """Every column of the rows in ``states`` (all rows when None), in input order."""

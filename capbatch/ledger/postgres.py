@@ -22,6 +22,7 @@ The driver is psycopg 3 (imported only when a database ledger is used).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -117,6 +118,29 @@ _MIGRATIONS: list[str] = [
         lease_until timestamptz
     );
     CREATE INDEX invocations_by_run ON capbatch.invocations (run_id, id);
+    -- job memory (capbatch/jobs.py keeps the same in jobs.sqlite for run-directory ledgers)
+    CREATE TABLE capbatch.confirmed (
+        job text NOT NULL,
+        card text NOT NULL,
+        external_id text NOT NULL,
+        confirmed_at double precision NOT NULL,
+        run_dir text,
+        PRIMARY KEY (job, card)
+    );
+    CREATE TABLE capbatch.job_runs (
+        id bigserial PRIMARY KEY,
+        job text NOT NULL,
+        run_id bigint REFERENCES capbatch.runs ON DELETE SET NULL,
+        run_dir text NOT NULL,
+        input_name text,
+        host text,
+        started_at double precision,
+        ended_at double precision,
+        exit_code integer,
+        counts text,
+        requests integer
+    );
+    CREATE INDEX job_runs_by_job ON capbatch.job_runs (job, id);
     """,
 ]
 
@@ -488,6 +512,39 @@ class PostgresLedger(Ledger):
                 "throttled=timeline.throttled+excluded.throttled",
                 [self.run_id, seconds] + [[timeline[s][k] for s in seconds] for k in range(4)])
 
+    # ---- job memory: confirmed pairs and the job's runs, in the database ---------------------------
+    keeps_job_memory = True
+
+    def settle_confirmed_from(self, store: Any, job: str, now: float) -> int:
+        """Settle pending rows whose exact pair an earlier run of ``job`` confirmed (``store`` is
+        unused: the job's memory is in this database)."""
+        cur = self._execute(
+            "UPDATE capbatch.rows r SET state='unchanged', settled_at=%(now)s, "
+            "note='confirmed by an earlier run of job ' || %(job)s || ' on ' || "
+            "to_char(to_timestamp(c.confirmed_at) AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS') "
+            "|| ' UTC; not sent (--skip-confirmed)' "
+            "FROM capbatch.confirmed c WHERE r.run_id=%(run)s AND r.state='pending' AND r.external_id <> '' "
+            "AND c.job=%(job)s AND c.card=r.card AND c.external_id=r.external_id",
+            {"now": now, "job": job, "run": self.run_id})
+        return cur.rowcount
+
+    def remember_job_run(self, job: str, run_dir: Any, summary: Mapping[str, Any], started_at: float) -> None:
+        """Record the pairs this run confirmed, and this invocation, in the job's memory."""
+        with self._batch() as conn:
+            conn.execute(
+                "INSERT INTO capbatch.confirmed(job, card, external_id, confirmed_at, run_dir) "
+                "SELECT %(job)s, card, external_id, coalesce(settled_at, %(now)s), %(dir)s FROM capbatch.rows "
+                "WHERE run_id=%(run)s AND state IN ('succeeded','unchanged') AND external_id <> '' "
+                "ON CONFLICT (job, card) DO UPDATE SET external_id=excluded.external_id, "
+                "confirmed_at=excluded.confirmed_at, run_dir=excluded.run_dir",
+                {"job": job, "now": time.time(), "dir": str(run_dir), "run": self.run_id})
+            conn.execute(
+                "INSERT INTO capbatch.job_runs(job, run_id, run_dir, input_name, host, started_at, ended_at, "
+                "exit_code, counts, requests) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)",
+                (job, self.run_id, str(run_dir), self.get_meta("input_name"), socket.gethostname(), started_at,
+                 time.time(), summary.get("exit_code"), json.dumps(summary.get("counts", {})),
+                 (summary.get("this_invocation") or {}).get("requests", 0)))
+
     # ---- invocations ---------------------------------------------------------------------------
     def start_invocation(self) -> int:
         return self._ensure_worker()
@@ -589,6 +646,23 @@ def _get_or_create_run(conn: psycopg.Connection[Any], url: str, job: str, sha: s
                                 (job, sha)).fetchone()[0])
     except psycopg.Error as exc:
         raise _wrap_setup(exc, url) from exc
+
+
+def job_history(url: str, job: str) -> list[dict[str, Any]]:
+    """A job's runs (one line per worker invocation that finished), oldest first."""
+    check_url(url)
+    conn = _connect(url, readonly=True)
+    try:
+        if schema_version(conn) is None:
+            return []
+        cur = conn.execute("SELECT id, run_dir, input_name, started_at, ended_at, exit_code, counts, requests, host "
+                           "FROM capbatch.job_runs WHERE job=%s ORDER BY id", (job,))
+        cols = [d[0] for d in cur.description or ()]
+        return [{**dict(zip(cols, row)), "counts": json.loads(row[6] or "{}")} for row in cur.fetchall()]
+    except psycopg.Error as exc:
+        raise _wrap_setup(exc, url) from exc
+    finally:
+        conn.close()
 
 
 def _find_run(conn: psycopg.Connection[Any], url: str, job: str, sha: str | None) -> int:
