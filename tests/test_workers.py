@@ -206,7 +206,8 @@ def test_status_report_history_verify_and_job_memory_read_the_database(tmp_path,
     assert [r["requests"] for r in runs] == [41, 21] and runs[1]["counts"]["unchanged"] == 40
 
     s.update(cards={pairs[0][0]: "CHANGED-ELSEWHERE"})
-    vp = run_cli("verify", "--ledger", pg_url, "--job", "cards", "--base-url", s.url, "--rate", "unlimited", "--json")
+    vp = run_cli("verify", "--ledger", pg_url, "--job", "cards", "--base-url", s.url, "--json",
+                 env=cli_env(CAPBATCH_RATE="unlimited"))
     assert vp.returncode == 1, vp.stderr
     assert json.loads(vp.stdout)["counts"] == {"match": 59, "differs": 1, "missing": 0, "error": 0}
 
