@@ -144,7 +144,8 @@ class Engine:
         self.s = settings
         self.ledger = ledger
         self.client = client
-        self.pacer = Pacer(settings.rate)
+        # A database ledger shares one quota among all workers on any host; else this process paces alone.
+        self.pacer = ledger.shared_pacer(settings.rate, client.base_url, settings.credentials) or Pacer(settings.rate)
         self.read_pacer = Pacer(settings.read_rate) if settings.read_rate else self.pacer
         self.breaker = Breaker(settings.outage_budget)
         self.writer = Writer(ledger)

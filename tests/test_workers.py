@@ -126,17 +126,20 @@ def test_database_lost_mid_run_stops_sending_exit_3_and_resumes(tmp_path, sim, r
 
 
 # ---- several workers, one job ------------------------------------------------------------------------
-def _settled_rate(url: str, job: str) -> tuple[float, int]:
-    """Rows per second between the first and the last row settled by the API, and how many."""
-    times = [t for (t,) in pg_fetch(url, "SELECT settled_at FROM capbatch.rows WHERE state='succeeded' "
-                                          "AND run_id=(SELECT max(id) FROM capbatch.runs WHERE job=%s) "
-                                          "ORDER BY settled_at", job)]
-    return (len(times) - 1) / (times[-1] - times[0]), len(times)
+def _settled_rate(url: str, job: str) -> tuple[float, float]:
+    """(requests, rows) per second between the first and the last row settled by the API.
+
+    Requests are those the ledger recorded for the rows (a row's PUT, and its read when it was
+    unknown); requests a killed worker sent but never recorded are left out, so this undercounts."""
+    rows = pg_fetch(url, "SELECT settled_at, attempts FROM capbatch.rows WHERE state='succeeded' "
+                         "AND run_id=(SELECT max(id) FROM capbatch.runs WHERE job=%s) ORDER BY settled_at", job)
+    span = rows[-1][0] - rows[0][0]
+    return (sum(a for _, a in rows[1:])) / span, (len(rows) - 1) / span
 
 
 def test_three_workers_one_killed_and_restarted_share_the_job_and_the_quota(tmp_path, sim, pg_url):
     quota = 30                         # the simulator's strict quota: 30 requests in any 1 s
-    n = 270                            # about 9 s of work at the quota
+    n = 210                            # about 7 s of work at the quota
     pairs = make_cards(n)
     src = write_csv(tmp_path / "cards.csv", pairs)
     s = sim(cards=fresh_cards(pairs), rate_per_second=quota, rate_window="sliding", latency=0.01)
@@ -145,7 +148,7 @@ def test_three_workers_one_killed_and_restarted_share_the_job_and_the_quota(tmp_
     for h in hosts:
         h.mkdir()
     procs = [popen_cli(*args, cwd=h) for h in hosts]
-    assert wait_until(lambda: pg_counts(pg_url, "shared").get("succeeded", 0) >= 80, procs[1], step=0.01)
+    assert wait_until(lambda: pg_counts(pg_url, "shared").get("succeeded", 0) >= 70, procs[1], step=0.01)
     assert procs[1].poll() is None, "the worker ended before it could be killed"
     procs[1].send_signal(signal.SIGKILL)
     finish(procs[1])
@@ -158,11 +161,11 @@ def test_three_workers_one_killed_and_restarted_share_the_job_and_the_quota(tmp_
     st = s.stats()
     assert max(st["puts_per_card"].values()) <= 2
     assert st["by_status"].get("429", 0) == 0 and st["rate_limited"] == 0, st["by_status"]
-    rate, settled = _settled_rate(pg_url, "shared")
+    rate, rows_rate = _settled_rate(pg_url, "shared")
     workers = pg_fetch(pg_url, "SELECT host, pid, exit_code, requests FROM capbatch.invocations ORDER BY id")
-    print(f"\n3 workers (one killed with {killed_with} rows in flight, restarted): {settled} rows at "
-          f"{rate:.1f}/s = {rate / quota:.2f} of the {quota}/s quota; peak {st['peak_per_second']}/s; "
-          f"{st['requests']} requests; invocations {workers}")
+    print(f"\n3 workers (one killed with {killed_with} rows in flight job-wide, restarted): {rate:.1f} requests/s "
+          f"= {rate / quota:.2f} of the {quota}/s quota ({rows_rate:.1f} rows/s); peak {st['peak_per_second']}/s; "
+          f"{st['requests']} requests for {n} rows; invocations {workers}")
     assert len(workers) == 4 and sorted(w[2] is None for w in workers) == [False, False, False, True]
     assert sum(w[3] for w in workers if w[3]) > 0
     assert rate >= 0.9 * quota, rate

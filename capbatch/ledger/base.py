@@ -252,6 +252,11 @@ class Ledger(ABC):
     @abstractmethod
     def invocations(self) -> list[dict[str, Any]]: ...
 
+    def shared_pacer(self, rate: Any, base_url: str, credentials: Any) -> Any:
+        """A pacer that shares ``rate`` with every worker sending to ``base_url`` with ``credentials``'
+        account (a database ledger), or None: the engine paces this process alone."""
+        return None
+
     # ---- job memory ----------------------------------------------------------------------------
     #: True where the ledger holds the job's memory itself (a database); False: capbatch/jobs.py keeps
     #: it in a store file beside the run directories.

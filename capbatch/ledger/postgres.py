@@ -141,6 +141,16 @@ _MIGRATIONS: list[str] = [
         requests integer
     );
     CREATE INDEX job_runs_by_job ON capbatch.job_runs (job, id);
+    -- one API quota shared by every worker (capbatch/ledger/pg_quota.py): a GCRA grid on the db clock
+    CREATE TABLE capbatch.quota (
+        key text PRIMARY KEY,                -- hash of (API base URL, account identity): no secret
+        tat double precision NOT NULL DEFAULT 0,
+        pause_until double precision NOT NULL DEFAULT 0,
+        factor double precision NOT NULL DEFAULT 1,
+        changed_at double precision NOT NULL DEFAULT 0,
+        throttle_events integer NOT NULL DEFAULT 0,
+        leases bigint NOT NULL DEFAULT 0
+    );
     """,
 ]
 
@@ -544,6 +554,14 @@ class PostgresLedger(Ledger):
                 (job, self.run_id, str(run_dir), self.get_meta("input_name"), socket.gethostname(), started_at,
                  time.time(), summary.get("exit_code"), json.dumps(summary.get("counts", {})),
                  (summary.get("this_invocation") or {}).get("requests", 0)))
+
+    # ---- the shared quota ----------------------------------------------------------------------
+    def shared_pacer(self, rate: Any, base_url: str, credentials: Any) -> Any:
+        if rate is None:
+            return None
+        from .pg_quota import SharedPacer, quota_key
+
+        return SharedPacer(self, quota_key(base_url, credentials), rate)
 
     # ---- invocations ---------------------------------------------------------------------------
     def start_invocation(self) -> int:
