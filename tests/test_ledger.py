@@ -242,6 +242,10 @@ def test_postgres_an_expired_lease_frees_the_rows_even_while_the_connection_live
                          (stalled.worker_id,))
     with open_ledger(pg_url, tmp_path / "b", job="j", input_sha256=SHA) as other:
         assert [r.id for r in other.claim(8)] == [r.id for r in held]
+    # the stalled worker finds out at its next heartbeat and stops instead of sending those rows
+    stalled._last_renew = 0.0
+    with pytest.raises(LedgerLost, match="lease on job j expired"):
+        stalled.heartbeat()
     stalled.close()
 
 
@@ -306,8 +310,23 @@ def test_postgres_privileges_missing_are_named(tmp_path, pg_url):
     with pytest.raises(LedgerError, match="refused to set up capbatch's tables") as exc:
         open_ledger(url, tmp_path / "r", job="j", input_sha256=SHA)
     assert "privileges" in str(exc.value)
+    # README's set-up: a DBA creates the schema for the role; then the role needs nothing else,
+    # and a read-only role with USAGE + SELECT can read the job.
     with psycopg.connect(pg_url, autocommit=True) as admin:
+        admin.execute("CREATE ROLE capbatch_rw LOGIN")
+        admin.execute("CREATE SCHEMA capbatch AUTHORIZATION capbatch_rw")
+    with open_ledger(pg_url.replace("postgres@", "capbatch_rw@", 1), tmp_path / "r", job="j", input_sha256=SHA) as led:
+        _import(led, _rows(3))
+        led.claim(2)
+    with psycopg.connect(pg_url, autocommit=True) as admin:
+        admin.execute("GRANT USAGE ON SCHEMA capbatch TO capbatch_ro")
+        admin.execute("GRANT SELECT ON ALL TABLES IN SCHEMA capbatch TO capbatch_ro")
+    with open_ledger(url, tmp_path / "r", job="j", readonly=True) as reader:
+        assert reader.counts()["in_flight"] == 2 and len(list(reader.rows_in_states())) == 3
+    with psycopg.connect(pg_url, autocommit=True) as admin:
+        admin.execute("DROP SCHEMA capbatch CASCADE")
         admin.execute("DROP ROLE capbatch_ro")
+        admin.execute("DROP ROLE capbatch_rw")
 
 
 def test_backend_is_chosen_by_the_url_scheme(tmp_path, pg_url):
@@ -326,3 +345,49 @@ def test_sqlite_users_do_not_load_the_driver(tmp_path):
             "print(any(m.split('.')[0] == 'psycopg' for m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parent)
     assert out.stdout.strip() == "False", out.stderr
+
+
+async def test_postgres_quota_grid_is_shared_and_so_is_the_back_off(tmp_path, pg_url):
+    """Two workers' pacers on one key take turns on one grid, and one's 429 pauses the other."""
+    from capbatch.config import Credentials, Rate
+    from capbatch.ledger.pg_quota import RATE_SAFETY
+
+    creds = Credentials(username="demo", password="secret")
+    a = open_ledger(pg_url, tmp_path / "a", job="j", input_sha256=SHA)
+    b = open_ledger(pg_url, tmp_path / "b", job="j", input_sha256=SHA)
+    try:
+        rate = Rate(50, 1.0)
+        pa = a.shared_pacer(rate, "https://eu.api.example", creds)
+        pb = b.shared_pacer(rate, "https://eu.api.example/", creds)
+        assert pa.key == pb.key and "secret" not in pa.key
+        assert a.shared_pacer(rate, "https://us.api.example", creds).key != pa.key   # another API: another quota
+        sends: list[float] = []
+
+        async def send(p, n):
+            for _ in range(n):
+                await p.acquire()
+                sends.append(time.monotonic())
+
+        import asyncio
+
+        started = time.monotonic()
+        await asyncio.gather(send(pa, 40), send(pb, 40))
+        took = time.monotonic() - started
+        gaps = sorted(y - x for x, y in zip(sorted(sends), sorted(sends)[1:]))
+        # 80 sends on one grid of 49/s: about 1.6 s together, never two in the same slot
+        assert 79 / (rate.per_second * RATE_SAFETY) - 0.1 <= took <= 79 / (rate.per_second * RATE_SAFETY) + 0.8, took
+        assert gaps[len(gaps) // 10] >= 0.5 / (rate.per_second * RATE_SAFETY), gaps[:10]
+
+        pa.answered(True, retry_after=0.6)                 # a 429 with Retry-After seen by worker a ...
+        t0 = time.monotonic()
+        pb._slots.clear()
+        await pb.acquire()                                 # ... holds worker b back too
+        assert time.monotonic() - t0 >= 0.5
+        for _ in range(10):                                # systematic throttling: the shared rate drops
+            pa.answered(True)
+        pb._slots.clear()
+        await pb.acquire()
+        assert pb.factor == pytest.approx(0.7) and pa.throttle_events == 1
+    finally:
+        a.close()
+        b.close()

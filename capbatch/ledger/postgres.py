@@ -417,8 +417,16 @@ class PostgresLedger(Ledger):
     def heartbeat(self) -> None:
         if self.worker_id is None or time.monotonic() - self._last_renew < RENEW_EVERY:
             return
-        self._execute("UPDATE capbatch.invocations SET lease_until = now() + make_interval(secs => %s) "
-                      "WHERE id=%s", (LEASE_SECONDS, self.worker_id))
+        renewed = self._execute("UPDATE capbatch.invocations SET lease_until = now() + make_interval(secs => %s) "
+                                "WHERE id=%s AND lease_until > now() RETURNING id",
+                                (LEASE_SECONDS, self.worker_id)).fetchone()
+        if renewed is None:
+            # Stalled past the lease (stopped, starved): other workers may have taken our rows, so
+            # sending them now could send a row twice at once. Stop; a rerun joins afresh.
+            self._lost = LedgerLost(f"this worker's lease on job {self.job} expired (it was stalled for over "
+                                    f"{LEASE_SECONDS:g} s) and its rows may be with other workers; stopped sending",
+                                    "rerun the same command to join the job again")
+            raise self._lost
         self._last_renew = time.monotonic()
 
     # Live workers of this run: a fresh lease and the advisory lock held (by a connection that exists).
@@ -629,7 +637,8 @@ def _migrate(conn: psycopg.Connection[Any], url: str) -> None:
                               "upgrade capbatch on this host to work on that job")
         with conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", (LOCK_NAMESPACE, _MIGRATE_KEY))
-            conn.execute("CREATE SCHEMA IF NOT EXISTS capbatch")
+            if not conn.execute("SELECT 1 FROM pg_namespace WHERE nspname='capbatch'").fetchone():
+                conn.execute("CREATE SCHEMA capbatch")   # needs CREATE on the database; a DBA may do it instead
             conn.execute("CREATE TABLE IF NOT EXISTS capbatch.schema_version (version integer NOT NULL)")
             current = schema_version(conn) or 0
             if current > SCHEMA_VERSION:
