@@ -149,6 +149,9 @@ class Settings:
     skip_confirmed: bool = False
     job: str | None = None
     ledger: str | None = None          # a postgresql:// URL; None: the run directory's SQLite file
+    audit_fraction: float | None = None   # with --skip-confirmed: share of confirmed pairs re-read per run
+    retry_failed: bool = False            # send the rows that failed in this run again
+    record_previous: bool = False         # backfill: read each card first to record the ID it held
     dry_run: bool = False
     check_remote: bool = False
     outage_budget: float = 300.0
@@ -230,6 +233,7 @@ SETTABLE: dict[str, Any] = {
     "mode": _str, "rate": parse_rate, "read_rate": parse_rate, "concurrency": _int,
     "max_attempts": _int, "timeout": _float, "resume_check": _str,
     "generate_missing": _bool, "skip_confirmed": _bool, "job": _str, "ledger": _str,
+    "audit_fraction": _float, "record_previous": _bool,
     "outage_budget": _float, "grace_period": _float,
     "allow_http": _bool, "verify_tls": _bool,
     "progress": _str, "progress_interval": _float,
@@ -343,6 +347,10 @@ def validate(s: Settings) -> Settings:
         raise UsageError(f"--ledger {redact_password(s.ledger)} is not a database URL",
                          "give postgresql://USER@HOST:PORT/DATABASE, or leave --ledger out to keep the ledger "
                          "in the run directory")
+    if s.audit_fraction is not None and not 0 < s.audit_fraction <= 1:
+        raise UsageError(f"--audit-fraction {s.audit_fraction:g} is out of range",
+                         "give the share of confirmed pairs to re-read per run, above 0 and at most 1, "
+                         "e.g. 0.05 (every pair re-read within 20 runs)")
     if s.cluster and s.cluster.lower() not in CLUSTERS:
         raise UsageError(f"--cluster {s.cluster!r} is unknown", f"use one of: {', '.join(CLUSTERS)} or --base-url")
     return s

@@ -212,6 +212,11 @@ def build_summary(ledger: Ledger, run_dir: Path, *, stop: str | None = None, mes
         "message": message,
         "exit_code": exit_code,
     }
+    audit = ledger.audit_counts()
+    if audit:   # the job's rolling audit (--audit-fraction): confirmed pairs re-read in this run
+        summary["audit"] = {"rows": sum(audit.values()), "still_held": audit.get("unchanged", 0),
+                            "drift_fixed": audit.get("succeeded", 0), "failed": audit.get("failed", 0),
+                            "pending": audit.get("pending", 0) + audit.get("in_flight", 0)}
     if extra:
         summary.update(extra)
     return summary

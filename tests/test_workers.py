@@ -72,7 +72,7 @@ def test_a_killed_worker_resumes_from_the_database(tmp_path, sim, run_cli, pg_ur
     runs = pg_fetch(pg_url, "SELECT ended_at IS NULL, exit_code FROM capbatch.invocations ORDER BY id")
     assert runs == [(True, None), (False, 0)]
     # the reports went to the run directory, as with a SQLite ledger
-    run_dirs = list((tmp_path / "reports").glob("cards-*"))
+    run_dirs = list((tmp_path / "reports" / "nightly").glob("cards-*"))
     assert len(run_dirs) == 1 and (run_dirs[0] / "results.csv").exists()
     assert not (run_dirs[0] / "ledger.sqlite").exists()
 

@@ -52,6 +52,8 @@ class WorkRow:
     external_id: str
     unknown: bool = False      # was in flight when an earlier process stopped: outcome unknown
     generated: bool = False
+    audit: bool = False        # a confirmed pair picked for the rolling audit: read before writing
+    expect: str | None = None  # revert: PUT only while the card still holds this external ID
 
 
 @dataclass(slots=True)
@@ -195,18 +197,23 @@ class Ledger(ABC):
     def unknown_rows(self) -> list[WorkRow]:
         """Rows an earlier process had in flight when it stopped: their outcome is unknown."""
 
+    _WORK_COLUMNS = "id, card, external_id, generated, audit, expect_external_id"
+
     def pending_page(self, after_id: int, limit: int) -> list[WorkRow]:
         rows = self._fetch(
-            f"SELECT id, card, external_id, generated FROM {self._rows} WHERE {self._mine} AND state='pending' "
+            f"SELECT {self._WORK_COLUMNS} FROM {self._rows} WHERE {self._mine} AND state='pending' "
             "AND id > ? ORDER BY id LIMIT ?", (after_id, limit))
-        return [WorkRow(i, c, e, False, bool(g)) for i, c, e, g in rows]
+        return [WorkRow(i, c, e, False, bool(g), bool(a), x) for i, c, e, g, a, x in rows]
 
     def peek_work(self) -> WorkRow | None:
         """A row that still needs settling (without claiming it), or None when the run is done."""
         rows = self._fetch(
-            f"SELECT id, card, external_id, generated, state FROM {self._rows} WHERE {self._mine} "
+            f"SELECT {self._WORK_COLUMNS}, state FROM {self._rows} WHERE {self._mine} "
             "AND state IN ('in_flight', 'pending') ORDER BY state <> 'in_flight', id LIMIT 1")
-        return WorkRow(rows[0][0], rows[0][1], rows[0][2], rows[0][4] == "in_flight", bool(rows[0][3])) if rows else None
+        if not rows:
+            return None
+        i, c, e, g, a, x, state = rows[0]
+        return WorkRow(i, c, e, state == "in_flight", bool(g), bool(a), x)
 
     @abstractmethod
     def claim(self, limit: int, results: Sequence[RowResult] = (),
@@ -237,6 +244,11 @@ class Ledger(ABC):
         """Record a generated external ID before it is sent, so a rerun never generates a second one."""
 
     @abstractmethod
+    def requeue_failed(self) -> int:
+        """--retry-failed: failed rows go back to pending (attempts keep counting); the failure they
+        had is kept in the note. Rejected rows stay rejected: their input is invalid."""
+
+    @abstractmethod
     def record(self, results: Sequence[RowResult], timeline: dict[int, list[int]] | None = None,
                journal: Sequence[int] = ()) -> None:
         """Write a batch of outcomes, the timeline counters and (optionally) the journal entry for the
@@ -262,8 +274,9 @@ class Ledger(ABC):
     #: it in a store file beside the run directories.
     keeps_job_memory = False
 
-    def settle_confirmed_from(self, store: Path, job: str, now: float) -> int:
-        """Settle pending rows whose exact pair an earlier run of ``job`` confirmed; how many."""
+    def settle_confirmed(self, job: str, audit_fraction: float | None = None) -> tuple[int, int]:
+        """Settle pending rows whose exact pair an earlier run of ``job`` confirmed, keeping an audit
+        slice pending (``keeps_job_memory``); (rows settled, rows in the audit slice)."""
         raise NotImplementedError
 
     def remember_job_run(self, job: str, run_dir: Path, summary: Mapping[str, Any], started_at: float) -> None:
@@ -272,9 +285,25 @@ class Ledger(ABC):
 
     # ---- reading for reports -------------------------------------------------------------------
     def rows_in_states(self, states: Sequence[str] | None = None) -> Iterator[Mapping[str, Any]]:
-        """Every column of the rows in ``states`` (all rows when None), in input order."""
-        where, params = self._states(states)
+        """Every column of the rows in ``states`` (all rows when None or empty), in input order."""
+        where, params = self._states(states or None)
         return self._stream_dicts(f"SELECT * FROM {self._rows} WHERE {self._mine}{where} ORDER BY id", params)
+
+    def changed_rows(self) -> Iterator[Mapping[str, Any]]:
+        """Rows whose card this run may have written (succeeded, or in flight when it stopped),
+        latest first: undone in that order, an ID moved from one card to another goes back in turn."""
+        return self._stream_dicts(f"SELECT * FROM {self._rows} WHERE {self._mine} AND state IN "
+                                  "('succeeded', 'in_flight') ORDER BY coalesce(settled_at, 9e18) DESC, id DESC")
+
+    def codes(self, state: State) -> dict[str, int]:
+        """Rows in ``state`` per code: the reason code of rejected rows, the error code of failed ones."""
+        column = "reason_code" if state in (State.REJECTED, State.DUPLICATE) else "error_code"
+        return dict(self.counts_by(column, (state.value,)))
+
+    def audit_counts(self) -> dict[str, int]:
+        """Rows picked for the rolling audit, by state ({} when none)."""
+        return {state: int(n) for state, n in self._fetch(
+            f"SELECT state, count(*) FROM {self._rows} WHERE {self._mine} AND audit=1 GROUP BY state")}
 
     def result_rows(self) -> Iterator[tuple[Any, ...]]:
         """Every row as a tuple of :data:`RESULT_COLUMNS`, in input order (results.csv)."""
@@ -339,9 +368,10 @@ class Ledger(ABC):
         return int(self._fetch(f"SELECT count(*) FROM {self._rows} WHERE {self._mine} AND generated=1")[0][0])
 
     def confirmed_pairs(self) -> Iterator[tuple[str, str, float | None]]:
-        """(card, external_id, settled_at) of every row whose pair the API confirmed."""
+        """(card, external_id, settled_at) of every row whose pair the API confirmed by a request
+        (a pair skipped by --skip-confirmed keeps the date it was last really checked)."""
         return self._stream(f"SELECT card, external_id, settled_at FROM {self._rows} WHERE {self._mine} "
-                            "AND state IN ('succeeded','unchanged') AND external_id <> ''")
+                            "AND state IN ('succeeded','unchanged') AND external_id <> '' AND attempts > 0")
 
     def timeline_totals(self) -> tuple[int, int]:
         """(retried, throttled) over the whole run."""

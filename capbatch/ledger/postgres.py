@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import socket
 import time
@@ -92,6 +93,8 @@ _MIGRATIONS: list[str] = [
         latency_ms double precision,
         note text,
         settled_at double precision,
+        audit integer NOT NULL DEFAULT 0,    -- picked for the job's rolling audit: read before writing
+        expect_external_id text,             -- revert: write only while the card still holds this ID
         owner bigint,                        -- the invocation holding the row in flight
         PRIMARY KEY (run_id, id)
     );
@@ -437,14 +440,16 @@ class PostgresLedger(Ledger):
 
     def unknown_rows(self) -> list[WorkRow]:
         rows = self._execute(
-            f"WITH live AS MATERIALIZED ({self._LIVE}) SELECT id, card, external_id, generated FROM capbatch.rows "
+            f"WITH live AS MATERIALIZED ({self._LIVE}) SELECT {self._WORK_COLUMNS} FROM capbatch.rows "
             "WHERE run_id=%(run)s AND state='in_flight' AND (owner IS NULL OR owner NOT IN (SELECT id FROM live)) "
             "ORDER BY id", {"run": self.run_id}).fetchall()
-        return [WorkRow(i, c, e, True, bool(g)) for i, c, e, g in rows]
+        return [WorkRow(i, c, e, True, bool(g), bool(a), x) for i, c, e, g, a, x in rows]
 
     def held_elsewhere(self) -> int:
         return int(self._execute("SELECT count(*) FROM capbatch.rows WHERE run_id=%s AND state='in_flight' "
                                  "AND owner IS DISTINCT FROM %s", (self.run_id, self.worker_id)).fetchone()[0])
+
+    _RETURNING = "r.id, r.card, r.external_id, r.generated, r.audit, r.expect_external_id"
 
     def claim(self, limit: int, results: Sequence[RowResult] = (),
               timeline: dict[int, list[int]] | None = None) -> list[WorkRow]:
@@ -461,8 +466,8 @@ class PostgresLedger(Ledger):
                     "  AND (owner IS NULL OR owner NOT IN (SELECT id FROM live)) "
                     "  ORDER BY id LIMIT %(n)s FOR UPDATE SKIP LOCKED) "
                     "UPDATE capbatch.rows r SET owner=%(me)s FROM c WHERE r.run_id=%(run)s AND r.id=c.id "
-                    "RETURNING r.id, r.card, r.external_id, r.generated", params)
-            unknown = [WorkRow(i, c, e, True, bool(g)) for i, c, e, g in cur.fetchall()]
+                    f"RETURNING {self._RETURNING}", params)
+            unknown = [WorkRow(i, c, e, True, bool(g), bool(a), x) for i, c, e, g, a, x in cur.fetchall()]
             if unknown:
                 self._last_unknown_check = 0.0   # more may follow: look again next time
                 return sorted(unknown, key=lambda r: r.id)
@@ -473,8 +478,8 @@ class PostgresLedger(Ledger):
                 "WITH c AS (SELECT id FROM capbatch.rows WHERE run_id=%(run)s AND state='pending' "
                 "  ORDER BY id LIMIT %(n)s FOR UPDATE SKIP LOCKED) "
                 "UPDATE capbatch.rows r SET state='in_flight', owner=%(me)s FROM c "
-                "WHERE r.run_id=%(run)s AND r.id=c.id RETURNING r.id, r.card, r.external_id, r.generated", params)
-        claimed = [WorkRow(i, c, e, False, bool(g)) for i, c, e, g in cur.fetchall()]
+                f"WHERE r.run_id=%(run)s AND r.id=c.id RETURNING {self._RETURNING}", params)
+        claimed = [WorkRow(i, c, e, False, bool(g), bool(a), x) for i, c, e, g, a, x in cur.fetchall()]
         if not claimed:
             self._last_unknown_check = 0.0   # at the end, look for a dead worker's rows on every call
         return sorted(claimed, key=lambda r: r.id)
@@ -486,6 +491,13 @@ class PostgresLedger(Ledger):
         if ids:
             self._execute("UPDATE capbatch.rows SET state='pending', owner=NULL WHERE run_id=%s AND id = ANY(%s) "
                           "AND state='in_flight'", (self.run_id, list(ids)))
+
+    def requeue_failed(self) -> int:
+        return self._execute(
+            "UPDATE capbatch.rows SET state='pending', note='earlier attempt failed: ' || "
+            "trim(coalesce(error_code, '') || ' ' || coalesce(error_message, '')), "
+            "error_code=NULL, error_message=NULL, http_status=NULL, settled_at=NULL "
+            "WHERE run_id=%s AND state='failed'", (self.run_id,)).rowcount
 
     def store_generated(self, row_id: int, external_id: str) -> None:
         self._execute("UPDATE capbatch.rows SET external_id=%s, generated=1 WHERE run_id=%s AND id=%s",
@@ -514,7 +526,8 @@ class PostgresLedger(Ledger):
                 "error_code=v.error_code, error_message=v.error_message, card_id=coalesce(v.card_id, r.card_id), "
                 "customer_id=coalesce(v.customer_id, r.customer_id), "
                 "previous_external_id=coalesce(v.previous, r.previous_external_id), "
-                "latency_ms=coalesce(v.latency_ms, r.latency_ms), note=v.note, settled_at=v.settled_at, owner=NULL "
+                "latency_ms=coalesce(v.latency_ms, r.latency_ms), note=coalesce(v.note, r.note), settled_at=v.settled_at, "
+                "owner=NULL "
                 "FROM unnest(%s::int[], %s::text[], %s::int[], %s::int[], %s::text[], %s::text[], %s::text[], "
                 "%s::text[], %s::text[], %s::float8[], %s::text[], %s::float8[]) "
                 "AS v(id, state, attempts, http_status, error_code, error_message, card_id, customer_id, previous, "
@@ -533,18 +546,40 @@ class PostgresLedger(Ledger):
     # ---- job memory: confirmed pairs and the job's runs, in the database ---------------------------
     keeps_job_memory = True
 
-    def settle_confirmed_from(self, store: Any, job: str, now: float) -> int:
-        """Settle pending rows whose exact pair an earlier run of ``job`` confirmed (``store`` is
-        unused: the job's memory is in this database)."""
-        cur = self._execute(
-            "UPDATE capbatch.rows r SET state='unchanged', settled_at=%(now)s, "
-            "note='confirmed by an earlier run of job ' || %(job)s || ' on ' || "
-            "to_char(to_timestamp(c.confirmed_at) AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS') "
-            "|| ' UTC; not sent (--skip-confirmed)' "
-            "FROM capbatch.confirmed c WHERE r.run_id=%(run)s AND r.state='pending' AND r.external_id <> '' "
-            "AND c.job=%(job)s AND c.card=r.card AND c.external_id=r.external_id",
-            {"now": now, "job": job, "run": self.run_id})
-        return cur.rowcount
+    def settle_confirmed(self, job: str, audit_fraction: float | None = None) -> tuple[int, int]:
+        """As capbatch/jobs.py does for a job store file: with ``audit_fraction`` F, ceil(F x matches)
+        of the confirmed pairs, longest unchecked first, stay pending for the rolling audit (picked
+        once per run, under a row lock on the run, so workers starting together pick one slice)."""
+        params = {"now": time.time(), "job": job, "run": self.run_id}
+        match = ("FROM capbatch.rows r JOIN capbatch.confirmed c ON c.job=%(job)s AND c.card=r.card "
+                 "AND c.external_id=r.external_id WHERE r.run_id=%(run)s AND r.state='pending' AND r.audit=0 "
+                 "AND r.external_id <> ''")
+        self._check()
+        try:
+            with self.conn.transaction():
+                self.conn.execute("SELECT 1 FROM capbatch.runs WHERE id=%(run)s FOR UPDATE", params)
+                picked = self.conn.execute("SELECT value FROM capbatch.meta WHERE run_id=%(run)s "
+                                           "AND key='audit_picked'", params).fetchone()
+                audited = int(picked[0]) if picked else 0
+                if audit_fraction and not picked:
+                    matched = self.conn.execute(f"SELECT count(*) {match}", params).fetchone()[0]
+                    audited = self.conn.execute(
+                        f"UPDATE capbatch.rows SET audit=1 WHERE run_id=%(run)s AND id IN (SELECT r.id {match} "
+                        "ORDER BY c.confirmed_at, r.card LIMIT %(limit)s)",
+                        {**params, "limit": math.ceil(matched * audit_fraction)}).rowcount
+                    self.conn.execute("INSERT INTO capbatch.meta(run_id, key, value) VALUES (%(run)s, "
+                                      "'audit_picked', %(n)s)", {**params, "n": str(audited)})
+                settled = self.conn.execute(
+                    "UPDATE capbatch.rows r SET state='unchanged', settled_at=%(now)s, "
+                    "note='confirmed by an earlier run of job ' || %(job)s || ' on ' || "
+                    "to_char(to_timestamp(c.confirmed_at) AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS') "
+                    "|| ' UTC; not sent (--skip-confirmed)' "
+                    "FROM capbatch.confirmed c WHERE r.run_id=%(run)s AND r.state='pending' AND r.audit=0 "
+                    "AND r.external_id <> '' AND c.job=%(job)s AND c.card=r.card AND c.external_id=r.external_id",
+                    params).rowcount
+        except psycopg.Error as exc:
+            raise self._wrap(exc) from exc
+        return settled, audited
 
     def remember_job_run(self, job: str, run_dir: Any, summary: Mapping[str, Any], started_at: float) -> None:
         """Record the pairs this run confirmed, and this invocation, in the job's memory."""
@@ -552,7 +587,7 @@ class PostgresLedger(Ledger):
             conn.execute(
                 "INSERT INTO capbatch.confirmed(job, card, external_id, confirmed_at, run_dir) "
                 "SELECT %(job)s, card, external_id, coalesce(settled_at, %(now)s), %(dir)s FROM capbatch.rows "
-                "WHERE run_id=%(run)s AND state IN ('succeeded','unchanged') AND external_id <> '' "
+                "WHERE run_id=%(run)s AND state IN ('succeeded','unchanged') AND external_id <> '' AND attempts > 0 "
                 "ON CONFLICT (job, card) DO UPDATE SET external_id=excluded.external_id, "
                 "confirmed_at=excluded.confirmed_at, run_dir=excluded.run_dir",
                 {"job": job, "now": time.time(), "dir": str(run_dir), "run": self.run_id})

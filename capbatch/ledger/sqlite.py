@@ -18,7 +18,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 from ..errors import LedgerError
 from .base import Ledger, RowResult, WorkRow
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 LEDGER_FILE = "ledger.sqlite"
 LOCK_FILE = ".lock"
 
@@ -47,7 +47,9 @@ CREATE TABLE IF NOT EXISTS rows (
     generated INTEGER NOT NULL DEFAULT 0,
     latency_ms REAL,
     note TEXT,
-    settled_at REAL
+    settled_at REAL,
+    audit INTEGER NOT NULL DEFAULT 0,  -- picked for the job's rolling audit: read the card before writing
+    expect_external_id TEXT            -- revert: write only while the card still holds this ID
 );
 CREATE INDEX IF NOT EXISTS rows_by_state ON rows(state, id);
 CREATE TABLE IF NOT EXISTS timeline (
@@ -69,7 +71,11 @@ CREATE TABLE IF NOT EXISTS runs (
 """
 
 # Each entry upgrades a ledger from version (index + 1) to (index + 2).
-_MIGRATIONS: list[str] = []
+_MIGRATIONS: list[str] = [
+    # 1 -> 2: the rolling audit (--audit-fraction) and revert's compare-and-set
+    "ALTER TABLE rows ADD COLUMN audit INTEGER NOT NULL DEFAULT 0; "
+    "ALTER TABLE rows ADD COLUMN expect_external_id TEXT;",
+]
 
 
 def _wrap(exc: sqlite3.Error, path: Path) -> LedgerError:
@@ -195,22 +201,12 @@ class SqliteLedger(Ledger):
     def import_rows(self, rows: Iterable[tuple[Any, ...]], batch: int = 20000) -> int:
         sql = ("INSERT INTO rows(sheet, row_number, original, card, external_id, state, reason_code, reason, "
                "problem_column) VALUES (?,?,?,?,?,?,?,?,?)")
-        count = 0
-        chunk: list[tuple[Any, ...]] = []
         # A bulk load: build the state index once at the end, and skip fsyncs (an import that dies
         # half-way is redone from scratch, see reset_import).
         self._exec("DROP INDEX IF EXISTS rows_by_state")
         self._exec("PRAGMA synchronous=OFF")
         try:
-            for row in rows:
-                chunk.append(row)
-                if len(chunk) >= batch:
-                    self._many(sql, chunk)
-                    count += len(chunk)
-                    chunk.clear()
-            if chunk:
-                self._many(sql, chunk)
-                count += len(chunk)
+            count = self._insert_chunks(sql, rows, batch)
         finally:
             self._exec("PRAGMA synchronous=NORMAL")
             self._exec("CREATE INDEX IF NOT EXISTS rows_by_state ON rows(state, id)")
@@ -271,8 +267,9 @@ class SqliteLedger(Ledger):
 
     # ---- the engine's side ---------------------------------------------------------------------
     def unknown_rows(self) -> list[WorkRow]:
-        cur = self._exec("SELECT id, card, external_id, generated FROM rows WHERE state='in_flight' ORDER BY id")
-        return [WorkRow(i, c, e, True, bool(g)) for i, c, e, g in cur]
+        cur = self._exec("SELECT id, card, external_id, generated, audit, expect_external_id FROM rows "
+                         "WHERE state='in_flight' ORDER BY id")
+        return [WorkRow(i, c, e, True, bool(g), bool(a), x) for i, c, e, g, a, x in cur]
 
     def claim(self, limit: int, results: Sequence[RowResult] = (),
               timeline: dict[int, list[int]] | None = None) -> list[WorkRow]:
@@ -308,7 +305,7 @@ class SqliteLedger(Ledger):
         sql = ("UPDATE rows SET state=?, attempts=attempts+?, http_status=?, error_code=?, error_message=?, "
                "card_id=coalesce(?, card_id), customer_id=coalesce(?, customer_id), "
                "previous_external_id=coalesce(?, previous_external_id), latency_ms=coalesce(?, latency_ms), "
-               "note=?, settled_at=? WHERE id=?")
+               "note=coalesce(?, note), settled_at=? WHERE id=?")
         params = [(r.state.value, r.attempts, r.http_status, r.error_code, r.error_message, r.card_id,
                    r.customer_id, r.previous_external_id, r.latency_ms, r.note, r.settled_at, r.id)
                   for r in results]
@@ -330,6 +327,45 @@ class SqliteLedger(Ledger):
             if self.conn.in_transaction:
                 self.conn.execute("ROLLBACK")
             raise _wrap(exc, self.path) from exc
+
+    def requeue_failed(self) -> int:
+        """--retry-failed: failed rows go back to pending (attempts keep counting); the failure they
+        had is kept in the note. Rejected rows stay rejected: their input is invalid."""
+        cur = self._exec(
+            "UPDATE rows SET state='pending', note='earlier attempt failed: ' || "
+            "trim(coalesce(error_code, '') || ' ' || coalesce(error_message, '')), "
+            "error_code=NULL, error_message=NULL, http_status=NULL, settled_at=NULL WHERE state='failed'")
+        return cur.rowcount
+
+    def audit_counts(self) -> dict[str, int]:
+        """Rows picked for the rolling audit, by state ({} when none, or a ledger older than the audit)."""
+        try:
+            cur = self.conn.execute("SELECT state, count(*) FROM rows WHERE audit=1 GROUP BY state")
+        except sqlite3.OperationalError:
+            return {}
+        return {state: n for state, n in cur}
+
+    # ---- revert --------------------------------------------------------------------------------
+    def import_expecting(self, rows: Iterable[tuple[Any, ...]], batch: int = 20000) -> int:
+        """Insert rows as :meth:`import_rows` does, each with a 10th field: the external ID the card
+        must still hold for the row to be written (``expect_external_id``)."""
+        sql = ("INSERT INTO rows(sheet, row_number, original, card, external_id, state, reason_code, reason, "
+               "problem_column, expect_external_id) VALUES (?,?,?,?,?,?,?,?,?,?)")
+        return self._insert_chunks(sql, rows, batch)
+
+    def _insert_chunks(self, sql: str, rows: Iterable[tuple[Any, ...]], batch: int) -> int:
+        count = 0
+        chunk: list[tuple[Any, ...]] = []
+        for row in rows:
+            chunk.append(row)
+            if len(chunk) >= batch:
+                self._many(sql, chunk)
+                count += len(chunk)
+                chunk.clear()
+        if chunk:
+            self._many(sql, chunk)
+            count += len(chunk)
+        return count
 
     # ---- invocations ---------------------------------------------------------------------------
     def start_invocation(self) -> int:
@@ -363,32 +399,6 @@ class SqliteLedger(Ledger):
 
     def iter_rows(self) -> Iterator[Mapping[str, Any]]:
         return self.rows_in_states(None)
-
-    # ---- job memory (the job store is a SQLite file beside the run directories) ---------------
-    def settle_confirmed_from(self, store: Path, job: str, now: float) -> int:
-        """Settle pending rows whose exact pair the job store says an earlier run of ``job`` confirmed."""
-        conn = self.conn
-        try:
-            conn.execute("ATTACH DATABASE ? AS jobstore", (str(store),))
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-                cur = conn.execute(
-                    "UPDATE rows SET state='unchanged', settled_at=?, "
-                    "note='confirmed by an earlier run of job ' || ? || ' on ' || "
-                    "(SELECT datetime(c.confirmed_at, 'unixepoch') FROM jobstore.confirmed c "
-                    " WHERE c.job=? AND c.card=rows.card) || ' UTC; not sent (--skip-confirmed)' "
-                    "WHERE state='pending' AND external_id <> '' AND EXISTS (SELECT 1 FROM jobstore.confirmed c "
-                    "WHERE c.job=? AND c.card=rows.card AND c.external_id=rows.external_id)",
-                    (now, job, job, job))
-                conn.execute("COMMIT")
-                return cur.rowcount
-            finally:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                conn.execute("DETACH DATABASE jobstore")
-        except sqlite3.Error as exc:
-            raise LedgerError(f"could not read the job store {store}: {exc}",
-                              "rerun; if it persists, move the file aside") from exc
 
 
 def _take_lock(run_dir: Path) -> int:
