@@ -453,36 +453,35 @@ class PostgresLedger(Ledger):
 
     def claim(self, limit: int, results: Sequence[RowResult] = (),
               timeline: dict[int, list[int]] | None = None) -> list[WorkRow]:
+        # Each statement below is one round trip: the outcomes, the timeline and the claim travel
+        # as data-modifying CTEs of a single statement (atomic on its own, no BEGIN/COMMIT needed).
         me = self._ensure_worker()
-        params = {"run": self.run_id, "me": me, "n": limit}
         now = time.monotonic()
         if now - self._last_unknown_check >= UNKNOWN_CHECK_EVERY:
             self._last_unknown_check = now
-            with self._batch() as conn:
-                self._write_outcomes(conn, results, timeline)
-                cur = conn.execute(
-                    f"WITH live AS MATERIALIZED ({self._LIVE}), c AS ("
-                    "  SELECT id FROM capbatch.rows WHERE run_id=%(run)s AND state='in_flight' "
-                    "  AND (owner IS NULL OR owner NOT IN (SELECT id FROM live)) "
-                    "  ORDER BY id LIMIT %(n)s FOR UPDATE SKIP LOCKED) "
-                    "UPDATE capbatch.rows r SET owner=%(me)s FROM c WHERE r.run_id=%(run)s AND r.id=c.id "
-                    f"RETURNING {self._RETURNING}", params)
-            unknown = [WorkRow(i, c, e, True, bool(g), bool(a), x) for i, c, e, g, a, x in cur.fetchall()]
+            unknown = self._outcomes_then(
+                results, timeline,
+                f"live AS MATERIALIZED ({self._LIVE}), c AS ("
+                "  SELECT id FROM capbatch.rows WHERE run_id=%(run)s AND state='in_flight' "
+                "  AND (owner IS NULL OR owner NOT IN (SELECT id FROM live)) "
+                "  ORDER BY id LIMIT %(n)s FOR UPDATE SKIP LOCKED) "
+                "UPDATE capbatch.rows r SET owner=%(me)s FROM c WHERE r.run_id=%(run)s AND r.id=c.id "
+                f"RETURNING {self._RETURNING}", {"me": me, "n": limit})
             if unknown:
                 self._last_unknown_check = 0.0   # more may follow: look again next time
-                return sorted(unknown, key=lambda r: r.id)
+                return sorted((WorkRow(i, c, e, True, bool(g), bool(a), x) for i, c, e, g, a, x in unknown),
+                              key=lambda r: r.id)
             results, timeline = (), None   # written; now the pending rows
-        with self._batch() as conn:
-            self._write_outcomes(conn, results, timeline)
-            cur = conn.execute(
-                "WITH c AS (SELECT id FROM capbatch.rows WHERE run_id=%(run)s AND state='pending' "
-                "  ORDER BY id LIMIT %(n)s FOR UPDATE SKIP LOCKED) "
-                "UPDATE capbatch.rows r SET state='in_flight', owner=%(me)s FROM c "
-                f"WHERE r.run_id=%(run)s AND r.id=c.id RETURNING {self._RETURNING}", params)
-        claimed = [WorkRow(i, c, e, False, bool(g), bool(a), x) for i, c, e, g, a, x in cur.fetchall()]
+        claimed = self._outcomes_then(
+            results, timeline,
+            "c AS (SELECT id FROM capbatch.rows WHERE run_id=%(run)s AND state='pending' "
+            "  ORDER BY id LIMIT %(n)s FOR UPDATE SKIP LOCKED) "
+            "UPDATE capbatch.rows r SET state='in_flight', owner=%(me)s FROM c "
+            f"WHERE r.run_id=%(run)s AND r.id=c.id RETURNING {self._RETURNING}", {"me": me, "n": limit})
         if not claimed:
             self._last_unknown_check = 0.0   # at the end, look for a dead worker's rows on every call
-        return sorted(claimed, key=lambda r: r.id)
+        return sorted((WorkRow(i, c, e, False, bool(g), bool(a), x) for i, c, e, g, a, x in claimed),
+                      key=lambda r: r.id)
 
     def mark_in_flight(self, ids: Sequence[int]) -> None:
         self.record((), None, ids)
@@ -508,40 +507,46 @@ class PostgresLedger(Ledger):
         if not results and not timeline and not journal:
             return
         me = self._ensure_worker() if journal else self.worker_id
-        with self._batch() as conn:
-            self._write_outcomes(conn, results, timeline)
-            if journal:
-                conn.execute("UPDATE capbatch.rows SET state='in_flight', owner=%s WHERE run_id=%s "
-                             "AND id = ANY(%s) AND state='pending'", (me, self.run_id, list(journal)))
+        self._outcomes_then(results, timeline,
+                            "j AS (UPDATE capbatch.rows SET state='in_flight', owner=%(me)s WHERE run_id=%(run)s "
+                            "AND id = ANY(%(journal)s) AND state='pending' RETURNING 1) "
+                            "SELECT (SELECT count(*) FROM done), (SELECT count(*) FROM tl), (SELECT count(*) FROM j)",
+                            {"me": me, "journal": list(journal)})
 
-    def _write_outcomes(self, conn: psycopg.Connection[Any], results: Sequence[RowResult],
-                        timeline: dict[int, list[int]] | None) -> None:
-        """Queue the statements writing a batch of outcomes and timeline counters (one each)."""
-        if results:
-            cols = list(zip(*((r.id, r.state.value, r.attempts, r.http_status, r.error_code, r.error_message,
-                               r.card_id, r.customer_id, r.previous_external_id, r.latency_ms, r.note, r.settled_at)
-                              for r in results)))
-            conn.execute(
-                "UPDATE capbatch.rows r SET state=v.state, attempts=r.attempts+v.attempts, http_status=v.http_status, "
-                "error_code=v.error_code, error_message=v.error_message, card_id=coalesce(v.card_id, r.card_id), "
-                "customer_id=coalesce(v.customer_id, r.customer_id), "
-                "previous_external_id=coalesce(v.previous, r.previous_external_id), "
-                "latency_ms=coalesce(v.latency_ms, r.latency_ms), note=coalesce(v.note, r.note), settled_at=v.settled_at, "
-                "owner=NULL "
-                "FROM unnest(%s::int[], %s::text[], %s::int[], %s::int[], %s::text[], %s::text[], %s::text[], "
-                "%s::text[], %s::text[], %s::float8[], %s::text[], %s::float8[]) "
-                "AS v(id, state, attempts, http_status, error_code, error_message, card_id, customer_id, previous, "
-                "latency_ms, note, settled_at) WHERE r.run_id=%s AND r.id=v.id",
-                [list(c) for c in cols] + [self.run_id])
-        if timeline:
-            seconds = sorted(timeline)
-            conn.execute(
-                "INSERT INTO capbatch.timeline(run_id, second, ok, failed, retried, throttled) "
-                "SELECT %s, * FROM unnest(%s::bigint[], %s::int[], %s::int[], %s::int[], %s::int[]) "
-                "ON CONFLICT (run_id, second) DO UPDATE SET ok=timeline.ok+excluded.ok, "
-                "failed=timeline.failed+excluded.failed, retried=timeline.retried+excluded.retried, "
-                "throttled=timeline.throttled+excluded.throttled",
-                [self.run_id, seconds] + [[timeline[s][k] for s in seconds] for k in range(4)])
+    def _outcomes_then(self, results: Sequence[RowResult], timeline: dict[int, list[int]] | None,
+                       tail: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
+        """One statement: write a batch of outcomes (CTE ``done``) and timeline counters (``tl``),
+        then ``tail`` (more CTEs and the final statement, whose rows are returned). The outcomes touch
+        rows in flight, a claim touches pending ones: one statement never updates a row twice."""
+        cols: list[list[Any]] = [list(c) for c in zip(*(
+            (r.id, r.state.value, r.attempts, r.http_status, r.error_code, r.error_message, r.card_id,
+             r.customer_id, r.previous_external_id, r.latency_ms, r.note, r.settled_at) for r in results))] \
+            or [[] for _ in range(12)]
+        seconds = sorted(timeline or {})
+        names = ("ids", "states", "attempts", "statuses", "codes", "messages", "card_ids", "customer_ids",
+                 "previous", "latencies", "notes", "settled")
+        values: dict[str, Any] = dict(zip(names, cols))
+        values.update(run=self.run_id, seconds=seconds,
+                      **{f"t{k}": [timeline[s][k] for s in seconds] for k in range(4)} if timeline else
+                      {f"t{k}": [] for k in range(4)}, **params)
+        sql = (
+            "WITH done AS (UPDATE capbatch.rows r SET state=v.state, attempts=r.attempts+v.attempts, "
+            "http_status=v.http_status, error_code=v.error_code, error_message=v.error_message, "
+            "card_id=coalesce(v.card_id, r.card_id), customer_id=coalesce(v.customer_id, r.customer_id), "
+            "previous_external_id=coalesce(v.previous, r.previous_external_id), "
+            "latency_ms=coalesce(v.latency_ms, r.latency_ms), note=coalesce(v.note, r.note), "
+            "settled_at=v.settled_at, owner=NULL "
+            "FROM unnest(%(ids)s::int[], %(states)s::text[], %(attempts)s::int[], %(statuses)s::int[], "
+            "%(codes)s::text[], %(messages)s::text[], %(card_ids)s::text[], %(customer_ids)s::text[], "
+            "%(previous)s::text[], %(latencies)s::float8[], %(notes)s::text[], %(settled)s::float8[]) "
+            "AS v(id, state, attempts, http_status, error_code, error_message, card_id, customer_id, previous, "
+            "latency_ms, note, settled_at) WHERE r.run_id=%(run)s AND r.id=v.id RETURNING 1), "
+            "tl AS (INSERT INTO capbatch.timeline AS t (run_id, second, ok, failed, retried, throttled) "
+            "SELECT %(run)s, * FROM unnest(%(seconds)s::bigint[], %(t0)s::int[], %(t1)s::int[], %(t2)s::int[], "
+            "%(t3)s::int[]) ON CONFLICT (run_id, second) DO UPDATE SET ok=t.ok+excluded.ok, "
+            "failed=t.failed+excluded.failed, retried=t.retried+excluded.retried, "
+            "throttled=t.throttled+excluded.throttled RETURNING 1), " + tail)
+        return self._execute(sql, values).fetchall()
 
     # ---- job memory: confirmed pairs and the job's runs, in the database ---------------------------
     keeps_job_memory = True
