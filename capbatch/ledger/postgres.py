@@ -212,7 +212,6 @@ class PostgresLedger(Ledger):
         self._last_renew = 0.0
         self._last_unknown_check = 0.0
         self._lost: LedgerLost | None = None
-        self.round_trips = 0      # waits on the server, for the benchmark's round-trip count
 
     # ---- opening -------------------------------------------------------------------------------
     @classmethod
@@ -271,7 +270,6 @@ class PostgresLedger(Ledger):
     def _execute(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()) -> psycopg.Cursor[Any]:
         self._check()
         try:
-            self.round_trips += 1
             return self.conn.execute(sql, params)  # type: ignore[arg-type]
         except psycopg.Error as exc:
             raise self._wrap(exc) from exc
@@ -281,7 +279,6 @@ class PostgresLedger(Ledger):
         """One transaction whose statements travel together (pipeline mode: one round trip)."""
         self._check()
         try:
-            self.round_trips += 1
             with self.conn.pipeline(), self.conn.transaction():
                 yield self.conn
         except psycopg.Error as exc:
@@ -346,7 +343,6 @@ class PostgresLedger(Ledger):
         self._check()
         try:
             with self.conn.transaction(), self.conn.cursor() as cur:
-                self.round_trips += 1
                 with cur.copy("COPY capbatch.rows (run_id, id, sheet, row_number, original, card, external_id, "
                               "state, reason_code, reason, problem_column) FROM STDIN") as copy:
                     for count, row in enumerate(rows, 1):
