@@ -78,6 +78,17 @@ def row_label(sheet: str | None, row_number: int) -> str:
     return f"{sheet}!{row_number}" if sheet else str(row_number)
 
 
+def shape_invocation(inv: dict[str, Any]) -> dict[str, Any]:
+    """An invocation row as :meth:`Ledger.invocations` returns it: request figures decoded, and
+    ``duration`` up to its end or, for one that never ended (killed, or running), its last commit."""
+    inv.setdefault("last_seen_at", None)
+    by_status = inv.pop("requests_by_status", None)
+    inv["requests_by_status"] = json.loads(by_status) if by_status else {}
+    end = inv["ended_at"] or inv["last_seen_at"] or inv["started_at"]
+    inv["duration"] = max(0.0, end - inv["started_at"])
+    return inv
+
+
 def is_database_url(location: str | None) -> bool:
     return bool(location) and re.match(r"^(postgres|postgresql)://", str(location), re.I) is not None
 
@@ -217,8 +228,10 @@ class Ledger(ABC):
 
     @abstractmethod
     def claim(self, limit: int, results: Sequence[RowResult] = (),
-              timeline: dict[int, list[int]] | None = None) -> list[WorkRow]:
-        """Record finished outcomes and take the next chunk of work, in one commit.
+              timeline: dict[int, list[int]] | None = None,
+              requests: Mapping[str, int] | None = None) -> list[WorkRow]:
+        """Record finished outcomes (and this invocation's request figures) and take the next chunk
+        of work, in one commit.
 
         Rows whose outcome is unknown (in flight when an earlier process stopped) come first, marked
         ``unknown``; then pending rows in input order. Claimed rows are ``in_flight`` and belong to this
@@ -250,19 +263,23 @@ class Ledger(ABC):
 
     @abstractmethod
     def record(self, results: Sequence[RowResult], timeline: dict[int, list[int]] | None = None,
-               journal: Sequence[int] = ()) -> None:
+               journal: Sequence[int] = (), requests: Mapping[str, int] | None = None) -> None:
         """Write a batch of outcomes, the timeline counters and (optionally) the journal entry for the
-        next chunk — all in one transaction."""
+        next chunk — all in one transaction. ``requests`` (this process's requests by status class)
+        updates the invocation's figures in the same commit, so they survive a kill -9."""
 
     # ---- invocations ---------------------------------------------------------------------------
     @abstractmethod
     def start_invocation(self) -> int: ...
 
     @abstractmethod
-    def end_invocation(self, run_id: int, exit_code: int, outcome: str, requests: int) -> None: ...
+    def end_invocation(self, run_id: int, exit_code: int, outcome: str, requests: int | None = None,
+                       requests_by_status: Mapping[str, int] | None = None) -> None:
+        """Close the invocation's row; ``requests`` None keeps the figures recorded as the run went."""
 
     @abstractmethod
-    def invocations(self) -> list[dict[str, Any]]: ...
+    def invocations(self) -> list[dict[str, Any]]:
+        """Every invocation, oldest first (see :func:`shape_invocation`)."""
 
     def shared_pacer(self, rate: Any, base_url: str, credentials: Any) -> Any:
         """A pacer that shares ``rate`` with every worker sending to ``base_url`` with ``credentials``'

@@ -36,7 +36,7 @@ from psycopg import errors as pg_errors
 from psycopg.rows import dict_row
 
 from ..errors import LedgerError, LedgerLost, UsageError
-from .base import Ledger, RowResult, WorkRow, redact_password
+from .base import Ledger, RowResult, WorkRow, redact_password, shape_invocation
 
 log = logging.getLogger("capbatch.ledger")
 # The driver logs what it ignores while tearing down a lost connection; our own error says it all.
@@ -118,6 +118,8 @@ _MIGRATIONS: list[str] = [
         exit_code integer,
         outcome text,
         requests integer NOT NULL DEFAULT 0,
+        last_seen_at double precision,       -- last commit of this invocation: its duration if it was killed
+        requests_by_status text,             -- JSON {"2xx": n, "4xx": n, "5xx": n, "none": n}
         lease_until timestamptz
     );
     CREATE INDEX invocations_by_run ON capbatch.invocations (run_id, id);
@@ -401,9 +403,9 @@ class PostgresLedger(Ledger):
         """Register this process as a worker of the run: an invocation row, its lease and its lock."""
         if self.worker_id is None:
             row = self._execute(
-                "INSERT INTO capbatch.invocations(run_id, host, pid, started_at, lease_until) "
-                "VALUES (%s, %s, %s, %s, now() + make_interval(secs => %s)) RETURNING id",
-                (self.run_id, socket.gethostname(), os.getpid(), time.time(), LEASE_SECONDS)).fetchone()
+                "INSERT INTO capbatch.invocations(run_id, host, pid, started_at, last_seen_at, lease_until) "
+                "VALUES (%s, %s, %s, %s, %s, now() + make_interval(secs => %s)) RETURNING id",
+                (self.run_id, socket.gethostname(), os.getpid(), time.time(), time.time(), LEASE_SECONDS)).fetchone()
             self.worker_id = int(row[0])
             self._execute("SELECT pg_advisory_lock(%s, %s)", (LOCK_NAMESPACE, self._worker_key(self.worker_id)))
             self._last_renew = time.monotonic()
@@ -448,7 +450,8 @@ class PostgresLedger(Ledger):
     _RETURNING = "r.id, r.card, r.external_id, r.generated, r.audit, r.expect_external_id"
 
     def claim(self, limit: int, results: Sequence[RowResult] = (),
-              timeline: dict[int, list[int]] | None = None) -> list[WorkRow]:
+              timeline: dict[int, list[int]] | None = None,
+              requests: Mapping[str, int] | None = None) -> list[WorkRow]:
         # Each statement below is one round trip: the outcomes, the timeline and the claim travel
         # as data-modifying CTEs of a single statement (atomic on its own, no BEGIN/COMMIT needed).
         me = self._ensure_worker()
@@ -456,7 +459,7 @@ class PostgresLedger(Ledger):
         if now - self._last_unknown_check >= UNKNOWN_CHECK_EVERY:
             self._last_unknown_check = now
             unknown = self._outcomes_then(
-                results, timeline,
+                results, timeline, requests,
                 f"live AS MATERIALIZED ({self._LIVE}), c AS ("
                 "  SELECT id FROM capbatch.rows WHERE run_id=%(run)s AND state='in_flight' "
                 "  AND (owner IS NULL OR owner NOT IN (SELECT id FROM live)) "
@@ -467,9 +470,9 @@ class PostgresLedger(Ledger):
                 self._last_unknown_check = 0.0   # more may follow: look again next time
                 return sorted((WorkRow(i, c, e, True, bool(g), bool(a), x) for i, c, e, g, a, x in unknown),
                               key=lambda r: r.id)
-            results, timeline = (), None   # written; now the pending rows
+            results, timeline, requests = (), None, None   # written; now the pending rows
         claimed = self._outcomes_then(
-            results, timeline,
+            results, timeline, requests,
             "c AS (SELECT id FROM capbatch.rows WHERE run_id=%(run)s AND state='pending' "
             "  ORDER BY id LIMIT %(n)s FOR UPDATE SKIP LOCKED) "
             "UPDATE capbatch.rows r SET state='in_flight', owner=%(me)s FROM c "
@@ -499,21 +502,22 @@ class PostgresLedger(Ledger):
                       (external_id, self.run_id, row_id))
 
     def record(self, results: Sequence[RowResult], timeline: dict[int, list[int]] | None = None,
-               journal: Sequence[int] = ()) -> None:
-        if not results and not timeline and not journal:
+               journal: Sequence[int] = (), requests: Mapping[str, int] | None = None) -> None:
+        if not results and not timeline and not journal and requests is None:
             return
         me = self._ensure_worker() if journal else self.worker_id
-        self._outcomes_then(results, timeline,
+        self._outcomes_then(results, timeline, requests,
                             "j AS (UPDATE capbatch.rows SET state='in_flight', owner=%(me)s WHERE run_id=%(run)s "
                             "AND id = ANY(%(journal)s) AND state='pending' RETURNING 1) "
                             "SELECT (SELECT count(*) FROM done), (SELECT count(*) FROM tl), (SELECT count(*) FROM j)",
                             {"me": me, "journal": list(journal)})
 
     def _outcomes_then(self, results: Sequence[RowResult], timeline: dict[int, list[int]] | None,
-                       tail: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
-        """One statement: write a batch of outcomes (CTE ``done``) and timeline counters (``tl``),
-        then ``tail`` (more CTEs and the final statement, whose rows are returned). The outcomes touch
-        rows in flight, a claim touches pending ones: one statement never updates a row twice."""
+                       requests: Mapping[str, int] | None, tail: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
+        """One statement: write a batch of outcomes (CTE ``done``), timeline counters (``tl``) and this
+        invocation's request figures (``inv``), then ``tail`` (more CTEs and the final statement,
+        whose rows are returned). The outcomes touch rows in flight, a claim touches pending ones:
+        one statement never updates a row twice."""
         cols: list[list[Any]] = [list(c) for c in zip(*(
             (r.id, r.state.value, r.attempts, r.http_status, r.error_code, r.error_message, r.card_id,
              r.customer_id, r.previous_external_id, r.latency_ms, r.note, r.settled_at) for r in results))] \
@@ -522,7 +526,9 @@ class PostgresLedger(Ledger):
         names = ("ids", "states", "attempts", "statuses", "codes", "messages", "card_ids", "customer_ids",
                  "previous", "latencies", "notes", "settled")
         values: dict[str, Any] = dict(zip(names, cols))
-        values.update(run=self.run_id, seconds=seconds,
+        values.update(run=self.run_id, seconds=seconds, worker=self.worker_id, now=time.time(),
+                      requests=None if requests is None else sum(requests.values()),
+                      by_status=None if requests is None else json.dumps(dict(requests)),
                       **{f"t{k}": [timeline[s][k] for s in seconds] for k in range(4)} if timeline else
                       {f"t{k}": [] for k in range(4)}, **params)
         sql = (
@@ -541,7 +547,10 @@ class PostgresLedger(Ledger):
             "SELECT %(run)s, * FROM unnest(%(seconds)s::bigint[], %(t0)s::int[], %(t1)s::int[], %(t2)s::int[], "
             "%(t3)s::int[]) ON CONFLICT (run_id, second) DO UPDATE SET ok=t.ok+excluded.ok, "
             "failed=t.failed+excluded.failed, retried=t.retried+excluded.retried, "
-            "throttled=t.throttled+excluded.throttled RETURNING 1), " + tail)
+            "throttled=t.throttled+excluded.throttled RETURNING 1), "
+            "inv AS (UPDATE capbatch.invocations SET last_seen_at=%(now)s, requests=%(requests)s, "
+            "requests_by_status=%(by_status)s WHERE id=%(worker)s AND %(requests)s::int IS NOT NULL RETURNING 1), "
+            + tail)
         return self._execute(sql, values).fetchall()
 
     # ---- job memory: confirmed pairs and the job's runs, in the database ---------------------------
@@ -611,17 +620,22 @@ class PostgresLedger(Ledger):
     def start_invocation(self) -> int:
         return self._ensure_worker()
 
-    def end_invocation(self, run_id: int, exit_code: int, outcome: str, requests: int) -> None:
+    def end_invocation(self, run_id: int, exit_code: int, outcome: str, requests: int | None = None,
+                       requests_by_status: Mapping[str, int] | None = None) -> None:
         if self._lost:
             return   # the database is gone; its lease runs out on its own
-        self._execute("UPDATE capbatch.invocations SET ended_at=%s, exit_code=%s, outcome=%s, requests=%s, "
-                      "lease_until=now() WHERE id=%s", (time.time(), exit_code, outcome, requests, run_id))
+        now = time.time()
+        by_status = json.dumps(dict(requests_by_status)) if requests_by_status is not None else None
+        self._execute("UPDATE capbatch.invocations SET ended_at=%s, last_seen_at=%s, exit_code=%s, outcome=%s, "
+                      "requests=coalesce(%s, requests), requests_by_status=coalesce(%s, requests_by_status), "
+                      "lease_until=now() WHERE id=%s", (now, now, exit_code, outcome, requests, by_status, run_id))
 
     def invocations(self) -> list[dict[str, Any]]:
-        cur = self._execute("SELECT id, pid, started_at, ended_at, exit_code, outcome, requests, host "
-                            "FROM capbatch.invocations WHERE run_id=%s ORDER BY id", (self.run_id,))
+        cur = self._execute("SELECT id, pid, started_at, ended_at, exit_code, outcome, requests, last_seen_at, "
+                            "requests_by_status, host FROM capbatch.invocations WHERE run_id=%s ORDER BY id",
+                            (self.run_id,))
         cols = [d[0] for d in cur.description or ()]
-        return [dict(zip(cols, r)) for r in cur.fetchall()]
+        return [shape_invocation(dict(zip(cols, r))) for r in cur.fetchall()]
 
 
 # ---- connecting, migrating, finding the run --------------------------------------------------------

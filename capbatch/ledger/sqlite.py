@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import os
 import sqlite3
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from ..errors import LedgerError
-from .base import Ledger, RowResult, WorkRow
+from .base import Ledger, RowResult, WorkRow, shape_invocation
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 LEDGER_FILE = "ledger.sqlite"
 LOCK_FILE = ".lock"
 
@@ -66,7 +68,9 @@ CREATE TABLE IF NOT EXISTS runs (
     ended_at REAL,
     exit_code INTEGER,
     outcome TEXT,
-    requests INTEGER NOT NULL DEFAULT 0
+    requests INTEGER NOT NULL DEFAULT 0,
+    last_seen_at REAL,                 -- last commit of this invocation: its duration if it was killed
+    requests_by_status TEXT            -- JSON {"2xx": n, "4xx": n, "5xx": n, "none": n}
 );
 """
 
@@ -75,6 +79,8 @@ _MIGRATIONS: list[str] = [
     # 1 -> 2: the rolling audit (--audit-fraction) and revert's compare-and-set
     "ALTER TABLE rows ADD COLUMN audit INTEGER NOT NULL DEFAULT 0; "
     "ALTER TABLE rows ADD COLUMN expect_external_id TEXT;",
+    # 2 -> 3: invocation figures recorded as the run goes (right after a kill -9)
+    "ALTER TABLE runs ADD COLUMN last_seen_at REAL; ALTER TABLE runs ADD COLUMN requests_by_status TEXT;",
 ]
 
 
@@ -107,6 +113,7 @@ class SqliteLedger(Ledger):
         self._lock_fd = lock_fd
         self._unknown: list[WorkRow] | None = None   # claim(): rows in flight when this process began
         self._after = 0                               # claim(): pending rows are taken in id order
+        self._invocation: int | None = None   # this process's row in `runs` (a writer only)
 
     # ---- opening -------------------------------------------------------------------------------
     @classmethod
@@ -136,13 +143,31 @@ class SqliteLedger(Ledger):
 
     @classmethod
     def open_readonly(cls, run_dir: Path) -> "SqliteLedger":
+        """Open for reading only, creating no file: on a read-only run directory too.
+
+        With no writer running and nothing left in the write-ahead log (every cleanly ended run),
+        the file is opened ``immutable``: SQLite then needs no -wal/-shm files and creates none.
+        While a run writes, or after one was killed (its -wal still holds the last commits), a plain
+        read-only connection reads through the log the writer left.
+        """
         path = run_dir / LEDGER_FILE
         if not path.exists():
             raise LedgerError(f"{run_dir} holds no ledger ({LEDGER_FILE} is missing)",
                               "pass the run directory that `capbatch run` printed")
+        wal = path.with_name(path.name + "-wal")
+        live = _writer_active(run_dir) or (wal.exists() and wal.stat().st_size > 0)
+        base = f"file:{urllib.parse.quote(str(path.resolve()))}?mode=ro"
         try:
-            conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None, timeout=10)
-            conn.execute("SELECT count(*) FROM meta").fetchone()
+            try:
+                conn = sqlite3.connect(base if live else base + "&immutable=1", uri=True, isolation_level=None,
+                                       timeout=10)
+                conn.execute("SELECT count(*) FROM meta").fetchone()
+            except sqlite3.OperationalError:
+                if not live:
+                    raise
+                # a killed run's log in a directory we cannot write: read the file as it stands
+                conn = sqlite3.connect(base + "&immutable=1", uri=True, isolation_level=None, timeout=10)
+                conn.execute("SELECT count(*) FROM meta").fetchone()
         except sqlite3.Error as exc:
             raise _wrap(exc, path) from exc
         return cls(path, conn, None)
@@ -165,7 +190,13 @@ class SqliteLedger(Ledger):
             raise LedgerError(f"{self.path} was written by a newer capbatch (schema {current})",
                               "upgrade capbatch to resume this run")
         while current < SCHEMA_VERSION:
-            self.conn.executescript(_MIGRATIONS[current - 1])
+            for statement in filter(None, (part.strip() for part in _MIGRATIONS[current - 1].split(";"))):
+                try:
+                    self.conn.execute(statement)
+                except sqlite3.OperationalError as exc:
+                    # a column already there: an upgrade killed half-way (each ALTER commits alone)
+                    if "duplicate column name" not in str(exc):
+                        raise
             current += 1
             self.set_meta("schema_version", str(current))
 
@@ -272,18 +303,19 @@ class SqliteLedger(Ledger):
         return [WorkRow(i, c, e, True, bool(g), bool(a), x) for i, c, e, g, a, x in cur]
 
     def claim(self, limit: int, results: Sequence[RowResult] = (),
-              timeline: dict[int, list[int]] | None = None) -> list[WorkRow]:
+              timeline: dict[int, list[int]] | None = None,
+              requests: Mapping[str, int] | None = None) -> list[WorkRow]:
         # The run directory's lock makes this process the only writer: the rows in flight when it
         # began are the unknown ones, and the next pending rows are simply the next ones by id.
         if self._unknown is None:
             self._unknown = self.unknown_rows()
         if self._unknown:
             part, self._unknown = self._unknown[:limit], self._unknown[limit:]
-            self.record(results, timeline)
+            self.record(results, timeline, (), requests)
             return part
         page = self.pending_page(self._after, limit)
         # One commit settles what finished since the last chunk and journals this one.
-        self.record(results, timeline, [r.id for r in page])
+        self.record(results, timeline, [r.id for r in page], requests)
         if page:
             self._after = page[-1].id
         return page
@@ -299,8 +331,11 @@ class SqliteLedger(Ledger):
         self._many("UPDATE rows SET external_id=?, generated=1 WHERE id=?", [(external_id, row_id)])
 
     def record(self, results: Sequence[RowResult], timeline: dict[int, list[int]] | None = None,
-               journal: Sequence[int] = ()) -> None:
-        if not results and not timeline and not journal:
+               journal: Sequence[int] = (), requests: Mapping[str, int] | None = None) -> None:
+        """Write a batch of outcomes, the timeline counters and (optionally) the journal entry for the
+        next chunk — all in one transaction. ``requests`` (this process's requests by status class)
+        updates the invocation's figures in the same commit, so they survive a kill -9."""
+        if not results and not timeline and not journal and requests is None:
             return
         sql = ("UPDATE rows SET state=?, attempts=attempts+?, http_status=?, error_code=?, error_message=?, "
                "card_id=coalesce(?, card_id), customer_id=coalesce(?, customer_id), "
@@ -322,6 +357,10 @@ class SqliteLedger(Ledger):
                 # A chunk is a run of consecutive pending rows: one range update journals it.
                 self.conn.execute("UPDATE rows SET state='in_flight' WHERE id BETWEEN ? AND ? AND state='pending'",
                                   (min(journal), max(journal)))
+            if requests is not None and self._invocation is not None:
+                self.conn.execute("UPDATE runs SET last_seen_at=?, requests=?, requests_by_status=? WHERE id=?",
+                                  (time.time(), sum(requests.values()), json.dumps(dict(requests)),
+                                   self._invocation))
             self.conn.execute("COMMIT")
         except sqlite3.Error as exc:
             if self.conn.in_transaction:
@@ -369,17 +408,28 @@ class SqliteLedger(Ledger):
 
     # ---- invocations ---------------------------------------------------------------------------
     def start_invocation(self) -> int:
-        cur = self._exec("INSERT INTO runs(pid, started_at) VALUES (?, ?)", (os.getpid(), time.time()))
-        return int(cur.lastrowid or 0)
+        now = time.time()
+        cur = self._exec("INSERT INTO runs(pid, started_at, last_seen_at) VALUES (?, ?, ?)", (os.getpid(), now, now))
+        self._invocation = int(cur.lastrowid or 0)
+        return self._invocation
 
-    def end_invocation(self, run_id: int, exit_code: int, outcome: str, requests: int) -> None:
-        self._exec("UPDATE runs SET ended_at=?, exit_code=?, outcome=?, requests=? WHERE id=?",
-                   (time.time(), exit_code, outcome, requests, run_id))
+    def end_invocation(self, run_id: int, exit_code: int, outcome: str, requests: int | None = None,
+                       requests_by_status: Mapping[str, int] | None = None) -> None:
+        """Close the invocation's row; ``requests`` None keeps the figures recorded as the run went."""
+        now = time.time()
+        by_status = json.dumps(dict(requests_by_status)) if requests_by_status is not None else None
+        self._exec("UPDATE runs SET ended_at=?, last_seen_at=?, exit_code=?, outcome=?, requests=coalesce(?, requests), "
+                   "requests_by_status=coalesce(?, requests_by_status) WHERE id=?",
+                   (now, now, exit_code, outcome, requests, by_status, run_id))
+        if run_id == self._invocation:
+            self._invocation = None
 
     def invocations(self) -> list[dict[str, Any]]:
-        cur = self._exec("SELECT id, pid, started_at, ended_at, exit_code, outcome, requests FROM runs ORDER BY id")
+        """Every invocation, oldest first. ``duration`` is up to its end, or for one that never ended
+        (killed, or still running) up to its last commit."""
+        cur = self._exec("SELECT * FROM runs ORDER BY id")
         cols = [d[0] for d in cur.description]
-        return [dict(zip(cols, r)) for r in cur]
+        return [shape_invocation(dict(zip(cols, r))) for r in cur]
 
     # ---- the read primitives the shared queries use ---------------------------------------------
     def _fetch(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
@@ -399,6 +449,24 @@ class SqliteLedger(Ledger):
 
     def iter_rows(self) -> Iterator[Mapping[str, Any]]:
         return self.rows_in_states(None)
+
+
+def _writer_active(run_dir: Path) -> bool:
+    """Whether the process that last locked the run directory is still alive. Checked by the pid it
+    wrote into the lock file, never by taking the lock: a reader must not make a starting run fail."""
+    try:
+        pid = int((run_dir / LOCK_FILE).read_text().strip() or 0)
+    except (OSError, ValueError):
+        return False
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _take_lock(run_dir: Path) -> int:
