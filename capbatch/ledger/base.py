@@ -120,18 +120,19 @@ class Ledger(ABC):
     _timeline = "timeline"
     _mine = "1=1"
 
-    # ---- opening (SQLite run directories; kept on the base class for existing callers) ---------
+    # ---- opening a run directory's ledger (kept on the base class for existing callers) --------
+    #: the backend that keeps a ledger in a run directory (sqlite.py registers itself)
+    run_directory_backend: "type[Ledger] | None" = None
+
     @classmethod
     def open(cls, run_dir: Path) -> "Ledger":
-        from .sqlite import SqliteLedger
-
-        return SqliteLedger.open(run_dir)
+        assert cls.run_directory_backend is not None and cls.run_directory_backend is not cls
+        return cls.run_directory_backend.open(run_dir)
 
     @classmethod
     def open_readonly(cls, run_dir: Path) -> "Ledger":
-        from .sqlite import SqliteLedger
-
-        return SqliteLedger.open_readonly(run_dir)
+        assert cls.run_directory_backend is not None and cls.run_directory_backend is not cls
+        return cls.run_directory_backend.open_readonly(run_dir)
 
     @abstractmethod
     def close(self) -> None: ...

@@ -24,12 +24,9 @@ import logging
 import math
 import time
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import Any, Callable
 
 from ..config import Credentials, Rate
-
-if TYPE_CHECKING:
-    from .postgres import PostgresLedger
 
 log = logging.getLogger("capbatch.quota")
 
@@ -65,8 +62,8 @@ RETURNING q.tat, q.factor, c.now
 class SharedPacer:
     """The engine's pacer (``acquire`` / ``answered`` / ``throttle_events``) over the shared grid."""
 
-    def __init__(self, ledger: "PostgresLedger", key: str, rate: Rate) -> None:
-        self.ledger = ledger
+    def __init__(self, execute: Callable[..., Any], key: str, rate: Rate) -> None:
+        self.execute = execute     # runs one statement on the worker's database connection
         self.key = key
         self.rate = rate
         self.interval = 1.0 / (rate.per_second * RATE_SAFETY)
@@ -82,7 +79,7 @@ class SharedPacer:
         self._last_decrease = -1e9
         self.leases = 0
         self.dropped = 0
-        ledger._execute("INSERT INTO capbatch.quota(key) VALUES (%s) ON CONFLICT (key) DO NOTHING", (key,))
+        execute("INSERT INTO capbatch.quota(key) VALUES (%s) ON CONFLICT (key) DO NOTHING", (key,))
 
     @property
     def current_per_second(self) -> float:
@@ -112,7 +109,7 @@ class SharedPacer:
     def _lease(self, wanted: int) -> None:
         n = max(1, min(wanted, math.ceil(LEASE_SECONDS * self.current_per_second)))
         sent = time.monotonic()
-        tat, factor, db_now = self.ledger._execute(_LEASE_SQL, {
+        tat, factor, db_now = self.execute(_LEASE_SQL, {
             "key": self.key, "n": n, "interval": self.interval, "every": INCREASE_EVERY,
             "step": INCREASE_STEP}).fetchone()
         received = time.monotonic()
@@ -140,7 +137,7 @@ class SharedPacer:
             self._last_decrease = now
             self.throttle_events += 1
         # Every worker's next lease starts after the pause, at the lowered rate.
-        self.ledger._execute(
+        self.execute(
             "UPDATE capbatch.quota q SET pause_until = greatest(q.pause_until, c.now + %(pause)s), "
             "factor = CASE WHEN %(decrease)s AND c.now - q.changed_at >= 1 "
             "              THEN greatest(%(min)s, q.factor * %(down)s) ELSE q.factor END, "

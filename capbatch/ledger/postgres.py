@@ -614,7 +614,7 @@ class PostgresLedger(Ledger):
             return None
         from .pg_quota import SharedPacer, quota_key
 
-        return SharedPacer(self, quota_key(base_url, credentials), rate)
+        return SharedPacer(self._execute, quota_key(base_url, credentials), rate)
 
     # ---- invocations ---------------------------------------------------------------------------
     def start_invocation(self) -> int:

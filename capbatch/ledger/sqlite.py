@@ -450,6 +450,8 @@ class SqliteLedger(Ledger):
     def iter_rows(self) -> Iterator[Mapping[str, Any]]:
         return self.rows_in_states(None)
 
+Ledger.run_directory_backend = SqliteLedger   # Ledger.open(run_dir) opens this
+
 
 def _writer_active(run_dir: Path) -> bool:
     """Whether the process that last locked the run directory is still alive. Checked by the pid it
