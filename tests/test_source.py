@@ -251,10 +251,11 @@ def test_source_row_is_frozen_and_slotted(tmp_path):
     assert not hasattr(row, "__dict__")
 
 
-def test_header_only_is_zero_rows(tmp_path):
-    p = write_text(tmp_path / "h.csv", "cardNumber,cardExternalId\n")
-    table, rows = read(p)
-    assert rows == [] and table.row_count == 0
+@pytest.mark.parametrize("text", ["cardNumber,cardExternalId\n", "cardNumber,cardExternalId\n\n,\n"])
+def test_header_without_data_rows_is_refused(tmp_path, text):
+    p = write_text(tmp_path / "h.csv", text)
+    with pytest.raises(InputFileError, match="0 data rows"):
+        open_input(p)
 
 
 @pytest.mark.parametrize("content", [b"", b"\xef\xbb\xbf", b"\r\n\r\n"])
@@ -351,7 +352,7 @@ def test_zip_that_is_not_a_workbook(tmp_path):
     p = tmp_path / "x.xlsx"
     with zipfile.ZipFile(p, "w") as z:
         z.writestr("hello.txt", "hi")
-    with pytest.raises(InputFileError, match="not an Excel workbook"):
+    with pytest.raises(InputFileError, match="not a spreadsheet workbook"):
         open_input(p)
 
 
@@ -411,7 +412,7 @@ def test_xlsx_sheet_choice_values_and_problems(tmp_path):
     table, rows = read(p)
     assert table.format == "xlsx" and table.sheet == "Cards"
     assert table.columns == ["Card Number", "Ext ID", "Amount", "When"]
-    assert "sheet 'Cards' chosen (it holds the required headers)" in table.notes
+    assert "sheet 'Cards': 11 rows (the only visible sheet with the required headers)" in table.notes
     assert "columns: cardNumber <- 'Card Number', cardExternalId <- 'Ext ID'" in table.notes
     assert table.row_count == 11
     assert rows[0].values == ("000123", "00EXT", "1.5", "2024-01-02 03:04:05")
