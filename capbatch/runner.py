@@ -52,18 +52,22 @@ def input_options(s: Settings) -> InputOptions:
 
 def rule_settings(s: Settings) -> RuleSettings:
     return RuleSettings(external_id_length=s.external_id_length, external_id_pattern=s.external_id_pattern,
-                        strip_invisible=s.strip_invisible, allow_missing_external_id=s.generate_missing)
+                        strip_invisible=s.strip_invisible, allow_missing_external_id=s.generate_missing,
+                        external_id_min_length=s.external_id_min_length)
 
 
 def _validation_fingerprint(s: Settings, table: InputTable) -> dict[str, Any]:
     """Everything that decides which rows are valid: a resumed run must use the same."""
-    return {
+    fingerprint = {
         "card_column": table.card_column, "external_id_column": table.external_id_column,
-        "sheet": table.sheet, "header_row": s.header_row, "delimiter": table.delimiter,
+        "sheet": table.sheet_choice, "header_row": s.header_row, "delimiter": table.delimiter,
         "encoding": table.encoding, "external_id_length": s.external_id_length,
         "external_id_pattern": s.external_id_pattern, "strip_invisible": s.strip_invisible,
         "generate_missing": s.generate_missing,
     }
+    if s.external_id_min_length is not None:  # only when set: older ledgers stay resumable
+        fingerprint["external_id_min_length"] = s.external_id_min_length
+    return fingerprint
 
 
 def default_run_dir(s: Settings, input_path: Path, sha256: str) -> Path:
@@ -183,11 +187,16 @@ def validate(s: Settings, output: Path | None = None) -> dict[str, Any]:
         try:
             v = validation_report(prepared.ledger)
             out = output or (s.reports_dir / f"{Path(s.input or 'input').stem}.validation.csv")
-            _write_validation_csv(prepared.ledger, out)
+            try:
+                _write_validation_csv(prepared.ledger, out)
+            except OSError as exc:
+                raise UsageError(f"cannot write the validation CSV to {out}: {exc.strerror or exc}",
+                                 "pass -o/--output a writable file path (or - for stdout)") from exc
             v["validation_csv"] = str(out)
             v["notes"] = prepared.notes
+            v["sheets"] = dict(prepared.table.sheet_rows)
             log_validation(prepared.notes, v)
-            log.info("validation details written to %s", out)
+            log.info("validation details written to %s", "stdout" if str(out) == "-" else out)
         finally:
             prepared.ledger.close()
     v["exit_code"] = 1 if v["rejected"] else 0
@@ -333,6 +342,8 @@ def _log_summary(summary: dict[str, Any]) -> None:
     if c["failed"] or c["rejected"]:
         log.info("fix the rows in %s and feed it back: capbatch run %s ...",
                  Path(summary["run_dir"]) / report.FAILURES_CSV, Path(summary["run_dir"]) / report.FAILURES_CSV)
+        log.info("editing in Excel? use %s instead: every cell is text, so leading zeros survive the round "
+                 "trip; feed it back the same way", Path(summary["run_dir"]) / report.FAILURES_XLSX)
 
 
 class _JsonFormatter(logging.Formatter):
