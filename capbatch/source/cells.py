@@ -5,13 +5,15 @@ cell arrive here:
 
 * text, from any format (a CSV field, a workbook string cell, a rendered number): trimmed of
   spaces, non-breaking spaces and TABs at the ends, then refused when it is a placeholder, an
-  Excel error literal (``#N/A``, ``#REF!``, ``########`` ...), Excel's scientific notation or a
-  float rendering (``123.0``), or holds invisible characters. Excel's keep-as-text idiom
+  Excel error literal (``#N/A``, ``#REF!``, ``########`` ...), Excel's scientific notation, a
+  number with thousands separators (``1,234,567``) or a float rendering (``123.0``), or holds
+  invisible characters. Excel's keep-as-text idiom
   ``="00123"`` is unwrapped to ``00123``;
 * typed workbook values (numbers, dates, logical values, error cells, formulas without a cached
-  value): a number is sent only when the text it is displayed with can be rendered exactly from
-  its number format (``General``, ``0``, ``@`` and zero padding such as ``0000000000000000``), or,
-  for OpenDocument files, when the displayed text stored in the file is that number's digits.
+  value): a number is sent as the text it is displayed with, and only when that text is its
+  digits (zero padding such as ``0000000000000000`` included). The displayed text is rendered from
+  the number format for .xlsx/.xls (``General``, ``@``, ``0``, zero padding, grouping, fixed
+  decimals; any other format is refused, naming it) and read from the file for .ods.
 
 Readers call :func:`workbook_key` for typed cells; :func:`clean_text` runs (from ``rules``) on
 every key cell of every format, so a rule for Excel cells is a rule for CSV text too.
@@ -59,6 +61,8 @@ _ERROR_LITERAL = re.compile(
 # left alone: it may be a genuine alphanumeric id).
 _SCIENTIFIC = re.compile(r"[+-]?\d+(?:[.,]\d+[eE][+-]?\d+|[eE][+-]\d+)")
 _FLOAT_RENDERING = re.compile(r"\d+\.0+")
+# A number displayed with thousands separators (1,234,567): never a card number or an ID.
+_GROUPED = re.compile(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 # ="00123": Excel shows the text inside (a quote inside is written as two quotes).
 _FORMULA_TEXT = re.compile(r'="((?:[^"]|"")*)"')
 _ASCII_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -142,6 +146,12 @@ def clean_text(raw: str, label: str, strip_invisible: bool = False) -> str:
             "format the column as Text and re-enter the numbers (or take them from the source "
             "system)",
         )
+    if _GROUPED.fullmatch(value):
+        raise CellRejected(
+            "thousands_separators",
+            f"{label} {show(value)} is a number displayed with thousands separators, not the "
+            f"{label} as typed; {_AS_TEXT_FIX}",
+        )
     if _FLOAT_RENDERING.fullmatch(value):
         raise CellRejected(
             "float_rendering",
@@ -189,7 +199,9 @@ class NumberDisplay:
 GENERAL = NumberDisplay(code="General")
 UNREADABLE_FORMAT = NumberDisplay()
 
-_ZEROS = re.compile(r"0+")
+# A number section capbatch renders: digit placeholders with optional grouping commas, and zeros
+# after the decimal point (0, 0000000000000000, #,##0, 0.00, #,##0.00).
+_PLAIN_SECTION = re.compile(r"(?P<minus>-?)(?P<int>[#0,]*[#0])(?:\.(?P<dec>0+))?")
 _DIGITS = re.compile(r"-?\d+")
 
 
@@ -213,8 +225,9 @@ def _sections(code: str) -> list[str]:
 
 
 def render_format(code: str, n: int) -> str | None:
-    """The text Excel displays for the whole number ``n`` under format ``code``, when capbatch
-    can render it exactly (General, @, 0, zero padding); None otherwise."""
+    """The text a spreadsheet displays for the whole number ``n`` under format ``code``, for the
+    formats capbatch renders exactly (General, @, digit placeholders, grouping, fixed zeros after
+    the point); None for any other format (literal text, colours, conditions, %, E+...)."""
     sections = _sections(code)
     sign = ""
     if n < 0 and len(sections) > 1:
@@ -226,9 +239,20 @@ def render_format(code: str, n: int) -> str | None:
         sign = "-" if n < 0 else ""
     if section.casefold() in ("general", "@"):
         return sign + str(abs(n))
-    if _ZEROS.fullmatch(section):
-        return sign + str(abs(n)).zfill(len(section))
-    return None
+    m = _PLAIN_SECTION.fullmatch(section)
+    if m is None:
+        return None
+    int_part = m.group("int")
+    digits = str(abs(n)).zfill(int_part.count("0"))
+    if n == 0 and "0" not in int_part:
+        digits = ""  # '#' shows nothing for zero
+    if "," in int_part.strip(","):
+        head = len(digits) % 3 or 3
+        digits = ",".join([digits[:head]] + [digits[i:i + 3] for i in range(head, len(digits), 3)])
+    if int_part.endswith(","):
+        return None  # a trailing comma scales by 1,000
+    dec = m.group("dec")
+    return sign + m.group("minus") + digits + ("." + dec if dec else "")
 
 
 def _format_kind(code: str) -> str:
@@ -264,26 +288,27 @@ def _render_number(v: int | float, label: str, display: NumberDisplay) -> tuple[
     n = int(v)
     plain = str(n)
     if display.shown is not None:  # OpenDocument: the file says what is displayed
-        shown = display.shown
-        if shown == plain or (_DIGITS.fullmatch(shown) and int(shown) == n):
-            return shown, None
-        return plain, CellProblem(
-            "excel_number_format",
-            f"the {label} cell holds the number {plain} but displays it as {show(shown)} (a number "
-            f"format capbatch does not send as digits); {_AS_TEXT_FIX}")
-    if display.code is None:
+        shown, how = display.shown, ""
+    elif display.code is None:
         return plain, CellProblem(
             "excel_number_format",
             f"the {label} cell holds the number {plain} and its number format could not be read, "
             f"so the text the spreadsheet displays is unknown; {_AS_TEXT_FIX}")
-    rendered = render_format(display.code, n)
-    if rendered is None:
-        return plain, CellProblem(
-            "excel_number_format",
-            f"the {label} cell holds the number {plain} displayed with the number format "
-            f"{show(display.code)} ({_format_kind(display.code)}), which capbatch cannot reproduce "
-            f"exactly; {_AS_TEXT_FIX}")
-    return rendered, None
+    else:
+        rendered = render_format(display.code, n)
+        if rendered is None:
+            return plain, CellProblem(
+                "excel_number_format",
+                f"the {label} cell holds the number {plain} displayed with the number format "
+                f"{show(display.code)} ({_format_kind(display.code)}), which capbatch cannot "
+                f"reproduce exactly; {_AS_TEXT_FIX}")
+        shown, how = rendered, f" (number format {show(display.code)})"
+    if shown == plain or (_DIGITS.fullmatch(shown) and int(shown) == n):
+        return shown, None  # its digits, zero-padded or not: exactly what is displayed
+    return plain, CellProblem(
+        "excel_number_format",
+        f"the {label} cell holds the number {plain} but displays it as {show(shown)}{how}, which "
+        f"is not a {label}; {_AS_TEXT_FIX}")
 
 
 def workbook_key(

@@ -50,7 +50,11 @@ class SheetPlan:
         return self.census.count
 
     def described(self) -> str:
-        return f"{self.index}: {self.name!r} ({self.rows} rows{', hidden' if self.hidden else ''})"
+        return f"{self.index}: {self.name!r} ({_n_rows(self.rows)})"
+
+
+def _n_rows(n: int) -> str:
+    return f"{n} row" if n == 1 else f"{n} rows"
 
 
 def _calamine_error(path: Path, e: Exception) -> InputFileError:
@@ -180,7 +184,7 @@ def choose_sheets(book: Workbook, options: InputOptions, notes: list[str]) -> li
         plan = _plan(book, i, options)
         if isinstance(plan, InputFileError):
             raise plan
-        notes.append(f"sheet {plan.name!r}: {plan.rows} rows (given with --sheet"
+        notes.append(f"sheet {plan.name!r}: {_n_rows(plan.rows)} (given with --sheet"
                      + ("; it is hidden in the workbook)" if plan.hidden else ")"))
         return [plan]
 
@@ -202,7 +206,7 @@ def choose_sheets(book: Workbook, options: InputOptions, notes: list[str]) -> li
     hidden = [p for p in plans if p.hidden]
     hidden_note = (
         f"hidden sheet{'s' if len(hidden) > 1 else ''} {', '.join(p.described() for p in hidden)} "
-        f"also hold{'' if len(hidden) > 1 else 's'} the columns and {'were' if len(hidden) > 1 else 'was'} "
+        f"hold{'' if len(hidden) > 1 else 's'} the columns too but {'were' if len(hidden) > 1 else 'was'} "
         "not read: hidden sheets are read only when named with --sheet"
     ) if hidden else None
     if not visible:
@@ -231,13 +235,13 @@ def choose_sheets(book: Workbook, options: InputOptions, notes: list[str]) -> li
     if len(visible) > 1:
         _same_columns(file, visible)
         notes.append(f"sheets (--sheet all, in workbook order): "
-                     + ", ".join(f"{p.name!r} ({p.rows} rows)" for p in visible)
-                     + f"; {sum(p.rows for p in visible)} rows in all")
+                     + ", ".join(f"{p.name!r} ({_n_rows(p.rows)})" for p in visible)
+                     + f"; {_n_rows(sum(p.rows for p in visible))} in all")
     elif options.sheet is None:
-        notes.append(f"sheet {visible[0].name!r}: {visible[0].rows} rows (the only visible sheet with "
+        notes.append(f"sheet {visible[0].name!r}: {_n_rows(visible[0].rows)} (the only visible sheet with "
                      "the required headers)")
     else:
-        notes.append(f"sheet {visible[0].name!r}: {visible[0].rows} rows (--sheet all: the only "
+        notes.append(f"sheet {visible[0].name!r}: {_n_rows(visible[0].rows)} (--sheet all: the only "
                      "visible sheet with the required headers)")
     if hidden_note:
         notes.append(hidden_note)
