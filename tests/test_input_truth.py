@@ -230,3 +230,21 @@ def test_validate_output_to_devices_pipes_stdout_and_unwritable_paths(tmp_path, 
     blocker.write_text("x")
     bad = run_cli("validate", src, "-o", blocker / "v.csv")
     assert bad.returncode == 2 and "-o/--output" in bad.stderr and "internal error" not in bad.stderr
+
+
+def test_external_id_min_length_setting_from_flag_env_and_file(tmp_path):
+    from capbatch import config
+    from capbatch.errors import UsageError
+    from capbatch.runner import rule_settings
+
+    assert config.resolve({"external_id_min_length": "card"}, {}).external_id_min_length == "card"
+    s = config.resolve({}, {"CAPBATCH_EXTERNAL_ID_MIN_LENGTH": "12"})
+    assert s.external_id_min_length == 12 and rule_settings(s).external_id_min_length == 12
+    toml = tmp_path / "c.toml"
+    toml.write_text('[capbatch]\nexternal_id_min_length = "Card"\n')
+    assert config.resolve({}, {}, toml).external_id_min_length == "card"
+    for bad in ("0", "51"):
+        with pytest.raises(UsageError):
+            config.resolve({"external_id_min_length": bad}, {})
+    with pytest.raises(UsageError):
+        config.resolve({"external_id_min_length": "10", "external_id_length": 8}, {})
