@@ -698,3 +698,45 @@ def test_an_xlsx_report_is_read_exactly_not_restored(tmp_path):
     table, rows = read(path)
     assert table.columns == ["cardNumber", "cardExternalId"]
     assert [r.values for r in rows] == [("0001", "'=X"), ("0002", "E\x01")]
+
+
+def _rewrite_sheet_xml(src, dst, edit):
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for item in zin.infolist():
+            data = zin.read(item.filename)
+            if item.filename == "xl/worksheets/sheet1.xml":
+                data = edit(data)
+            zout.writestr(item, data)
+    return dst
+
+
+@pytest.mark.parametrize("style", ["r first", "prefixed, r last", "no r"])
+def test_xlsx_sheet_xml_variants_give_the_same_facts(tmp_path, style):
+    import re
+
+    import openpyxl
+
+    wb = openpyxl.Workbook()
+    ws = wb.active
+    ws.append(["cardNumber", "cardExternalId"])
+    ws.append([4111223, "A"])
+    ws.cell(2, 1).number_format = "0000000000000000"
+    ws.append([1234567, "B"])
+    ws.cell(3, 1).number_format = "#,##0"
+    ws.append(["0004", None])
+    ws.cell(4, 2).value = "#N/A"
+    ws.cell(4, 2).data_type = "e"
+    wb.save(tmp_path / "base.xlsx")
+
+    def edit(data: bytes) -> bytes:
+        if style == "prefixed, r last":
+            data = data.replace(b"<sheetData>", b'<sheetData xmlns:x="http://schemas.openxmlformats.org/spreadsheetml/2006/main">')
+            data = re.sub(rb'<c r="([A-Z]+\d+)"([^>]*?)(/?)>', rb'<x:c\2 r="\1"\3>', data)
+            return data.replace(b"</c>", b"</x:c>")
+        if style == "no r":
+            return re.sub(rb'<c r="[A-Z]+\d+"', b"<c", data)
+        return data
+
+    p = _rewrite_sheet_xml(tmp_path / "base.xlsx", tmp_path / "v.xlsx", edit)
+    assert outcome(p) == [(2, "0000000004111223", "A", None), (3, "1234567", "B", "excel_number_format"),
+                          (4, "0004", "#N/A", "excel_error")]

@@ -3,9 +3,14 @@
 calamine (0.9) returns a cell's value but neither its number format nor whether an empty value is
 an error cell or a formula without a cached result. Both come from the XML: ``xl/styles.xml``
 (``numFmts`` + ``cellXfs``) maps a cell's ``s`` attribute to its number format code, and one
-streaming expat pass over the sheet XML collects, for the two key columns only, each numeric cell's
+streaming pass over the sheet XML collects, for the two key columns only, each numeric cell's
 style (run-length encoded: a column usually has one style) and the error/formula cells. Memory
 stays flat whatever the sheet's size.
+
+The pass matches the start tags of the key columns' cells (``<c r="B12" s="3" t="n">``) with one
+regular expression over the decompressed bytes, so the C regex engine skips every other cell: in
+XML a literal ``<`` is always markup, so a start tag cannot be mistaken for cell text. Sheets
+whose cells carry no ``r`` reference (rare writers) are read with an expat pass instead.
 """
 
 from __future__ import annotations
@@ -72,6 +77,8 @@ class Styles:
 
     def __init__(self, path: Path) -> None:
         self.codes: list[str] = []
+        self.plain = True
+        self._displays: dict[int, NumberDisplay] = {}
         with zipfile.ZipFile(path) as zf:
             member = next((m for t, m in _rels(zf).values() if t.endswith("/styles")), "xl/styles.xml")
             try:
@@ -92,10 +99,15 @@ class Styles:
             self.codes.append(custom.get(fid) or BUILTIN_FORMATS.get(fid) or f"built-in format {fid}")
         self.plain = all(plain_digits(c) for c in set(self.codes))
 
-    def code(self, xf: int) -> str | None:
-        if not self.codes:
-            return "General"
-        return self.codes[xf] if 0 <= xf < len(self.codes) else None
+    def display(self, xf: int) -> NumberDisplay:
+        shown = self._displays.get(xf)
+        if shown is None:
+            if not self.codes:
+                shown = NumberDisplay(code="General")
+            else:
+                shown = NumberDisplay(code=self.codes[xf]) if 0 <= xf < len(self.codes) else UNREADABLE_FORMAT
+            self._displays[xf] = shown
+        return shown
 
 
 class _SheetScan:
@@ -168,14 +180,112 @@ class _SheetScan:
                     self._parser.CharacterDataHandler = self._chars
 
 
+def _letters(col: int) -> str:
+    out = ""
+    col += 1
+    while col:
+        col, rem = divmod(col - 1, 26)
+        out = chr(65 + rem) + out
+    return out
+
+
+_CHUNK = 4 << 20
+_ANY_CELL = re.compile(rb"<(?:[\w.-]+:)?c[\s>/]")
+_REF_ATTR = re.compile(rb"<(?:[\w.-]+:)?c\s[^>]*?\br=\"")
+_FIRST_CHILD_F = re.compile(rb"<(?:[\w.-]+:)?f[\s>/]")
+_CELL_END = re.compile(rb"</(?:[\w.-]+:)?c>")
+_V_TEXT = re.compile(rb"<(?:[\w.-]+:)?v>([^<]*)<")
+_ROW_END = re.compile(rb"</(?:[\w.-]+:)?row>")
+
+
+class _NoReferences(Exception):
+    """Some cell tags carry no r reference: the sheet needs the expat pass."""
+
+
+class _TagScan:
+    """The key columns' cell start tags, found by one regular expression per chunk."""
+
+    def __init__(self, cols: set[int]) -> None:
+        self.runs: dict[int, tuple[list[int], list[int]]] = {c: ([], []) for c in cols}
+        self.special: dict[tuple[int, int], tuple[str, str]] = {}
+        self._col_of = {_letters(c).encode(): c for c in cols}
+        alt = b"|".join(re.escape(k) for k in self._col_of)
+        # A key column's cell, unless it is typed as text, boolean or date (those need no facts),
+        # with its s and t attributes captured wherever they stand in the tag. The fast form
+        # (an unprefixed tag whose first attribute is r, as Excel, LibreOffice and the Python
+        # writers put it) lets the regex engine jump from one literal '<c r="' to the next.
+        rest = (rb"(?![^>]*?\bt=\"(?:s|inlineStr|str|b|d)\")"
+                rb"(?=(?:[^>]*?\bs=\"(\d+)\")?)(?=(?:[^>]*?\bt=\"(\w+)\")?)[^>]*?(/?)>")
+        self._fast = re.compile(rb"<c r=\"(" + alt + rb")(\d+)\"" + rest)
+        self._general = re.compile(rb"<(?:[\w.-]+:)?c\s(?=[^>]*?\br=\"(" + alt + rb")(\d+)\")" + rest)
+
+    def run(self, fh: IO[bytes]) -> bool:
+        """Scan the sheet; False when its cells carry no r reference (use the expat pass)."""
+        carry = b""
+        try:
+            while True:
+                chunk = fh.read(_CHUNK)
+                buf = carry + chunk
+                if not chunk:
+                    self._feed(buf)
+                    return True
+                cut = None
+                for cut in _ROW_END.finditer(buf, max(0, len(buf) - (1 << 20))):
+                    pass
+                if cut is None:
+                    carry = buf  # no complete row yet: read on
+                    continue
+                self._feed(buf[: cut.end()])
+                carry = buf[cut.end():]
+        except _NoReferences:
+            return False
+
+    def _feed(self, buf: bytes) -> None:
+        if (buf.count(b"<c ") == buf.count(b'<c r="') and b"<c>" not in buf and b":c " not in buf
+                and b":c>" not in buf):
+            tag = self._fast  # every cell tag of this chunk has the fast form
+        elif len(_ANY_CELL.findall(buf)) == len(_REF_ATTR.findall(buf)):
+            tag = self._general
+        else:
+            raise _NoReferences
+        runs, special, col_of = self.runs, self.special, self._col_of
+        for m in tag.finditer(buf):
+            letters, digits, xf, t, empty = m.groups()
+            col = col_of[letters]
+            row0 = int(digits) - 1
+            if t is None or t == b"n":
+                xf = int(xf or 0)
+                starts, xfs = runs[col]
+                if not xfs or xfs[-1] != xf:
+                    starts.append(row0)
+                    xfs.append(xf)
+            if empty:
+                continue  # <c .../>: no content
+            end = m.end()
+            if t == b"e" or _FIRST_CHILD_F.match(buf, end):
+                close = _CELL_END.search(buf, end)
+                v = _V_TEXT.search(buf, end, close.start() if close else len(buf))
+                text = v.group(1).decode("utf-8", "replace").strip() if v else ""
+                if t == b"e":
+                    special[(row0, col)] = ("error", text or "#ERROR")
+                elif not text:
+                    special[(row0, col)] = ("formula", "")
+
+
 class XlsxFacts:
     """Number formats and error/formula cells of one sheet's key columns."""
 
     def __init__(self, path: Path, sheet_name: str, cols: set[int], styles: Styles) -> None:
         self._styles = styles
-        scan = _SheetScan(cols)
-        with zipfile.ZipFile(path) as zf, zf.open(_sheet_member(zf, sheet_name)) as fh:
-            scan.run(fh)
+        with zipfile.ZipFile(path) as zf:
+            member = _sheet_member(zf, sheet_name)
+            scan: _TagScan | _SheetScan = _TagScan(cols)
+            with zf.open(member) as fh:
+                done = scan.run(fh)  # type: ignore[union-attr]
+            if not done:
+                scan = _SheetScan(cols)
+                with zf.open(member) as fh:
+                    scan.run(fh)
         self._runs = scan.runs
         self.special = scan.special.get
 
@@ -184,8 +294,7 @@ class XlsxFacts:
         at = bisect.bisect_right(starts, row0) - 1
         if at < 0:
             return UNREADABLE_FORMAT
-        code = self._styles.code(xfs[at])
-        return NumberDisplay(code=code) if code is not None else UNREADABLE_FORMAT
+        return self._styles.display(xfs[at])
 
 
 class XlsxEngine:

@@ -22,6 +22,7 @@ every key cell of every format, so a rule for Excel cells is a rule for CSV text
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import re
 import unicodedata
 from dataclasses import dataclass
@@ -228,31 +229,44 @@ def render_format(code: str, n: int) -> str | None:
     """The text a spreadsheet displays for the whole number ``n`` under format ``code``, for the
     formats capbatch renders exactly (General, @, digit placeholders, grouping, fixed zeros after
     the point); None for any other format (literal text, colours, conditions, %, E+...)."""
-    sections = _sections(code)
-    sign = ""
+    sections = _compiled_format(code)
     if n < 0 and len(sections) > 1:
-        section = sections[1]  # the negative section writes its own sign, if any
+        section, sign = sections[1], ""  # the negative section writes its own sign, if any
     elif n == 0 and len(sections) > 2:
-        section = sections[2]
+        section, sign = sections[2], ""
     else:
-        section = sections[0]
-        sign = "-" if n < 0 else ""
-    if section.casefold() in ("general", "@"):
-        return sign + str(abs(n))
-    m = _PLAIN_SECTION.fullmatch(section)
-    if m is None:
+        section, sign = sections[0], "-" if n < 0 else ""
+    if section is None:
         return None
-    int_part = m.group("int")
-    digits = str(abs(n)).zfill(int_part.count("0"))
-    if n == 0 and "0" not in int_part:
+    minus, zeros, grouped, dec, general = section
+    if general:
+        return sign + str(abs(n))
+    digits = str(abs(n)).zfill(zeros)
+    if n == 0 and not zeros:
         digits = ""  # '#' shows nothing for zero
-    if "," in int_part.strip(","):
+    if grouped:
         head = len(digits) % 3 or 3
         digits = ",".join([digits[:head]] + [digits[i:i + 3] for i in range(head, len(digits), 3)])
-    if int_part.endswith(","):
-        return None  # a trailing comma scales by 1,000
-    dec = m.group("dec")
-    return sign + m.group("minus") + digits + ("." + dec if dec else "")
+    return sign + minus + digits + dec
+
+
+@functools.lru_cache(maxsize=256)
+def _compiled_format(code: str) -> tuple[tuple[str, int, bool, str, bool] | None, ...]:
+    """Per section: (literal minus, zeros to pad to, grouping, '.00...' suffix, General), or None
+    when capbatch cannot render the section."""
+    out: list[tuple[str, int, bool, str, bool] | None] = []
+    for section in _sections(code):
+        if section.casefold() in ("general", "@"):
+            out.append(("", 0, False, "", True))
+            continue
+        m = _PLAIN_SECTION.fullmatch(section)
+        if m is None or m.group("int").endswith(","):  # a trailing comma scales by 1,000
+            out.append(None)
+            continue
+        int_part, dec = m.group("int"), m.group("dec")
+        out.append((m.group("minus"), int_part.count("0"), "," in int_part, "." + dec if dec else "",
+                    False))
+    return tuple(out)
 
 
 def _format_kind(code: str) -> str:
