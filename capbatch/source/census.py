@@ -35,7 +35,10 @@ class Census:
 
     def see(self, sheet: str | None, row_number: int, card: str, ext: str) -> bool:
         """True when the row is data; False for a repeated header (rows() skips it)."""
-        kind = self._echo.kind(card, ext)
+        if card and not card[0].isdigit():  # a card number that starts with a digit is no header
+            kind = self._echo.kind(card, ext)
+        else:
+            kind = None
         if kind == "same":
             self.skip.add((sheet, row_number))
             if len(self._echo_labels) < _LISTED:
