@@ -148,6 +148,9 @@ class Settings:
     generate_missing: bool = False
     skip_confirmed: bool = False
     job: str | None = None
+    audit_fraction: float | None = None   # with --skip-confirmed: share of confirmed pairs re-read per run
+    retry_failed: bool = False            # send the rows that failed in this run again
+    record_previous: bool = False         # backfill: read each card first to record the ID it held
     dry_run: bool = False
     check_remote: bool = False
     outage_budget: float = 300.0
@@ -235,6 +238,7 @@ SETTABLE: dict[str, Any] = {
     "mode": _str, "rate": parse_rate, "read_rate": parse_rate, "concurrency": _int,
     "max_attempts": _int, "timeout": _float, "resume_check": _str,
     "generate_missing": _bool, "skip_confirmed": _bool, "job": _str,
+    "audit_fraction": _float, "record_previous": _bool,
     "outage_budget": _float, "grace_period": _float,
     "allow_http": _bool, "verify_tls": _bool,
     "progress": _str, "progress_interval": _float,
@@ -353,6 +357,10 @@ def validate(s: Settings) -> Settings:
             and s.external_id_length < s.external_id_min_length):
         raise UsageError(f"--external-id-length {s.external_id_length} is below --external-id-min-length "
                          f"{s.external_id_min_length}", "give one of them, or make them agree")
+    if s.audit_fraction is not None and not 0 < s.audit_fraction <= 1:
+        raise UsageError(f"--audit-fraction {s.audit_fraction:g} is out of range",
+                         "give the share of confirmed pairs to re-read per run, above 0 and at most 1, "
+                         "e.g. 0.05 (every pair re-read within 20 runs)")
     if s.cluster and s.cluster.lower() not in CLUSTERS:
         raise UsageError(f"--cluster {s.cluster!r} is unknown", f"use one of: {', '.join(CLUSTERS)} or --base-url")
     return s

@@ -20,7 +20,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 from .errors import LedgerError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 LEDGER_FILE = "ledger.sqlite"
 LOCK_FILE = ".lock"
 
@@ -64,7 +64,9 @@ CREATE TABLE IF NOT EXISTS rows (
     generated INTEGER NOT NULL DEFAULT 0,
     latency_ms REAL,
     note TEXT,
-    settled_at REAL
+    settled_at REAL,
+    audit INTEGER NOT NULL DEFAULT 0,  -- picked for the job's rolling audit: read the card before writing
+    expect_external_id TEXT            -- revert: write only while the card still holds this ID
 );
 CREATE INDEX IF NOT EXISTS rows_by_state ON rows(state, id);
 CREATE TABLE IF NOT EXISTS timeline (
@@ -86,7 +88,11 @@ CREATE TABLE IF NOT EXISTS runs (
 """
 
 # Each entry upgrades a ledger from version (index + 1) to (index + 2).
-_MIGRATIONS: list[str] = []
+_MIGRATIONS: list[str] = [
+    # 1 -> 2: the rolling audit (--audit-fraction) and revert's compare-and-set
+    "ALTER TABLE rows ADD COLUMN audit INTEGER NOT NULL DEFAULT 0; "
+    "ALTER TABLE rows ADD COLUMN expect_external_id TEXT;",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +104,8 @@ class WorkRow:
     external_id: str
     unknown: bool = False      # was in flight when an earlier process stopped: outcome unknown
     generated: bool = False
+    audit: bool = False        # a confirmed pair picked for the rolling audit: read before writing
+    expect: str | None = None  # revert: PUT only while the card still holds this external ID
 
 
 @dataclass(slots=True)
@@ -256,22 +264,12 @@ class Ledger:
         problem_column) tuples."""
         sql = ("INSERT INTO rows(sheet, row_number, original, card, external_id, state, reason_code, reason, "
                "problem_column) VALUES (?,?,?,?,?,?,?,?,?)")
-        count = 0
-        chunk: list[tuple[Any, ...]] = []
         # A bulk load: build the state index once at the end, and skip fsyncs (an import that dies
         # half-way is redone from scratch, see reset_import).
         self._exec("DROP INDEX IF EXISTS rows_by_state")
         self._exec("PRAGMA synchronous=OFF")
         try:
-            for row in rows:
-                chunk.append(row)
-                if len(chunk) >= batch:
-                    self._many(sql, chunk)
-                    count += len(chunk)
-                    chunk.clear()
-            if chunk:
-                self._many(sql, chunk)
-                count += len(chunk)
+            count = self._insert_chunks(sql, rows, batch)
         finally:
             self._exec("PRAGMA synchronous=NORMAL")
             self._exec("CREATE INDEX IF NOT EXISTS rows_by_state ON rows(state, id)")
@@ -348,14 +346,15 @@ class Ledger:
 
     def unknown_rows(self) -> list[WorkRow]:
         """Rows an earlier process had in flight when it stopped: their outcome is unknown."""
-        cur = self._exec("SELECT id, card, external_id, generated FROM rows WHERE state='in_flight' ORDER BY id")
-        return [WorkRow(i, c, e, True, bool(g)) for i, c, e, g in cur]
+        cur = self._exec("SELECT id, card, external_id, generated, audit, expect_external_id FROM rows "
+                         "WHERE state='in_flight' ORDER BY id")
+        return [WorkRow(i, c, e, True, bool(g), bool(a), x) for i, c, e, g, a, x in cur]
 
     def pending_page(self, after_id: int, limit: int) -> list[WorkRow]:
         cur = self._exec(
-            "SELECT id, card, external_id, generated FROM rows WHERE state='pending' AND id > ? "
-            "ORDER BY id LIMIT ?", (after_id, limit))
-        return [WorkRow(i, c, e, False, bool(g)) for i, c, e, g in cur]
+            "SELECT id, card, external_id, generated, audit, expect_external_id FROM rows "
+            "WHERE state='pending' AND id > ? ORDER BY id LIMIT ?", (after_id, limit))
+        return [WorkRow(i, c, e, False, bool(g), bool(a), x) for i, c, e, g, a, x in cur]
 
     def mark_in_flight(self, ids: Sequence[int]) -> None:
         """The journal entry written before a batch of requests goes out."""
@@ -377,7 +376,7 @@ class Ledger:
         sql = ("UPDATE rows SET state=?, attempts=attempts+?, http_status=?, error_code=?, error_message=?, "
                "card_id=coalesce(?, card_id), customer_id=coalesce(?, customer_id), "
                "previous_external_id=coalesce(?, previous_external_id), latency_ms=coalesce(?, latency_ms), "
-               "note=?, settled_at=? WHERE id=?")
+               "note=coalesce(?, note), settled_at=? WHERE id=?")
         params = [(r.state.value, r.attempts, r.http_status, r.error_code, r.error_message, r.card_id,
                    r.customer_id, r.previous_external_id, r.latency_ms, r.note, r.settled_at, r.id)
                   for r in results]
@@ -400,6 +399,58 @@ class Ledger:
                 self.conn.execute("ROLLBACK")
             raise _wrap(exc, self.path) from exc
 
+    def requeue_failed(self) -> int:
+        """--retry-failed: failed rows go back to pending (attempts keep counting); the failure they
+        had is kept in the note. Rejected rows stay rejected: their input is invalid."""
+        cur = self._exec(
+            "UPDATE rows SET state='pending', note='earlier attempt failed: ' || "
+            "trim(coalesce(error_code, '') || ' ' || coalesce(error_message, '')), "
+            "error_code=NULL, error_message=NULL, http_status=NULL, settled_at=NULL WHERE state='failed'")
+        return cur.rowcount
+
+    def audit_counts(self) -> dict[str, int]:
+        """Rows picked for the rolling audit, by state ({} when none, or a ledger older than the audit)."""
+        try:
+            cur = self.conn.execute("SELECT state, count(*) FROM rows WHERE audit=1 GROUP BY state")
+        except sqlite3.OperationalError:
+            return {}
+        return {state: n for state, n in cur}
+
+    def codes(self, state: State) -> dict[str, int]:
+        """Rows in ``state`` per code: the reason code of rejected rows, the error code of failed ones."""
+        column = "reason_code" if state in (State.REJECTED, State.DUPLICATE) else "error_code"
+        cur = self._exec(f"SELECT coalesce({column}, 'unknown'), count(*) FROM rows WHERE state=? "
+                         "GROUP BY 1 ORDER BY 2 DESC", (state.value,))
+        return {code: n for code, n in cur}
+
+    # ---- revert --------------------------------------------------------------------------------
+    def changed_rows(self) -> Iterator[sqlite3.Row]:
+        """Rows whose card this run may have written (succeeded, or in flight when it stopped),
+        latest first: undone in that order, an ID moved from one card to another goes back in turn."""
+        return self.iter_rows("WHERE state IN ('succeeded', 'in_flight')",
+                              order="coalesce(settled_at, 9e18) DESC, id DESC")
+
+    def import_expecting(self, rows: Iterable[tuple[Any, ...]], batch: int = 20000) -> int:
+        """Insert rows as :meth:`import_rows` does, each with a 10th field: the external ID the card
+        must still hold for the row to be written (``expect_external_id``)."""
+        sql = ("INSERT INTO rows(sheet, row_number, original, card, external_id, state, reason_code, reason, "
+               "problem_column, expect_external_id) VALUES (?,?,?,?,?,?,?,?,?,?)")
+        return self._insert_chunks(sql, rows, batch)
+
+    def _insert_chunks(self, sql: str, rows: Iterable[tuple[Any, ...]], batch: int) -> int:
+        count = 0
+        chunk: list[tuple[Any, ...]] = []
+        for row in rows:
+            chunk.append(row)
+            if len(chunk) >= batch:
+                self._many(sql, chunk)
+                count += len(chunk)
+                chunk.clear()
+        if chunk:
+            self._many(sql, chunk)
+            count += len(chunk)
+        return count
+
     # ---- invocations ---------------------------------------------------------------------------
     def start_invocation(self) -> int:
         cur = self._exec("INSERT INTO runs(pid, started_at) VALUES (?, ?)", (os.getpid(), time.time()))
@@ -415,14 +466,19 @@ class Ledger:
         return [dict(zip(cols, r)) for r in cur]
 
     # ---- reading for reports -------------------------------------------------------------------
-    def iter_rows(self, where: str = "", params: Sequence[Any] = ()) -> Iterator[sqlite3.Row]:
+    def iter_rows(self, where: str = "", params: Sequence[Any] = (), order: str = "id") -> Iterator[sqlite3.Row]:
         cur = self.conn.cursor()
         cur.row_factory = sqlite3.Row
         try:
-            cur.execute(f"SELECT * FROM rows {where} ORDER BY id", params)
+            cur.execute(f"SELECT * FROM rows {where} ORDER BY {order}", params)
         except sqlite3.Error as exc:
             raise _wrap(exc, self.path) from exc
         yield from cur
+
+    def rows_in_states(self, states: Sequence[str] = ()) -> Iterator[sqlite3.Row]:
+        """Rows (all of them, or those in ``states``) in input order, each a mapping of column -> value."""
+        marks = ",".join("?" * len(states))
+        yield from self.iter_rows(f"WHERE state IN ({marks})" if states else "", tuple(states))
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         return list(self._exec(sql, params))

@@ -146,7 +146,7 @@ def failure_rows(ledger: Ledger) -> tuple[list[str], Iterable[list[str]]]:
                               "capbatch_reason"]
 
     def rows() -> Iterable[list[str]]:
-        for row in ledger.iter_rows("WHERE state IN ('failed', 'rejected')"):
+        for row in ledger.rows_in_states(("failed", "rejected")):
             code, message = _reason(row["error_code"], row["error_message"], row["reason_code"], row["reason"],
                                     row["note"])
             original = json.loads(row["original"])
@@ -262,6 +262,11 @@ def build_summary(ledger: Ledger, run_dir: Path, *, stop: str | None = None, mes
         "message": message,
         "exit_code": exit_code,
     }
+    audit = ledger.audit_counts()
+    if audit:   # the job's rolling audit (--audit-fraction): confirmed pairs re-read in this run
+        summary["audit"] = {"rows": sum(audit.values()), "still_held": audit.get("unchanged", 0),
+                            "drift_fixed": audit.get("succeeded", 0), "failed": audit.get("failed", 0),
+                            "pending": audit.get("pending", 0) + audit.get("in_flight", 0)}
     if extra:
         summary.update(extra)
     return summary

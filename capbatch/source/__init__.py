@@ -17,7 +17,7 @@ One module per job:
 """
 
 from .cells import PLACEHOLDERS
-from .headers import normalize_header
+from .headers import normalize_header, resolve_columns
 from .model import (
     CARD_FIELD,
     EXTERNAL_ID_FIELD,
@@ -31,6 +31,8 @@ from .model import (
 from .sniff import file_sha256
 from .table import InputTable, open_input
 
+_resolve_columns = resolve_columns  # the name capbatch.frame (DataFrame input) imports
+
 __all__ = [
     "InputOptions",
     "SourceRow",
@@ -39,6 +41,7 @@ __all__ = [
     "open_input",
     "file_sha256",
     "normalize_header",
+    "resolve_columns",
     "CARD_FIELD",
     "EXTERNAL_ID_FIELD",
     "REPORT_MARKER_COLUMN",
