@@ -16,10 +16,15 @@ from pathlib import Path
 from typing import Iterable
 
 _MAX_WIDTH = 60
+SHEET_ROWS = 1_048_575  # data rows per sheet: Excel's 1,048,576 rows, less the header
 
 
-def write_text_xlsx(path: Path, header: list[str], rows: Iterable[list[str]], sheet: str = "Sheet1") -> int:
-    """Write ``header`` and ``rows`` (text cells) to ``path`` atomically; returns the row count."""
+def write_text_xlsx(path: Path, header: list[str], rows: Iterable[list[str]], sheet: str = "Sheet1",
+                    sheet_rows: int = SHEET_ROWS) -> int:
+    """Write ``header`` and ``rows`` (text cells) to ``path`` atomically; returns the row count.
+
+    More rows than a sheet holds continue on sheets named ``<sheet> 2``, ``<sheet> 3``... each with
+    the header (read such a file back with ``--sheet all``)."""
     import xlsxwriter
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -30,13 +35,22 @@ def write_text_xlsx(path: Path, header: list[str], rows: Iterable[list[str]], sh
                                              "strings_to_formulas": False, "strings_to_urls": False})
         text = book.add_format({"num_format": "@"})
         bold = book.add_format({"num_format": "@", "bold": True})
-        ws = book.add_worksheet(sheet)
         widths = [min(max(len(h), 8), _MAX_WIDTH) for h in header]
-        for c, name in enumerate(header):
-            ws.set_column(c, c, widths[c] + 2, text)  # typed-in values stay text as well
-            ws.write_string(0, c, name, bold)
-        ws.freeze_panes(1, 0)
-        for r, values in enumerate(rows, start=1):
+
+        def new_sheet(number: int):  # noqa: ANN202
+            ws = book.add_worksheet(sheet if number == 1 else f"{sheet} {number}")
+            for c, name in enumerate(header):
+                ws.set_column(c, c, widths[c] + 2, text)  # typed-in values stay text as well
+                ws.write_string(0, c, name, bold)
+            ws.freeze_panes(1, 0)
+            return ws
+
+        ws = new_sheet(1)
+        r = 0
+        for values in rows:
+            if r == sheet_rows:
+                ws, r = new_sheet(count // sheet_rows + 1), 0
+            r += 1
             for c, value in enumerate(values):
                 if value != "":
                     ws.write_string(r, c, value, text)

@@ -740,3 +740,18 @@ def test_xlsx_sheet_xml_variants_give_the_same_facts(tmp_path, style):
     p = _rewrite_sheet_xml(tmp_path / "base.xlsx", tmp_path / "v.xlsx", edit)
     assert outcome(p) == [(2, "0000000004111223", "A", None), (3, "1234567", "B", "excel_number_format"),
                           (4, "0004", "#N/A", "excel_error")]
+
+
+def test_an_xlsx_report_longer_than_a_sheet_continues_on_the_next(tmp_path):
+    from capbatch.report_xlsx import write_text_xlsx
+
+    path = tmp_path / "failures.xlsx"
+    rows = [[f"{i:04d}", f"E{i}", str(i + 2)] for i in range(5)]
+    assert write_text_xlsx(path, ["cardNumber", "cardExternalId", "capbatch_row"], rows, "failures", 2) == 5
+    with pytest.raises(InputFileError, match="3 sheets hold"):
+        open_input(path)
+    table = open_input(path, InputOptions(sheet="all"))
+    assert table.sheets == ("failures", "failures 2", "failures 3")
+    assert [(r.sheet, r.card) for r in table.rows()] == [
+        ("failures", "0000"), ("failures", "0001"), ("failures 2", "0002"), ("failures 2", "0003"),
+        ("failures 3", "0004")]
