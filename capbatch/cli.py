@@ -152,7 +152,7 @@ def input_flags(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--external-id-column", help="Header of the external-ID column (default: cardExternalId)."),
         click.option("--delimiter", help="CSV delimiter (default: detected among , ; TAB |). Use '\\t' for tab."),
         click.option("--encoding", help="Text encoding (default: UTF-8/UTF-16 by BOM, else cp1252, reported)."),
-        click.option("--sheet", help="Workbook sheet: NAME, 0-based INDEX, or 'all' (every visible sheet with the columns, in order; default: the one visible sheet with the columns, several are refused)."),
+        click.option("--sheet", help="Workbook sheet NAME, 0-based INDEX, or 'all' = every visible sheet with the columns, in workbook order (default: the one visible sheet with the columns; several are refused)."),
         click.option("--header-row", type=int, help="1-based row holding the headers (default 1)."),
         click.option("--external-id-length", type=int, help="Your org's CONF_CARD_NUMBER_LENGTH: reject other lengths before sending."),
         click.option("--external-id-min-length", metavar="N|card", help="Reject external IDs shorter than N, or than the row's card number ('card'); error 3050."),
