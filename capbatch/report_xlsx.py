@@ -12,8 +12,8 @@ Written with XlsxWriter in constant_memory mode: rows stream to disk, memory sta
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 _MAX_WIDTH = 60
 SHEET_ROWS = 1_048_575  # data rows per sheet: Excel's 1,048,576 rows, less the header
@@ -37,7 +37,7 @@ def write_text_xlsx(path: Path, header: list[str], rows: Iterable[list[str]], sh
         bold = book.add_format({"num_format": "@", "bold": True})
         widths = [min(max(len(h), 8), _MAX_WIDTH) for h in header]
 
-        def new_sheet(number: int):  # noqa: ANN202
+        def new_sheet(number: int):
             ws = book.add_worksheet(sheet if number == 1 else f"{sheet} {number}")
             for c, name in enumerate(header):
                 ws.set_column(c, c, widths[c] + 2, text)  # typed-in values stay text as well

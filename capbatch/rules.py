@@ -17,7 +17,7 @@ from capbatch.source import SourceRow
 from capbatch.source.cells import PLACEHOLDERS, TRIMMED, CellRejected, clean_text, problem_code
 from capbatch.source.model import show
 
-__all__ = ["RuleSettings", "Verdict", "check_row", "compile_settings", "PLACEHOLDERS", "CARD_LENGTH"]
+__all__ = ["CARD_LENGTH", "PLACEHOLDERS", "RuleSettings", "Verdict", "check_row", "compile_settings"]
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,6 @@ import threading
 from pathlib import Path
 
 import pytest
-
 from conftest import ledger_rows, read_csv
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "lo"

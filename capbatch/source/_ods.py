@@ -62,7 +62,7 @@ class _ContentScan:
         p.CharacterDataHandler = self._chars
         self._parser = p
 
-    def run(self, fh) -> None:  # noqa: ANN001
+    def run(self, fh) -> None:
         try:
             self._parser.ParseFile(fh)
         except _Done:

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .cells import GENERAL, UNREADABLE_FORMAT, NumberDisplay
 from ._xlsx import plain_digits
+from .cells import GENERAL, UNREADABLE_FORMAT, NumberDisplay
 
 
 class XlsFacts:

@@ -138,7 +138,7 @@ class _SheetScan:
             return
         self._cell = None
         self._parser.CharacterDataHandler = None
-        row0, col, t, has_f, has_v, parts = cell
+        row0, col, t, has_f, _has_v, parts = cell
         text = "".join(parts).strip()
         if t == "e":
             self.special[(row0, col)] = ("error", text or "#ERROR")

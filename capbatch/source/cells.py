@@ -30,18 +30,18 @@ from dataclasses import dataclass
 from .model import CellProblem, show
 
 __all__ = [
-    "TRIMMED",
-    "PLACEHOLDERS",
-    "CellRejected",
-    "clean_text",
-    "unwrap_formula_text",
-    "display_text",
-    "NumberDisplay",
     "GENERAL",
+    "PLACEHOLDERS",
+    "TRIMMED",
     "UNREADABLE_FORMAT",
-    "workbook_key",
-    "render_format",
+    "CellRejected",
+    "NumberDisplay",
+    "clean_text",
+    "display_text",
     "problem_code",
+    "render_format",
+    "unwrap_formula_text",
+    "workbook_key",
 ]
 
 # Space-like characters trimmed at both ends: every Unicode Zs (space, NBSP, figure space, narrow
@@ -291,7 +291,7 @@ def _number_problem(label: str, text: str, why: str) -> CellProblem:
     return CellProblem("excel_number", f"the {label} cell holds the number {text}, {why}; {_AS_TEXT_FIX}")
 
 
-def _render_number(v: int | float, label: str, display: NumberDisplay) -> tuple[str, CellProblem | None]:
+def _render_number(v: float, label: str, display: NumberDisplay) -> tuple[str, CellProblem | None]:
     text = display_text(v)
     if isinstance(v, float) and not v.is_integer():
         return text, _number_problem(label, text, f"which is not a whole number, so it cannot be the {label}")

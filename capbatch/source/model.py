@@ -44,7 +44,7 @@ class CellProblem(str):
 
     code: str
 
-    def __new__(cls, code: str, message: str) -> "CellProblem":
+    def __new__(cls, code: str, message: str) -> CellProblem:
         obj = super().__new__(cls, message)
         obj.code = code
         return obj

@@ -4,8 +4,9 @@ an input without data rows is refused, and a capbatch report read back loses its
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from capbatch.errors import InputFileError, UsageError
 

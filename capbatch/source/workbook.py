@@ -13,9 +13,10 @@ at a time and released before the next, so ``--sheet all`` never holds two sheet
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from capbatch.errors import InputFileError
 
@@ -26,7 +27,7 @@ from .cells import GENERAL, UNREADABLE_FORMAT, display_text, workbook_key
 from .census import Census
 from .headers import HeaderEcho, normalize_header, resolve_columns
 from .model import CARD_FIELD, EXTERNAL_ID_FIELD, SHEET_ALL, InputOptions, SourceRow
-from .sniff import XLS_EXTS, XLSX_EXTS, ODS_EXTS, encrypted_error
+from .sniff import ODS_EXTS, XLS_EXTS, XLSX_EXTS, encrypted_error
 
 _ENGINES = {"xlsx": XlsxEngine, "xls": XlsEngine, "ods": OdsEngine}
 _NATIVE_EXTS = {"xlsx": XLSX_EXTS, "xls": XLS_EXTS, "ods": ODS_EXTS}
@@ -84,7 +85,7 @@ class Workbook:
                 with open(path, "rb") as fh:
                     self._book = pc.CalamineWorkbook.from_filelike(fh)
             self.metas = list(self._book.sheets_metadata)
-        except Exception as e:  # noqa: BLE001 - calamine raises several unrelated types
+        except Exception as e:
             raise _calamine_error(path, e) from e
         self.names = [m.name for m in self.metas]
         self.engine = _ENGINES[fmt](path)
@@ -92,7 +93,7 @@ class Workbook:
     def load(self, name: str) -> Any:
         try:
             return self._book.get_sheet_by_name(name)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             raise _calamine_error(self.path, e) from e
 
     def is_worksheet(self, i: int) -> bool:
@@ -234,7 +235,7 @@ def choose_sheets(book: Workbook, options: InputOptions, notes: list[str]) -> li
         )
     if len(visible) > 1:
         _same_columns(file, visible)
-        notes.append(f"sheets (--sheet all, in workbook order): "
+        notes.append("sheets (--sheet all, in workbook order): "
                      + ", ".join(f"{p.name!r} ({_n_rows(p.rows)})" for p in visible)
                      + f"; {_n_rows(sum(p.rows for p in visible))} in all")
     elif options.sheet is None:
