@@ -18,7 +18,8 @@ from .errors import CapbatchError, UsageError
 log = logging.getLogger("capbatch")
 
 EXIT_CODES_HELP = """Exit codes: 0 every row settled successfully; 1 some rows failed or were rejected;
-2 usage, config or input-file error (nothing sent); 3 run aborted (credentials, outage), resumable;
+2 usage, config or input-file error (nothing sent); 3 run stopped (credentials, unreachable target,
+outage, canary, tripwire), resumable;
 130 interrupted, resumable. Rerunning the same command resumes."""
 
 
@@ -120,7 +121,8 @@ def _settings(flags: dict[str, Any], input_path: Path | None = None) -> config.S
 
 @main.command("run", epilog=EXIT_CODES_HELP)
 @click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
-@click.option("--cluster", type=click.Choice(sorted(config.CLUSTERS), case_sensitive=False), help="Capillary cluster.")
+@click.option("--cluster", type=click.Choice(sorted(config.CLUSTERS), case_sensitive=False),
+              help=f"Capillary cluster: {config.CLUSTER_NAMES_HELP}.")
 @click.option("--base-url", help="API base URL instead of --cluster (a test cluster, a proxy, the simulator).")
 @click.option("--run-dir", type=click.Path(path_type=Path), help="Run directory (default reports/<input>-<hash>).")
 @click.option("--mode", type=click.Choice(config.MODES), help="backfill (default): PUT every row; reconcile: read first, PUT only what differs.")
@@ -133,6 +135,17 @@ def _settings(flags: dict[str, Any], input_path: Path | None = None) -> config.S
 @click.option("--generate-missing/--no-generate-missing", default=None, help="Rows with an empty external ID get one from GET /v2/cardNumber.")
 @click.option("--outage-budget", type=float, help="Seconds the API may stay down before the run aborts (default 300).")
 @click.option("--grace-period", type=float, help="Seconds in-flight requests get after Ctrl-C/SIGTERM (default 10).")
+@click.option("--extra-field", "extra_fields", multiple=True, metavar="NAME=VALUE",
+              help="Constant field added to every PUT (repeatable), e.g. statusLabel=Active; NAME:=JSON for a "
+                   "number or object (seriesId:=3). Never cardNumber/cardExternalId.")
+@click.option("--canary", type=int, metavar="K",
+              help=f"Before the pool opens, send K rows one at a time and read each card back; stop (exit 3) if "
+                   f"the API does not do what it answers (default {config.DEFAULT_CANARY}; 0 skips; "
+                   "not run against loopback unless given).")
+@click.option("--tripwire/--no-tripwire", default=None,
+              help="Stop (exit 3) when the first settled rows nearly all fail with one permanent code (default on).")
+@click.option("--tripwire-rate", type=float, help="Share of the sample one failure code must reach (default 0.9).")
+@click.option("--tripwire-rows", type=int, help="Settled rows the tripwire watches (default 50).")
 @click.option("--allow-http", is_flag=True, default=None, help="Allow plain http:// to a non-loopback host.")
 @click.option("--no-verify-tls", "no_verify_tls", is_flag=True, default=False, help="Turn TLS verification off (trusted test hosts only).")
 @click.option("--progress", type=click.Choice(config.PROGRESS_MODES), help="auto (bar on a terminal, log lines otherwise), bar, lines, none.")
@@ -174,7 +187,8 @@ def validate_cmd(input_path: Path, output: Path | None, json_out: bool, **flags:
 
 @main.command("verify", epilog=EXIT_CODES_HELP)
 @click.argument("target", metavar="RUN_DIR|INPUT", type=click.Path(path_type=Path, exists=True))
-@click.option("--cluster", type=click.Choice(sorted(config.CLUSTERS), case_sensitive=False))
+@click.option("--cluster", type=click.Choice(sorted(config.CLUSTERS), case_sensitive=False),
+              help=f"Capillary cluster: {config.CLUSTER_NAMES_HELP}.")
 @click.option("--base-url")
 @click.option("--rate", "read_rate", help=f"Read rate cap (default: the run's rate, {config.DEFAULT_RATE}).")
 @click.option("--concurrency", type=int)
@@ -270,8 +284,19 @@ def report_cmd(run_dir: Path) -> int:
 @click.option("--p-drop", type=float, default=0.0)
 @click.option("--p-hang", type=float, default=0.0)
 @click.option("--p-429", type=float, default=0.0)
-@click.option("--errors-status", type=int, default=400, show_default=True, help="HTTP status of business errors (200/201 mimic '2xx with errors').")
+@click.option("--errors-status", type=int, default=400, show_default=True, help="HTTP status of business errors (200/201 mimic '2xx with errors', 500 the documented failure status).")
 @click.option("--token-ttl", type=float, default=300.0, show_default=True)
+@click.option("--down", type=click.Choice(["503", "502", "403", "drop", "hang"]), help="Start in an outage: every request answered so.")
+@click.option("--business-errors", type=click.Choice(["coded", "generic"]), default="coded", show_default=True, help="generic: business errors carry only code 500 'All requests have failed due to errors'.")
+@click.option("--fault-body", type=click.Choice(["json", "html"]), default="json", show_default=True, help="html: 5xx faults and --down 502/503/403 answer a CDN's HTML page.")
+@click.option("--p-noop", type=float, default=0.0, help="Share of PUTs answered 200 without being applied.")
+@click.option("--noop-echo", type=click.Choice(["request", "stored", "omit"]), default="request", show_default=True, help="What a no-op answer names as cardExternalId.")
+@click.option("--p-echo-other", type=float, default=0.0, help="Share of applied PUTs whose answer names another ID (or card).")
+@click.option("--echo-other", type=click.Choice(["cardExternalId", "cardNumber"]), default="cardExternalId", show_default=True)
+@click.option("--put-identifies-by", type=click.Choice(["cardNumber", "cardExternalId"]), default="cardNumber", show_default=True, help="cardExternalId: the PUT finds the card by its external ID (older docs' reading).")
+@click.option("--warning-code", type=int, help="PUT answers carry this warning, e.g. 3039.")
+@click.option("--warning-message", default="No update in status label", show_default=True)
+@click.option("--required-field", "required_fields", multiple=True, metavar="NAME", help="PUTs without this field get 403 'Mandatory field is missing' (repeatable), e.g. statusLabel.")
 @_guard
 def simulate_cmd(**opts: Any) -> int:
     """Run the built-in Capillary API simulator on loopback (demo credentials: demo/demo)."""
@@ -279,6 +304,7 @@ def simulate_cmd(**opts: Any) -> int:
 
     cards_path = opts.pop("cards")
     host, port = opts.pop("host"), opts.pop("port")
+    opts["required_fields"] = list(opts["required_fields"])
     cfg = SimConfig(cards=load_cards_csv(cards_path) if cards_path else {}, **opts)
     if not config.is_loopback(host):
         raise UsageError(f"the simulator only listens on loopback, not {host}", "use --host 127.0.0.1")

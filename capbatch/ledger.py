@@ -20,7 +20,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 from .errors import LedgerError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 LEDGER_FILE = "ledger.sqlite"
 LOCK_FILE = ".lock"
 
@@ -64,7 +64,8 @@ CREATE TABLE IF NOT EXISTS rows (
     generated INTEGER NOT NULL DEFAULT 0,
     latency_ms REAL,
     note TEXT,
-    settled_at REAL
+    settled_at REAL,
+    warnings TEXT                      -- JSON array of {"code", "message"} the API's answers carried
 );
 CREATE INDEX IF NOT EXISTS rows_by_state ON rows(state, id);
 CREATE TABLE IF NOT EXISTS timeline (
@@ -86,7 +87,9 @@ CREATE TABLE IF NOT EXISTS runs (
 """
 
 # Each entry upgrades a ledger from version (index + 1) to (index + 2).
-_MIGRATIONS: list[str] = []
+_MIGRATIONS: list[str] = [
+    "ALTER TABLE rows ADD COLUMN warnings TEXT;",   # 1 -> 2: warnings carried by the API's answers
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +119,7 @@ class RowResult:
     latency_ms: float | None = None
     note: str | None = None
     settled_at: float = 0.0
+    warnings: Sequence[tuple[str, str]] = ()   # (code, message) from the answers about this row
 
 
 def row_label(sheet: str | None, row_number: int) -> str:
@@ -357,6 +361,23 @@ class Ledger:
             "ORDER BY id LIMIT ?", (after_id, limit))
         return [WorkRow(i, c, e, False, bool(g)) for i, c, e, g in cur]
 
+    def spread_pending(self, count: int) -> list[WorkRow]:
+        """Up to ``count`` pending rows spread evenly across the file (first, last and between)."""
+        total = int(self._exec("SELECT count(*) FROM rows WHERE state='pending'").fetchone()[0])
+        if count <= 0 or total == 0:
+            return []
+        if count == 1 or total <= count:
+            offsets = list(range(min(count, total)))
+        else:
+            offsets = sorted({round(i * (total - 1) / (count - 1)) for i in range(count)})
+        rows = []
+        for offset in offsets:
+            hit = self._exec("SELECT id, card, external_id, generated FROM rows WHERE state='pending' "
+                             "ORDER BY id LIMIT 1 OFFSET ?", (offset,)).fetchone()
+            if hit:
+                rows.append(WorkRow(hit[0], hit[1], hit[2], False, bool(hit[3])))
+        return rows
+
     def mark_in_flight(self, ids: Sequence[int]) -> None:
         """The journal entry written before a batch of requests goes out."""
         self._many("UPDATE rows SET state='in_flight' WHERE id=?", ((i,) for i in ids))
@@ -377,9 +398,10 @@ class Ledger:
         sql = ("UPDATE rows SET state=?, attempts=attempts+?, http_status=?, error_code=?, error_message=?, "
                "card_id=coalesce(?, card_id), customer_id=coalesce(?, customer_id), "
                "previous_external_id=coalesce(?, previous_external_id), latency_ms=coalesce(?, latency_ms), "
-               "note=?, settled_at=? WHERE id=?")
+               "note=?, settled_at=?, warnings=? WHERE id=?")
         params = [(r.state.value, r.attempts, r.http_status, r.error_code, r.error_message, r.card_id,
-                   r.customer_id, r.previous_external_id, r.latency_ms, r.note, r.settled_at, r.id)
+                   r.customer_id, r.previous_external_id, r.latency_ms, r.note, r.settled_at,
+                   _warnings_json(r.warnings) if r.warnings else None, r.id)
                   for r in results]
         try:
             self.conn.execute("BEGIN IMMEDIATE")
@@ -426,6 +448,20 @@ class Ledger:
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         return list(self._exec(sql, params))
+
+    def warning_counts(self) -> dict[str, dict[str, Any]]:
+        """Warning code -> {"rows": rows whose answers carried it, "message": one of its messages}."""
+        out: dict[str, dict[str, Any]] = {}
+        sql = ("SELECT json_extract(w.value, '$.code'), count(DISTINCT rows.id), "
+               "max(json_extract(w.value, '$.message')) FROM rows, json_each(rows.warnings) AS w "
+               "WHERE rows.warnings IS NOT NULL GROUP BY 1 ORDER BY 2 DESC, 1")
+        for code, n, message in self._exec(sql):
+            out[str(code or "")] = {"rows": int(n), "message": message or ""}
+        return out
+
+
+def _warnings_json(warnings: Sequence[tuple[str, str]]) -> str:
+    return json.dumps([{"code": code, "message": message} for code, message in warnings], ensure_ascii=False)
 
 
 def _take_lock(run_dir: Path) -> int:

@@ -278,7 +278,7 @@ def run(s: Settings) -> dict[str, Any]:
     ledger.close()
     if stop == "aborted":
         raise RunAborted(f"run aborted: {result.message}",
-                         f"fix the cause, then rerun the same command to resume ({counts['pending']} rows left)")
+                         f"fix the cause, then rerun the same command to resume ({_rows_left(counts)})")
     if stop == "interrupted":
         raise Interrupted("run interrupted", "rerun the same command to resume where it stopped")
     return summary
@@ -286,7 +286,7 @@ def run(s: Settings) -> dict[str, Any]:
 
 async def _run_engine(s: Settings, ledger: Ledger, base_url: str) -> EngineResult:
     async with CapillaryClient(base_url, s.credentials, timeout=s.timeout, verify_tls=s.verify_tls,
-                               max_connections=s.concurrency + 4) as client:
+                               max_connections=s.concurrency + 4, extra_fields=dict(s.extra_fields)) as client:
         engine = Engine(s, ledger, client)
         progress = Progress(choose_mode(s.progress, s.quiet), s.progress_interval)
         loop = asyncio.get_running_loop()
@@ -322,14 +322,26 @@ async def _run_engine(s: Settings, ledger: Ledger, base_url: str) -> EngineResul
                 loop.remove_signal_handler(sig)
 
 
+def _rows_left(counts: dict[str, int]) -> str:
+    left = counts["pending"] + counts["in_flight"]
+    if not counts["in_flight"]:
+        return f"{left} rows left"
+    return (f"{left} rows left: {counts['pending']} pending, {counts['in_flight']} whose outcome is unknown "
+            "(settled first by reading the card)")
+
+
 def _log_summary(summary: dict[str, Any]) -> None:
     c = summary["counts"]
+    stop = summary.get("stop")
     log.info(
-        "done: %d succeeded, %d unchanged, %d failed, %d rejected, %d duplicates, %d pending — "
-        "%d requests, %.1f rows/s; reports in %s",
+        "%s: %d succeeded, %d unchanged, %d failed, %d rejected, %d duplicates, %s — "
+        "%d requests, %.1f rows/s; reports in %s", "done" if stop == "done" else f"stopped ({stop})",
         c["succeeded"], c["unchanged"], c["failed"], c["rejected"], c["duplicate"],
-        c["pending"] + c["in_flight"], summary["this_invocation"]["requests"],
+        _rows_left(c), summary["this_invocation"]["requests"],
         summary["throughput_rows_per_second"], summary["run_dir"])
+    if summary.get("warnings_by_code"):
+        log.info("answers carried warnings: %s", ", ".join(
+            f"{code or '?'} {w['message']!r} on {w['rows']} rows" for code, w in summary["warnings_by_code"].items()))
     if c["failed"] or c["rejected"]:
         log.info("fix the rows in %s and feed it back: capbatch run %s ...",
                  Path(summary["run_dir"]) / report.FAILURES_CSV, Path(summary["run_dir"]) / report.FAILURES_CSV)
