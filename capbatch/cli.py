@@ -138,6 +138,9 @@ def _settings(flags: dict[str, Any], input_path: Path | None = None) -> config.S
 @click.option("--extra-field", "extra_fields", multiple=True, metavar="NAME=VALUE",
               help="Constant field added to every PUT (repeatable), e.g. statusLabel=Active; NAME:=JSON for a "
                    "number or object (seriesId:=3). Never cardNumber/cardExternalId.")
+@click.option("--read-back/--no-read-back", default=None,
+              help="Read every card after its PUT and count it succeeded only if it holds the ID (one more "
+                   "request per row; for orgs whose answers cannot be taken at their word).")
 @click.option("--canary", type=int, metavar="K",
               help=f"Before the pool opens, send K rows one at a time and read each card back; stop (exit 3) if "
                    f"the API does not do what it answers (default {config.DEFAULT_CANARY}; 0 skips; "

@@ -160,6 +160,7 @@ class Settings:
     outage_budget: float = 300.0
     grace_period: float = 10.0
     extra_fields: tuple[tuple[str, Any], ...] = ()   # constant fields added to every PUT body
+    read_back: bool = False            # read every card after its PUT (answers not trusted alone)
     # proving the contract / stopping a doomed run
     canary: int | None = None          # rows proven one at a time first; None = 5 unless the target is loopback
     tripwire: bool = True
@@ -277,7 +278,7 @@ SETTABLE: dict[str, Any] = {
     "generate_missing": _bool, "skip_confirmed": _bool, "job": _str,
     "outage_budget": _float, "grace_period": _float,
     "allow_http": _bool, "verify_tls": _bool,
-    "extra_fields": parse_extra_fields, "canary": _int, "tripwire": _bool, "tripwire_rate": _float,
+    "extra_fields": parse_extra_fields, "read_back": _bool, "canary": _int, "tripwire": _bool, "tripwire_rate": _float,
     "tripwire_rows": _int,
     "progress": _str, "progress_interval": _float,
 }

@@ -89,7 +89,7 @@ class _RowContext:
         self.warnings: list[tuple[str, str]] | None = None   # from any answer about the row
         self.put: Outcome | None = None    # the PUT's final answer
         self.read: Outcome | None = None   # the read that checked it, if any
-        self.bare_500 = 0
+        self.bare_500 = 0          # bare HTTP 500s the PUT got; -1 once the card has been read for them
 
     def add_warnings(self, warnings: tuple[tuple[str, str], ...]) -> None:
         if self.warnings is None:
@@ -197,7 +197,7 @@ class Engine:
             # row alone, so wrong credentials or a wrong host stop the run after one request.
             k = canary_rows(self.s, self.client.base_url)
             if not (k and await run_canary(self, k)):
-                result, _ = await self.settle_alone(first)
+                result, _ = await self.settle_alone(first, self.s.read_back)
                 if result is not None and first.unknown:
                     unknown = unknown[1:]
         except BaseException:
@@ -343,7 +343,7 @@ class Engine:
                 return
             if self.stopping.is_set():
                 return
-            await self._process(row, _RowContext(row.id))
+            await self._process(row, _RowContext(row.id), self.s.read_back)
 
     async def _process(self, row: WorkRow, ctx: _RowContext, confirm: bool = False) -> RowResult | None:
         """Settle one row and hand its outcome to the writer; None when the run stopped first."""
@@ -399,15 +399,20 @@ class Engine:
 
         put = await self._call(ctx, self.pacer, self.client.put_card, row.card, external_id, is_put=True)
         ctx.put = put
+        if put.kind is Kind.RETRY and put.bare_500 and ctx.bare_500 >= BARE_500_ATTEMPTS:
+            after = await self._after_bare_500s(row, ctx, external_id, put, previous)
+            if isinstance(after, RowResult):
+                return after
+            put = ctx.put = after
         if put.ok and not confirm:
             return self._result_row(row, ctx, State.SUCCEEDED, put, previous=previous, note=generated_note)
         if put.ok or put.kind is Kind.UNCONFIRMED:
-            # The answer alone is no proof here: it contradicts the request (or the canary asks).
+            # The answer alone is no proof here: it contradicts the request (or a read-back is asked).
             why = put.error_message or "confirming the PUT's answer"
             return await self._confirm_by_read(row, ctx, external_id, put, previous, why)
-        if put.kind is Kind.RETRY and (put.bare_500 or ctx.ambiguous):
-            # Retries spent on answers that may hide the row's fate: the card says what happened.
-            why = (f"HTTP 500 without a card error code {ctx.bare_500} times" if put.bare_500
+        if put.kind is Kind.RETRY and (ctx.ambiguous or put.bare_500):
+            # Retries ran out on answers that were lost or hide the row's fate: the card says.
+            why = (f"HTTP 500 without a card error code ({put.error_message})" if put.bare_500
                    else f"the PUT's answers were lost ({put.error_message})")
             return await self._confirm_by_read(row, ctx, external_id, put, previous, why)
         if put.kind is Kind.REJECTED and put.error_code == str(EXTERNAL_ID_EXISTS):
@@ -418,6 +423,29 @@ class Engine:
                 return self._result_row(row, ctx, State.SUCCEEDED, check, previous=previous,
                                         note="card already held this external ID (3045 on resend)")
         return self._result_row(row, ctx, State.FAILED, put, previous=previous)
+
+    async def _after_bare_500s(self, row: WorkRow, ctx: _RowContext, external_id: str, put: Outcome,
+                               previous: str | None) -> RowResult | Outcome:
+        """A few bare HTTP 500s: the documented answer for a failed row, or a server hiccup. The card
+        tells: it holds the ID, or does not exist (3010); otherwise the PUT gets its remaining tries
+        (their final answer is returned)."""
+        got = await self._call(ctx, self.read_pacer, self.client.get_card, row.card)
+        ctx.read = got
+        if got.ok and got.external_id == external_id:
+            return self._result_row(row, ctx, State.SUCCEEDED, got, previous=previous,
+                                    note=f"HTTP 500 without a card error code {ctx.bare_500} times; "
+                                         "the card read back holds the ID")
+        if got.kind is Kind.REJECTED:
+            return self._result_row(row, ctx, State.FAILED, got, previous=previous)
+        left = self.s.max_attempts - ctx.bare_500
+        ctx.bare_500 = -1      # no second early stop
+        if left <= 0:
+            holds = (f"holds {got.external_id!r}" if got.external_id else "holds no external ID") if got.ok \
+                else f"could not be read ({got.error_code})"
+            return self._result_row(row, ctx, State.FAILED, put, previous=previous,
+                                    message=f"{put.error_message}; the card read back {holds}")
+        return await self._call(ctx, self.pacer, self.client.put_card, row.card, external_id, is_put=True,
+                                attempts=left)
 
     async def _confirm_by_read(self, row: WorkRow, ctx: _RowContext, external_id: str, answer: Outcome,
                                previous: str | None, why: str) -> RowResult:
@@ -459,7 +487,7 @@ class Engine:
         )
 
     async def _call(self, ctx: _RowContext, pacer: Pacer, fn: Callable[..., Awaitable[Outcome]], *args: str,
-                    is_put: bool = False) -> Outcome:
+                    is_put: bool = False, attempts: int | None = None) -> Outcome:
         """One logical call with retries: transient failures back off and retry up to --max-attempts."""
         tries = 0
         while True:
@@ -491,7 +519,10 @@ class Engine:
                 raise AbortRow
             pacer.answered(outcome.throttled, outcome.retry_after)
             transient = outcome.kind is Kind.RETRY
-            self.breaker.record(transient and not outcome.throttled, probe)
+            if probe or not outcome.bare_500 or not is_put:
+                # A PUT's bare 500 is the API's documented answer for a failed row, not a sign of an
+                # outage; the read that settles the row tells the breaker whether the API is up.
+                self.breaker.record(transient and not outcome.throttled, probe)
             if self.breaker.is_open is not self._breaker_open:
                 self._breaker_changed(outcome)
             if not transient:
@@ -514,12 +545,12 @@ class Engine:
                 self._note_throttling(pacer)
             if not (probe or self.breaker.is_open):
                 tries += 1
-            if tries >= self.s.max_attempts:
+            if tries >= (attempts or self.s.max_attempts):
                 return outcome
-            if is_put and outcome.bare_500:
+            if is_put and outcome.bare_500 and ctx.bare_500 >= 0:
                 ctx.bare_500 += 1
-                if ctx.bare_500 >= min(BARE_500_ATTEMPTS, self.s.max_attempts):
-                    return outcome   # settled by reading the card
+                if ctx.bare_500 >= BARE_500_ATTEMPTS:
+                    return outcome   # the card is read before any further try
             self.counters.retries += 1
             self.writer.note_retry(outcome.throttled)
             delay = min(delay_cap, max(backoff_delay(tries), min(outcome.retry_after or 0.0, MAX_RETRY_AFTER)))

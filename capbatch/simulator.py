@@ -319,6 +319,7 @@ class Simulator:
         self._applied_per_card: dict[str, int] = {}
         self._put_extra_fields: dict[str, dict[str, int]] = {}
         self._noops = 0
+        self._warnings_sent = 0
         self._tokens_issued = 0
         self._auth_failures = 0
         self._in_flight = 0
@@ -345,6 +346,7 @@ class Simulator:
             "applied_per_card": dict(self._applied_per_card),
             "put_extra_fields": {k: dict(v) for k, v in self._put_extra_fields.items()},
             "noops": self._noops,
+            "warnings_sent": self._warnings_sent,
             "tokens_issued": self._tokens_issued,
             "auth_failures": self._auth_failures,
             "accepted": self._accepted,
@@ -552,10 +554,13 @@ class Simulator:
         return _json_response(body, status)
 
     # ------------------------------------------------------------------ API handlers
-    def _business_error(self, code: int, message: str) -> web.Response:
-        if self.config.business_errors == "generic":
+    def _business_error(self, code: int, message: str, put: bool = False) -> web.Response:
+        if put and self.config.business_errors == "generic":   # the PUT's only documented failure body
             return _json_response(_BODY_500, self.config.errors_status)
         return _json_response(_error_body(code, message), self.config.errors_status)
+
+    def _put_error(self, code: int, message: str) -> web.Response:
+        return self._business_error(code, message, put=True)
 
     def _lookup(self, number: str) -> _Card | None:
         card = self._cards.get(number)
@@ -610,29 +615,29 @@ class Simulator:
         if missing:
             return _json_response(_BODY_MANDATORY, 403)
         if len(number) > MAX_CARD_LEN:
-            return self._business_error(3024, "total card length should be <= 150")
+            return self._put_error(3024, "total card length should be <= 150")
         if cfg.put_identifies_by == "cardExternalId":
             # The older docs' reading: the external ID identifies the card to update.
             holder = self._owner.get(ext)
             if holder is None:
-                return self._business_error(3010, "Card number does not exist")
+                return self._put_error(3010, "Card number does not exist")
             card = self._cards[holder]
             return self._card_answer(card, card.number, ext)
         card = self._lookup(number)
         if card is None:
-            return self._business_error(3010, "Card number does not exist")
+            return self._put_error(3010, "Card number does not exist")
         if len(ext) > MAX_LEN:
-            return self._business_error(3051, "Unable to update/generate card external id")
+            return self._put_error(3051, "Unable to update/generate card external id")
         want = cfg.external_id_length
         if want is not None and (len(ext) < want if cfg.external_id_length_rule == "min" else len(ext) != want):
-            return self._business_error(
+            return self._put_error(
                 3050,
                 f"Card external id length {len(ext)} should be equal or greater than "
                 f"card id length {want}",
             )
         holder = self._owner.get(ext)
         if holder is not None and holder != number:
-            return self._business_error(3045, "Card external id exists")
+            return self._put_error(3045, "Card external id exists")
         if cfg.p_noop and self._rng.random() < cfg.p_noop:
             # Answered as a success, not applied.
             self._noops += 1
@@ -640,7 +645,7 @@ class Simulator:
             return self._card_answer(card, number, echo, omit_ext=cfg.noop_echo == "omit")
         if card.ext == ext:
             if cfg.reapply_same == "3045":
-                return self._business_error(3045, "Card external id exists")
+                return self._put_error(3045, "Card external id exists")
         else:
             if card.ext is not None:
                 self._owner.pop(card.ext, None)
@@ -658,6 +663,7 @@ class Simulator:
         warnings: list[dict[str, Any]] = []
         if cfg.warning_code is not None and (cfg.p_warning >= 1.0 or self._rng.random() < cfg.p_warning):
             warnings.append({"status": True, "code": cfg.warning_code, "message": cfg.warning_message})
+            self._warnings_sent += 1
         body: dict[str, Any] = {
             "cardId": card.card_id,
             "customerId": card.customer_id,
