@@ -110,7 +110,9 @@ def _stop_message(engine: _Engine, row: WorkRow, problem: str, put: Outcome | No
     lines.append("  Take these lines to Capillary support (they show the exact request and answers). The rows "
                  "the canary settled stay settled, the rest stay pending; rerun the same command once the org "
                  "is fixed. If an org needs more fields in the update (statusLabel, seriesId), add them with "
-                 "--extra-field NAME=VALUE. --canary 0 skips this check (each row's answer is still checked).")
+                 "--extra-field NAME=VALUE. --canary 0 skips this check: answers that contradict their request "
+                 "are still checked by reading the card, but a success answer is then taken at its word unless "
+                 "--read-back reads every card after its PUT.")
     return "\n".join(lines)
 
 
