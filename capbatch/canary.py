@@ -59,7 +59,7 @@ async def run_canary(engine: _Engine, k: int) -> int:
             holds = ctx.read
             if holds is None or not (holds.ok or holds.kind is Kind.REJECTED):
                 holds = await engine.read_card(row.card)
-            engine.abort(_stop_message(engine, row, problem, put, holds))
+            engine.abort(_stop_message(engine, row, ctx.sent_id or row.external_id, problem, put, holds))
             return settled
         if put is None:
             continue          # nothing sent (the card already held its ID, or no ID could be generated)
@@ -97,11 +97,12 @@ def _problem(result: RowResult, put: Outcome | None) -> str | None:
     return None
 
 
-def _stop_message(engine: _Engine, row: WorkRow, problem: str, put: Outcome | None, holds: Outcome) -> str:
+def _stop_message(engine: _Engine, row: WorkRow, external_id: str, problem: str, put: Outcome | None,
+                  holds: Outcome) -> str:
     client = engine.client
     label = next((row_label(r["sheet"], r["row_number"]) for r in engine.ledger.iter_rows("WHERE id=?", (row.id,))),
                  str(row.id))
-    sent = client.put_body(row.card, row.external_id).decode("utf-8", "replace")
+    sent = client.put_body(row.card, external_id).decode("utf-8", "replace")
     lines = [f"canary stopped the run at input row {label} (card {row.card!r}): {problem}.",
              f"  sent:       PUT {client.base_url}/v2/card?format=json  {sent}"]
     if put is not None:
