@@ -15,8 +15,17 @@ import logging
 from collections import Counter
 from typing import Any, Protocol
 
-from .api import (CONTRADICTS, DOCUMENTED_STATUS, NO_ECHO, NOT_APPLIED, UNCONFIRMED, CapillaryClient, Kind,
-                  Outcome, is_known_code)
+from .api import (
+    CONTRADICTS,
+    DOCUMENTED_STATUS,
+    NO_ECHO,
+    NOT_APPLIED,
+    UNCONFIRMED,
+    CapillaryClient,
+    Kind,
+    Outcome,
+    is_known_code,
+)
 from .ledger import Ledger, RowResult, State, WorkRow, row_label
 
 log = logging.getLogger("capbatch.canary")

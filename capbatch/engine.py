@@ -17,8 +17,16 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
-from .api import (CARD_NOT_FOUND, EXTERNAL_ID_EXISTS, NOT_APPLIED, UNCONFIRMED, UNREACHABLE_CODES,
-                  CapillaryClient, Kind, Outcome)
+from .api import (
+    CARD_NOT_FOUND,
+    EXTERNAL_ID_EXISTS,
+    NOT_APPLIED,
+    UNCONFIRMED,
+    UNREACHABLE_CODES,
+    CapillaryClient,
+    Kind,
+    Outcome,
+)
 from .canary import run_canary
 from .config import Settings, canary_rows
 from .ledger import Ledger, RowResult, State, WorkRow

@@ -207,7 +207,7 @@ def test_canary_passes_with_k_reads_spread_across_the_file(tmp_path, sim, run_cl
 
 # ---- 3. tripwire -----------------------------------------------------------------------------------
 def test_tripwire_stops_a_wrong_cluster_run_within_its_sample(tmp_path, sim, run_cli):
-    pairs, src, run_dir = setup(tmp_path, 400)
+    _, src, run_dir = setup(tmp_path, 400)
     s = sim(cards={})                                 # none of these cards exists here: a wrong cluster
     p = run_cli(*args(src, s.url, run_dir, "--concurrency", "4"))
     assert p.returncode == 3, p.stderr
@@ -216,7 +216,7 @@ def test_tripwire_stops_a_wrong_cluster_run_within_its_sample(tmp_path, sim, run
     c = states(run_dir)
     assert set(c) == {"failed", "pending"} and 45 <= c["failed"] <= 50, c
     assert s.stats()["requests"] <= 50 + 4, s.stats()["requests"]
-    assert '"failed": %d' % c["failed"] in (run_dir / "summary.json").read_text()
+    assert f'"failed": {c["failed"]}' in (run_dir / "summary.json").read_text()
 
     s2 = sim(cards={})
     p = run_cli(*args(src, s2.url, tmp_path / "run2", "--no-tripwire"))
@@ -231,7 +231,7 @@ def _closed_port() -> int:
 
 
 def test_refused_and_unresolvable_targets_exit_3_within_seconds(tmp_path, run_cli):
-    pairs, src, run_dir = setup(tmp_path, 50)
+    _, src, run_dir = setup(tmp_path, 50)
     for url, cause in ((f"http://127.0.0.1:{_closed_port()}", "connection refused by 127.0.0.1"),
                        ("https://nonexistent.invalid", "the host name nonexistent.invalid does not resolve")):
         started = time.monotonic()
