@@ -1,63 +1,72 @@
-"""capbatch: backfill loyalty-card external IDs into Capillary from spreadsheets.
+"""capbatch: backfill loyalty-card external IDs into Capillary from spreadsheets and DataFrames.
 
-Library use (an Airflow task, a notebook)::
+From code (an Airflow task, a Dagster asset, a notebook)::
 
-    from capbatch import run_backfill
-    summary = run_backfill("cards.xlsx", base_url="https://eu.api.capillarytech.com", rate="1000/min")
-    summary["exit_code"]  # 0 all settled, 1 some rows failed/rejected
+    import capbatch
+    summary = capbatch.run_backfill(df, cluster="eu", rate="1000/min")   # or a path, or pairs
+    summary.exit_code                  # 0 all settled, 1 some rows failed/rejected
+    failures = capbatch.load_failures(summary.run_dir)
 
 Credentials come from the environment (CAPILLARY_USERNAME/PASSWORD or CAPILLARY_CLIENT_KEY/SECRET).
-Errors are the same :class:`CapbatchError` subclasses the CLI reports.
+Errors are the same :class:`CapbatchError` subclasses the CLI reports. See README "Use from code".
 """
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from typing import Any  # noqa: E402
+import importlib
+from typing import TYPE_CHECKING, Any
 
-from .errors import (  # noqa: E402
-    CapbatchError, ConfigError, InputFileError, Interrupted, LedgerError, RunAborted, UsageError,
+from .errors import (
+    CapbatchError,
+    ConfigError,
+    InputFileError,
+    Interrupted,
+    LedgerError,
+    RunAborted,
+    UsageError,
 )
 
+if TYPE_CHECKING:
+    from .library import run_backfill, run_backfill_async, validate_file, validate_frame
+    from .results import load_failures, load_results
+    from .summary import Summary
 
-def run_backfill(input: str, *, config_file: str | None = None, env: dict[str, str] | None = None,
-                 **settings: Any) -> dict[str, Any]:
-    """Run (or resume) a backfill of ``input`` and return the summary (as written to summary.json).
-
-    ``settings`` take the CLI's long option names with underscores (``base_url``, ``cluster``, ``rate``,
-    ``concurrency``, ``run_dir``, ``mode``, ...); precedence is the CLI's: these > environment > TOML
-    file > defaults. A run with failed or rejected rows returns normally with ``exit_code`` 1; an
-    aborted or interrupted run raises :class:`RunAborted` / :class:`Interrupted`.
-    """
-    import os
-    from pathlib import Path
-
-    from . import config, runner
-
-    flags = {k: v for k, v in settings.items() if v is not None}
-    flags["input"] = Path(input)
-    for key in ("run_dir", "reports_dir"):
-        if key in flags:
-            flags[key] = Path(flags[key])
-    resolved = config.resolve(flags, os.environ if env is None else env,
-                              Path(config_file) if config_file else None)
-    return runner.run(resolved)
+# Loaded on first use, so `import capbatch` (and every CLI start) stays cheap: pandas, asyncio and the
+# HTTP stack come in only when a function that needs them is called.
+_LAZY = {
+    "run_backfill": "library", "run_backfill_async": "library", "validate_file": "library",
+    "validate_frame": "library", "load_results": "results", "load_failures": "results", "Summary": "summary",
+}
 
 
-def validate_file(input: str, **settings: Any) -> dict[str, Any]:
-    """Validate ``input`` without any network; returns counts and the first problems."""
-    import os
-    from pathlib import Path
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'capbatch' has no attribute {name!r}")
 
-    from . import config, runner
 
-    flags = {k: v for k, v in settings.items() if v is not None}
-    flags["input"] = Path(input)
-    return runner.validate(config.resolve(flags, os.environ))
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
 
 
 __all__ = [
-    "run_backfill", "validate_file", "CapbatchError", "ConfigError", "InputFileError", "Interrupted",
-    "LedgerError", "RunAborted", "UsageError", "__version__",
+    "CapbatchError",
+    "ConfigError",
+    "InputFileError",
+    "Interrupted",
+    "LedgerError",
+    "RunAborted",
+    "Summary",
+    "UsageError",
+    "__version__",
+    "load_failures",
+    "load_results",
+    "run_backfill",
+    "run_backfill_async",
+    "validate_file",
+    "validate_frame",
 ]

@@ -157,6 +157,9 @@ def _settings(flags: dict[str, Any], input_path: Path | None = None) -> config.S
 @click.option("--check-remote", is_flag=True, default=None, help="With --dry-run: also read every card and report which do not exist and which already hold their ID.")
 @click.option("--job", help="Job name tying nightly runs together (state store beside the run directories).")
 @click.option("--skip-confirmed/--no-skip-confirmed", default=None, help="With --job: settle pairs an earlier run confirmed without any request.")
+@click.option("--audit-fraction", type=float, help="With --skip-confirmed: re-read this share of the confirmed pairs each run (e.g. 0.05), longest unchecked first, and put back any ID that drifted.")
+@click.option("--retry-failed", is_flag=True, default=None, help="Send the rows of this run that failed again (e.g. cards created since); rejected rows stay rejected.")
+@click.option("--record-previous/--no-record-previous", default=None, help="Read each card before writing it and record the ID it held, so `capbatch revert` can put it back (one read per row).")
 @click.option("--json", "json_out", is_flag=True, default=False, help="Print the summary as JSON on stdout.")
 @input_flags
 @_guard
@@ -193,7 +196,7 @@ def validate_cmd(input_path: Path, output: Path | None, json_out: bool, **flags:
 @click.option("--cluster", type=click.Choice(sorted(config.CLUSTERS), case_sensitive=False),
               help=f"Capillary cluster: {config.CLUSTER_NAMES_HELP}.")
 @click.option("--base-url")
-@click.option("--rate", "read_rate", help=f"Read rate cap (default: the run's rate, {config.DEFAULT_RATE}).")
+@click.option("--rate", help=f"Read rate cap (default {config.DEFAULT_RATE}; 'unlimited' for none).")
 @click.option("--concurrency", type=int)
 @click.option("--allow-http", is_flag=True, default=None)
 @click.option("--no-verify-tls", "no_verify_tls", is_flag=True, default=False)
@@ -230,6 +233,11 @@ def history_cmd(job: str, reports_dir: Path | None, config_file: Path | None, js
     if not runs:
         click.echo(f"no runs recorded for job {job!r} under {reports_dir}")
         return 0
+    memory = jobs.describe(jobs.store_path(reports_dir), job)
+    if memory["confirmed_pairs"]:
+        oldest = time.strftime("%Y-%m-%d %H:%M", time.localtime(memory["oldest_check"]))
+        click.echo(f"job {job} -> {memory['target'] or '?'}: {memory['confirmed_pairs']} confirmed pairs, "
+                   f"longest unchecked since {oldest}")
     for r in runs:
         c = r["counts"]
         began = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["started_at"] or 0))
@@ -237,6 +245,62 @@ def history_cmd(job: str, reports_dir: Path | None, config_file: Path | None, js
                    f"succeeded={c.get('succeeded', 0)} unchanged={c.get('unchanged', 0)} "
                    f"failed={c.get('failed', 0)} rejected={c.get('rejected', 0)}  {r['input_name']}  {r['run_dir']}")
     return 0
+
+
+@main.command("forget")
+@click.option("--job", required=True, help="Job name given to `capbatch run --job`.")
+@click.option("--card", "cards", multiple=True, help="Forget only this card (repeatable); default: every pair and the job's target.")
+@click.option("--reports-dir", type=click.Path(path_type=Path), help="Where the job store is (default ./reports, or the configured one).")
+@click.option("--config", "config_file", type=click.Path(path_type=Path), help="TOML settings file (default ./capbatch.toml if present).")
+@_guard
+def forget_cmd(job: str, cards: tuple[str, ...], reports_dir: Path | None, config_file: Path | None) -> int:
+    """Reset a job's memory: its next run sends (or reads) those rows again. The run history is kept."""
+    from . import jobs
+
+    reports_dir = config.resolve({"reports_dir": reports_dir}, os.environ, config_file).reports_dir
+    with jobs.lock(reports_dir, jobs.check_name(job)):
+        n = jobs.forget(jobs.store_path(reports_dir), job, cards)
+    what = f"{n} of the {len(cards)} cards given" if cards else f"all {n} confirmed pairs and its target"
+    click.echo(f"job {job}: forgot {what}; its next run with --skip-confirmed sends those rows again")
+    return 0
+
+
+@main.command("revert", epilog=EXIT_CODES_HELP)
+@click.argument("run_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--cluster", type=click.Choice(sorted(config.CLUSTERS), case_sensitive=False), help="Capillary cluster (default: the run's own target; another one is refused).")
+@click.option("--base-url", help="API base URL (default: the run's own target; another one is refused).")
+@click.option("--rate", help=f"Request rate cap, e.g. 1000/min (default {config.DEFAULT_RATE}).")
+@click.option("--read-rate", help="Separate cap for reads (GET); default: reads share --rate.")
+@click.option("--concurrency", type=int, help="Requests in flight at most (default 16).")
+@click.option("--max-attempts", type=int, help="Attempts per request for transient errors (default 8).")
+@click.option("--timeout", type=float, help="Seconds per request (default 30).")
+@click.option("--outage-budget", type=float, help="Seconds the API may stay down before the revert aborts (default 300).")
+@click.option("--grace-period", type=float, help="Seconds in-flight requests get after Ctrl-C/SIGTERM (default 10).")
+@click.option("--allow-http", is_flag=True, default=None, help="Allow plain http:// to a non-loopback host.")
+@click.option("--no-verify-tls", "no_verify_tls", is_flag=True, default=False, help="Turn TLS verification off (trusted test hosts only).")
+@click.option("--progress", type=click.Choice(config.PROGRESS_MODES), help="auto (bar on a terminal, log lines otherwise), bar, lines, none.")
+@click.option("--progress-interval", type=float, help="Seconds between progress lines when not on a terminal (default 10).")
+@click.option("--dry-run", is_flag=True, default=None, help="Write RUN_DIR/revert.dry-run.csv (what would be set back, what cannot be); send nothing.")
+@click.option("--retry-failed", is_flag=True, default=None, help="Send the rows whose revert failed again.")
+@click.option("--json", "json_out", is_flag=True, default=False, help="Print the summary as JSON on stdout.")
+@click.option("--config", "config_file", type=click.Path(path_type=Path), help="TOML settings file (default ./capbatch.toml if present).")
+@click.option("-q", "--quiet", is_flag=True, default=None, help="Only warnings, errors and the final summary line.")
+@click.option("-v", "--verbose", count=True, help="More detail.")
+@_guard
+def revert_cmd(run_dir: Path, no_verify_tls: bool, json_out: bool, **flags: Any) -> int:
+    """Put back the external IDs the run in RUN_DIR replaced, where the card still holds the run's ID.
+
+    The revert is a run of its own in RUN_DIR/revert (ledger and reports); rerun it to resume.
+    """
+    from .revert import revert
+
+    if no_verify_tls:
+        flags["verify_tls"] = False
+    setup_logging(bool(flags.get("quiet")), flags.get("verbose") or 0)
+    summary = revert(_settings(flags), run_dir)
+    if json_out:
+        click.echo(json.dumps(summary, indent=2))
+    return int(summary["exit_code"])
 
 
 @main.command("status")

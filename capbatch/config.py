@@ -155,6 +155,9 @@ class Settings:
     generate_missing: bool = False
     skip_confirmed: bool = False
     job: str | None = None
+    audit_fraction: float | None = None   # with --skip-confirmed: share of confirmed pairs re-read per run
+    retry_failed: bool = False            # send the rows that failed in this run again
+    record_previous: bool = False         # backfill: read each card first to record the ID it held
     dry_run: bool = False
     check_remote: bool = False
     outage_budget: float = 300.0
@@ -276,6 +279,7 @@ SETTABLE: dict[str, Any] = {
     "mode": _str, "rate": parse_rate, "read_rate": parse_rate, "concurrency": _int,
     "max_attempts": _int, "timeout": _float, "resume_check": _str,
     "generate_missing": _bool, "skip_confirmed": _bool, "job": _str,
+    "audit_fraction": _float, "record_previous": _bool,
     "outage_budget": _float, "grace_period": _float,
     "allow_http": _bool, "verify_tls": _bool,
     "extra_fields": parse_extra_fields, "read_back": _bool, "canary": _int, "tripwire": _bool, "tripwire_rate": _float,
@@ -387,6 +391,10 @@ def validate(s: Settings) -> Settings:
         raise UsageError("--header-row counts from 1", "e.g. --header-row 3 when two title rows sit above the header")
     if s.external_id_length is not None and not 1 <= s.external_id_length <= 50:
         raise UsageError("--external-id-length must be 1..50", "external IDs are at most 50 characters")
+    if s.audit_fraction is not None and not 0 < s.audit_fraction <= 1:
+        raise UsageError(f"--audit-fraction {s.audit_fraction:g} is out of range",
+                         "give the share of confirmed pairs to re-read per run, above 0 and at most 1, "
+                         "e.g. 0.05 (every pair re-read within 20 runs)")
     if s.cluster and s.cluster.lower() not in CLUSTERS:
         raise UsageError(f"--cluster {s.cluster!r} is unknown", f"use one of: {CLUSTER_NAMES_HELP}; or --base-url")
     protected = [n for n, _ in s.extra_fields if n.lower() in {p.lower() for p in PROTECTED_FIELDS}]

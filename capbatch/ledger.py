@@ -20,7 +20,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 from .errors import LedgerError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 LEDGER_FILE = "ledger.sqlite"
 LOCK_FILE = ".lock"
 
@@ -65,6 +65,8 @@ CREATE TABLE IF NOT EXISTS rows (
     latency_ms REAL,
     note TEXT,
     settled_at REAL,
+    audit INTEGER NOT NULL DEFAULT 0,  -- picked for the job's rolling audit: read the card before writing
+    expect_external_id TEXT,           -- revert: write only while the card still holds this ID
     warnings TEXT                      -- JSON array of {"code", "message"} the API's answers carried
 );
 CREATE INDEX IF NOT EXISTS rows_by_state ON rows(state, id);
@@ -88,7 +90,10 @@ CREATE TABLE IF NOT EXISTS runs (
 
 # Each entry upgrades a ledger from version (index + 1) to (index + 2).
 _MIGRATIONS: list[str] = [
-    "ALTER TABLE rows ADD COLUMN warnings TEXT;",   # 1 -> 2: warnings carried by the API's answers
+    # 1 -> 2: the rolling audit (--audit-fraction) and revert's compare-and-set
+    "ALTER TABLE rows ADD COLUMN audit INTEGER NOT NULL DEFAULT 0; "
+    "ALTER TABLE rows ADD COLUMN expect_external_id TEXT;",
+    "ALTER TABLE rows ADD COLUMN warnings TEXT;",   # 2 -> 3: warnings carried by the API's answers
 ]
 
 
@@ -101,6 +106,8 @@ class WorkRow:
     external_id: str
     unknown: bool = False      # was in flight when an earlier process stopped: outcome unknown
     generated: bool = False
+    audit: bool = False        # a confirmed pair picked for the rolling audit: read before writing
+    expect: str | None = None  # revert: PUT only while the card still holds this external ID
 
 
 @dataclass(slots=True)
@@ -260,22 +267,12 @@ class Ledger:
         problem_column) tuples."""
         sql = ("INSERT INTO rows(sheet, row_number, original, card, external_id, state, reason_code, reason, "
                "problem_column) VALUES (?,?,?,?,?,?,?,?,?)")
-        count = 0
-        chunk: list[tuple[Any, ...]] = []
         # A bulk load: build the state index once at the end, and skip fsyncs (an import that dies
         # half-way is redone from scratch, see reset_import).
         self._exec("DROP INDEX IF EXISTS rows_by_state")
         self._exec("PRAGMA synchronous=OFF")
         try:
-            for row in rows:
-                chunk.append(row)
-                if len(chunk) >= batch:
-                    self._many(sql, chunk)
-                    count += len(chunk)
-                    chunk.clear()
-            if chunk:
-                self._many(sql, chunk)
-                count += len(chunk)
+            count = self._insert_chunks(sql, rows, batch)
         finally:
             self._exec("PRAGMA synchronous=NORMAL")
             self._exec("CREATE INDEX IF NOT EXISTS rows_by_state ON rows(state, id)")
@@ -352,14 +349,15 @@ class Ledger:
 
     def unknown_rows(self) -> list[WorkRow]:
         """Rows an earlier process had in flight when it stopped: their outcome is unknown."""
-        cur = self._exec("SELECT id, card, external_id, generated FROM rows WHERE state='in_flight' ORDER BY id")
-        return [WorkRow(i, c, e, True, bool(g)) for i, c, e, g in cur]
+        cur = self._exec("SELECT id, card, external_id, generated, audit, expect_external_id FROM rows "
+                         "WHERE state='in_flight' ORDER BY id")
+        return [WorkRow(i, c, e, True, bool(g), bool(a), x) for i, c, e, g, a, x in cur]
 
     def pending_page(self, after_id: int, limit: int) -> list[WorkRow]:
         cur = self._exec(
-            "SELECT id, card, external_id, generated FROM rows WHERE state='pending' AND id > ? "
-            "ORDER BY id LIMIT ?", (after_id, limit))
-        return [WorkRow(i, c, e, False, bool(g)) for i, c, e, g in cur]
+            "SELECT id, card, external_id, generated, audit, expect_external_id FROM rows "
+            "WHERE state='pending' AND id > ? ORDER BY id LIMIT ?", (after_id, limit))
+        return [WorkRow(i, c, e, False, bool(g), bool(a), x) for i, c, e, g, a, x in cur]
 
     def spread_pending(self, count: int) -> list[WorkRow]:
         """Up to ``count`` pending rows spread evenly across the file (first, last and between)."""
@@ -372,10 +370,11 @@ class Ledger:
             offsets = sorted({round(i * (total - 1) / (count - 1)) for i in range(count)})
         rows = []
         for offset in offsets:
-            hit = self._exec("SELECT id, card, external_id, generated FROM rows WHERE state='pending' "
-                             "ORDER BY id LIMIT 1 OFFSET ?", (offset,)).fetchone()
+            hit = self._exec("SELECT id, card, external_id, generated, audit, expect_external_id FROM rows "
+                             "WHERE state='pending' ORDER BY id LIMIT 1 OFFSET ?", (offset,)).fetchone()
             if hit:
-                rows.append(WorkRow(hit[0], hit[1], hit[2], False, bool(hit[3])))
+                i, c, e, g, a, x = hit
+                rows.append(WorkRow(i, c, e, False, bool(g), bool(a), x))
         return rows
 
     def mark_in_flight(self, ids: Sequence[int]) -> None:
@@ -398,7 +397,7 @@ class Ledger:
         sql = ("UPDATE rows SET state=?, attempts=attempts+?, http_status=?, error_code=?, error_message=?, "
                "card_id=coalesce(?, card_id), customer_id=coalesce(?, customer_id), "
                "previous_external_id=coalesce(?, previous_external_id), latency_ms=coalesce(?, latency_ms), "
-               "note=?, settled_at=?, warnings=? WHERE id=?")
+               "note=coalesce(?, note), settled_at=?, warnings=? WHERE id=?")
         params = [(r.state.value, r.attempts, r.http_status, r.error_code, r.error_message, r.card_id,
                    r.customer_id, r.previous_external_id, r.latency_ms, r.note, r.settled_at,
                    _warnings_json(r.warnings) if r.warnings else None, r.id)
@@ -422,6 +421,58 @@ class Ledger:
                 self.conn.execute("ROLLBACK")
             raise _wrap(exc, self.path) from exc
 
+    def requeue_failed(self) -> int:
+        """--retry-failed: failed rows go back to pending (attempts keep counting); the failure they
+        had is kept in the note. Rejected rows stay rejected: their input is invalid."""
+        cur = self._exec(
+            "UPDATE rows SET state='pending', note='earlier attempt failed: ' || "
+            "trim(coalesce(error_code, '') || ' ' || coalesce(error_message, '')), "
+            "error_code=NULL, error_message=NULL, http_status=NULL, settled_at=NULL WHERE state='failed'")
+        return cur.rowcount
+
+    def audit_counts(self) -> dict[str, int]:
+        """Rows picked for the rolling audit, by state ({} when none, or a ledger older than the audit)."""
+        try:
+            cur = self.conn.execute("SELECT state, count(*) FROM rows WHERE audit=1 GROUP BY state")
+        except sqlite3.OperationalError:
+            return {}
+        return {state: n for state, n in cur}
+
+    def codes(self, state: State) -> dict[str, int]:
+        """Rows in ``state`` per code: the reason code of rejected rows, the error code of failed ones."""
+        column = "reason_code" if state in (State.REJECTED, State.DUPLICATE) else "error_code"
+        cur = self._exec(f"SELECT coalesce({column}, 'unknown'), count(*) FROM rows WHERE state=? "
+                         "GROUP BY 1 ORDER BY 2 DESC", (state.value,))
+        return {code: n for code, n in cur}
+
+    # ---- revert --------------------------------------------------------------------------------
+    def changed_rows(self) -> Iterator[sqlite3.Row]:
+        """Rows whose card this run may have written (succeeded, or in flight when it stopped),
+        latest first: undone in that order, an ID moved from one card to another goes back in turn."""
+        return self.iter_rows("WHERE state IN ('succeeded', 'in_flight')",
+                              order="coalesce(settled_at, 9e18) DESC, id DESC")
+
+    def import_expecting(self, rows: Iterable[tuple[Any, ...]], batch: int = 20000) -> int:
+        """Insert rows as :meth:`import_rows` does, each with a 10th field: the external ID the card
+        must still hold for the row to be written (``expect_external_id``)."""
+        sql = ("INSERT INTO rows(sheet, row_number, original, card, external_id, state, reason_code, reason, "
+               "problem_column, expect_external_id) VALUES (?,?,?,?,?,?,?,?,?,?)")
+        return self._insert_chunks(sql, rows, batch)
+
+    def _insert_chunks(self, sql: str, rows: Iterable[tuple[Any, ...]], batch: int) -> int:
+        count = 0
+        chunk: list[tuple[Any, ...]] = []
+        for row in rows:
+            chunk.append(row)
+            if len(chunk) >= batch:
+                self._many(sql, chunk)
+                count += len(chunk)
+                chunk.clear()
+        if chunk:
+            self._many(sql, chunk)
+            count += len(chunk)
+        return count
+
     # ---- invocations ---------------------------------------------------------------------------
     def start_invocation(self) -> int:
         cur = self._exec("INSERT INTO runs(pid, started_at) VALUES (?, ?)", (os.getpid(), time.time()))
@@ -437,20 +488,32 @@ class Ledger:
         return [dict(zip(cols, r)) for r in cur]
 
     # ---- reading for reports -------------------------------------------------------------------
-    def iter_rows(self, where: str = "", params: Sequence[Any] = ()) -> Iterator[sqlite3.Row]:
+    def iter_rows(self, where: str = "", params: Sequence[Any] = (), order: str = "id") -> Iterator[sqlite3.Row]:
         cur = self.conn.cursor()
         cur.row_factory = sqlite3.Row
         try:
-            cur.execute(f"SELECT * FROM rows {where} ORDER BY id", params)
+            cur.execute(f"SELECT * FROM rows {where} ORDER BY {order}", params)
         except sqlite3.Error as exc:
             raise _wrap(exc, self.path) from exc
         yield from cur
 
+    def rows_in_states(self, states: Sequence[str] = ()) -> Iterator[sqlite3.Row]:
+        """Rows (all of them, or those in ``states``) in input order, each a mapping of column -> value."""
+        marks = ",".join("?" * len(states))
+        yield from self.iter_rows(f"WHERE state IN ({marks})" if states else "", tuple(states))
+
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         return list(self._exec(sql, params))
 
+    def has_column(self, name: str) -> bool:
+        """Whether the rows table has this column (a read-only ledger of an older schema may lack it)."""
+        return any(r[1] == name for r in self._exec("PRAGMA table_info(rows)"))
+
     def warning_counts(self) -> dict[str, dict[str, Any]]:
-        """Warning code -> {"rows": rows whose answers carried it, "message": one of its messages}."""
+        """Warning code -> {"rows": rows whose answers carried it, "message": one of its messages}
+        ({} for a ledger older than the warnings column)."""
+        if not self.has_column("warnings"):
+            return {}
         out: dict[str, dict[str, Any]] = {}
         sql = ("SELECT json_extract(w.value, '$.code'), count(DISTINCT rows.id), "
                "max(json_extract(w.value, '$.message')) FROM rows, json_each(rows.warnings) AS w "
@@ -458,6 +521,11 @@ class Ledger:
         for code, n, message in self._exec(sql):
             out[str(code or "")] = {"rows": int(n), "message": message or ""}
         return out
+
+    def rows_with_warnings(self) -> int:
+        if not self.has_column("warnings"):
+            return 0
+        return int(self._exec("SELECT count(*) FROM rows WHERE warnings IS NOT NULL").fetchone()[0])
 
 
 def _warnings_json(warnings: Sequence[tuple[str, str]]) -> str:

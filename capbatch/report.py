@@ -94,7 +94,7 @@ def write_results(ledger: Ledger, run_dir: Path) -> None:
                "capbatch_warnings"])
     sql = ("SELECT row_number, sheet, original, state, attempts, http_status, error_code, error_message, "
            "reason_code, reason, note, external_id, previous_external_id, generated, card_id, customer_id, "
-           "settled_at, warnings FROM rows ORDER BY id")
+           f"settled_at, {'warnings' if ledger.has_column('warnings') else 'NULL'} FROM rows ORDER BY id")
     loads, n, risky = json.loads, neutralise, _RISKY_FIRST
 
     def write(fh: Any) -> None:
@@ -199,7 +199,7 @@ def build_summary(ledger: Ledger, run_dir: Path, *, stop: str | None = None, mes
                            "AND previous_external_id <> external_id")[0][0]
     generated = ledger.query("SELECT count(*) FROM rows WHERE generated=1")[0][0]
     warnings_by_code = ledger.warning_counts()
-    rows_with_warnings = ledger.query("SELECT count(*) FROM rows WHERE warnings IS NOT NULL")[0][0]
+    rows_with_warnings = ledger.rows_with_warnings()
     settled_by_api = counts["succeeded"] + counts["failed"] + counts["unchanged"]
     if stop is None:
         last = invocations[-1] if invocations else None
@@ -235,6 +235,11 @@ def build_summary(ledger: Ledger, run_dir: Path, *, stop: str | None = None, mes
         "message": message,
         "exit_code": exit_code,
     }
+    audit = ledger.audit_counts()
+    if audit:   # the job's rolling audit (--audit-fraction): confirmed pairs re-read in this run
+        summary["audit"] = {"rows": sum(audit.values()), "still_held": audit.get("unchanged", 0),
+                            "drift_fixed": audit.get("succeeded", 0), "failed": audit.get("failed", 0),
+                            "pending": audit.get("pending", 0) + audit.get("in_flight", 0)}
     if extra:
         summary.update(extra)
     return summary

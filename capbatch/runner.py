@@ -1,7 +1,9 @@
-"""The library API: ``run(settings)`` and ``validate(settings)``. The CLI is a thin shell around these.
+"""The pipeline: input -> rules -> ledger -> engine -> reports. The CLI and the library both call it.
 
-run: read + validate the input into the run's ledger (first time only), then settle every row through
-the API, then write the reports. Rerunning the same command resumes: the ledger says what is left.
+``run`` reads and validates the input into the run's ledger (the first time only), settles every
+pending row through the API, then writes the reports. Rerunning with the same input resumes: the
+ledger says what is left. Each stage below takes only the settings it needs; ``run``, ``validate``,
+``check_remote`` and ``verify`` put the stages together from one :class:`Settings`.
 """
 
 from __future__ import annotations
@@ -13,36 +15,48 @@ import logging
 import os
 import signal
 import tempfile
+import threading
 import time
+from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 from . import jobs, report
-from .api import CapillaryClient
 from .config import Settings, target_url
-from .engine import Engine, EngineResult
-from .errors import ConfigError, Interrupted, InputFileError, LedgerError, RunAborted, UsageError
+from .errors import ConfigError, InputFileError, Interrupted, LedgerError, RunAborted, UsageError
+from .frame import MemoryTable, is_dataframe, open_frame, open_records
 from .ledger import Ledger, row_label
-from .progress import Progress, choose_mode
-from .rules import RuleSettings, Verdict, check_row
+from .rules import RuleSettings, check_row
 from .source import InputOptions, InputTable, file_sha256, open_input
+from .summary import Summary
+
+if TYPE_CHECKING:  # the engine stage imports these when it runs: `capbatch --help` and `validate` need no HTTP stack
+    from .engine import Engine, EngineResult
 
 log = logging.getLogger("capbatch")
 
 PROBLEMS_SHOWN = 10
 
+#: What ``run(settings, source)`` accepts besides ``settings.input``: a path, a pandas.DataFrame, or an
+#: iterable of (card, external_id) pairs or of mappings.
+Source = Any
 
-@dataclass
-class Prepared:
-    """An input file read, validated and loaded into a ledger."""
 
-    ledger: Ledger
-    run_dir: Path
-    table: InputTable
+# ==== 1. input =======================================================================================
+@dataclass(frozen=True)
+class Input:
+    """An input opened and checked as a whole, with the fingerprint of its content."""
+
+    table: InputTable | MemoryTable
     sha256: str
-    notes: list[str] = field(default_factory=list)
-    freshly_imported: bool = False
+    name: str                 # file name, or "dataframe" / "records"
+    path: Path | None         # None for an in-memory input
+
+    @property
+    def stem(self) -> str:
+        return self.path.stem if self.path else self.name
 
 
 def input_options(s: Settings) -> InputOptions:
@@ -50,100 +64,174 @@ def input_options(s: Settings) -> InputOptions:
                         delimiter=s.delimiter, encoding=s.encoding, sheet=s.sheet, header_row=s.header_row)
 
 
+def read_input(source: Source, options: InputOptions) -> Input:
+    """Open a file path, a DataFrame or an iterable of pairs/mappings. Raises InputFileError/UsageError."""
+    if source is None:
+        raise UsageError("no input given", "capbatch run INPUT.csv|INPUT.xlsx (from code: run_backfill(source))")
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.exists():
+            raise InputFileError(f"input file {path} does not exist",
+                                 "check the path (relative to the current directory)")
+        if path.is_dir():
+            raise InputFileError(f"{path} is a directory, not a spreadsheet",
+                                 "pass a .csv, .tsv, .txt, .xlsx or .xls file")
+        table = open_input(path, options)
+        return Input(table, file_sha256(path), path.name, path)
+    if is_dataframe(source):
+        memory = open_frame(source, options)
+    elif isinstance(source, (bytes, bytearray)) or not _iterable(source) or _is_mapping(source):
+        raise UsageError(
+            f"the input is a {type(source).__name__}, not a path, a pandas.DataFrame or an iterable of "
+            "(card, external_id) pairs or of mappings",
+            "for a dict of card -> external id pass d.items(); for columns pass pandas.DataFrame(d)"
+            if _is_mapping(source) else "e.g. run_backfill('cards.csv') or run_backfill(df)")
+    else:
+        memory = open_records(source, options)
+    return Input(memory, memory.sha256(), memory.name, None)
+
+
+def _iterable(obj: object) -> bool:
+    try:
+        iter(obj)  # type: ignore[call-overload]
+    except TypeError:
+        return False
+    return True
+
+
+def _is_mapping(obj: object) -> bool:
+    from collections.abc import Mapping
+
+    return isinstance(obj, Mapping)
+
+
+# ==== 2. rules =======================================================================================
 def rule_settings(s: Settings) -> RuleSettings:
     return RuleSettings(external_id_length=s.external_id_length, external_id_pattern=s.external_id_pattern,
                         strip_invisible=s.strip_invisible, allow_missing_external_id=s.generate_missing)
 
 
-def _validation_fingerprint(s: Settings, table: InputTable) -> dict[str, Any]:
-    """Everything that decides which rows are valid: a resumed run must use the same."""
-    return {
-        "card_column": table.card_column, "external_id_column": table.external_id_column,
-        "sheet": table.sheet, "header_row": s.header_row, "delimiter": table.delimiter,
-        "encoding": table.encoding, "external_id_length": s.external_id_length,
-        "external_id_pattern": s.external_id_pattern, "strip_invisible": s.strip_invisible,
-        "generate_missing": s.generate_missing,
-    }
-
-
-def default_run_dir(s: Settings, input_path: Path, sha256: str) -> Path:
-    return s.reports_dir / f"{input_path.stem}-{sha256[:12]}"
-
-
-def prepare(s: Settings, run_dir: Path | None = None) -> Prepared:
-    """Open the input, open (or create) the ledger, and import + validate the rows the first time."""
-    if s.input is None:
-        raise UsageError("no input file given", "capbatch run INPUT.csv|INPUT.xlsx")
-    path = Path(s.input)
-    if not path.exists():
-        raise InputFileError(f"input file {path} does not exist", "check the path (relative to the current directory)")
-    if path.is_dir():
-        raise InputFileError(f"{path} is a directory, not a spreadsheet", "pass a .csv, .tsv, .txt, .xlsx or .xls file")
-    rules = rule_settings(s)
-    table = open_input(path, input_options(s))
-    sha = file_sha256(path)
-    explicit = run_dir is not None or s.run_dir is not None
-    run_dir = Path(run_dir or s.run_dir or default_run_dir(s, path, sha))
-    ledger = Ledger.open(run_dir)
-    try:
-        fingerprint = _validation_fingerprint(s, table)
-        fresh = False
-        if ledger.is_imported():
-            known = ledger.get_meta("input_sha256")
-            if known != sha:
-                raise LedgerError(
-                    f"run directory {run_dir} belongs to different input content "
-                    f"(ledger {known[:12] if known else '?'}…, {path.name} is {sha[:12]}…)",
-                    "the file changed since that run: use a new --run-dir (or omit it) to start a new run, "
-                    "or restore the original file to resume" if explicit else "use a new --run-dir")
-            stored = ledger.get_meta_json("validation", {})
-            if stored != fingerprint:
-                changed = sorted(k for k in fingerprint if stored.get(k) != fingerprint[k])
-                raise LedgerError(
-                    f"run directory {run_dir} was validated with different settings ({', '.join(changed)})",
-                    "rerun with the settings of the original run to resume, or use a new --run-dir")
-        else:
-            ledger.reset_import()
-            ledger.import_rows(_ledger_rows(table, rules))
-            ledger.apply_cross_row_rules(allow_empty_external_id=s.generate_missing)
-            ledger.set_meta("input_name", path.name)
-            ledger.set_meta("input_path", str(path.resolve()))
-            ledger.set_meta("input_sha256", sha)
-            ledger.set_meta("columns", json.dumps(table.columns, ensure_ascii=False))
-            ledger.set_meta("mapping", json.dumps({"cardNumber": table.card_column,
-                                                   "cardExternalId": table.external_id_column},
-                                                  ensure_ascii=False))
-            ledger.set_meta("validation", json.dumps(fingerprint))
-            ledger.mark_imported()
-            fresh = True
-    except BaseException:
-        ledger.close()
-        raise
-    return Prepared(ledger, run_dir, table, sha, list(table.notes), fresh)
-
-
-def _ledger_rows(table: InputTable, rules: RuleSettings) -> Iterator[tuple[Any, ...]]:
+def checked_rows(table: InputTable | MemoryTable, rules: RuleSettings) -> Iterator[tuple[Any, ...]]:
+    """Every input row with its verdict, as the ledger stores it."""
     dumps = json.JSONEncoder(ensure_ascii=False).encode   # one encoder, not one per row
     for row in table.rows():
-        v: Verdict = check_row(row, rules)
+        v = check_row(row, rules)
         yield (row.sheet, row.row_number, dumps(row.values), v.card, v.external_id,
                "rejected" if v.reason_code else "pending", v.reason_code, v.reason, v.column)
 
 
+def validation_fingerprint(inp: Input, header_row: int, rules: RuleSettings) -> dict[str, Any]:
+    """Everything that decides which rows are valid: a resumed run must use the same."""
+    t = inp.table
+    return {
+        "card_column": t.card_column, "external_id_column": t.external_id_column,
+        "sheet": t.sheet, "header_row": header_row, "delimiter": t.delimiter,
+        "encoding": t.encoding, "external_id_length": rules.external_id_length,
+        "external_id_pattern": rules.external_id_pattern, "strip_invisible": rules.strip_invisible,
+        "generate_missing": rules.allow_missing_external_id,
+    }
+
+
+# ==== 3. ledger ======================================================================================
+def default_run_dir(reports_dir: Path, inp: Input, job: str | None = None, latest: bool = False) -> Path:
+    """reports/<input>-<content hash>: the same content (file or in-memory) finds the same run again.
+    A job's runs go under reports/<job>/ (see jobs.run_dir_for; ``latest``: --retry-failed)."""
+    if job:
+        return jobs.run_dir_for(reports_dir, job, inp.stem, inp.sha256, latest=latest)
+    return reports_dir / f"{inp.stem}-{inp.sha256[:12]}"
+
+
+def load_ledger(run_dir: Path, inp: Input, rules: RuleSettings, fingerprint: dict[str, Any],
+                changed_hint: str) -> tuple[Ledger, bool]:
+    """Open (or create) the run's ledger; import and check the rows the first time. Returns
+    (ledger, freshly_imported). Resuming with other content or other validation settings, or a run
+    that was reverted, is refused; ``changed_hint`` is what to say when the content changed."""
+    ledger = Ledger.open(run_dir)
+    try:
+        if ledger.is_imported():
+            _check_same_run(ledger, run_dir, inp, fingerprint, changed_hint)
+            return ledger, False
+        ledger.reset_import()
+        ledger.import_rows(checked_rows(inp.table, rules))
+        ledger.apply_cross_row_rules(allow_empty_external_id=rules.allow_missing_external_id)
+        ledger.set_meta("input_name", inp.name)
+        ledger.set_meta("input_path", str(inp.path.resolve()) if inp.path else "")
+        ledger.set_meta("input_sha256", inp.sha256)
+        ledger.set_meta("columns", json.dumps(inp.table.columns, ensure_ascii=False))
+        ledger.set_meta("mapping", json.dumps({"cardNumber": inp.table.card_column,
+                                               "cardExternalId": inp.table.external_id_column},
+                                              ensure_ascii=False))
+        ledger.set_meta("validation", json.dumps(fingerprint))
+        ledger.mark_imported()
+    except BaseException:
+        ledger.close()
+        raise
+    return ledger, True
+
+
+def _check_same_run(ledger: Ledger, run_dir: Path, inp: Input, fingerprint: dict[str, Any],
+                    changed_hint: str) -> None:
+    known = ledger.get_meta("input_sha256")
+    if known != inp.sha256:
+        raise LedgerError(
+            f"run directory {run_dir} belongs to different input content "
+            f"(ledger {known[:12] if known else '?'}…, {inp.name} is {inp.sha256[:12]}…)", changed_hint)
+    if ledger.get_meta("reverted_at"):
+        raise LedgerError(f"the run in {run_dir} was reverted (capbatch revert) and cannot be resumed",
+                          "fix the input and start a new run (a changed file gets a new run directory)")
+    stored = ledger.get_meta_json("validation", {})
+    if stored != fingerprint:
+        changed = sorted(k for k in fingerprint if stored.get(k) != fingerprint[k])
+        raise LedgerError(
+            f"run directory {run_dir} was validated with different settings ({', '.join(changed)})",
+            "rerun with the settings of the original run to resume, or use a new --run-dir")
+
+
+@dataclass
+class Prepared:
+    """An input read, validated and loaded into a ledger."""
+
+    ledger: Ledger
+    run_dir: Path
+    table: InputTable | MemoryTable
+    sha256: str
+    notes: list[str] = field(default_factory=list)
+    freshly_imported: bool = False
+
+
+def prepare(s: Settings, run_dir: Path | None = None, source: Source = None) -> Prepared:
+    """Stages 1-3: read ``source`` (default ``s.input``), check every row, load the run's ledger."""
+    inp = read_input(s.input if source is None else source, input_options(s))
+    rules = rule_settings(s)
+    explicit = run_dir is not None or s.run_dir is not None
+    run_dir = Path(run_dir or s.run_dir or default_run_dir(s.reports_dir, inp, s.job, s.retry_failed))
+    hint = _changed_input_hint(s, "file" if inp.path else "data") if explicit else "use a new --run-dir"
+    ledger, fresh = load_ledger(run_dir, inp, rules, validation_fingerprint(inp, s.header_row, rules), hint)
+    return Prepared(ledger, run_dir, inp.table, inp.sha256, list(inp.table.notes), fresh)
+
+
+def _changed_input_hint(s: Settings, what: str = "file") -> str:
+    if s.job:
+        return (f"the {what} changed since that run. With --job every export gets its own run directory under "
+                f"{jobs.job_dir(s.reports_dir, s.job)}: drop --run-dir. To resume that run, restore the "
+                f"original {what}")
+    return (f"the {what} changed since that run. For a nightly export, drop --run-dir and name a job instead "
+            "(--job NAME --skip-confirmed): every export gets its own run directory and the job remembers "
+            f"the pairs already confirmed (README: Nightly jobs). To resume that run, restore the original {what}")
+
+
 def validation_report(ledger: Ledger) -> dict[str, Any]:
     counts = ledger.counts()
-    by_reason = {code: n for code, n in ledger.query(
-        "SELECT reason_code, count(*) FROM rows WHERE state IN ('rejected','duplicate') "
-        "GROUP BY reason_code ORDER BY 2 DESC")}
-    first = [
-        {"row": row_label(sheet, number), "reason": reason}
-        for sheet, number, reason in ledger.query(
-            "SELECT sheet, row_number, reason FROM rows WHERE state='rejected' ORDER BY id LIMIT ?",
-            (PROBLEMS_SHOWN,))
-    ]
+    by_reason: Counter[str] = Counter()
+    first: list[dict[str, Any]] = []
+    for r in ledger.rows_in_states(("rejected", "duplicate")):
+        by_reason[r["reason_code"]] += 1
+        if r["state"] == "rejected" and len(first) < PROBLEMS_SHOWN:
+            first.append({"row": row_label(r["sheet"], r["row_number"]), "reason": r["reason"]})
     valid = counts["pending"] + counts["in_flight"] + counts["succeeded"] + counts["failed"] + counts["unchanged"]
     return {"rows": sum(counts.values()), "valid": valid, "rejected": counts["rejected"],
-            "duplicates": counts["duplicate"], "by_reason": by_reason, "first_problems": first}
+            "duplicates": counts["duplicate"], "by_reason": dict(by_reason.most_common()),
+            "first_problems": first}
 
 
 def log_validation(notes: list[str], v: dict[str, Any]) -> None:
@@ -160,166 +248,156 @@ def log_validation(notes: list[str], v: dict[str, Any]) -> None:
                     v["rejected"] - len(v["first_problems"]))
 
 
-def run_async(coro: Any) -> Any:
-    """asyncio.run, also from code that already has a running loop (a notebook): then on a thread."""
+# ==== 4. engine ======================================================================================
+class StopSwitch:
+    """Stops a run from any thread: the first press lets requests in flight finish (grace period),
+    the second cuts them off at once. Signal handlers, Ctrl-C in a notebook and a cancelled
+    ``run_backfill_async`` all press it; a press before the engine starts means it never starts."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.presses = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._engine: Engine | None = None
+        self._task: asyncio.Future[Any] | None = None
+
+    @property
+    def pressed(self) -> bool:
+        return self.presses > 0
+
+    @property
+    def hard(self) -> bool:
+        return self.presses > 1
+
+    def press(self, why: str) -> None:
+        with self._lock:
+            self.presses += 1
+            loop = self._loop
+        if loop is not None:
+            loop.call_soon_threadsafe(self._apply, why)
+
+    def _attach(self, loop: asyncio.AbstractEventLoop, engine: Engine, task: asyncio.Future[Any]) -> None:
+        with self._lock:
+            self._loop, self._engine, self._task = loop, engine, task
+            early = self.presses
+        for _ in range(early):
+            self._apply("stop requested before the run started")
+
+    def _detach(self) -> None:
+        with self._lock:
+            self._loop = self._engine = self._task = None
+
+    def _apply(self, why: str) -> None:
+        engine, task = self._engine, self._task
+        if engine is None or task is None or task.done():
+            return
+        if not engine.interrupted:
+            log.warning("%s: stopping — finishing requests in flight (up to %g s); "
+                        "press Ctrl-C again to stop at once", why, engine.s.grace_period)
+            engine.request_stop()
+        elif self.hard:
+            log.warning("%s again: stopping now; the ledger is consistent, rerun to resume", why)
+            task.cancel()
+
+
+@contextlib.contextmanager
+def _signals_press(switch: StopSwitch, loop: asyncio.AbstractEventLoop) -> Iterator[None]:
+    """SIGINT/SIGTERM press the switch while the engine runs — only in the main thread — and the
+    host's own handlers (an orchestrator's SIGTERM handler) are put back afterwards, whatever happens."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous: dict[signal.Signals, Any] = {}
+
+    def on_signal(signum: int, _frame: object) -> None:
+        loop.call_soon_threadsafe(switch.press, signal.Signals(signum).name)
+
     try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(coro)
-    import concurrent.futures
-
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="capbatch-run") as pool:
-        return pool.submit(asyncio.run, coro).result()
-
-
-# ---- validate -------------------------------------------------------------------------------------
-def validate(s: Settings, output: Path | None = None) -> dict[str, Any]:
-    """Read and check the input without any network. Writes a validation CSV; returns the counts.
-
-    ``exit_code`` in the result: 0 all valid, 1 some rows rejected (file-level problems raise).
-    """
-    with tempfile.TemporaryDirectory(prefix="capbatch-validate-") as tmp:
-        prepared = prepare(s, run_dir=Path(tmp))
-        try:
-            v = validation_report(prepared.ledger)
-            out = output or (s.reports_dir / f"{Path(s.input or 'input').stem}.validation.csv")
-            _write_validation_csv(prepared.ledger, out)
-            v["validation_csv"] = str(out)
-            v["notes"] = prepared.notes
-            log_validation(prepared.notes, v)
-            log.info("validation details written to %s", out)
-        finally:
-            prepared.ledger.close()
-    v["exit_code"] = 1 if v["rejected"] else 0
-    return v
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            old = signal.getsignal(sig)
+            if old is None or old is signal.SIG_IGN:   # set from C (could not be put back), or ignored on purpose
+                continue
+            signal.signal(sig, on_signal)
+            previous[sig] = old
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
-def _write_validation_csv(ledger: Ledger, out: Path) -> None:
-    import csv
+async def _engine_session(s: Settings, ledger: Ledger, base_url: str, switch: StopSwitch) -> EngineResult:
+    from .api import CapillaryClient
+    from .engine import Engine
+    from .progress import Progress, choose_mode
 
-    columns = ledger.get_meta_json("columns", [])
-    mapping = ledger.get_meta_json("mapping", {})
-    header_of = {"card": mapping.get("cardNumber", ""), "external_id": mapping.get("cardExternalId", "")}
-    n = report.neutralise
-
-    def write(fh: Any) -> None:
-        w = csv.writer(fh)
-        w.writerow(["sheet", "row", "column", "value", "reason_code", "reason"])
-        for r in ledger.iter_rows("WHERE state IN ('rejected', 'duplicate')"):
-            column = header_of.get(r["problem_column"] or "", "")
-            values = json.loads(r["original"])
-            at = columns.index(column) if column in columns else len(values)
-            value = values[at] if at < len(values) else ""
-            w.writerow([n(r["sheet"] or ""), r["row_number"], n(column), n(value), r["reason_code"],
-                        n(r["reason"])])
-
-    report.atomic_write(out, write)
-
-
-# ---- run ------------------------------------------------------------------------------------------
-def run(s: Settings) -> dict[str, Any]:
-    """Run (or resume) a backfill. Returns the summary dict (also written to summary.json).
-
-    Raises the same :class:`~capbatch.errors.CapbatchError` subclasses the CLI reports; a run that
-    ends with failed or rejected rows is not an exception: read ``summary["exit_code"]``.
-    """
-    if s.skip_confirmed and not s.job:
-        raise UsageError("--skip-confirmed needs --job NAME", "name the job whose earlier runs confirmed the pairs")
-    if s.job:
-        jobs.check_name(s.job)
-    if s.dry_run:
-        return check_remote(s) if s.check_remote else validate(s)
-    base_url = target_url(s)
-    _require_credentials(s)
-    if not s.verify_tls:
-        log.warning("TLS certificate verification is OFF (--no-verify-tls): use this only for a trusted test host")
-    prepared = prepare(s)
-    ledger, run_dir = prepared.ledger, prepared.run_dir
-    file_log = _attach_json_log(run_dir)
-    invocation = ledger.start_invocation()
-    started_at = time.time()
-    result: EngineResult | None = None
-    try:
-        v = validation_report(ledger)
-        log_validation(prepared.notes if prepared.freshly_imported else prepared.notes[:1], v)
-        log.info("run directory: %s", run_dir)
-        if not prepared.freshly_imported:
-            counts = ledger.counts()
-            log.info("resuming: %s", report.status_line(counts))
-        ledger.set_meta("settings", json.dumps(s.public_dict(), default=str))
-        if s.job and s.skip_confirmed:
-            skipped = jobs.skip_confirmed(ledger, jobs.store_path(s.reports_dir), s.job)
-            log.info("job %s: %d rows already confirmed by earlier runs, settled without a request", s.job, skipped)
-        log.info("target %s, auth %s, rate %s, concurrency %d", base_url, s.credentials.kind,
-                 s.rate or "unlimited", s.concurrency)
-        result = run_async(_run_engine(s, ledger, base_url))
-    except BaseException as exc:
-        code = getattr(exc, "exit_code", report.EXIT_INTERRUPTED if isinstance(exc, KeyboardInterrupt)
-                       else report.EXIT_ABORTED)
-        ledger.end_invocation(invocation, code, "interrupted" if code == report.EXIT_INTERRUPTED else "error", 0)
-        _detach(file_log)
-        ledger.close()
-        raise
-    stop = result.stop
-    counts = ledger.counts()
-    exit_code = report.exit_code_for(counts, stop)
-    ledger.end_invocation(invocation, exit_code, stop, result.counters.requests)
-    summary = report.write_reports(ledger, run_dir, stop=stop, message=result.message,
-                                   extra={"this_invocation": {
-                                       "requests": result.counters.requests,
-                                       "retries": result.counters.retries,
-                                       "throttle_events": result.throttle_events,
-                                       "outages": result.outages,
-                                       "outage_seconds": round(result.outage_seconds, 3)}})
-    if s.job:
-        jobs.remember(ledger, jobs.store_path(s.reports_dir), s.job, run_dir, summary, started_at)
-    _log_summary(summary)
-    _detach(file_log)
-    ledger.close()
-    if stop == "aborted":
-        raise RunAborted(f"run aborted: {result.message}",
-                         f"fix the cause, then rerun the same command to resume ({_rows_left(counts)})")
-    if stop == "interrupted":
-        raise Interrupted("run interrupted", "rerun the same command to resume where it stopped")
-    return summary
-
-
-async def _run_engine(s: Settings, ledger: Ledger, base_url: str) -> EngineResult:
     async with CapillaryClient(base_url, s.credentials, timeout=s.timeout, verify_tls=s.verify_tls,
                                max_connections=s.concurrency + 4, extra_fields=dict(s.extra_fields)) as client:
         engine = Engine(s, ledger, client)
         progress = Progress(choose_mode(s.progress, s.quiet), s.progress_interval)
         loop = asyncio.get_running_loop()
-        presses = 0
-
-        def on_signal(signame: str) -> None:
-            nonlocal presses
-            presses += 1
-            if presses == 1:
-                log.warning("%s: stopping — finishing requests in flight (up to %g s); "
-                            "press Ctrl-C again to exit at once", signame, s.grace_period)
-                engine.request_stop()
-            else:
-                log.warning("second %s: exiting now; the ledger is consistent, rerun to resume", signame)
-                try:
-                    engine.writer.flush()
-                finally:
-                    os._exit(report.EXIT_INTERRUPTED)
-
-        installed = []
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                loop.add_signal_handler(sig, on_signal, sig.name)
-                installed.append(sig)
-            except (NotImplementedError, RuntimeError):  # not the main thread (library use)
-                pass
+        task = asyncio.ensure_future(engine.run())
         progress.start(engine.counters)
-        try:
-            return await engine.run()
-        finally:
-            await progress.stop()
-            for sig in installed:
-                loop.remove_signal_handler(sig)
+        with _signals_press(switch, loop):
+            switch._attach(loop, engine, task)
+            try:
+                return await task
+            except asyncio.CancelledError:
+                if switch.hard and task.cancelled():
+                    raise Interrupted("run stopped at once (second Ctrl-C/SIGTERM)",
+                                      "rerun the same command to resume; rows that were in flight are "
+                                      "checked first") from None
+                raise
+            finally:
+                switch._detach()
+                await progress.stop()
+
+
+async def _run_engine(s: Settings, ledger: Ledger, base_url: str) -> EngineResult:
+    """The engine stage as a coroutine (capbatch revert runs it on its own ledger)."""
+    return await _engine_session(s, ledger, base_url, StopSwitch())
+
+
+def send_rows(s: Settings, ledger: Ledger, base_url: str, switch: StopSwitch) -> EngineResult:
+    """Stage 4: settle every pending row of ``ledger`` through the API. The engine takes the whole
+    Settings (rate, retries, modes, grace period...); this stage adds the client and the stop switch."""
+    return run_async(lambda: _engine_session(s, ledger, base_url, switch), switch)
+
+
+def run_async(coro: Any, switch: StopSwitch | None = None) -> Any:
+    """Run a coroutine to completion from synchronous code — also where this thread already runs an
+    event loop (a notebook, an async framework): then on a thread of its own, and Ctrl-C here presses
+    ``switch``. ``coro`` may be a coroutine or a function making one."""
+    make = coro if callable(coro) else (lambda: coro)
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(make())
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="capbatch-run") as pool:
+        future = pool.submit(lambda: asyncio.run(make()))
+        while True:
+            try:
+                # Short waits: a signal that lands on another thread only raises KeyboardInterrupt here
+                # once this thread runs Python code again.
+                if concurrent.futures.wait([future], timeout=0.2).done:
+                    return future.result()
+            except KeyboardInterrupt:
+                if switch is None:
+                    raise
+                switch.press("Ctrl-C")
+
+
+# ==== 5. reports =====================================================================================
+def write_run_reports(ledger: Ledger, run_dir: Path, result: EngineResult) -> Summary:
+    """Stage 5: results.csv, failures.csv, summary.json, report.html from the ledger."""
+    return Summary(report.write_reports(ledger, run_dir, stop=result.stop, message=result.message,
+                                        extra={"this_invocation": {
+                                            "requests": result.counters.requests,
+                                            "retries": result.counters.retries,
+                                            "throttle_events": result.throttle_events,
+                                            "outages": result.outages,
+                                            "outage_seconds": round(result.outage_seconds, 3)}}))
 
 
 def _rows_left(counts: dict[str, int]) -> str:
@@ -332,17 +410,25 @@ def _rows_left(counts: dict[str, int]) -> str:
 
 def _log_summary(summary: dict[str, Any]) -> None:
     c = summary["counts"]
+    audit = summary.get("audit")
     stop = summary.get("stop")
     log.info(
         "%s: %d succeeded, %d unchanged, %d failed, %d rejected, %d duplicates, %s — "
-        "%d requests, %.1f rows/s; reports in %s", "done" if stop == "done" else f"stopped ({stop})",
+        "%d requests, %.1f rows/s%s; reports in %s", "done" if stop == "done" else f"stopped ({stop})",
         c["succeeded"], c["unchanged"], c["failed"], c["rejected"], c["duplicate"],
         _rows_left(c), summary["this_invocation"]["requests"],
-        summary["throughput_rows_per_second"], summary["run_dir"])
+        summary["throughput_rows_per_second"],
+        f"; audit: {audit['rows']} re-read, {audit['drift_fixed']} drifted and put back" if audit else "",
+        summary["run_dir"])
     if summary.get("warnings_by_code"):
         log.info("answers carried warnings: %s", ", ".join(
             f"{code or '?'} {w['message']!r} on {w['rows']} rows" for code, w in summary["warnings_by_code"].items()))
-    if c["failed"] or c["rejected"]:
+    job = (summary.get("settings") or {}).get("job")
+    if (c["failed"] or c["rejected"]) and job:
+        log.info("failed rows go out again with the next run of job %s (now: the same command with "
+                 "--retry-failed); rejected rows need a fixed export; details in %s",
+                 job, Path(summary["run_dir"]) / report.FAILURES_CSV)
+    elif c["failed"] or c["rejected"]:
         log.info("fix the rows in %s and feed it back: capbatch run %s ...",
                  Path(summary["run_dir"]) / report.FAILURES_CSV, Path(summary["run_dir"]) / report.FAILURES_CSV)
 
@@ -370,6 +456,147 @@ def _detach(handler: logging.Handler | None) -> None:
         handler.close()
 
 
+# ==== the entry points ===============================================================================
+def run(s: Settings, source: Source = None, *, stop: StopSwitch | None = None) -> Summary | dict[str, Any]:
+    """Run (or resume) a backfill of ``source`` (default ``s.input``). Returns the summary (also
+    written to summary.json); with ``dry_run`` the validation counts (see :func:`validate`).
+
+    Raises the same :class:`~capbatch.errors.CapbatchError` subclasses the CLI reports; a run that
+    ends with failed or rejected rows is not an exception: read ``summary.exit_code``. ``stop`` lets
+    another thread stop the run (the library's async entry point uses it).
+    """
+    if s.job and not s.dry_run:
+        with jobs.lock(s.reports_dir, jobs.check_name(s.job)):   # one run of a job at a time
+            return _run(s, source, stop)
+    return _run(s, source, stop)
+
+
+def _run(s: Settings, source: Source, stop: StopSwitch | None) -> Summary | dict[str, Any]:
+    if s.skip_confirmed and not s.job:
+        raise UsageError("--skip-confirmed needs --job NAME", "name the job whose earlier runs confirmed the pairs")
+    if s.audit_fraction and not s.skip_confirmed:
+        raise UsageError("--audit-fraction needs --skip-confirmed",
+                         "the audit re-reads a slice of the pairs --skip-confirmed would not send; "
+                         "without it every row is sent anyway")
+    if s.job:
+        jobs.check_name(s.job)
+        folder = jobs.job_dir(s.reports_dir, s.job)
+        if s.run_dir and Path(s.run_dir).resolve() == folder.resolve():
+            raise UsageError(f"--run-dir {s.run_dir} is the folder of job {s.job} itself",
+                             f"drop --run-dir: with --job every export gets its own run directory under {folder}")
+    if s.dry_run:
+        return check_remote(s, source) if s.check_remote else validate(s, source=source)
+    base_url = target_url(s)
+    _require_credentials(s)
+    if not s.verify_tls:
+        log.warning("TLS certificate verification is OFF (--no-verify-tls): use this only for a trusted test host")
+    if s.job:
+        jobs.bind_target(jobs.store_path(s.reports_dir), s.job, base_url)
+    switch = stop or StopSwitch()
+    prepared = prepare(s, source=source)
+    ledger, run_dir = prepared.ledger, prepared.run_dir
+    file_log = _attach_json_log(run_dir)
+    invocation = ledger.start_invocation()
+    started_at = time.time()
+    try:
+        v = validation_report(ledger)
+        log_validation(prepared.notes if prepared.freshly_imported else prepared.notes[:1], v)
+        log.info("run directory: %s", run_dir)
+        if not prepared.freshly_imported:
+            log.info("resuming: %s", report.status_line(ledger.counts()))
+        ledger.set_meta("settings", json.dumps(s.public_dict(), default=str))
+        if s.retry_failed:
+            log.info("--retry-failed: %d failed rows go out again (rejected rows stay rejected)",
+                     ledger.requeue_failed())
+        if s.job:
+            ledger.set_meta("job", s.job)
+            ledger.set_meta("job_store", str(jobs.store_path(s.reports_dir).resolve()))
+        if s.job and s.skip_confirmed:
+            skipped, audited = jobs.skip_confirmed(ledger, jobs.store_path(s.reports_dir), s.job, s.audit_fraction)
+            log.info("job %s: %d rows already confirmed by earlier runs, settled without a request", s.job, skipped)
+            if s.audit_fraction:
+                log.info("job %s: rolling audit re-reads %d confirmed pairs this run (--audit-fraction %g)",
+                         s.job, audited, s.audit_fraction)
+        if switch.pressed:
+            raise Interrupted("run stopped before the first request", "rerun the same command to resume")
+        log.info("target %s, auth %s, rate %s, concurrency %d", base_url, s.credentials.kind,
+                 s.rate or "unlimited", s.concurrency)
+        result = send_rows(s, ledger, base_url, switch)
+    except BaseException as exc:
+        code = getattr(exc, "exit_code", report.EXIT_INTERRUPTED if isinstance(exc, KeyboardInterrupt)
+                       else report.EXIT_ABORTED)
+        ledger.end_invocation(invocation, code, "interrupted" if code == report.EXIT_INTERRUPTED else "error", 0)
+        _detach(file_log)
+        ledger.close()
+        raise
+    counts = ledger.counts()
+    ledger.end_invocation(invocation, report.exit_code_for(counts, result.stop), result.stop,
+                          result.counters.requests)
+    summary = write_run_reports(ledger, run_dir, result)
+    if s.job:
+        jobs.remember(ledger, jobs.store_path(s.reports_dir), s.job, run_dir, summary, started_at)
+    _log_summary(summary)
+    _detach(file_log)
+    ledger.close()
+    if result.stop == "aborted":
+        raise RunAborted(f"run aborted: {result.message}",
+                         f"fix the cause, then rerun the same command to resume ({_rows_left(counts)})")
+    if result.stop == "interrupted":
+        raise Interrupted("run interrupted", "rerun the same command to resume where it stopped")
+    return summary
+
+
+def validate(s: Settings, output: Path | None = None, source: Source = None) -> dict[str, Any]:
+    """Read and check the input without any network. Writes a validation CSV; returns the counts.
+
+    ``exit_code`` in the result: 0 all valid, 1 some rows rejected (file-level problems raise).
+    """
+    with tempfile.TemporaryDirectory(prefix="capbatch-validate-") as tmp:
+        prepared = prepare(s, run_dir=Path(tmp), source=source)
+        try:
+            v = validation_report(prepared.ledger)
+            out = output or (s.reports_dir / f"{_stem(s, source)}.validation.csv")
+            _write_validation_csv(prepared.ledger, out)
+            v["validation_csv"] = str(out)
+            v["notes"] = prepared.notes
+            log_validation(prepared.notes, v)
+            log.info("validation details written to %s", out)
+        finally:
+            prepared.ledger.close()
+    v["exit_code"] = 1 if v["rejected"] else 0
+    return v
+
+
+def _stem(s: Settings, source: Source) -> str:
+    """The name reports beside the run directories take: the input file's stem, or what it is."""
+    given = s.input if source is None else source
+    if isinstance(given, (str, os.PathLike)):
+        return Path(given).stem
+    return "dataframe" if is_dataframe(given) else "records"
+
+
+def _write_validation_csv(ledger: Ledger, out: Path) -> None:
+    import csv
+
+    columns = ledger.get_meta_json("columns", [])
+    mapping = ledger.get_meta_json("mapping", {})
+    header_of = {"card": mapping.get("cardNumber", ""), "external_id": mapping.get("cardExternalId", "")}
+    n = report.neutralise
+
+    def write(fh: Any) -> None:
+        w = csv.writer(fh)
+        w.writerow(["sheet", "row", "column", "value", "reason_code", "reason"])
+        for r in ledger.rows_in_states(("rejected", "duplicate")):
+            column = header_of.get(r["problem_column"] or "", "")
+            values = json.loads(r["original"])
+            at = columns.index(column) if column in columns else len(values)
+            value = values[at] if at < len(values) else ""
+            w.writerow([n(r["sheet"] or ""), r["row_number"], n(column), n(value), r["reason_code"],
+                        n(r["reason"])])
+
+    report.atomic_write(out, write)
+
+
 def status(run_dir: Path) -> dict[str, Any]:
     ledger = Ledger.open_readonly(run_dir)
     try:
@@ -379,30 +606,29 @@ def status(run_dir: Path) -> dict[str, Any]:
         ledger.close()
 
 
-def rebuild_reports(run_dir: Path) -> dict[str, Any]:
+def rebuild_reports(run_dir: Path) -> Summary:
     ledger = Ledger.open_readonly(run_dir)
     try:
-        return report.write_reports(ledger, run_dir)
+        return Summary(report.write_reports(ledger, run_dir))
     finally:
         ledger.close()
 
 
-
 # ---- read-only checks against the API -------------------------------------------------------------
-def check_remote(s: Settings) -> dict[str, Any]:
+def check_remote(s: Settings, source: Source = None) -> dict[str, Any]:
     """``run --dry-run --check-remote``: validate, then read every valid card; send and record nothing."""
     from .verify import Target, check_cards
 
     base_url = target_url(s)
     _require_credentials(s)
     with tempfile.TemporaryDirectory(prefix="capbatch-check-") as tmp:
-        prepared = prepare(s, run_dir=Path(tmp))
+        prepared = prepare(s, run_dir=Path(tmp), source=source)
         try:
             v = validation_report(prepared.ledger)
             log_validation(prepared.notes, v)
             targets = (Target(row_label(r["sheet"], r["row_number"]), r["card"], r["external_id"])
-                       for r in prepared.ledger.iter_rows("WHERE state='pending'"))
-            out = s.reports_dir / f"{Path(s.input or 'input').stem}.check-remote.csv"
+                       for r in prepared.ledger.rows_in_states(("pending",)))
+            out = s.reports_dir / f"{_stem(s, source)}.check-remote.csv"
             counts = check_cards(s, base_url, targets, out)
         finally:
             prepared.ledger.close()
@@ -427,15 +653,15 @@ def verify(s: Settings, target: Path) -> dict[str, Any]:
         if target.is_dir():
             ledger = Ledger.open_readonly(target)
             out = target / "verify.csv"
-            where = "WHERE state IN ('succeeded', 'unchanged')"
+            states: tuple[str, ...] = ("succeeded", "unchanged")
         else:
             tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="capbatch-verify-"))
             ledger = prepare(replace(s, input=target), run_dir=Path(tmp)).ledger
             out = s.reports_dir / f"{target.stem}.verify.csv"
-            where = "WHERE state='pending'"
+            states = ("pending",)
         stack.callback(ledger.close)
         targets = (Target(row_label(r["sheet"], r["row_number"]), r["card"], r["external_id"])
-                   for r in ledger.iter_rows(where))
+                   for r in ledger.rows_in_states(states))
         counts = check_cards(s, base_url, targets, out)
     log.info("verify: %d match, %d differ, %d cards missing, %d unreadable; details in %s",
              counts["match"], counts["differs"], counts["missing"], counts["error"], out)
@@ -450,3 +676,4 @@ def _require_credentials(s: Settings) -> None:
             "export CAPILLARY_USERNAME and CAPILLARY_PASSWORD (Basic auth) or "
             "CAPILLARY_CLIENT_KEY and CAPILLARY_CLIENT_SECRET (OAuth); they are never read from flags",
         )
+

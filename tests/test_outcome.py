@@ -303,23 +303,26 @@ def test_clusters_and_extra_fields_settings(tmp_path, run_cli):
     assert "india (= apac)" in help_text and "intouch-sea" in help_text and "--extra-field" in help_text
 
 
-def test_a_version_1_ledger_gains_the_warnings_column(tmp_path):
+def test_a_ledger_from_before_the_warnings_column_is_read_and_upgraded(tmp_path):
     import sqlite3
 
-    from capbatch.ledger import _SCHEMA, Ledger
+    from capbatch.ledger import SCHEMA_VERSION, Ledger
+    from capbatch.report import write_reports
 
-    run_dir = tmp_path / "old"
-    run_dir.mkdir()
-    conn = sqlite3.connect(run_dir / "ledger.sqlite")
-    conn.executescript(_SCHEMA.replace(",\n    warnings TEXT", "").replace(
-        "-- JSON array of {\"code\", \"message\"} the API's answers carried", ""))
-    conn.execute("INSERT INTO meta VALUES ('schema_version', '1')")
-    conn.commit()
+    with Ledger.open(tmp_path) as ledger:
+        ledger.import_rows([(None, 2, '["1","A"]', "1", "A", "pending", None, None, None)])
+        ledger.set_meta("columns", '["cardNumber", "cardExternalId"]')
+    conn = sqlite3.connect(tmp_path / "ledger.sqlite")
+    conn.executescript(f"ALTER TABLE rows DROP COLUMN warnings; "
+                       f"UPDATE meta SET value='{SCHEMA_VERSION - 1}' WHERE key='schema_version';")
     conn.close()
-    with Ledger.open(run_dir) as ledger:
-        assert ledger.get_meta("schema_version") == "2"
-        assert "warnings" in [r[1] for r in ledger.query("PRAGMA table_info(rows)")]
-        assert ledger.warning_counts() == {}
+    with Ledger.open_readonly(tmp_path) as old:          # reports still work on the old file, read-only
+        assert old.warning_counts() == {} and old.rows_with_warnings() == 0
+        write_reports(old, tmp_path)
+    assert read_csv(tmp_path / "results.csv")[0]["capbatch_warnings"] == ""
+    with Ledger.open(tmp_path) as ledger:
+        assert ledger.get_meta("schema_version") == str(SCHEMA_VERSION)
+        assert ledger.has_column("warnings") and ledger.warning_counts() == {}
 
 
 def test_canary_verdicts():
