@@ -162,7 +162,8 @@ class Settings:
     check_remote: bool = False
     outage_budget: float = 300.0
     grace_period: float = 10.0
-    extra_fields: tuple[tuple[str, Any], ...] = ()   # constant fields added to every PUT body
+    # constant fields added to every PUT body (from code also a mapping; always stored as pairs)
+    extra_fields: tuple[tuple[str, Any], ...] | Mapping[str, Any] = ()
     read_back: bool = False            # read every card after its PUT (answers not trusted alone)
     # proving the contract / stopping a doomed run
     canary: int | None = None          # rows proven one at a time first; None = 5 unless the target is loopback
@@ -190,7 +191,7 @@ class Settings:
             if f.name == "base_url" and value:
                 value = _redact_url(value)
             if f.name == "extra_fields":
-                value = dict(value)
+                value = dict(value)   # type: ignore[arg-type]
             out[f.name] = str(value) if isinstance(value, (Path, Rate)) else value
         out["auth"] = self.credentials.kind
         return out
@@ -241,7 +242,7 @@ def _sheet(v: Any) -> str | int:
 def parse_extra_fields(value: Any) -> tuple[tuple[str, Any], ...]:
     """``NAME=VALUE`` (a string) or ``NAME:=JSON`` (a number, true/false, an object...), as flags give
     them (a tuple), as a TOML table or list, or as CAPBATCH_EXTRA_FIELDS (pairs separated by ';')."""
-    if isinstance(value, dict):
+    if isinstance(value, Mapping):
         items = [(str(k), v) for k, v in value.items()]
     else:
         specs = value.split(";") if isinstance(value, str) else list(value)
@@ -346,7 +347,7 @@ def resolve(
     for key, raw in flags.items():
         if raw is None or raw == () or key not in {f.name for f in dataclasses.fields(Settings)}:
             continue
-        if key in SETTABLE and isinstance(raw, (str, tuple)):
+        if key in SETTABLE and isinstance(raw, (str, tuple, list, Mapping)):
             take(key, raw, "flag")
         else:
             values[key] = raw

@@ -341,3 +341,16 @@ def test_canary_verdicts():
     assert "does not know" in _problem(RowResult(1, State.FAILED, error_code="8015"),
                                        Outcome(Kind.REJECTED, 500, "8015", "odd"))
     assert "does not know" in _problem(ok, Outcome(Kind.SUCCESS, 202, external_id="E"))
+
+
+def test_extra_fields_from_code(tmp_path, sim, monkeypatch):
+    from capbatch import run_backfill
+
+    pairs, src, run_dir = setup(tmp_path, 5)
+    s = sim(cards=fresh(pairs), required_fields=["statusLabel"])
+    monkeypatch.setenv("CAPILLARY_USERNAME", "demo")
+    monkeypatch.setenv("CAPILLARY_PASSWORD", "demo")
+    summary = run_backfill(src, base_url=s.url, run_dir=run_dir, rate="unlimited", progress="none",
+                           extra_fields={"statusLabel": "Active"})
+    assert summary["exit_code"] == 0
+    assert s.stats()["put_extra_fields"] == {"statusLabel": {'"Active"': 5}}
