@@ -383,7 +383,7 @@ class Engine:
 
     async def _settle(self, row: WorkRow, ctx: _RowContext, confirm: bool = False) -> RowResult:
         if row.expect is not None:
-            return await self._settle_expecting(row, ctx)
+            return await self._settle_expecting(row, ctx, confirm)
         previous: str | None = None
         read_first = (self.s.mode == "reconcile" or self.s.record_previous or row.audit
                       or (row.unknown and self.s.resume_check == "read"))
@@ -491,7 +491,7 @@ class Engine:
                                 message=f"{why}; reading the card to check failed too "
                                         f"({got.error_code}: {got.error_message})")
 
-    async def _settle_expecting(self, row: WorkRow, ctx: _RowContext) -> RowResult:
+    async def _settle_expecting(self, row: WorkRow, ctx: _RowContext, confirm: bool = False) -> RowResult:
         """Compare-and-set (``capbatch revert``): read the card; PUT ``row.external_id`` only while the
         card still holds ``row.expect``. A card changed since by someone else is left alone."""
         got = await self._call(ctx, self.read_pacer, self.client.get_card, row.card)
@@ -510,8 +510,9 @@ class Engine:
                              warnings=ctx.warnings or ())
         put = await self._call(ctx, self.pacer, self.client.put_card, row.card, row.external_id, is_put=True)
         ctx.put = put
-        if put.kind is Kind.UNCONFIRMED:
-            return await self._confirm_by_read(row, ctx, row.external_id, put, current, put.error_message or "")
+        if put.kind is Kind.UNCONFIRMED or (confirm and put.ok):
+            why = put.error_message or "confirming the PUT's answer"
+            return await self._confirm_by_read(row, ctx, row.external_id, put, current, why)
         if not put.ok and put.kind is Kind.REJECTED and put.error_code == str(EXTERNAL_ID_EXISTS):
             check = await self._call(ctx, self.read_pacer, self.client.get_card, row.card)
             if check.ok and check.external_id == row.external_id:

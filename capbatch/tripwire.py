@@ -33,6 +33,8 @@ LIKELY_CAUSES: dict[str, str] = {
                   "(--extra-field statusLabel=...), or the PUT identifies cards differently; "
                   "run with --canary 5 and take its report to Capillary support"),
 }
+# Failures that are a decision, not the API refusing rows: never a sign of a doomed run.
+IGNORED_CODES = frozenset({"changed_since"})   # revert's compare-and-set left a card alone
 GENERIC_CAUSE = ("the same answer for nearly every row points at the setup, not the rows: check the "
                  "cluster, the org/till the credentials belong to, and the column mapping")
 
@@ -58,7 +60,7 @@ class Tripwire:
             return None
         self.seen += 1
         code = result.error_code
-        if result.state is State.FAILED and code and is_permanent_code(code):
+        if result.state is State.FAILED and code and code not in IGNORED_CODES and is_permanent_code(code):
             self._codes[code] += 1
             self._messages.setdefault(code, result.error_message or "")
             if self._codes[code] >= self._needed:
