@@ -6,7 +6,9 @@ import json
 import logging
 import os
 import sys
+import tempfile
 import time
+import traceback
 from pathlib import Path
 from typing import Any, Callable
 
@@ -14,17 +16,21 @@ import click
 
 from . import __version__, config, report, runner
 from .errors import CapbatchError, UsageError
+from .wording import plural
 
 log = logging.getLogger("capbatch")
 
+EXIT_INTERNAL = 70   # EX_SOFTWARE: a bug in capbatch, never a verdict on the input
 EXIT_CODES_HELP = """Exit codes: 0 every row settled successfully; 1 some rows failed or were rejected;
 2 usage, config or input-file error (nothing sent); 3 run stopped (credentials, unreachable target,
-outage, canary, tripwire), resumable;
-130 interrupted, resumable. Rerunning the same command resumes."""
+outage, canary, tripwire), resumable by rerunning the same command; 70 internal error (a bug: the
+message names the traceback file); 130 interrupted (a run resumes when rerun)."""
+SUMMARY_LOGGER = "capbatch.summary"   # its lines are shown even with -q
 
 
 def setup_logging(quiet: bool, verbose: int) -> None:
-    level = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
+    """INFO by default; -v adds DEBUG lines; -q keeps warnings, errors and the final summary line."""
+    level = logging.DEBUG if verbose else logging.INFO
     root = logging.getLogger("capbatch")
     root.setLevel(logging.DEBUG)
     for h in list(root.handlers):
@@ -33,6 +39,8 @@ def setup_logging(quiet: bool, verbose: int) -> None:
     handler = _TqdmAwareHandler()
     handler._capbatch_console = True  # type: ignore[attr-defined]
     handler.setLevel(level)
+    if quiet:
+        handler.addFilter(lambda r: r.levelno >= logging.WARNING or r.name == SUMMARY_LOGGER)
     handler.setFormatter(logging.Formatter("%(message)s" if sys.stderr.isatty() else
                                            "%(asctime)s %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%S"))
     root.addHandler(handler)
@@ -47,33 +55,84 @@ class _TqdmAwareHandler(logging.StreamHandler):  # type: ignore[type-arg]
             from tqdm import tqdm
 
             tqdm.write(self.format(record), file=sys.stderr)
+        except BrokenPipeError:   # stderr closed (`... 2>&1 | head`): stay quiet
+            _silence(sys.stderr)
         except Exception:  # pragma: no cover - logging must never raise
             self.handleError(record)
 
 
+def _silence(stream: Any) -> None:
+    """The reader of ``stream`` went away: point it at /dev/null so nothing (not even the interpreter's
+    final flush) complains about the broken pipe."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+
+
+def echo(text: str) -> None:
+    """Print to stdout; a closed pipe (`capbatch status RD | head -1`) ends the output quietly."""
+    try:
+        click.echo(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _silence(sys.stdout)
+
+
+def _crash_log() -> str | None:
+    """Write the current exception's traceback to a file of its own; return its path."""
+    try:
+        fd, path = tempfile.mkstemp(prefix=f"capbatch-internal-error-{time.strftime('%Y%m%d-%H%M%S')}-",
+                                    suffix=".log")
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(f"capbatch {__version__}, python {sys.version.split()[0]}, argv {sys.argv[1:]}\n")
+            fh.write(traceback.format_exc())
+        return path
+    except OSError:
+        return None
+
+
 def _guard(fn: Callable[..., int]) -> Callable[..., None]:
     """Every CapbatchError becomes its message + hint and its exit code; never a traceback."""
+    is_run = fn.__name__ in ("run_cmd", "revert_cmd")   # the commands that resume when rerun
 
     def wrapper(*args: Any, **kwargs: Any) -> None:
         try:
             code = fn(*args, **kwargs)
         except CapbatchError as exc:
-            click.echo(f"capbatch: {exc}", err=True)
+            _say(f"capbatch: {exc}")
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
-            click.echo("capbatch: interrupted; rerun the same command to resume", err=True)
+            _say("capbatch: interrupted; rerun the same command to resume" if is_run else "capbatch: interrupted")
             sys.exit(report.EXIT_INTERRUPTED)
-        except Exception as exc:  # a bug: say so plainly, keep the details for -v
+        except BrokenPipeError:
+            _silence(sys.stdout)
+            sys.exit(0)
+        except Exception as exc:  # a bug: say so plainly, and where the traceback is
             log.debug("internal error", exc_info=True)
-            click.echo(f"capbatch: internal error ({exc.__class__.__name__}: {exc}). The ledger is consistent: "
-                       "rerun the same command to resume; rerun with -v for details and please report it",
-                       err=True)
-            sys.exit(report.EXIT_ABORTED)
+            where = _crash_log()
+            text = (f"capbatch: internal error ({exc.__class__.__name__}: {exc}). This is a bug in capbatch, "
+                    "not a problem with your input or settings. ")
+            text += f"The traceback is in {where}; please report it with that file." if where else \
+                "Rerun with -v to see the traceback and please report it."
+            if is_run:
+                text += " The ledger is consistent: rerunning the same command resumes the run."
+            _say(text)
+            sys.exit(EXIT_INTERNAL)
         sys.exit(code)
 
     wrapper.__name__ = fn.__name__
     wrapper.__doc__ = fn.__doc__
     return wrapper
+
+
+def _say(text: str) -> None:
+    try:
+        click.echo(text, err=True)
+    except BrokenPipeError:
+        _silence(sys.stderr)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
@@ -97,11 +156,11 @@ def input_flags(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--header-row", type=int, help="1-based row holding the headers (default 1)."),
         click.option("--external-id-length", type=int, help="Your org's CONF_CARD_NUMBER_LENGTH: reject other lengths before sending."),
         click.option("--external-id-pattern", help="Regex every external ID must match in full."),
-        click.option("--strip-invisible/--no-strip-invisible", default=None, help="Strip zero-width/control characters instead of rejecting the row."),
+        click.option("--strip-invisible/--no-strip-invisible", default=None, help="Strip zero-width/control characters instead of rejecting the row (default: reject)."),
         click.option("--reports-dir", type=click.Path(path_type=Path), help="Where run directories go (default ./reports)."),
         click.option("--config", "config_file", type=click.Path(path_type=Path), help="TOML settings file (default ./capbatch.toml if present)."),
         click.option("-q", "--quiet", is_flag=True, default=None, help="Only warnings, errors and the final summary line."),
-        click.option("-v", "--verbose", count=True, help="More detail."),
+        click.option("-v", "--verbose", count=True, help="Add debug lines (settings and where each came from, retries, notifications)."),
     ]
     for option in reversed(options):
         f = option(f)
@@ -116,7 +175,26 @@ def _settings(flags: dict[str, Any], input_path: Path | None = None) -> config.S
         flags["verbose"] = None
     if input_path is not None:
         flags["input"] = input_path
-    return config.resolve(flags, os.environ, config_file)
+    settings = config.resolve(flags, os.environ, config_file)
+    for key, value in settings.public_dict().items():
+        log.debug("setting %s = %s (%s)", key, "-" if value is None else value, settings.sources.get(key, "default"))
+    return settings
+
+
+def outside_flags(f: Callable[..., Any]) -> Callable[..., Any]:
+    """Where a run reports to besides its run directory: metrics and a chat webhook."""
+    options = [
+        click.option("--metrics-file", type=click.Path(path_type=Path, dir_okay=False), help="Write the run's figures in the Prometheus text format to this file (atomically; name it *.prom in node_exporter's textfile directory), at the start, every --progress-interval and at the end."),
+        click.option("--pushgateway", metavar="URL", help="Push the same figures to this Prometheus Pushgateway at the end (grouped by job)."),
+        click.option("--notify-url", metavar="URL", help="POST a short JSON message ({\"text\": ...}: Slack/Teams incoming webhook) when the run ends, is aborted or interrupted. A failing webhook is only a warning."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+AUTH_HELP = "Which credentials to use when both Basic and OAuth pairs are in the environment (otherwise refused)."
+TLS_HELP = "Turn TLS certificate verification off (trusted test hosts only; only this flag can do that)."
 
 
 @main.command("run", epilog=EXIT_CODES_HELP)
@@ -127,12 +205,12 @@ def _settings(flags: dict[str, Any], input_path: Path | None = None) -> config.S
 @click.option("--run-dir", type=click.Path(path_type=Path), help="Run directory (default reports/<input>-<hash>).")
 @click.option("--mode", type=click.Choice(config.MODES), help="backfill (default): PUT every row; reconcile: read first, PUT only what differs.")
 @click.option("--rate", help=f"Request rate cap, e.g. 1000/min or 20/s; 'unlimited' for none (default {config.DEFAULT_RATE}).")
-@click.option("--read-rate", help="Separate cap for reads (GET); default: reads share --rate.")
+@click.option("--read-rate", help="Separate cap for reads (GET) (default: reads share --rate).")
 @click.option("--concurrency", type=int, help="Requests in flight at most (default 16).")
 @click.option("--max-attempts", type=int, help="Attempts per request for transient errors (default 8).")
 @click.option("--timeout", type=float, help="Seconds per request (default 30).")
-@click.option("--resume-check", type=click.Choice(config.RESUME_CHECKS), help="Rows in flight when a run died: read the card first (default) or resend.")
-@click.option("--generate-missing/--no-generate-missing", default=None, help="Rows with an empty external ID get one from GET /v2/cardNumber.")
+@click.option("--resume-check", type=click.Choice(config.RESUME_CHECKS), help="Rows in flight when a run died: read the card first or resend (default read).")
+@click.option("--generate-missing/--no-generate-missing", default=None, help="Rows with an empty external ID get one from GET /v2/cardNumber (default: such rows are rejected).")
 @click.option("--outage-budget", type=float, help="Seconds the API may stay down before the run aborts (default 300).")
 @click.option("--grace-period", type=float, help="Seconds in-flight requests get after Ctrl-C/SIGTERM (default 10).")
 @click.option("--extra-field", "extra_fields", multiple=True, metavar="NAME=VALUE",
@@ -150,9 +228,10 @@ def _settings(flags: dict[str, Any], input_path: Path | None = None) -> config.S
 @click.option("--tripwire-rate", type=float, help="Share of the sample one failure code must reach (default 0.9).")
 @click.option("--tripwire-rows", type=int, help="Settled rows the tripwire watches (default 50).")
 @click.option("--allow-http", is_flag=True, default=None, help="Allow plain http:// to a non-loopback host.")
-@click.option("--no-verify-tls", "no_verify_tls", is_flag=True, default=False, help="Turn TLS verification off (trusted test hosts only).")
-@click.option("--progress", type=click.Choice(config.PROGRESS_MODES), help="auto (bar on a terminal, log lines otherwise), bar, lines, none.")
-@click.option("--progress-interval", type=float, help="Seconds between progress lines when not on a terminal (default 10).")
+@click.option("--no-verify-tls", "no_verify_tls", is_flag=True, default=False, help=TLS_HELP)
+@click.option("--auth", type=click.Choice(config.AUTH_KINDS), help=AUTH_HELP)
+@click.option("--progress", type=click.Choice(config.PROGRESS_MODES), help="auto: a bar on a terminal, log lines otherwise; bar; lines; none (default auto).")
+@click.option("--progress-interval", type=float, help="Seconds between progress lines when not on a terminal, and between --metrics-file updates (default 10).")
 @click.option("--dry-run", is_flag=True, default=None, help="Validate only; send nothing.")
 @click.option("--check-remote", is_flag=True, default=None, help="With --dry-run: also read every card and report which do not exist and which already hold their ID.")
 @click.option("--job", help="Job name tying nightly runs together (state store beside the run directories).")
@@ -161,6 +240,7 @@ def _settings(flags: dict[str, Any], input_path: Path | None = None) -> config.S
 @click.option("--retry-failed", is_flag=True, default=None, help="Send the rows of this run that failed again (e.g. cards created since); rejected rows stay rejected.")
 @click.option("--record-previous/--no-record-previous", default=None, help="Read each card before writing it and record the ID it held, so `capbatch revert` can put it back (one read per row).")
 @click.option("--json", "json_out", is_flag=True, default=False, help="Print the summary as JSON on stdout.")
+@outside_flags
 @input_flags
 @_guard
 def run_cmd(input_path: Path, no_verify_tls: bool, json_out: bool, **flags: Any) -> int:
@@ -171,7 +251,7 @@ def run_cmd(input_path: Path, no_verify_tls: bool, json_out: bool, **flags: Any)
     settings = _settings(flags, input_path)
     summary = runner.run(settings)
     if json_out:
-        click.echo(json.dumps(summary, indent=2))
+        echo(json.dumps(summary, indent=2))
     return int(summary["exit_code"])
 
 
@@ -187,7 +267,7 @@ def validate_cmd(input_path: Path, output: Path | None, json_out: bool, **flags:
     settings = _settings(flags, input_path)
     result = runner.validate(settings, output)
     if json_out:
-        click.echo(json.dumps(result, indent=2))
+        echo(json.dumps(result, indent=2))
     return int(result["exit_code"])
 
 
@@ -195,12 +275,13 @@ def validate_cmd(input_path: Path, output: Path | None, json_out: bool, **flags:
 @click.argument("target", metavar="RUN_DIR|INPUT", type=click.Path(path_type=Path, exists=True))
 @click.option("--cluster", type=click.Choice(sorted(config.CLUSTERS), case_sensitive=False),
               help=f"Capillary cluster: {config.CLUSTER_NAMES_HELP}.")
-@click.option("--base-url")
-@click.option("--rate", help=f"Read rate cap (default {config.DEFAULT_RATE}; 'unlimited' for none).")
-@click.option("--concurrency", type=int)
-@click.option("--allow-http", is_flag=True, default=None)
-@click.option("--no-verify-tls", "no_verify_tls", is_flag=True, default=False)
-@click.option("--json", "json_out", is_flag=True, default=False)
+@click.option("--base-url", help="API base URL instead of --cluster (a test cluster, a proxy, the simulator).")
+@click.option("--rate", help=f"Read rate cap, e.g. 1000/min; 'unlimited' for none (default {config.DEFAULT_RATE}).")
+@click.option("--concurrency", type=int, help="Reads in flight at most (default 16).")
+@click.option("--allow-http", is_flag=True, default=None, help="Allow plain http:// to a non-loopback host.")
+@click.option("--no-verify-tls", "no_verify_tls", is_flag=True, default=False, help=TLS_HELP)
+@click.option("--auth", type=click.Choice(config.AUTH_KINDS), help=AUTH_HELP)
+@click.option("--json", "json_out", is_flag=True, default=False, help="Print the counts as JSON on stdout.")
 @input_flags
 @_guard
 def verify_cmd(target: Path, no_verify_tls: bool, json_out: bool, **flags: Any) -> int:
@@ -211,15 +292,15 @@ def verify_cmd(target: Path, no_verify_tls: bool, json_out: bool, **flags: Any) 
     settings = _settings(flags)
     result = runner.verify(settings, target)
     if json_out:
-        click.echo(json.dumps(result, indent=2))
+        echo(json.dumps(result, indent=2))
     return int(result["exit_code"])
 
 
 @main.command("history")
 @click.option("--job", required=True, help="Job name given to `capbatch run --job`.")
 @click.option("--reports-dir", type=click.Path(path_type=Path), help="Where the run directories are (default ./reports, or the configured one).")
-@click.option("--config", "config_file", type=click.Path(path_type=Path))
-@click.option("--json", "json_out", is_flag=True, default=False)
+@click.option("--config", "config_file", type=click.Path(path_type=Path), help="TOML settings file (default ./capbatch.toml if present).")
+@click.option("--json", "json_out", is_flag=True, default=False, help="Print the runs as JSON on stdout (timestamps ISO 8601 UTC).")
 @_guard
 def history_cmd(job: str, reports_dir: Path | None, config_file: Path | None, json_out: bool) -> int:
     """List a job's runs with their counts."""
@@ -228,10 +309,11 @@ def history_cmd(job: str, reports_dir: Path | None, config_file: Path | None, js
     reports_dir = config.resolve({"reports_dir": reports_dir}, os.environ, config_file).reports_dir
     runs = jobs.history(jobs.store_path(reports_dir), jobs.check_name(job))
     if json_out:
-        click.echo(json.dumps(runs, indent=2))
+        echo(json.dumps([{**r, "started_at": report.iso(r.get("started_at")), "ended_at": report.iso(r.get("ended_at"))}
+                         for r in runs], indent=2))
         return 0
     if not runs:
-        click.echo(f"no runs recorded for job {job!r} under {reports_dir}")
+        echo(f"no runs recorded for job '{job}' under {reports_dir}")
         return 0
     memory = jobs.describe(jobs.store_path(reports_dir), job)
     if memory["confirmed_pairs"]:
@@ -241,7 +323,7 @@ def history_cmd(job: str, reports_dir: Path | None, config_file: Path | None, js
     for r in runs:
         c = r["counts"]
         began = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["started_at"] or 0))
-        click.echo(f"{began}  exit {r['exit_code']}  {r['requests'] or 0:>8} requests  "
+        echo(f"{began}  exit {r['exit_code']}  {r['requests'] or 0:>8} requests  "
                    f"succeeded={c.get('succeeded', 0)} unchanged={c.get('unchanged', 0)} "
                    f"failed={c.get('failed', 0)} rejected={c.get('rejected', 0)}  {r['input_name']}  {r['run_dir']}")
     return 0
@@ -249,7 +331,7 @@ def history_cmd(job: str, reports_dir: Path | None, config_file: Path | None, js
 
 @main.command("forget")
 @click.option("--job", required=True, help="Job name given to `capbatch run --job`.")
-@click.option("--card", "cards", multiple=True, help="Forget only this card (repeatable); default: every pair and the job's target.")
+@click.option("--card", "cards", multiple=True, help="Forget only this card (repeatable) (default: every pair and the job's target).")
 @click.option("--reports-dir", type=click.Path(path_type=Path), help="Where the job store is (default ./reports, or the configured one).")
 @click.option("--config", "config_file", type=click.Path(path_type=Path), help="TOML settings file (default ./capbatch.toml if present).")
 @_guard
@@ -270,22 +352,23 @@ def forget_cmd(job: str, cards: tuple[str, ...], reports_dir: Path | None, confi
 @click.option("--cluster", type=click.Choice(sorted(config.CLUSTERS), case_sensitive=False), help="Capillary cluster (default: the run's own target; another one is refused).")
 @click.option("--base-url", help="API base URL (default: the run's own target; another one is refused).")
 @click.option("--rate", help=f"Request rate cap, e.g. 1000/min (default {config.DEFAULT_RATE}).")
-@click.option("--read-rate", help="Separate cap for reads (GET); default: reads share --rate.")
+@click.option("--read-rate", help="Separate cap for reads (GET) (default: reads share --rate).")
 @click.option("--concurrency", type=int, help="Requests in flight at most (default 16).")
 @click.option("--max-attempts", type=int, help="Attempts per request for transient errors (default 8).")
 @click.option("--timeout", type=float, help="Seconds per request (default 30).")
 @click.option("--outage-budget", type=float, help="Seconds the API may stay down before the revert aborts (default 300).")
 @click.option("--grace-period", type=float, help="Seconds in-flight requests get after Ctrl-C/SIGTERM (default 10).")
 @click.option("--allow-http", is_flag=True, default=None, help="Allow plain http:// to a non-loopback host.")
-@click.option("--no-verify-tls", "no_verify_tls", is_flag=True, default=False, help="Turn TLS verification off (trusted test hosts only).")
-@click.option("--progress", type=click.Choice(config.PROGRESS_MODES), help="auto (bar on a terminal, log lines otherwise), bar, lines, none.")
+@click.option("--no-verify-tls", "no_verify_tls", is_flag=True, default=False, help=TLS_HELP)
+@click.option("--auth", type=click.Choice(config.AUTH_KINDS), help=AUTH_HELP)
+@click.option("--progress", type=click.Choice(config.PROGRESS_MODES), help="auto: a bar on a terminal, log lines otherwise; bar; lines; none (default auto).")
 @click.option("--progress-interval", type=float, help="Seconds between progress lines when not on a terminal (default 10).")
 @click.option("--dry-run", is_flag=True, default=None, help="Write RUN_DIR/revert.dry-run.csv (what would be set back, what cannot be); send nothing.")
 @click.option("--retry-failed", is_flag=True, default=None, help="Send the rows whose revert failed again.")
 @click.option("--json", "json_out", is_flag=True, default=False, help="Print the summary as JSON on stdout.")
 @click.option("--config", "config_file", type=click.Path(path_type=Path), help="TOML settings file (default ./capbatch.toml if present).")
 @click.option("-q", "--quiet", is_flag=True, default=None, help="Only warnings, errors and the final summary line.")
-@click.option("-v", "--verbose", count=True, help="More detail.")
+@click.option("-v", "--verbose", count=True, help="Add debug lines (settings and where each came from, retries, notifications).")
 @_guard
 def revert_cmd(run_dir: Path, no_verify_tls: bool, json_out: bool, **flags: Any) -> int:
     """Put back the external IDs the run in RUN_DIR replaced, where the card still holds the run's ID.
@@ -299,70 +382,71 @@ def revert_cmd(run_dir: Path, no_verify_tls: bool, json_out: bool, **flags: Any)
     setup_logging(bool(flags.get("quiet")), flags.get("verbose") or 0)
     summary = revert(_settings(flags), run_dir)
     if json_out:
-        click.echo(json.dumps(summary, indent=2))
+        echo(json.dumps(summary, indent=2))
     return int(summary["exit_code"])
 
 
 @main.command("status")
 @click.argument("run_dir", type=click.Path(path_type=Path))
-@click.option("--json", "json_out", is_flag=True, default=False)
+@click.option("--json", "json_out", is_flag=True, default=False, help="Print counts and invocations as JSON on stdout (timestamps ISO 8601 UTC, as in summary.json).")
 @_guard
 def status_cmd(run_dir: Path, json_out: bool) -> int:
-    """Counts per state from RUN_DIR's ledger (safe while a run is in progress)."""
+    """Counts per state from RUN_DIR's ledger (safe while a run is in progress; read-only)."""
     st = runner.status(run_dir)
     if json_out:
-        click.echo(json.dumps(st, indent=2))
+        echo(json.dumps(st, indent=2))
         return 0
-    click.echo(f"run directory: {st['run_dir']}  input: {st['input']}")
+    echo(f"run directory: {st['run_dir']}  input: {st['input'] or '-'}")
     total = sum(st["counts"].values())
     for state, n in st["counts"].items():
-        click.echo(f"  {state:<10} {n:>10}  {100.0 * n / max(total, 1):5.1f}%")
-    click.echo(f"  {'total':<10} {total:>10}")
+        echo(f"  {state:<10} {n:>10}  {100.0 * n / max(total, 1):5.1f}%")
+    echo(f"  {'total':<10} {total:>10}")
     for inv in st["invocations"]:
-        began = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(inv["started_at"]))
-        click.echo(f"  invocation {inv['id']}: started {began}, outcome {inv['outcome'] or 'running/killed'}, "
-                   f"exit {inv['exit_code'] if inv['exit_code'] is not None else '-'}, {inv['requests']} requests")
+        exit_code = "-" if inv["exit_code"] is None else inv["exit_code"]
+        echo(f"  invocation {inv['id']}: started {inv['started_at']}, {inv['duration']:.1f} s, "
+             f"outcome {inv['outcome'] or 'running or killed'}, exit {exit_code}, {plural(inv['requests'], 'request')}")
     return 0
 
 
 @main.command("report")
 @click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--output-dir", type=click.Path(path_type=Path, file_okay=False), help="Write the reports here instead of RUN_DIR (needed when RUN_DIR is read-only).")
 @_guard
-def report_cmd(run_dir: Path) -> int:
+def report_cmd(run_dir: Path, output_dir: Path | None) -> int:
     """Rebuild results.csv, failures.csv, summary.json and report.html from RUN_DIR's ledger."""
     setup_logging(False, 0)
-    summary = runner.rebuild_reports(run_dir)
-    click.echo(f"reports rebuilt in {run_dir}: {report.status_line(summary['counts'])}")
+    summary = runner.rebuild_reports(run_dir, output_dir)
+    echo(f"reports rebuilt in {output_dir or run_dir}: {report.status_line(summary['counts'])}")
     return 0
 
 
 @main.command("simulate")
-@click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=8080, show_default=True, type=int)
+@click.option("--host", default="127.0.0.1", help="Address to listen on; loopback only (default 127.0.0.1).")
+@click.option("--port", default=8080, type=int, help="Port to listen on (default 8080).")
 @click.option("--cards", type=click.Path(path_type=Path, exists=True), help="CSV of seeded cards (cardNumber[,cardExternalId]).")
 @click.option("--auto-create", is_flag=True, help="Every card number exists.")
-@click.option("--latency", type=float, default=0.0, show_default=True, help="Seconds added to each answer.")
-@click.option("--jitter", type=float, default=0.0, show_default=True)
+@click.option("--latency", type=float, default=0.0, help="Seconds added to each answer (default 0).")
+@click.option("--jitter", type=float, default=0.0, help="Random +/- seconds around --latency (default 0).")
 @click.option("--rate-per-minute", type=int, help="429 beyond this many requests in any 60 s.")
-@click.option("--rate-per-second", type=int)
+@click.option("--rate-per-second", type=int, help="429 beyond this many requests in any 1 s.")
 @click.option("--retry-after", type=float, help="Retry-After seconds sent with 429.")
-@click.option("--p-500", type=float, default=0.0)
-@click.option("--p-503", type=float, default=0.0)
-@click.option("--p-drop", type=float, default=0.0)
-@click.option("--p-hang", type=float, default=0.0)
-@click.option("--p-429", type=float, default=0.0)
-@click.option("--errors-status", type=int, default=400, show_default=True, help="HTTP status of business errors (200/201 mimic '2xx with errors', 500 the documented failure status).")
-@click.option("--token-ttl", type=float, default=300.0, show_default=True)
+@click.option("--p-500", type=float, default=0.0, help="Probability of an HTTP 500 answer (default 0).")
+@click.option("--p-503", type=float, default=0.0, help="Probability of an HTTP 503 answer (default 0).")
+@click.option("--p-drop", type=float, default=0.0, help="Probability of closing the connection without an answer (default 0).")
+@click.option("--p-hang", type=float, default=0.0, help="Probability of hanging, then closing without an answer (default 0).")
+@click.option("--p-429", type=float, default=0.0, help="Probability of a spurious 429 (default 0).")
+@click.option("--errors-status", type=int, default=400, help="HTTP status of business errors; 200/201 mimic '2xx with errors', 500 the documented failure status (default 400).")
+@click.option("--token-ttl", type=float, default=300.0, help="Seconds an OAuth token lives (default 300).")
 @click.option("--down", type=click.Choice(["503", "502", "403", "drop", "hang"]), help="Start in an outage: every request answered so.")
-@click.option("--business-errors", type=click.Choice(["coded", "generic"]), default="coded", show_default=True, help="generic: business errors carry only code 500 'All requests have failed due to errors'.")
-@click.option("--fault-body", type=click.Choice(["json", "html"]), default="json", show_default=True, help="html: 5xx faults and --down 502/503/403 answer a CDN's HTML page.")
+@click.option("--business-errors", type=click.Choice(["coded", "generic"]), default="coded", help="generic: business errors carry only code 500 'All requests have failed due to errors' (default coded).")
+@click.option("--fault-body", type=click.Choice(["json", "html"]), default="json", help="html: 5xx faults and --down 502/503/403 answer a CDN's HTML page (default json).")
 @click.option("--p-noop", type=float, default=0.0, help="Share of PUTs answered 200 without being applied.")
-@click.option("--noop-echo", type=click.Choice(["request", "stored", "omit"]), default="request", show_default=True, help="What a no-op answer names as cardExternalId.")
+@click.option("--noop-echo", type=click.Choice(["request", "stored", "omit"]), default="request", help="What a no-op answer names as cardExternalId (default request: looks applied).")
 @click.option("--p-echo-other", type=float, default=0.0, help="Share of applied PUTs whose answer names another ID (or card).")
-@click.option("--echo-other", type=click.Choice(["cardExternalId", "cardNumber"]), default="cardExternalId", show_default=True)
-@click.option("--put-identifies-by", type=click.Choice(["cardNumber", "cardExternalId"]), default="cardNumber", show_default=True, help="cardExternalId: the PUT finds the card by its external ID (older docs' reading).")
+@click.option("--echo-other", type=click.Choice(["cardExternalId", "cardNumber"]), default="cardExternalId", help="Which field of those answers names something else (default cardExternalId).")
+@click.option("--put-identifies-by", type=click.Choice(["cardNumber", "cardExternalId"]), default="cardNumber", help="cardExternalId: the PUT finds the card by its external ID, the older docs' reading (default cardNumber).")
 @click.option("--warning-code", type=int, help="PUT answers carry this warning, e.g. 3039.")
-@click.option("--warning-message", default="No update in status label", show_default=True)
+@click.option("--warning-message", default="No update in status label", help="Message of --warning-code (default 'No update in status label').")
 @click.option("--required-field", "required_fields", multiple=True, metavar="NAME", help="PUTs without this field get 403 'Mandatory field is missing' (repeatable), e.g. statusLabel.")
 @_guard
 def simulate_cmd(**opts: Any) -> int:
@@ -380,10 +464,10 @@ def simulate_cmd(**opts: Any) -> int:
 
 
 @main.command("demo")
-@click.option("--input", "input_path", type=click.Path(path_type=Path), help="Sample to run (default samples/cards.csv).")
-@click.option("--latency", type=float, default=0.02, show_default=True, help="Simulated API latency in seconds.")
-@click.option("--rate", default="1200/min", show_default=True)
-@click.option("--progress", type=click.Choice(config.PROGRESS_MODES), default="auto")
+@click.option("--input", "input_path", type=click.Path(path_type=Path), help="Sample to run (default: the sample shipped with capbatch).")
+@click.option("--latency", type=float, default=0.02, help="Simulated API latency in seconds (default 0.02).")
+@click.option("--rate", default="1200/min", help="Request rate cap (default 1200/min).")
+@click.option("--progress", type=click.Choice(config.PROGRESS_MODES), default="auto", help="auto, bar, lines or none (default auto).")
 @_guard
 def demo_cmd(input_path: Path | None, latency: float, rate: str, progress: str) -> int:
     """Run the whole job end to end against the built-in simulator: no credentials, no network."""
@@ -394,16 +478,18 @@ def demo_cmd(input_path: Path | None, latency: float, rate: str, progress: str) 
 
 
 @main.command("config")
-@click.option("--config", "config_file", type=click.Path(path_type=Path))
+@click.option("--config", "config_file", type=click.Path(path_type=Path), help="TOML settings file (default ./capbatch.toml if present).")
 @_guard
 def config_cmd(config_file: Path | None) -> int:
     """Print the effective settings, where each came from, and the credentials (masked)."""
+    setup_logging(False, 0)
     settings = config.resolve({}, os.environ, config_file)
     public = settings.public_dict()
     for key, value in public.items():
         origin = settings.sources.get(key, "default")
-        click.echo(f"{key:<22} {value!s:<40} ({origin})")
-    click.echo(f"{'credentials':<22} {settings.credentials.describe()}")
+        shown = "-" if value is None else value
+        echo(f"{key:<22} {shown!s:<40} ({origin})")
+    echo(f"{'credentials':<22} {settings.credentials.describe()}")
     return 0
 
 

@@ -7,7 +7,9 @@ Credentials come only from the environment, never from flags or files that land 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import ipaddress
+import logging
 import os
 import re
 import tomllib
@@ -17,6 +19,8 @@ from typing import Any, Mapping
 from urllib.parse import urlsplit
 
 from .errors import ConfigError, UsageError
+
+log = logging.getLogger("capbatch.config")
 
 CLUSTERS: dict[str, str] = {
     "india": "https://apac.api.capillarytech.com",
@@ -40,6 +44,9 @@ DEFAULT_CONFIG_FILE = "capbatch.toml"
 MODES = ("backfill", "reconcile")
 PROGRESS_MODES = ("auto", "bar", "lines", "none")
 RESUME_CHECKS = ("read", "resend")
+AUTH_KINDS = ("basic", "oauth")
+# CAPBATCH_* variables that are not settings (the tests' seed); anything else unknown gets a warning
+OTHER_ENV_NAMES = frozenset({"CAPBATCH_TEST_SEED"})
 
 _PERIODS = {
     "s": 1.0, "sec": 1.0, "second": 1.0,
@@ -92,20 +99,29 @@ class Credentials:
     password: str | None = field(default=None, repr=False)
     client_key: str | None = field(default=None, repr=False)
     client_secret: str | None = field(default=None, repr=False)
+    chosen: str | None = None      # --auth basic|oauth: which pair to use when both are set
 
     @property
     def kind(self) -> str:
-        if self.client_key and self.client_secret:
-            return "oauth"
-        if self.username and self.password:
-            return "basic"
-        return "none"
+        """'basic', 'oauth', 'none', or 'both' (both pairs set and no --auth choice: refused)."""
+        oauth = bool(self.client_key and self.client_secret)
+        basic = bool(self.username and self.password)
+        if self.chosen in AUTH_KINDS:
+            return self.chosen if (oauth if self.chosen == "oauth" else basic) else "none"
+        if oauth and basic:
+            return "both"
+        return "oauth" if oauth else "basic" if basic else "none"
 
     def describe(self) -> str:
         if self.kind == "oauth":
             return f"OAuth client key {mask(self.client_key)} (from CAPILLARY_CLIENT_KEY/SECRET)"
         if self.kind == "basic":
-            return f"Basic auth as {self.username!r} (password from CAPILLARY_PASSWORD)"
+            return f"Basic auth as {self.username} (password from CAPILLARY_PASSWORD)"
+        if self.kind == "both":
+            return ("both Basic (CAPILLARY_USERNAME/PASSWORD) and OAuth (CAPILLARY_CLIENT_KEY/SECRET) are set: "
+                    "refused until --auth basic|oauth chooses")
+        if self.chosen:
+            return f"none: --auth {self.chosen} chose a pair that is not set"
         return "none"
 
     @classmethod
@@ -172,7 +188,12 @@ class Settings:
     tripwire_rows: int = 50
     # safety
     allow_http: bool = False
-    verify_tls: bool = True
+    verify_tls: bool = True        # switched off only by the --no-verify-tls flag
+    auth: str | None = None        # basic | oauth: which credentials when both pairs are set
+    # telling the outside world
+    metrics_file: Path | None = None
+    pushgateway: str | None = None
+    notify_url: str | None = None
     # output
     progress: str = "auto"
     progress_interval: float = 10.0
@@ -188,13 +209,21 @@ class Settings:
             if f.name in ("credentials", "sources"):
                 continue
             value = getattr(self, f.name)
-            if f.name == "base_url" and value:
+            if f.name in ("base_url", "pushgateway") and value:
                 value = _redact_url(value)
+            if f.name == "notify_url" and value:
+                value = redact_webhook(value)
             if f.name == "extra_fields":
                 value = dict(value)   # type: ignore[arg-type]
             out[f.name] = str(value) if isinstance(value, (Path, Rate)) else value
         out["auth"] = self.credentials.kind
         return out
+
+
+def redact_webhook(url: str) -> str:
+    """A webhook URL's path is its secret (Slack, Teams): show only where it goes."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.hostname or ''}/***"
 
 
 def _redact_url(url: str) -> str:
@@ -282,11 +311,14 @@ SETTABLE: dict[str, Any] = {
     "generate_missing": _bool, "skip_confirmed": _bool, "job": _str,
     "audit_fraction": _float, "record_previous": _bool,
     "outage_budget": _float, "grace_period": _float,
-    "allow_http": _bool, "verify_tls": _bool,
-    "extra_fields": parse_extra_fields, "read_back": _bool, "canary": _int, "tripwire": _bool, "tripwire_rate": _float,
-    "tripwire_rows": _int,
+    "allow_http": _bool, "auth": _str,
+    "extra_fields": parse_extra_fields, "read_back": _bool, "canary": _int, "tripwire": _bool,
+    "tripwire_rate": _float, "tripwire_rows": _int,
     "progress": _str, "progress_interval": _float,
+    "metrics_file": _path, "pushgateway": _str, "notify_url": _str,
 }
+# Settings only a command-line flag may change, never a file or the environment (the README's promise).
+FLAG_ONLY = {"verify_tls": "--no-verify-tls"}
 
 
 def load_toml(path: Path | None) -> tuple[dict[str, Any], str | None]:
@@ -302,6 +334,11 @@ def load_toml(path: Path | None) -> tuple[dict[str, Any], str | None]:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}", "fix the file or drop --config") from exc
     section = data.get("capbatch", data)
+    for key, flag in FLAG_ONLY.items():
+        if key in {k.replace("-", "_") for k in section}:
+            raise ConfigError(f"config file {path} sets {key}: TLS verification can only be switched off on the "
+                              f"command line, with {flag}", f"remove {key} from the file; pass {flag} "
+                              "for a trusted test host")
     unknown = sorted(k for k in section if k.replace("-", "_") not in SETTABLE)
     if unknown:
         raise ConfigError(
@@ -340,6 +377,7 @@ def resolve(
 
     for key, raw in file_values.items():
         take(key, raw, f"file {file_name}")
+    _check_env_names(env)
     for key in SETTABLE:
         name = "CAPBATCH_" + key.upper()
         if env.get(name) not in (None, ""):
@@ -354,10 +392,30 @@ def resolve(
             sources[key] = "flag"
 
     _one_target(values, sources)
-    values["credentials"] = Credentials.from_env(env)
+    values["credentials"] = dataclasses.replace(Credentials.from_env(env), chosen=values.get("auth"))
     values["sources"] = sources
     settings = Settings(**values)
     return validate(settings)
+
+
+def _check_env_names(env: Mapping[str, str]) -> None:
+    """CAPBATCH_VERIFY_TLS is refused (a flag-only setting); a misspelled CAPBATCH_* name is named."""
+    for key, flag in FLAG_ONLY.items():
+        name = "CAPBATCH_" + key.upper()
+        if env.get(name) not in (None, ""):
+            raise ConfigError(f"{name} is set: TLS verification can only be switched off on the command line, "
+                              f"with {flag}", f"unset {name}; pass {flag} for a trusted test host")
+    known = ["CAPBATCH_" + k.upper() for k in SETTABLE]
+    for name in sorted(env):
+        if not name.startswith("CAPBATCH_") or name in known or name in OTHER_ENV_NAMES:
+            continue
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
+        if close:
+            log.warning("environment variable %s is not a capbatch setting and is ignored: did you mean %s?",
+                        name, close[0])
+        else:
+            log.warning("environment variable %s is not a capbatch setting and is ignored (settings: %s)",
+                        name, ", ".join(known))
 
 
 _RANK = {"flag": 3, "env": 2, "file": 1}
@@ -392,6 +450,8 @@ def validate(s: Settings) -> Settings:
         raise UsageError("--header-row counts from 1", "e.g. --header-row 3 when two title rows sit above the header")
     if s.external_id_length is not None and not 1 <= s.external_id_length <= 50:
         raise UsageError("--external-id-length must be 1..50", "external IDs are at most 50 characters")
+    if s.auth is not None and s.auth not in AUTH_KINDS:
+        raise UsageError(f"--auth {s.auth} is unknown", "use --auth basic or --auth oauth")
     if s.audit_fraction is not None and not 0 < s.audit_fraction <= 1:
         raise UsageError(f"--audit-fraction {s.audit_fraction:g} is out of range",
                          "give the share of confirmed pairs to re-read per run, above 0 and at most 1, "

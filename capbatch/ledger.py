@@ -13,14 +13,15 @@ import json
 import os
 import sqlite3
 import time
+import urllib.parse
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from .errors import LedgerError
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 LEDGER_FILE = "ledger.sqlite"
 LOCK_FILE = ".lock"
 
@@ -84,7 +85,9 @@ CREATE TABLE IF NOT EXISTS runs (
     ended_at REAL,
     exit_code INTEGER,
     outcome TEXT,
-    requests INTEGER NOT NULL DEFAULT 0
+    requests INTEGER NOT NULL DEFAULT 0,
+    last_seen_at REAL,                 -- last commit of this invocation: its duration if it was killed
+    requests_by_status TEXT            -- JSON {"2xx": n, "4xx": n, "5xx": n, "none": n}
 );
 """
 
@@ -93,7 +96,9 @@ _MIGRATIONS: list[str] = [
     # 1 -> 2: the rolling audit (--audit-fraction) and revert's compare-and-set
     "ALTER TABLE rows ADD COLUMN audit INTEGER NOT NULL DEFAULT 0; "
     "ALTER TABLE rows ADD COLUMN expect_external_id TEXT;",
-    "ALTER TABLE rows ADD COLUMN warnings TEXT;",   # 2 -> 3: warnings carried by the API's answers
+    # 2 -> 3: invocation figures recorded as the run goes (right after a kill -9)
+    "ALTER TABLE runs ADD COLUMN last_seen_at REAL; ALTER TABLE runs ADD COLUMN requests_by_status TEXT;",
+    "ALTER TABLE rows ADD COLUMN warnings TEXT;",   # 3 -> 4: warnings carried by the API's answers
 ]
 
 
@@ -157,6 +162,7 @@ class Ledger:
         self.path = path
         self.conn = conn
         self._lock_fd = lock_fd
+        self._invocation: int | None = None   # this process's row in `runs` (a writer only)
 
     # ---- opening -------------------------------------------------------------------------------
     @classmethod
@@ -186,13 +192,31 @@ class Ledger:
 
     @classmethod
     def open_readonly(cls, run_dir: Path) -> "Ledger":
+        """Open for reading only, creating no file: on a read-only run directory too.
+
+        With no writer running and nothing left in the write-ahead log (every cleanly ended run),
+        the file is opened ``immutable``: SQLite then needs no -wal/-shm files and creates none.
+        While a run writes, or after one was killed (its -wal still holds the last commits), a plain
+        read-only connection reads through the log the writer left.
+        """
         path = run_dir / LEDGER_FILE
         if not path.exists():
             raise LedgerError(f"{run_dir} holds no ledger ({LEDGER_FILE} is missing)",
                               "pass the run directory that `capbatch run` printed")
+        wal = path.with_name(path.name + "-wal")
+        live = _writer_active(run_dir) or (wal.exists() and wal.stat().st_size > 0)
+        base = f"file:{urllib.parse.quote(str(path.resolve()))}?mode=ro"
         try:
-            conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None, timeout=10)
-            conn.execute("SELECT count(*) FROM meta").fetchone()
+            try:
+                conn = sqlite3.connect(base if live else base + "&immutable=1", uri=True, isolation_level=None,
+                                       timeout=10)
+                conn.execute("SELECT count(*) FROM meta").fetchone()
+            except sqlite3.OperationalError:
+                if not live:
+                    raise
+                # a killed run's log in a directory we cannot write: read the file as it stands
+                conn = sqlite3.connect(base + "&immutable=1", uri=True, isolation_level=None, timeout=10)
+                conn.execute("SELECT count(*) FROM meta").fetchone()
         except sqlite3.Error as exc:
             raise _wrap(exc, path) from exc
         return cls(path, conn, None)
@@ -221,7 +245,13 @@ class Ledger:
             raise LedgerError(f"{self.path} was written by a newer capbatch (schema {current})",
                               "upgrade capbatch to resume this run")
         while current < SCHEMA_VERSION:
-            self.conn.executescript(_MIGRATIONS[current - 1])
+            for statement in filter(None, (part.strip() for part in _MIGRATIONS[current - 1].split(";"))):
+                try:
+                    self.conn.execute(statement)
+                except sqlite3.OperationalError as exc:
+                    # a column already there: an upgrade killed half-way (each ALTER commits alone)
+                    if "duplicate column name" not in str(exc):
+                        raise
             current += 1
             self.set_meta("schema_version", str(current))
 
@@ -391,9 +421,10 @@ class Ledger:
         self._many("UPDATE rows SET external_id=?, generated=1 WHERE id=?", [(external_id, row_id)])
 
     def record(self, results: Sequence[RowResult], timeline: dict[int, list[int]] | None = None,
-               journal: Sequence[int] = ()) -> None:
+               journal: Sequence[int] = (), requests: Mapping[str, int] | None = None) -> None:
         """Write a batch of outcomes, the timeline counters and (optionally) the journal entry for the
-        next chunk — all in one transaction."""
+        next chunk — all in one transaction. ``requests`` (this process's requests by status class)
+        updates the invocation's figures in the same commit, so they survive a kill -9."""
         sql = ("UPDATE rows SET state=?, attempts=attempts+?, http_status=?, error_code=?, error_message=?, "
                "card_id=coalesce(?, card_id), customer_id=coalesce(?, customer_id), "
                "previous_external_id=coalesce(?, previous_external_id), latency_ms=coalesce(?, latency_ms), "
@@ -415,6 +446,10 @@ class Ledger:
                 # A chunk is a run of consecutive pending rows: one range update journals it.
                 self.conn.execute("UPDATE rows SET state='in_flight' WHERE id BETWEEN ? AND ? AND state='pending'",
                                   (min(journal), max(journal)))
+            if requests is not None and self._invocation is not None:
+                self.conn.execute("UPDATE runs SET last_seen_at=?, requests=?, requests_by_status=? WHERE id=?",
+                                  (time.time(), sum(requests.values()), json.dumps(dict(requests)),
+                                   self._invocation))
             self.conn.execute("COMMIT")
         except sqlite3.Error as exc:
             if self.conn.in_transaction:
@@ -475,17 +510,37 @@ class Ledger:
 
     # ---- invocations ---------------------------------------------------------------------------
     def start_invocation(self) -> int:
-        cur = self._exec("INSERT INTO runs(pid, started_at) VALUES (?, ?)", (os.getpid(), time.time()))
-        return int(cur.lastrowid or 0)
+        now = time.time()
+        cur = self._exec("INSERT INTO runs(pid, started_at, last_seen_at) VALUES (?, ?, ?)", (os.getpid(), now, now))
+        self._invocation = int(cur.lastrowid or 0)
+        return self._invocation
 
-    def end_invocation(self, run_id: int, exit_code: int, outcome: str, requests: int) -> None:
-        self._exec("UPDATE runs SET ended_at=?, exit_code=?, outcome=?, requests=? WHERE id=?",
-                   (time.time(), exit_code, outcome, requests, run_id))
+    def end_invocation(self, run_id: int, exit_code: int, outcome: str, requests: int | None = None,
+                       requests_by_status: Mapping[str, int] | None = None) -> None:
+        """Close the invocation's row; ``requests`` None keeps the figures recorded as the run went."""
+        now = time.time()
+        by_status = json.dumps(dict(requests_by_status)) if requests_by_status is not None else None
+        self._exec("UPDATE runs SET ended_at=?, last_seen_at=?, exit_code=?, outcome=?, requests=coalesce(?, requests), "
+                   "requests_by_status=coalesce(?, requests_by_status) WHERE id=?",
+                   (now, now, exit_code, outcome, requests, by_status, run_id))
+        if run_id == self._invocation:
+            self._invocation = None
 
     def invocations(self) -> list[dict[str, Any]]:
-        cur = self._exec("SELECT id, pid, started_at, ended_at, exit_code, outcome, requests FROM runs ORDER BY id")
+        """Every invocation, oldest first. ``duration`` is up to its end, or for one that never ended
+        (killed, or still running) up to its last commit."""
+        cur = self._exec("SELECT * FROM runs ORDER BY id")
         cols = [d[0] for d in cur.description]
-        return [dict(zip(cols, r)) for r in cur]
+        out = []
+        for r in cur:
+            inv = dict(zip(cols, r))
+            inv.setdefault("last_seen_at", None)
+            by_status = inv.pop("requests_by_status", None)
+            inv["requests_by_status"] = json.loads(by_status) if by_status else {}
+            end = inv["ended_at"] or inv["last_seen_at"] or inv["started_at"]
+            inv["duration"] = max(0.0, end - inv["started_at"])
+            out.append(inv)
+        return out
 
     # ---- reading for reports -------------------------------------------------------------------
     def iter_rows(self, where: str = "", params: Sequence[Any] = (), order: str = "id") -> Iterator[sqlite3.Row]:
@@ -530,6 +585,24 @@ class Ledger:
 
 def _warnings_json(warnings: Sequence[tuple[str, str]]) -> str:
     return json.dumps([{"code": code, "message": message} for code, message in warnings], ensure_ascii=False)
+
+
+def _writer_active(run_dir: Path) -> bool:
+    """Whether the process that last locked the run directory is still alive. Checked by the pid it
+    wrote into the lock file, never by taking the lock: a reader must not make a starting run fail."""
+    try:
+        pid = int((run_dir / LOCK_FILE).read_text().strip() or 0)
+    except (OSError, ValueError):
+        return False
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _take_lock(run_dir: Path) -> int:

@@ -13,18 +13,17 @@ import functools
 import json
 import math
 import os
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable
 
 from .ledger import Ledger, State
+from .report_html import REPORT_HTML, write_html  # noqa: F401  (REPORT_HTML: re-exported name)
 from .source import REPORT_MARKER_COLUMN
 
 RESULTS_CSV = "results.csv"
 FAILURES_CSV = "failures.csv"
 SUMMARY_JSON = "summary.json"
-REPORT_HTML = "report.html"
 
 FORMULA_TRIGGERS = ("=", "+", "-", "@", "\t", "\r")
 # A value that already starts with ' + trigger gets the prefix too, so the reader's "strip one
@@ -150,15 +149,6 @@ def _fit(values: list[str], width: int) -> list[str]:
     return values[:width] + [""] * (width - len(values))
 
 
-def latency_histogram(ledger: Ledger) -> list[tuple[int, int]]:
-    """(bucket_ms, count) with 1 ms buckets below 100 ms, 10 ms up to 1 s, 100 ms above."""
-    sql = ("SELECT CASE WHEN latency_ms < 100 THEN CAST(latency_ms AS INT) "
-           "WHEN latency_ms < 1000 THEN CAST(latency_ms / 10 AS INT) * 10 "
-           "ELSE CAST(latency_ms / 100 AS INT) * 100 END AS b, count(*) "
-           "FROM rows WHERE latency_ms IS NOT NULL GROUP BY b ORDER BY b")
-    return [(int(b), int(n)) for b, n in ledger.query(sql)]
-
-
 def percentiles(ledger: Ledger, points: Iterable[float] = (50, 90, 95, 99)) -> dict[str, float]:
     """Exact latency percentiles (nearest rank) of each row's last request, streamed in one sorted pass."""
     total = ledger.query("SELECT count(*) FROM rows WHERE latency_ms IS NOT NULL")[0][0]
@@ -178,14 +168,24 @@ def percentiles(ledger: Ledger, points: Iterable[float] = (50, 90, 95, 99)) -> d
     return out
 
 
+def retry_totals(ledger: Ledger) -> tuple[int, int]:
+    """(retries, 429 answers) over the whole run, as recorded in the timeline."""
+    retries, throttled = ledger.query("SELECT coalesce(sum(retried),0), coalesce(sum(throttled),0) FROM timeline")[0]
+    return int(retries), int(throttled)
+
+
 def build_summary(ledger: Ledger, run_dir: Path, *, stop: str | None = None, message: str | None = None,
                   extra: dict[str, Any] | None = None) -> dict[str, Any]:
     counts = ledger.counts()
     invocations = ledger.invocations()
     started = min((i["started_at"] for i in invocations), default=None)
     ended = max((i["ended_at"] or 0 for i in invocations), default=None) or None
-    active = sum(((i["ended_at"] or time.time()) - i["started_at"]) for i in invocations)
+    active = sum(i["duration"] for i in invocations)   # a killed invocation: up to its last commit
     requests = sum(i["requests"] or 0 for i in invocations)
+    requests_by_status: dict[str, int] = {}
+    for inv in invocations:
+        for status_class, n in inv["requests_by_status"].items():
+            requests_by_status[status_class] = requests_by_status.get(status_class, 0) + n
     by_error: dict[str, int] = {}
     for code, n in ledger.query("SELECT coalesce(error_code, 'unknown'), count(*) FROM rows "
                                 "WHERE state='failed' GROUP BY 1 ORDER BY 2 DESC"):
@@ -194,7 +194,7 @@ def build_summary(ledger: Ledger, run_dir: Path, *, stop: str | None = None, mes
     for code, n in ledger.query("SELECT coalesce(reason_code, 'unknown'), count(*) FROM rows "
                                 "WHERE state='rejected' GROUP BY 1 ORDER BY 2 DESC"):
         by_reason[str(code)] = n
-    retries, throttled = ledger.query("SELECT coalesce(sum(retried),0), coalesce(sum(throttled),0) FROM timeline")[0]
+    retries, throttled = retry_totals(ledger)
     drifted = ledger.query("SELECT count(*) FROM rows WHERE state='succeeded' AND previous_external_id <> '' "
                            "AND previous_external_id <> external_id")[0][0]
     generated = ledger.query("SELECT count(*) FROM rows WHERE generated=1")[0][0]
@@ -226,6 +226,7 @@ def build_summary(ledger: Ledger, run_dir: Path, *, stop: str | None = None, mes
         "duration_seconds": round(active, 3),
         "invocations": len(invocations),
         "requests": requests,
+        "requests_by_status": dict(sorted(requests_by_status.items())),
         "retries": retries,
         "throttled_responses": throttled,
         "throughput_rows_per_second": round(settled_by_api / active, 2) if active > 0 else 0.0,
@@ -245,15 +246,15 @@ def build_summary(ledger: Ledger, run_dir: Path, *, stop: str | None = None, mes
     return summary
 
 
-def write_reports(ledger: Ledger, run_dir: Path, **kwargs: Any) -> dict[str, Any]:
-    """(Re)build every report from the ledger. Returns the summary."""
-    write_results(ledger, run_dir)
-    write_failures(ledger, run_dir)
+def write_reports(ledger: Ledger, run_dir: Path, out_dir: Path | None = None, **kwargs: Any) -> dict[str, Any]:
+    """(Re)build every report from the ledger, into ``out_dir`` (default: the run directory).
+    Returns the summary."""
+    out = run_dir if out_dir is None else out_dir
+    write_results(ledger, out)
+    write_failures(ledger, out)
     summary = build_summary(ledger, run_dir, **kwargs)
-    atomic_write(run_dir / SUMMARY_JSON, lambda fh: json.dump(summary, fh, indent=2, sort_keys=False))
-    from .report_html import write_html  # imported here: report_html builds on this module
-
-    write_html(ledger, run_dir, summary)
+    atomic_write(out / SUMMARY_JSON, lambda fh: json.dump(summary, fh, indent=2, sort_keys=False))
+    write_html(ledger, out, summary)
     return summary
 
 

@@ -20,8 +20,8 @@ from typing import Any, Iterable, Sequence
 
 from . import __version__
 from .ledger import Ledger, row_label
-from .report import REPORT_HTML, latency_histogram
 
+REPORT_HTML = "report.html"
 MAX_BINS = 120            # timeline bars at most
 MAX_GROUPS = 40           # error codes / reasons listed at most
 EXAMPLES = 3              # example rows per error code / reason
@@ -421,6 +421,15 @@ def _range(lo: float, hi: float) -> str:
     return f"{a}–{b}"
 
 
+def latency_histogram(ledger: Ledger) -> list[tuple[int, int]]:
+    """(bucket_ms, count) with 1 ms buckets below 100 ms, 10 ms up to 1 s, 100 ms above."""
+    sql = ("SELECT CASE WHEN latency_ms < 100 THEN CAST(latency_ms AS INT) "
+           "WHEN latency_ms < 1000 THEN CAST(latency_ms / 10 AS INT) * 10 "
+           "ELSE CAST(latency_ms / 100 AS INT) * 100 END AS b, count(*) "
+           "FROM rows WHERE latency_ms IS NOT NULL GROUP BY b ORDER BY b")
+    return [(int(b), int(n)) for b, n in ledger.query(sql)]
+
+
 def _latency(ledger: Ledger, summary: dict[str, Any]) -> str:
     hist = latency_histogram(ledger)
     if not hist:
@@ -519,7 +528,7 @@ def _invocations(invocations: list[dict[str, Any]]) -> str:
     rows = []
     for inv in invocations:
         end = inv.get("ended_at")
-        took = (end or time.time()) - float(inv.get("started_at") or 0)
+        took = inv["duration"]   # a killed invocation: up to its last commit
         rows.append((num(inv.get("id")), e(inv.get("pid") or "—"), e(utc(inv.get("started_at"))), e(utc(end)),
                      e(duration(took)), e(inv.get("outcome") or ("running or killed" if not end else "")),
                      e("—" if inv.get("exit_code") is None else inv["exit_code"]), num(inv.get("requests") or 0)))

@@ -21,9 +21,10 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
-from . import jobs, report
+from . import announce, jobs, outputs, report
+from .aio import run_async
 from .config import Settings, target_url
 from .errors import ConfigError, InputFileError, Interrupted, LedgerError, RunAborted, UsageError
 from .frame import MemoryTable, is_dataframe, open_frame, open_records
@@ -31,9 +32,10 @@ from .ledger import Ledger, row_label
 from .rules import RuleSettings, check_row
 from .source import InputOptions, InputTable, file_sha256, open_input
 from .summary import Summary
+from .wording import plural
 
 if TYPE_CHECKING:  # the engine stage imports these when it runs: `capbatch --help` and `validate` need no HTTP stack
-    from .engine import Engine, EngineResult
+    from .engine import Counters, Engine, EngineResult
 
 log = logging.getLogger("capbatch")
 
@@ -237,15 +239,15 @@ def validation_report(ledger: Ledger) -> dict[str, Any]:
 def log_validation(notes: list[str], v: dict[str, Any]) -> None:
     for note in notes:
         log.info("%s", note)
-    log.info("input: %d rows, %d valid, %d rejected, %d duplicates (sent once)",
-             v["rows"], v["valid"], v["rejected"], v["duplicates"])
+    log.info("input: %s, %d valid, %d rejected, %s (sent once)",
+             plural(v["rows"], "row"), v["valid"], v["rejected"], plural(v["duplicates"], "duplicate"))
     for code, n in v["by_reason"].items():
         log.info("  %-22s %d", code, n)
     for p in v["first_problems"]:
         log.warning("  row %s: %s", p["row"], p["reason"])
     if v["rejected"] > len(v["first_problems"]):
-        log.warning("  ... and %d more rejected rows (see failures.csv / the validation CSV)",
-                    v["rejected"] - len(v["first_problems"]))
+        log.warning("  ... and %s more (see failures.csv / the validation CSV)",
+                    plural(v["rejected"] - len(v["first_problems"]), "rejected row"))
 
 
 # ==== 4. engine ======================================================================================
@@ -325,7 +327,8 @@ def _signals_press(switch: StopSwitch, loop: asyncio.AbstractEventLoop) -> Itera
             signal.signal(sig, old)
 
 
-async def _engine_session(s: Settings, ledger: Ledger, base_url: str, switch: StopSwitch) -> EngineResult:
+async def _engine_session(s: Settings, ledger: Ledger, base_url: str, switch: StopSwitch,
+                          on_tick: Callable[[Counters], None] | None = None) -> EngineResult:
     from .api import CapillaryClient
     from .engine import Engine
     from .progress import Progress, choose_mode
@@ -337,6 +340,7 @@ async def _engine_session(s: Settings, ledger: Ledger, base_url: str, switch: St
         loop = asyncio.get_running_loop()
         task = asyncio.ensure_future(engine.run())
         progress.start(engine.counters)
+        ticker = loop.create_task(_every(s.progress_interval, on_tick, engine.counters)) if on_tick else None
         with _signals_press(switch, loop):
             switch._attach(loop, engine, task)
             try:
@@ -349,7 +353,20 @@ async def _engine_session(s: Settings, ledger: Ledger, base_url: str, switch: St
                 raise
             finally:
                 switch._detach()
+                if ticker is not None:
+                    ticker.cancel()
+                    await asyncio.gather(ticker, return_exceptions=True)
                 await progress.stop()
+
+
+async def _every(interval: float, call: Callable[[Counters], None], counters: Counters) -> None:
+    """The periodic hook (metrics file) beside the progress display; never ends the run."""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            call(counters)
+        except Exception:  # noqa: BLE001 - a monitoring hiccup must not stop the run
+            log.debug("periodic hook failed", exc_info=True)
 
 
 async def _run_engine(s: Settings, ledger: Ledger, base_url: str) -> EngineResult:
@@ -357,35 +374,12 @@ async def _run_engine(s: Settings, ledger: Ledger, base_url: str) -> EngineResul
     return await _engine_session(s, ledger, base_url, StopSwitch())
 
 
-def send_rows(s: Settings, ledger: Ledger, base_url: str, switch: StopSwitch) -> EngineResult:
+def send_rows(s: Settings, ledger: Ledger, base_url: str, switch: StopSwitch,
+              on_tick: Callable[[Counters], None] | None = None) -> EngineResult:
     """Stage 4: settle every pending row of ``ledger`` through the API. The engine takes the whole
-    Settings (rate, retries, modes, grace period...); this stage adds the client and the stop switch."""
-    return run_async(lambda: _engine_session(s, ledger, base_url, switch), switch)
-
-
-def run_async(coro: Any, switch: StopSwitch | None = None) -> Any:
-    """Run a coroutine to completion from synchronous code — also where this thread already runs an
-    event loop (a notebook, an async framework): then on a thread of its own, and Ctrl-C here presses
-    ``switch``. ``coro`` may be a coroutine or a function making one."""
-    make = coro if callable(coro) else (lambda: coro)
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(make())
-    import concurrent.futures
-
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="capbatch-run") as pool:
-        future = pool.submit(lambda: asyncio.run(make()))
-        while True:
-            try:
-                # Short waits: a signal that lands on another thread only raises KeyboardInterrupt here
-                # once this thread runs Python code again.
-                if concurrent.futures.wait([future], timeout=0.2).done:
-                    return future.result()
-            except KeyboardInterrupt:
-                if switch is None:
-                    raise
-                switch.press("Ctrl-C")
+    Settings (rate, retries, modes, grace period...); this stage adds the client, the stop switch and
+    the periodic hook (``on_tick``, every --progress-interval)."""
+    return run_async(lambda: _engine_session(s, ledger, base_url, switch, on_tick), switch.press)
 
 
 # ==== 5. reports =====================================================================================
@@ -410,14 +404,14 @@ def _rows_left(counts: dict[str, int]) -> str:
 
 def _log_summary(summary: dict[str, Any]) -> None:
     c = summary["counts"]
+    requests = summary["this_invocation"]["requests"]
     audit = summary.get("audit")
-    stop = summary.get("stop")
-    log.info(
-        "%s: %d succeeded, %d unchanged, %d failed, %d rejected, %d duplicates, %s — "
-        "%d requests, %.1f rows/s%s; reports in %s", "done" if stop == "done" else f"stopped ({stop})",
-        c["succeeded"], c["unchanged"], c["failed"], c["rejected"], c["duplicate"],
-        _rows_left(c), summary["this_invocation"]["requests"],
-        summary["throughput_rows_per_second"],
+    logging.getLogger("capbatch.summary").info(   # shown with -q too: the line a scheduler's log keeps
+        "%s: %d succeeded, %d unchanged, %d failed, %d rejected, %s, %d pending — %s, %.1f rows/s%s; "
+        "reports in %s",
+        summary["stop"] if summary["stop"] in ("aborted", "interrupted") else "done",
+        c["succeeded"], c["unchanged"], c["failed"], c["rejected"], plural(c["duplicate"], "duplicate"),
+        c["pending"] + c["in_flight"], plural(requests, "request"), summary["throughput_rows_per_second"],
         f"; audit: {audit['rows']} re-read, {audit['drift_fixed']} drifted and put back" if audit else "",
         summary["run_dir"])
     if summary.get("warnings_by_code"):
@@ -465,13 +459,28 @@ def run(s: Settings, source: Source = None, *, stop: StopSwitch | None = None) -
     ends with failed or rejected rows is not an exception: read ``summary.exit_code``. ``stop`` lets
     another thread stop the run (the library's async entry point uses it).
     """
-    if s.job and not s.dry_run:
-        with jobs.lock(s.reports_dir, jobs.check_name(s.job)):   # one run of a job at a time
-            return _run(s, source, stop)
-    return _run(s, source, stop)
+    announcer = announce.Announcer(announce.Targets(s.metrics_file, s.pushgateway, s.notify_url, s.job),
+                                   _input_name(s, source))
+    try:
+        if s.job and not s.dry_run:
+            with jobs.lock(s.reports_dir, jobs.check_name(s.job)):   # one run of a job at a time
+                return _run(s, source, stop, announcer)
+        return _run(s, source, stop, announcer)
+    except BaseException as exc:
+        if not s.dry_run:
+            announcer.failed(exc)   # metrics, Pushgateway, webhook: the nights that go wrong too
+        raise
 
 
-def _run(s: Settings, source: Source, stop: StopSwitch | None) -> Summary | dict[str, Any]:
+def _input_name(s: Settings, source: Source) -> str:
+    given = s.input if source is None else source
+    if isinstance(given, (str, os.PathLike)):
+        return Path(given).name
+    return _stem(s, source)
+
+
+def _run(s: Settings, source: Source, stop: StopSwitch | None,
+         announcer: announce.Announcer) -> Summary | dict[str, Any]:
     if s.skip_confirmed and not s.job:
         raise UsageError("--skip-confirmed needs --job NAME", "name the job whose earlier runs confirmed the pairs")
     if s.audit_fraction and not s.skip_confirmed:
@@ -490,6 +499,11 @@ def _run(s: Settings, source: Source, stop: StopSwitch | None) -> Summary | dict
     _require_credentials(s)
     if not s.verify_tls:
         log.warning("TLS certificate verification is OFF (--no-verify-tls): use this only for a trusted test host")
+    if s.run_dir:
+        outputs.check_dir(s.run_dir, "--run-dir")
+    else:
+        outputs.check_dir(s.reports_dir, "--reports-dir")
+    announcer.check_writable()
     if s.job:
         jobs.bind_target(jobs.store_path(s.reports_dir), s.job, base_url)
     switch = stop or StopSwitch()
@@ -521,21 +535,23 @@ def _run(s: Settings, source: Source, stop: StopSwitch | None) -> Summary | dict
             raise Interrupted("run stopped before the first request", "rerun the same command to resume")
         log.info("target %s, auth %s, rate %s, concurrency %d", base_url, s.credentials.kind,
                  s.rate or "unlimited", s.concurrency)
-        result = send_rows(s, ledger, base_url, switch)
+        announcer.attach(ledger)
+        result = send_rows(s, ledger, base_url, switch, announcer.tick)
     except BaseException as exc:
-        code = getattr(exc, "exit_code", report.EXIT_INTERRUPTED if isinstance(exc, KeyboardInterrupt)
-                       else report.EXIT_ABORTED)
-        ledger.end_invocation(invocation, code, "interrupted" if code == report.EXIT_INTERRUPTED else "error", 0)
+        code = announce.exit_code_of(exc)
+        ledger.end_invocation(invocation, code, "interrupted" if code == report.EXIT_INTERRUPTED else "error")
         _detach(file_log)
         ledger.close()
         raise
     counts = ledger.counts()
-    ledger.end_invocation(invocation, report.exit_code_for(counts, result.stop), result.stop,
-                          result.counters.requests)
+    exit_code = report.exit_code_for(counts, result.stop)
+    ledger.end_invocation(invocation, exit_code, result.stop, result.counters.requests,
+                          result.counters.by_status)
     summary = write_run_reports(ledger, run_dir, result)
     if s.job:
         jobs.remember(ledger, jobs.store_path(s.reports_dir), s.job, run_dir, summary, started_at)
     _log_summary(summary)
+    announcer.finished(summary, exit_code)
     _detach(file_log)
     ledger.close()
     if result.stop == "aborted":
@@ -598,18 +614,28 @@ def _write_validation_csv(ledger: Ledger, out: Path) -> None:
 
 
 def status(run_dir: Path) -> dict[str, Any]:
+    """Counts per state and every invocation (timestamps as ISO 8601 UTC, as in summary.json)."""
     ledger = Ledger.open_readonly(run_dir)
     try:
+        invocations = [{**inv, "started_at": report.iso(inv["started_at"]), "ended_at": report.iso(inv["ended_at"]),
+                        "last_seen_at": report.iso(inv["last_seen_at"]), "duration": round(inv["duration"], 3)}
+                       for inv in ledger.invocations()]
         return {"run_dir": str(run_dir), "input": ledger.get_meta("input_name"),
-                "counts": ledger.counts(), "invocations": ledger.invocations()}
+                "counts": ledger.counts(), "invocations": invocations}
     finally:
         ledger.close()
 
 
-def rebuild_reports(run_dir: Path) -> Summary:
+def rebuild_reports(run_dir: Path, out_dir: Path | None = None) -> Summary:
+    """Rebuild the reports from the ledger, into ``out_dir`` or the run directory itself."""
+    if out_dir is not None:
+        outputs.check_dir(out_dir, "--output-dir")
+    elif (run_dir / "ledger.sqlite").exists() and not os.access(run_dir, os.W_OK):
+        raise UsageError(f"run directory {run_dir} is read-only: the reports cannot be rebuilt in it",
+                         "pass --output-dir DIR to write them elsewhere")
     ledger = Ledger.open_readonly(run_dir)
     try:
-        return Summary(report.write_reports(ledger, run_dir))
+        return Summary(report.write_reports(ledger, run_dir, out_dir))
     finally:
         ledger.close()
 
@@ -621,6 +647,7 @@ def check_remote(s: Settings, source: Source = None) -> dict[str, Any]:
 
     base_url = target_url(s)
     _require_credentials(s)
+    outputs.check_dir(s.reports_dir, "--reports-dir")
     with tempfile.TemporaryDirectory(prefix="capbatch-check-") as tmp:
         prepared = prepare(s, run_dir=Path(tmp), source=source)
         try:
@@ -655,6 +682,7 @@ def verify(s: Settings, target: Path) -> dict[str, Any]:
             out = target / "verify.csv"
             states: tuple[str, ...] = ("succeeded", "unchanged")
         else:
+            outputs.check_dir(s.reports_dir, "--reports-dir")
             tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="capbatch-verify-"))
             ledger = prepare(replace(s, input=target), run_dir=Path(tmp)).ledger
             out = s.reports_dir / f"{target.stem}.verify.csv"
@@ -663,13 +691,24 @@ def verify(s: Settings, target: Path) -> dict[str, Any]:
         targets = (Target(row_label(r["sheet"], r["row_number"]), r["card"], r["external_id"])
                    for r in ledger.rows_in_states(states))
         counts = check_cards(s, base_url, targets, out)
-    log.info("verify: %d match, %d differ, %d cards missing, %d unreadable; details in %s",
-             counts["match"], counts["differs"], counts["missing"], counts["error"], out)
+    logging.getLogger("capbatch.summary").info(
+        "verify: %d match, %d differ, %d cards missing, %d unreadable; details in %s",
+        counts["match"], counts["differs"], counts["missing"], counts["error"], out)
     bad = counts["differs"] + counts["missing"] + counts["error"]
     return {"counts": counts, "verify_csv": str(out), "exit_code": 1 if bad else 0}
 
 
 def _require_credentials(s: Settings) -> None:
+    if s.credentials.kind == "both":
+        raise ConfigError(
+            "both Basic (CAPILLARY_USERNAME, CAPILLARY_PASSWORD) and OAuth (CAPILLARY_CLIENT_KEY, "
+            "CAPILLARY_CLIENT_SECRET) credentials are set in the environment",
+            "unset one pair, or choose with --auth basic or --auth oauth")
+    if s.credentials.kind == "none" and s.auth:
+        pair = "CAPILLARY_USERNAME and CAPILLARY_PASSWORD" if s.auth == "basic" else \
+            "CAPILLARY_CLIENT_KEY and CAPILLARY_CLIENT_SECRET"
+        raise ConfigError(f"--auth {s.auth} chooses {pair}, but they are not both set in the environment",
+                          f"export {pair}, or choose the other pair with --auth")
     if s.credentials.kind == "none":
         raise ConfigError(
             "no Capillary credentials in the environment",

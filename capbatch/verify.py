@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from .aio import run_async
 from .api import CARD_NOT_FOUND, CapillaryClient, Kind, Outcome
 from .config import Settings
-from .errors import RunAborted
+from .errors import ConfigError
 from .pacing import Pacer, backoff_delay
 from .report import atomic_write, neutralise
 
@@ -46,7 +47,10 @@ async def _read_one(client: CapillaryClient, pacer: Pacer, target: Target, max_a
         outcome = await client.get_card(target.card)
         pacer.answered(outcome.throttled, outcome.retry_after)
         if outcome.kind is Kind.FATAL:
-            raise RunAborted(f"check aborted: {outcome.error_message}", "fix the cause and rerun")
+            # credentials refused, 403, not the Capillary API, TLS: a setting to fix. Nothing was written,
+            # so there is nothing to resume (exit 3 belongs to a run that stopped resumably).
+            raise ConfigError(f"check stopped: {outcome.error_message}",
+                              "fix the credentials or the target (--cluster/--base-url) and rerun")
         if outcome.kind is not Kind.RETRY:
             break
         await asyncio.sleep(max(backoff_delay(attempt), min(outcome.retry_after or 0.0, 300.0)))
@@ -97,10 +101,9 @@ def check_cards(s: Settings, base_url: str, targets: Iterable[Target], out_csv: 
             w.writerow([c.target.label, neutralise(c.target.card), neutralise(c.target.intended),
                         neutralise(c.actual or ""), c.status, neutralise(c.message)])
             if c.status != "match" and counts[c.status] <= 10:
-                log.warning("row %s: card %s %s (intended %r, found %r) %s", c.target.label, c.target.card,
-                            c.status, c.target.intended, c.actual, c.message)
-
-        from .runner import run_async
+                found = c.actual or ("no external ID" if c.status == "differs" else "-")
+                log.warning("row %s: card %s %s (intended %s, found %s)%s", c.target.label, c.target.card,
+                            c.status, c.target.intended, found, f" {c.message}" if c.message else "")
 
         run_async(_check_all(s, base_url, targets, sink))
 

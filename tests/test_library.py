@@ -168,7 +168,7 @@ def test_unknown_keywords_and_bad_types_are_clear(tmp_path, sim, fast, run_cli):
     bad = [({"concurrency": 2.5}, capbatch.UsageError, "concurrency=2.5 is a float, not an int"),
            ({"rate": 1000}, capbatch.UsageError, "rate=1000 is an int, not"),
            ({"run_dir": 5}, capbatch.UsageError, "run_dir=5 is an int, not a path"),
-           ({"verify_tls": "maybe"}, capbatch.ConfigError, "verify_tls = 'maybe' is not valid"),
+           ({"strip_invisible": "maybe"}, capbatch.ConfigError, "strip_invisible = 'maybe' is not valid"),
            ({"timeout": "soon"}, capbatch.ConfigError, "timeout = 'soon' is not valid"),
            ({"env": "demo"}, capbatch.UsageError, "env is a str, not a mapping"),
            ({"sheet": "Sheet2", "source": make_cards(1)}, capbatch.UsageError, "sheet apply to files only")]
