@@ -152,9 +152,10 @@ def input_flags(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--external-id-column", help="Header of the external-ID column (default: cardExternalId)."),
         click.option("--delimiter", help="CSV delimiter (default: detected among , ; TAB |). Use '\\t' for tab."),
         click.option("--encoding", help="Text encoding (default: UTF-8/UTF-16 by BOM, else cp1252, reported)."),
-        click.option("--sheet", help="Excel sheet name or 0-based index (default: the sheet holding the headers)."),
+        click.option("--sheet", help="Workbook sheet NAME, 0-based INDEX, or 'all' = every visible sheet with the columns, in workbook order (default: the one visible sheet with the columns; several are refused)."),
         click.option("--header-row", type=int, help="1-based row holding the headers (default 1)."),
         click.option("--external-id-length", type=int, help="Your org's CONF_CARD_NUMBER_LENGTH: reject other lengths before sending."),
+        click.option("--external-id-min-length", metavar="N|card", help="Reject external IDs shorter than N, or than the row's card number ('card'); error 3050."),
         click.option("--external-id-pattern", help="Regex every external ID must match in full."),
         click.option("--strip-invisible/--no-strip-invisible", default=None, help="Strip zero-width/control characters instead of rejecting the row (default: reject)."),
         click.option("--reports-dir", type=click.Path(path_type=Path), help="Where run directories go (default ./reports)."),
@@ -257,12 +258,14 @@ def run_cmd(input_path: Path, no_verify_tls: bool, json_out: bool, **flags: Any)
 
 @main.command("validate", epilog=EXIT_CODES_HELP)
 @click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
-@click.option("-o", "--output", type=click.Path(path_type=Path), help="Validation CSV to write (default reports/<input>.validation.csv).")
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Validation CSV to write (default reports/<input>.validation.csv; '-' for stdout).")
 @click.option("--json", "json_out", is_flag=True, default=False, help="Print the counts as JSON on stdout.")
 @input_flags
 @_guard
 def validate_cmd(input_path: Path, output: Path | None, json_out: bool, **flags: Any) -> int:
     """Check INPUT without any network: counts, first problems, and a validation CSV (exit 0/1/2)."""
+    if json_out and output is not None and str(output) == "-":
+        raise UsageError("--json and -o - would both write to stdout", "write the validation CSV to a file, or drop --json")
     setup_logging(bool(flags.get("quiet")), flags.get("verbose") or 0)
     settings = _settings(flags, input_path)
     result = runner.validate(settings, output)

@@ -158,6 +158,7 @@ class Settings:
     header_row: int = 1
     # rules
     external_id_length: int | None = None
+    external_id_min_length: int | str | None = None  # a number, or "card" (the row's card length)
     external_id_pattern: str | None = None
     strip_invisible: bool = False
     # sending
@@ -301,11 +302,19 @@ def _extra_field(spec: str) -> tuple[str, Any]:
     return name.strip(), raw
 
 
+def _min_length(v: Any) -> int | str:
+    s = str(v).strip()
+    if s.casefold() == "card":
+        return "card"
+    return int(s)
+
+
 SETTABLE: dict[str, Any] = {
     "base_url": _str, "cluster": _str, "run_dir": _path, "reports_dir": _path,
     "card_column": _str, "external_id_column": _str, "delimiter": _str, "encoding": _str,
     "sheet": _sheet, "header_row": _int,
     "external_id_length": _int, "external_id_pattern": _str, "strip_invisible": _bool,
+    "external_id_min_length": _min_length,
     "mode": _str, "rate": parse_rate, "read_rate": parse_rate, "concurrency": _int,
     "max_attempts": _int, "timeout": _float, "resume_check": _str,
     "generate_missing": _bool, "skip_confirmed": _bool, "job": _str,
@@ -450,6 +459,15 @@ def validate(s: Settings) -> Settings:
         raise UsageError("--header-row counts from 1", "e.g. --header-row 3 when two title rows sit above the header")
     if s.external_id_length is not None and not 1 <= s.external_id_length <= 50:
         raise UsageError("--external-id-length must be 1..50", "external IDs are at most 50 characters")
+    if s.external_id_min_length is not None and s.external_id_min_length != "card" and not (
+            isinstance(s.external_id_min_length, int) and 1 <= s.external_id_min_length <= 50):
+        raise UsageError("--external-id-min-length must be 1..50 or 'card'",
+                         "external IDs are at most 50 characters; 'card' means at least as long as "
+                         "each row's card number")
+    if (s.external_id_length is not None and isinstance(s.external_id_min_length, int)
+            and s.external_id_length < s.external_id_min_length):
+        raise UsageError(f"--external-id-length {s.external_id_length} is below --external-id-min-length "
+                         f"{s.external_id_min_length}", "give one of them, or make them agree")
     if s.auth is not None and s.auth not in AUTH_KINDS:
         raise UsageError(f"--auth {s.auth} is unknown", "use --auth basic or --auth oauth")
     if s.audit_fraction is not None and not 0 < s.audit_fraction <= 1:

@@ -13,6 +13,7 @@ import functools
 import json
 import math
 import os
+import sys
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable
@@ -23,6 +24,7 @@ from .source import REPORT_MARKER_COLUMN
 
 RESULTS_CSV = "results.csv"
 FAILURES_CSV = "failures.csv"
+FAILURES_XLSX = "failures.xlsx"
 SUMMARY_JSON = "summary.json"
 
 FORMULA_TRIGGERS = ("=", "+", "-", "@", "\t", "\r")
@@ -67,12 +69,34 @@ def iso(ts: float | None) -> str:
 
 
 def atomic_write(path: Path, write: Any) -> None:
-    """Write through ``write(fh)`` to a temporary file, then rename: readers never see half a file."""
+    """Write through ``write(fh)`` to a temporary file, then rename: readers never see half a file.
+
+    Only a regular file is replaced that way. ``-`` is stdout, and anything else that is not a
+    regular file (a device such as /dev/null, a named pipe) is written directly: renaming onto it
+    would replace the device with a file. A symbolic link keeps pointing at its (replaced) target.
+    Raises OSError when the path cannot be written.
+    """
+    if str(path) == "-":
+        write(sys.stdout)
+        sys.stdout.flush()
+        return
+    if path.exists() and not path.is_file():
+        if path.is_dir():
+            raise IsADirectoryError(21, "Is a directory", str(path))
+        with open(path, "w", newline="", encoding="utf-8") as fh:
+            write(fh)
+        return
+    if path.is_symlink():
+        path = path.resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8-sig" if path.suffix == ".csv" else "utf-8") as fh:
-        write(fh)
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", newline="", encoding="utf-8-sig" if path.suffix == ".csv" else "utf-8") as fh:
+            write(fh)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _reason(error_code: str | None, error_message: str | None, reason_code: str | None,
@@ -121,27 +145,42 @@ def warnings_text(stored: str) -> str:
                      for w in json.loads(stored))
 
 
-def write_failures(ledger: Ledger, run_dir: Path) -> int:
-    """Failed and rejected rows, original columns first, so the file can be fixed and fed back."""
+def failure_rows(ledger: Ledger) -> tuple[list[str], Iterable[list[str]]]:
+    """(header, rows) of the failures file: failed and rejected rows, original columns first, as
+    plain text (not neutralised)."""
     columns = ledger.get_meta_json("columns", [])
     header = list(columns) + [MARKER_COLUMN, "capbatch_sheet", "capbatch_state", "capbatch_error_code",
                               "capbatch_reason"]
+
+    def rows() -> Iterable[list[str]]:
+        for row in ledger.rows_in_states(("failed", "rejected")):
+            code, message = _reason(row["error_code"], row["error_message"], row["reason_code"], row["reason"],
+                                    row["note"])
+            original = json.loads(row["original"])
+            yield (_fit(original, len(columns))
+                   + [str(row["row_number"]), row["sheet"] or "", row["state"], code, message])
+
+    return header, rows()
+
+
+def write_failures(ledger: Ledger, run_dir: Path) -> int:
+    """Failed and rejected rows, original columns first, so the file can be fixed and fed back;
+    failures.xlsx beside it holds the same cells, all stored as text (see report_xlsx)."""
+    header, rows = failure_rows(ledger)
     count = 0
 
     def write(fh: Any) -> None:
         nonlocal count
         w = csv.writer(fh)
         w.writerow([neutralise(h) for h in header])
-        for row in ledger.iter_rows("WHERE state IN ('failed', 'rejected')"):
-            code, message = _reason(row["error_code"], row["error_message"], row["reason_code"], row["reason"],
-                                    row["note"])
-            original = json.loads(row["original"])
-            w.writerow([neutralise(v) for v in _fit(original, len(columns))]
-                       + [row["row_number"], neutralise(row["sheet"] or ""), row["state"], neutralise(code),
-                          neutralise(message)])
+        for values in rows:
+            w.writerow([neutralise(v) for v in values])
             count += 1
 
     atomic_write(run_dir / FAILURES_CSV, write)
+    from .report_xlsx import write_text_xlsx
+
+    write_text_xlsx(run_dir / FAILURES_XLSX, *failure_rows(ledger), sheet="failures")
     return count
 
 

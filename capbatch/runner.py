@@ -110,7 +110,8 @@ def _is_mapping(obj: object) -> bool:
 # ==== 2. rules =======================================================================================
 def rule_settings(s: Settings) -> RuleSettings:
     return RuleSettings(external_id_length=s.external_id_length, external_id_pattern=s.external_id_pattern,
-                        strip_invisible=s.strip_invisible, allow_missing_external_id=s.generate_missing)
+                        strip_invisible=s.strip_invisible, allow_missing_external_id=s.generate_missing,
+                        external_id_min_length=s.external_id_min_length)
 
 
 def checked_rows(table: InputTable | MemoryTable, rules: RuleSettings) -> Iterator[tuple[Any, ...]]:
@@ -125,13 +126,17 @@ def checked_rows(table: InputTable | MemoryTable, rules: RuleSettings) -> Iterat
 def validation_fingerprint(inp: Input, header_row: int, rules: RuleSettings) -> dict[str, Any]:
     """Everything that decides which rows are valid: a resumed run must use the same."""
     t = inp.table
-    return {
+    fingerprint = {
         "card_column": t.card_column, "external_id_column": t.external_id_column,
-        "sheet": t.sheet, "header_row": header_row, "delimiter": t.delimiter,
+        "sheet": getattr(t, "sheet_choice", t.sheet),  # --sheet all: the list of sheets read
+        "header_row": header_row, "delimiter": t.delimiter,
         "encoding": t.encoding, "external_id_length": rules.external_id_length,
         "external_id_pattern": rules.external_id_pattern, "strip_invisible": rules.strip_invisible,
         "generate_missing": rules.allow_missing_external_id,
     }
+    if rules.external_id_min_length is not None:  # only when set: older ledgers stay resumable
+        fingerprint["external_id_min_length"] = rules.external_id_min_length
+    return fingerprint
 
 
 # ==== 3. ledger ======================================================================================
@@ -425,6 +430,9 @@ def _log_summary(summary: dict[str, Any]) -> None:
     elif c["failed"] or c["rejected"]:
         log.info("fix the rows in %s and feed it back: capbatch run %s ...",
                  Path(summary["run_dir"]) / report.FAILURES_CSV, Path(summary["run_dir"]) / report.FAILURES_CSV)
+    if c["failed"] or c["rejected"]:
+        log.info("editing in Excel? use %s instead: every cell is text, so leading zeros survive the round "
+                 "trip; feed it back the same way", Path(summary["run_dir"]) / report.FAILURES_XLSX)
 
 
 class _JsonFormatter(logging.Formatter):
@@ -572,11 +580,16 @@ def validate(s: Settings, output: Path | None = None, source: Source = None) -> 
         try:
             v = validation_report(prepared.ledger)
             out = output or (s.reports_dir / f"{_stem(s, source)}.validation.csv")
-            _write_validation_csv(prepared.ledger, out)
+            try:
+                _write_validation_csv(prepared.ledger, out)
+            except OSError as exc:
+                raise UsageError(f"cannot write the validation CSV to {out}: {exc.strerror or exc}",
+                                 "pass -o/--output a writable file path (or - for stdout)") from exc
             v["validation_csv"] = str(out)
             v["notes"] = prepared.notes
+            v["sheets"] = dict(getattr(prepared.table, "sheet_rows", {}))
             log_validation(prepared.notes, v)
-            log.info("validation details written to %s", out)
+            log.info("validation details written to %s", "stdout" if str(out) == "-" else out)
         finally:
             prepared.ledger.close()
     v["exit_code"] = 1 if v["rejected"] else 0
