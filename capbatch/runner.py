@@ -27,7 +27,7 @@ from . import announce, jobs, outputs, report
 from .aio import run_async
 from .config import Settings, target_url
 from .errors import ConfigError, InputFileError, Interrupted, LedgerError, RunAborted, UsageError
-from .frame import MemoryTable, is_dataframe, open_frame, open_records
+from .source.frame import MemoryTable, is_dataframe, open_frame, open_records
 from .ledger import Ledger, row_label
 from .rules import RuleSettings, check_row
 from .source import InputOptions, InputTable, file_sha256, open_input

@@ -13,6 +13,8 @@ One module per job:
 ``cells``      the cell rules shared by every format: whether a key cell's text may be sent
 ``census``     the open-time pass: data rows counted, repeated headers found, notes
 ``table``      ``open_input`` and ``InputTable``: what every format shares
+``frame``      in-memory input (a pandas.DataFrame, pairs, mappings) as the same rows; the cell
+               rules apply to it through ``rules`` like to any file
 =============  ==============================================================================
 """
 
@@ -30,8 +32,6 @@ from .model import (
 )
 from .sniff import file_sha256
 from .table import InputTable, open_input
-
-_resolve_columns = resolve_columns  # the name capbatch.frame (DataFrame input) imports
 
 __all__ = [
     "CARD_FIELD",
