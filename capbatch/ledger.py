@@ -21,7 +21,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from .errors import LedgerError
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 LEDGER_FILE = "ledger.sqlite"
 LOCK_FILE = ".lock"
 
@@ -67,7 +67,8 @@ CREATE TABLE IF NOT EXISTS rows (
     note TEXT,
     settled_at REAL,
     audit INTEGER NOT NULL DEFAULT 0,  -- picked for the job's rolling audit: read the card before writing
-    expect_external_id TEXT            -- revert: write only while the card still holds this ID
+    expect_external_id TEXT,           -- revert: write only while the card still holds this ID
+    warnings TEXT                      -- JSON array of {"code", "message"} the API's answers carried
 );
 CREATE INDEX IF NOT EXISTS rows_by_state ON rows(state, id);
 CREATE TABLE IF NOT EXISTS timeline (
@@ -97,6 +98,7 @@ _MIGRATIONS: list[str] = [
     "ALTER TABLE rows ADD COLUMN expect_external_id TEXT;",
     # 2 -> 3: invocation figures recorded as the run goes (right after a kill -9)
     "ALTER TABLE runs ADD COLUMN last_seen_at REAL; ALTER TABLE runs ADD COLUMN requests_by_status TEXT;",
+    "ALTER TABLE rows ADD COLUMN warnings TEXT;",   # 3 -> 4: warnings carried by the API's answers
 ]
 
 
@@ -129,6 +131,7 @@ class RowResult:
     latency_ms: float | None = None
     note: str | None = None
     settled_at: float = 0.0
+    warnings: Sequence[tuple[str, str]] = ()   # (code, message) from the answers about this row
 
 
 def row_label(sheet: str | None, row_number: int) -> str:
@@ -386,6 +389,24 @@ class Ledger:
             "WHERE state='pending' AND id > ? ORDER BY id LIMIT ?", (after_id, limit))
         return [WorkRow(i, c, e, False, bool(g), bool(a), x) for i, c, e, g, a, x in cur]
 
+    def spread_pending(self, count: int) -> list[WorkRow]:
+        """Up to ``count`` pending rows spread evenly across the file (first, last and between)."""
+        total = int(self._exec("SELECT count(*) FROM rows WHERE state='pending'").fetchone()[0])
+        if count <= 0 or total == 0:
+            return []
+        if count == 1 or total <= count:
+            offsets = list(range(min(count, total)))
+        else:
+            offsets = sorted({round(i * (total - 1) / (count - 1)) for i in range(count)})
+        rows = []
+        for offset in offsets:
+            hit = self._exec("SELECT id, card, external_id, generated, audit, expect_external_id FROM rows "
+                             "WHERE state='pending' ORDER BY id LIMIT 1 OFFSET ?", (offset,)).fetchone()
+            if hit:
+                i, c, e, g, a, x = hit
+                rows.append(WorkRow(i, c, e, False, bool(g), bool(a), x))
+        return rows
+
     def mark_in_flight(self, ids: Sequence[int]) -> None:
         """The journal entry written before a batch of requests goes out."""
         self._many("UPDATE rows SET state='in_flight' WHERE id=?", ((i,) for i in ids))
@@ -407,9 +428,10 @@ class Ledger:
         sql = ("UPDATE rows SET state=?, attempts=attempts+?, http_status=?, error_code=?, error_message=?, "
                "card_id=coalesce(?, card_id), customer_id=coalesce(?, customer_id), "
                "previous_external_id=coalesce(?, previous_external_id), latency_ms=coalesce(?, latency_ms), "
-               "note=coalesce(?, note), settled_at=? WHERE id=?")
+               "note=coalesce(?, note), settled_at=?, warnings=? WHERE id=?")
         params = [(r.state.value, r.attempts, r.http_status, r.error_code, r.error_message, r.card_id,
-                   r.customer_id, r.previous_external_id, r.latency_ms, r.note, r.settled_at, r.id)
+                   r.customer_id, r.previous_external_id, r.latency_ms, r.note, r.settled_at,
+                   _warnings_json(r.warnings) if r.warnings else None, r.id)
                   for r in results]
         try:
             self.conn.execute("BEGIN IMMEDIATE")
@@ -537,6 +559,32 @@ class Ledger:
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         return list(self._exec(sql, params))
+
+    def has_column(self, name: str) -> bool:
+        """Whether the rows table has this column (a read-only ledger of an older schema may lack it)."""
+        return any(r[1] == name for r in self._exec("PRAGMA table_info(rows)"))
+
+    def warning_counts(self) -> dict[str, dict[str, Any]]:
+        """Warning code -> {"rows": rows whose answers carried it, "message": one of its messages}
+        ({} for a ledger older than the warnings column)."""
+        if not self.has_column("warnings"):
+            return {}
+        out: dict[str, dict[str, Any]] = {}
+        sql = ("SELECT json_extract(w.value, '$.code'), count(DISTINCT rows.id), "
+               "max(json_extract(w.value, '$.message')) FROM rows, json_each(rows.warnings) AS w "
+               "WHERE rows.warnings IS NOT NULL GROUP BY 1 ORDER BY 2 DESC, 1")
+        for code, n, message in self._exec(sql):
+            out[str(code or "")] = {"rows": int(n), "message": message or ""}
+        return out
+
+    def rows_with_warnings(self) -> int:
+        if not self.has_column("warnings"):
+            return 0
+        return int(self._exec("SELECT count(*) FROM rows WHERE warnings IS NOT NULL").fetchone()[0])
+
+
+def _warnings_json(warnings: Sequence[tuple[str, str]]) -> str:
+    return json.dumps([{"code": code, "message": message} for code, message in warnings], ensure_ascii=False)
 
 
 def _writer_active(run_dir: Path) -> bool:
