@@ -501,6 +501,9 @@ class Simulator:
             self._rejected_429 += 1
             return _json_response(_BODY_429, 429, self._h429)
         if self._delayed:
+            # The whole request is received before the server "works" on it, as a real server does:
+            # a client that dies while waiting for the answer does not undo a PUT that arrived.
+            await request.read()
             delay = cfg.latency
             if cfg.jitter:
                 delay += self._rng.uniform(-cfg.jitter, cfg.jitter)
