@@ -22,9 +22,9 @@ log = logging.getLogger("capbatch")
 
 EXIT_INTERNAL = 70   # EX_SOFTWARE: a bug in capbatch, never a verdict on the input
 EXIT_CODES_HELP = """Exit codes: 0 every row settled successfully; 1 some rows failed or were rejected;
-2 usage, config or input-file error (nothing sent); 3 run aborted (credentials, outage), resumable
-by rerunning the same command; 70 internal error (a bug: the message names the traceback file);
-130 interrupted (a run resumes when rerun)."""
+2 usage, config or input-file error (nothing sent); 3 run stopped (credentials, unreachable target,
+outage, canary, tripwire), resumable by rerunning the same command; 70 internal error (a bug: the
+message names the traceback file); 130 interrupted (a run resumes when rerun)."""
 SUMMARY_LOGGER = "capbatch.summary"   # its lines are shown even with -q
 
 
@@ -200,7 +200,8 @@ TLS_HELP = "Turn TLS certificate verification off (trusted test hosts only; only
 
 @main.command("run", epilog=EXIT_CODES_HELP)
 @click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
-@click.option("--cluster", type=click.Choice(sorted(config.CLUSTERS), case_sensitive=False), help="Capillary cluster.")
+@click.option("--cluster", type=click.Choice(sorted(config.CLUSTERS), case_sensitive=False),
+              help=f"Capillary cluster: {config.CLUSTER_NAMES_HELP}.")
 @click.option("--base-url", help="API base URL instead of --cluster (a test cluster, a proxy, the simulator).")
 @click.option("--run-dir", type=click.Path(path_type=Path), help="Run directory (default reports/<input>-<hash>).")
 @click.option("--mode", type=click.Choice(config.MODES), help="backfill (default): PUT every row; reconcile: read first, PUT only what differs.")
@@ -213,6 +214,20 @@ TLS_HELP = "Turn TLS certificate verification off (trusted test hosts only; only
 @click.option("--generate-missing/--no-generate-missing", default=None, help="Rows with an empty external ID get one from GET /v2/cardNumber (default: such rows are rejected).")
 @click.option("--outage-budget", type=float, help="Seconds the API may stay down before the run aborts (default 300).")
 @click.option("--grace-period", type=float, help="Seconds in-flight requests get after Ctrl-C/SIGTERM (default 10).")
+@click.option("--extra-field", "extra_fields", multiple=True, metavar="NAME=VALUE",
+              help="Constant field added to every PUT (repeatable), e.g. statusLabel=Active; NAME:=JSON for a "
+                   "number or object (seriesId:=3). Never cardNumber/cardExternalId.")
+@click.option("--read-back/--no-read-back", default=None,
+              help="Read every card after its PUT and count it succeeded only if it holds the ID (one more "
+                   "request per row; for orgs whose answers cannot be taken at their word).")
+@click.option("--canary", type=int, metavar="K",
+              help=f"Before the pool opens, send K rows one at a time and read each card back; stop (exit 3) if "
+                   f"the API does not do what it answers (default {config.DEFAULT_CANARY}; 0 skips; "
+                   "not run against loopback unless given).")
+@click.option("--tripwire/--no-tripwire", default=None,
+              help="Stop (exit 3) when the first settled rows nearly all fail with one permanent code (default on).")
+@click.option("--tripwire-rate", type=float, help="Share of the sample one failure code must reach (default 0.9).")
+@click.option("--tripwire-rows", type=int, help="Settled rows the tripwire watches (default 50).")
 @click.option("--allow-http", is_flag=True, default=None, help="Allow plain http:// to a non-loopback host.")
 @click.option("--no-verify-tls", "no_verify_tls", is_flag=True, default=False, help=TLS_HELP)
 @click.option("--auth", type=click.Choice(config.AUTH_KINDS), help=AUTH_HELP)
@@ -264,7 +279,8 @@ def validate_cmd(input_path: Path, output: Path | None, json_out: bool, **flags:
 @click.argument("target", metavar="RUN_DIR|INPUT", type=click.Path(path_type=Path, exists=True), required=False)
 @click.option("--ledger", help="Database ledger (postgresql://USER@HOST:PORT/DB) to read instead of RUN_DIR; with --job.")
 @click.option("--job", help="With --ledger: the job whose latest run to check.")
-@click.option("--cluster", type=click.Choice(sorted(config.CLUSTERS), case_sensitive=False), help="Capillary cluster.")
+@click.option("--cluster", type=click.Choice(sorted(config.CLUSTERS), case_sensitive=False),
+              help=f"Capillary cluster: {config.CLUSTER_NAMES_HELP}.")
 @click.option("--base-url", help="API base URL instead of --cluster (a test cluster, a proxy, the simulator).")
 @click.option("--rate", help=f"Read rate cap, e.g. 1000/min; 'unlimited' for none (default {config.DEFAULT_RATE}).")
 @click.option("--concurrency", type=int, help="Reads in flight at most (default 16).")
@@ -439,8 +455,19 @@ def report_cmd(run_dir: Path | None, output_dir: Path | None, ledger: str | None
 @click.option("--p-drop", type=float, default=0.0, help="Probability of closing the connection without an answer (default 0).")
 @click.option("--p-hang", type=float, default=0.0, help="Probability of hanging, then closing without an answer (default 0).")
 @click.option("--p-429", type=float, default=0.0, help="Probability of a spurious 429 (default 0).")
-@click.option("--errors-status", type=int, default=400, help="HTTP status of business errors; 200/201 mimic '2xx with errors' (default 400).")
+@click.option("--errors-status", type=int, default=400, help="HTTP status of business errors; 200/201 mimic '2xx with errors', 500 the documented failure status (default 400).")
 @click.option("--token-ttl", type=float, default=300.0, help="Seconds an OAuth token lives (default 300).")
+@click.option("--down", type=click.Choice(["503", "502", "403", "drop", "hang"]), help="Start in an outage: every request answered so.")
+@click.option("--business-errors", type=click.Choice(["coded", "generic"]), default="coded", help="generic: business errors carry only code 500 'All requests have failed due to errors' (default coded).")
+@click.option("--fault-body", type=click.Choice(["json", "html"]), default="json", help="html: 5xx faults and --down 502/503/403 answer a CDN's HTML page (default json).")
+@click.option("--p-noop", type=float, default=0.0, help="Share of PUTs answered 200 without being applied.")
+@click.option("--noop-echo", type=click.Choice(["request", "stored", "omit"]), default="request", help="What a no-op answer names as cardExternalId (default request: looks applied).")
+@click.option("--p-echo-other", type=float, default=0.0, help="Share of applied PUTs whose answer names another ID (or card).")
+@click.option("--echo-other", type=click.Choice(["cardExternalId", "cardNumber"]), default="cardExternalId", help="Which field of those answers names something else (default cardExternalId).")
+@click.option("--put-identifies-by", type=click.Choice(["cardNumber", "cardExternalId"]), default="cardNumber", help="cardExternalId: the PUT finds the card by its external ID, the older docs' reading (default cardNumber).")
+@click.option("--warning-code", type=int, help="PUT answers carry this warning, e.g. 3039.")
+@click.option("--warning-message", default="No update in status label", help="Message of --warning-code (default 'No update in status label').")
+@click.option("--required-field", "required_fields", multiple=True, metavar="NAME", help="PUTs without this field get 403 'Mandatory field is missing' (repeatable), e.g. statusLabel.")
 @_guard
 def simulate_cmd(**opts: Any) -> int:
     """Run the built-in Capillary API simulator on loopback (demo credentials: demo/demo)."""
@@ -448,6 +475,7 @@ def simulate_cmd(**opts: Any) -> int:
 
     cards_path = opts.pop("cards")
     host, port = opts.pop("host"), opts.pop("port")
+    opts["required_fields"] = list(opts["required_fields"])
     cfg = SimConfig(cards=load_cards_csv(cards_path) if cards_path else {}, **opts)
     if not config.is_loopback(host):
         raise UsageError(f"the simulator only listens on loopback, not {host}", "use --host 127.0.0.1")

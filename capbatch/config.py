@@ -30,7 +30,15 @@ CLUSTERS: dict[str, str] = {
     "eu": "https://eu.api.capillarytech.com",
     "us": "https://us.api.capillarytech.com",
     "cn": "https://api.capillarytech.cn.com",
+    # the *.intouch.capillarytech.com hosts the current API overview lists
+    "intouch-apac": "https://apac.intouch.capillarytech.com",
+    "intouch-eu": "https://eu.intouch.capillarytech.com",
+    "intouch-ushc": "https://ushc.intouch.capillarytech.com",
+    "intouch-sea": "https://sea.intouch.capillarytech.com",
 }
+CLUSTER_NAMES_HELP = ("india (= apac), apac2, eu, us, cn; intouch-apac, intouch-eu, intouch-ushc, "
+                      "intouch-sea (the *.intouch.capillarytech.com hosts)")
+PROTECTED_FIELDS = ("cardNumber", "cardExternalId")   # --extra-field never overrides these
 
 DEFAULT_RATE = "100/min"  # the documented quota of demo and test clusters; real orgs set --rate
 DEFAULT_CONFIG_FILE = "capbatch.toml"
@@ -173,6 +181,14 @@ class Settings:
     check_remote: bool = False
     outage_budget: float = 300.0
     grace_period: float = 10.0
+    # constant fields added to every PUT body (from code also a mapping; always stored as pairs)
+    extra_fields: tuple[tuple[str, Any], ...] | Mapping[str, Any] = ()
+    read_back: bool = False            # read every card after its PUT (answers not trusted alone)
+    # proving the contract / stopping a doomed run
+    canary: int | None = None          # rows proven one at a time first; None = 5 unless the target is loopback
+    tripwire: bool = True
+    tripwire_rate: float = 0.9
+    tripwire_rows: int = 50
     # safety
     allow_http: bool = False
     verify_tls: bool = True        # switched off only by the --no-verify-tls flag
@@ -202,6 +218,8 @@ class Settings:
                 value = redact_password(value)
             if f.name == "notify_url" and value:
                 value = redact_webhook(value)
+            if f.name == "extra_fields":
+                value = dict(value)   # type: ignore[arg-type]
             out[f.name] = str(value) if isinstance(value, (Path, Rate)) else value
         out["auth"] = self.credentials.kind
         return out
@@ -255,6 +273,39 @@ def _sheet(v: Any) -> str | int:
     return int(s) if s.isdigit() else s
 
 
+def parse_extra_fields(value: Any) -> tuple[tuple[str, Any], ...]:
+    """``NAME=VALUE`` (a string) or ``NAME:=JSON`` (a number, true/false, an object...), as flags give
+    them (a tuple), as a TOML table or list, or as CAPBATCH_EXTRA_FIELDS (pairs separated by ';')."""
+    if isinstance(value, Mapping):
+        items = [(str(k), v) for k, v in value.items()]
+    else:
+        specs = value.split(";") if isinstance(value, str) else list(value)
+        items = [_extra_field(str(spec)) for spec in specs if str(spec).strip()]
+    names = [k for k, _ in items]
+    for name in names:
+        if not name or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]*", name):
+            raise ValueError(f"extra field name {name!r} is not a field name")
+    doubled = sorted({n for n in names if names.count(n) > 1})
+    if doubled:
+        raise ValueError(f"extra field {', '.join(doubled)} given more than once")
+    return tuple(items)
+
+
+def _extra_field(spec: str) -> tuple[str, Any]:
+    import json
+
+    name, sep, raw = spec.partition(":=")
+    if sep and "=" not in name:
+        try:
+            return name.strip(), json.loads(raw)
+        except ValueError as exc:
+            raise ValueError(f"{spec!r}: the value after := must be JSON ({exc})") from exc
+    name, sep, raw = spec.partition("=")
+    if not sep:
+        raise ValueError(f"{spec!r} is not NAME=VALUE (or NAME:=JSON)")
+    return name.strip(), raw
+
+
 def _min_length(v: Any) -> int | str:
     s = str(v).strip()
     if s.casefold() == "card":
@@ -274,6 +325,8 @@ SETTABLE: dict[str, Any] = {
     "audit_fraction": _float, "record_previous": _bool,
     "outage_budget": _float, "grace_period": _float,
     "allow_http": _bool, "auth": _str,
+    "extra_fields": parse_extra_fields, "read_back": _bool, "canary": _int, "tripwire": _bool,
+    "tripwire_rate": _float, "tripwire_rows": _int,
     "progress": _str, "progress_interval": _float,
     "metrics_file": _path, "pushgateway": _str, "notify_url": _str,
 }
@@ -345,7 +398,7 @@ def resolve(
     for key, raw in flags.items():
         if raw is None or raw == () or key not in {f.name for f in dataclasses.fields(Settings)}:
             continue
-        if key in SETTABLE and isinstance(raw, str):
+        if key in SETTABLE and isinstance(raw, (str, tuple, list, Mapping)):
             take(key, raw, "flag")
         else:
             values[key] = raw
@@ -430,7 +483,19 @@ def validate(s: Settings) -> Settings:
                          "give the share of confirmed pairs to re-read per run, above 0 and at most 1, "
                          "e.g. 0.05 (every pair re-read within 20 runs)")
     if s.cluster and s.cluster.lower() not in CLUSTERS:
-        raise UsageError(f"--cluster {s.cluster!r} is unknown", f"use one of: {', '.join(CLUSTERS)} or --base-url")
+        raise UsageError(f"--cluster {s.cluster!r} is unknown", f"use one of: {CLUSTER_NAMES_HELP}; or --base-url")
+    protected = [n for n, _ in s.extra_fields if n.lower() in {p.lower() for p in PROTECTED_FIELDS}]
+    if protected:
+        raise UsageError(f"--extra-field {protected[0]} would override the row's own {protected[0]}",
+                         "cardNumber and cardExternalId come from the input file; extra fields add others, "
+                         "e.g. --extra-field statusLabel=Active")
+    if s.canary is not None and not 0 <= s.canary <= 1000:
+        raise UsageError(f"--canary {s.canary} is out of range", "rows to prove first: 0 (skip) to 1000, default 5")
+    if not 0.0 < s.tripwire_rate <= 1.0:
+        raise UsageError(f"--tripwire-rate {s.tripwire_rate:g} is out of range",
+                         "a share of the first rows, above 0 and at most 1, e.g. 0.9")
+    if s.tripwire_rows < 1:
+        raise UsageError("--tripwire-rows must be at least 1", "e.g. --tripwire-rows 50 (or --no-tripwire)")
     return s
 
 
@@ -441,7 +506,7 @@ def target_url(s: Settings) -> str:
     elif s.cluster:
         url = CLUSTERS[s.cluster.lower()]
     else:
-        raise UsageError("no API target given", "pass --cluster eu|us|apac|apac2|cn or --base-url URL")
+        raise UsageError("no API target given", f"pass --cluster NAME ({CLUSTER_NAMES_HELP}) or --base-url URL")
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise UsageError(f"--base-url {url!r} is not an http(s) URL", "e.g. --base-url https://eu.api.capillarytech.com")
@@ -455,6 +520,16 @@ def target_url(s: Settings) -> str:
             "use https://, or pass --allow-http if this really is a trusted network",
         )
     return url
+
+
+DEFAULT_CANARY = 5
+
+
+def canary_rows(s: Settings, base_url: str) -> int:
+    """Rows the canary proves before the pool opens: --canary, else 5 — none against a loopback simulator."""
+    if s.canary is not None:
+        return s.canary
+    return 0 if is_loopback(urlsplit(base_url).hostname or "") else DEFAULT_CANARY
 
 
 def is_loopback(host: str) -> bool:

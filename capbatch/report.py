@@ -113,7 +113,8 @@ def write_results(ledger: Ledger, run_dir: Path) -> None:
     header = ([MARKER_COLUMN, "capbatch_sheet"] + list(columns) +
               ["capbatch_state", "capbatch_attempts", "capbatch_http_status", "capbatch_error_code",
                "capbatch_message", "capbatch_sent_external_id", "capbatch_previous_external_id",
-               "capbatch_generated", "capbatch_card_id", "capbatch_customer_id", "capbatch_settled_at"])
+               "capbatch_generated", "capbatch_card_id", "capbatch_customer_id", "capbatch_settled_at",
+               "capbatch_warnings"])
     loads, n, risky = json.loads, neutralise, _RISKY_FIRST
 
     def write(fh: Any) -> None:
@@ -121,7 +122,7 @@ def write_results(ledger: Ledger, run_dir: Path) -> None:
         w.writerow([n(h) for h in header])
         for (row_number, sheet, original, state, attempts, http_status, error_code, error_message,
              reason_code, reason, note, external_id, previous, generated, card_id, customer_id,
-             settled_at) in ledger.result_rows():
+             settled_at, warnings) in ledger.result_rows():
             code, message = _reason(error_code, error_message, reason_code, reason, note)
             values = loads(original)
             if len(values) != width:
@@ -129,9 +130,16 @@ def write_results(ledger: Ledger, run_dir: Path) -> None:
             w.writerow([row_number, n(sheet)] + [n(v) if v[:1] in risky else v for v in values]
                        + [state, attempts, http_status or "", n(code), n(message),
                           n(external_id) if state != "rejected" else "", n(previous),
-                          "yes" if generated else "", card_id or "", customer_id or "", iso(settled_at)])
+                          "yes" if generated else "", card_id or "", customer_id or "", iso(settled_at),
+                          n(warnings_text(warnings)) if warnings else ""])
 
     atomic_write(run_dir / RESULTS_CSV, write)
+
+
+def warnings_text(stored: str) -> str:
+    """'3039: No update in status label; ...' from the ledger's JSON warnings column."""
+    return "; ".join(f"{w.get('code')}: {w.get('message')}" if w.get("code") else str(w.get("message"))
+                     for w in json.loads(stored))
 
 
 def failure_rows(ledger: Ledger) -> tuple[list[str], Iterable[list[str]]]:
@@ -221,6 +229,8 @@ def build_summary(ledger: Ledger, run_dir: Path, *, stop: str | None = None, mes
     retries, throttled = retry_totals(ledger)
     drifted = ledger.drifted_count()
     generated = ledger.generated_count()
+    warnings_by_code = ledger.warning_counts()
+    rows_with_warnings = ledger.rows_with_warnings()
     settled_by_api = counts["succeeded"] + counts["failed"] + counts["unchanged"]
     if stop is None:
         last = invocations[-1] if invocations else None
@@ -240,6 +250,8 @@ def build_summary(ledger: Ledger, run_dir: Path, *, stop: str | None = None, mes
         "generated_external_ids": generated,
         "failed_by_error_code": by_error,
         "rejected_by_reason": by_reason,
+        "warnings_by_code": warnings_by_code,
+        "rows_with_warnings": rows_with_warnings,
         "started_at": iso(started),
         "ended_at": iso(ended),
         "duration_seconds": round(active, 3),

@@ -544,6 +544,14 @@ def _settings(summary: dict[str, Any]) -> str:
     return f'<div class="two"><div>{render(items[:half])}</div><div>{render(items[half:])}</div></div>'
 
 
+def _warnings(summary: dict[str, Any], total: int) -> str:
+    """Warnings the API's answers carried (e.g. 3039 "No update in status label"), by code."""
+    by_code = summary.get("warnings_by_code") or {}
+    rows = [(f'<span class="code">{e(code or "?")}</span>', num(w.get("rows", 0)), e(pct(int(w.get("rows", 0)), total)),
+             e(clip(w.get("message", ""), 400))) for code, w in by_code.items()]
+    return table([("Code", ""), ("Rows", "n"), ("Share", "n"), ("Message", "")], rows, "breakdown")
+
+
 # ---- the page ---------------------------------------------------------------------------------
 def render(ledger: Ledger, run_dir: Path, summary: dict[str, Any]) -> str:
     invocations = ledger.invocations()
@@ -564,6 +572,9 @@ def render(ledger: Ledger, run_dir: Path, summary: dict[str, Any]) -> str:
         f'{_breakdown(ledger, "failed", "error_code", "error_message", total)}</section>',
         f'<section id="rejected"><h2>Rejected rows by reason ({num(rejected_n)})</h2>'
         f'{_breakdown(ledger, "rejected", "reason_code", "reason", total)}</section>',
+        *([f'<section id="warnings"><h2>Warnings in the API\'s answers '
+           f'({num(summary.get("rows_with_warnings", 0))} rows)</h2>{_warnings(summary, total)}</section>']
+          if summary.get("warnings_by_code") else []),
         f'<section id="invocations"><h2>Invocations</h2>{_invocations(invocations)}</section>',
         f'<section id="settings"><h2>Settings</h2>{_settings(summary)}</section>',
         '<footer>Every number here comes from the run\'s ledger (ledger.sqlite). Row-level detail: results.csv; '

@@ -344,7 +344,7 @@ async def _engine_session(s: Settings, ledger: Ledger, base_url: str, switch: St
     from .progress import Progress, choose_mode
 
     async with CapillaryClient(base_url, s.credentials, timeout=s.timeout, verify_tls=s.verify_tls,
-                               max_connections=s.concurrency + 4) as client:
+                               max_connections=s.concurrency + 4, extra_fields=dict(s.extra_fields)) as client:
         engine = Engine(s, ledger, client)
         progress = Progress(choose_mode(s.progress, s.quiet), s.progress_interval)
         loop = asyncio.get_running_loop()
@@ -404,6 +404,14 @@ def write_run_reports(ledger: Ledger, run_dir: Path, result: EngineResult) -> Su
                                             "outage_seconds": round(result.outage_seconds, 3)}}))
 
 
+def _rows_left(counts: dict[str, int]) -> str:
+    left = counts["pending"] + counts["in_flight"]
+    if not counts["in_flight"]:
+        return f"{left} rows left"
+    return (f"{left} rows left: {counts['pending']} pending, {counts['in_flight']} whose outcome is unknown "
+            "(settled first by reading the card)")
+
+
 def _log_summary(summary: dict[str, Any]) -> None:
     c = summary["counts"]
     requests = summary["this_invocation"]["requests"]
@@ -416,6 +424,9 @@ def _log_summary(summary: dict[str, Any]) -> None:
         c["pending"] + c["in_flight"], plural(requests, "request"), summary["throughput_rows_per_second"],
         f"; audit: {audit['rows']} re-read, {audit['drift_fixed']} drifted and put back" if audit else "",
         summary["run_dir"])
+    if summary.get("warnings_by_code"):
+        log.info("answers carried warnings: %s", ", ".join(
+            f"{code or '?'} {w['message']!r} on {w['rows']} rows" for code, w in summary["warnings_by_code"].items()))
     job = (summary.get("settings") or {}).get("job")
     if (c["failed"] or c["rejected"]) and job:
         log.info("failed rows go out again with the next run of job %s (now: the same command with "
@@ -558,7 +569,7 @@ def _run(s: Settings, source: Source, stop: StopSwitch | None,
     ledger.close()
     if result.stop == "aborted":
         raise RunAborted(f"run aborted: {result.message}",
-                         f"fix the cause, then rerun the same command to resume ({counts['pending']} rows left)")
+                         f"fix the cause, then rerun the same command to resume ({_rows_left(counts)})")
     if result.stop == "interrupted":
         raise Interrupted("run interrupted", "rerun the same command to resume where it stopped")
     return summary

@@ -92,8 +92,8 @@ def test_text_file_rules(tmp_path, sim, run_cli):
     p = run(run_cli, s, src, run_dir)
     assert p.returncode == 1, p.stderr
     sent = {"00016": "E-16", "00017": "E-17", "0020": "E-20", "0021": "E-21", "0027": "E-27"}
-    assert {c: e for c, e in applied(s).items()} == sent
-    # the 150-character card number is sent too (the simulator's own card-length rule answers it)
+    # the 150-character card number is sent too, and applied: the documented limit is 150 (3024)
+    assert {c: e for c, e in applied(s).items()} == {**sent, "7" * 150: "E-25"}
     assert set(s.stats()["puts_per_card"]) == set(sent) | {"7" * 150}
     got = rejected(run_dir)
     assert {n: code for n, (code, _) in got.items()} == {

@@ -206,7 +206,7 @@ def test_status_report_history_verify_and_job_memory_read_the_database(tmp_path,
     assert hist.returncode == 0, hist.stderr
     runs = json.loads(hist.stdout)
     assert [r["input_name"] for r in runs] == ["monday.csv", "tuesday.csv"]
-    assert [r["requests"] for r in runs] == [41, 21] and runs[1]["counts"]["unchanged"] == 40
+    assert [r["requests"] for r in runs] == [40, 20] and runs[1]["counts"]["unchanged"] == 40
 
     s.update(cards={pairs[0][0]: "CHANGED-ELSEWHERE"})
     vp = run_cli("verify", "--ledger", pg_url, "--job", "cards", "--base-url", s.url, "--json",

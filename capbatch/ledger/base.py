@@ -40,7 +40,7 @@ MESSAGE_COLUMNS = frozenset({"error_message", "reason"})
 # The columns of results.csv's ledger part, in the order :meth:`Ledger.result_rows` yields them.
 RESULT_COLUMNS = ("row_number", "sheet", "original", "state", "attempts", "http_status", "error_code",
                   "error_message", "reason_code", "reason", "note", "external_id", "previous_external_id",
-                  "generated", "card_id", "customer_id", "settled_at")
+                  "generated", "card_id", "customer_id", "settled_at", "warnings")
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,10 +72,16 @@ class RowResult:
     latency_ms: float | None = None
     note: str | None = None
     settled_at: float = 0.0
+    warnings: Sequence[tuple[str, str]] = ()   # (code, message) from the answers about this row
 
 
 def row_label(sheet: str | None, row_number: int) -> str:
     return f"{sheet}!{row_number}" if sheet else str(row_number)
+
+
+def warnings_json(warnings: Sequence[tuple[str, str]]) -> str:
+    """A row's warnings as stored: a JSON array of {"code", "message"}."""
+    return json.dumps([{"code": code, "message": message} for code, message in warnings], ensure_ascii=False)
 
 
 def shape_invocation(inv: dict[str, Any]) -> dict[str, Any]:
@@ -217,6 +223,24 @@ class Ledger(ABC):
             "AND id > ? ORDER BY id LIMIT ?", (after_id, limit))
         return [WorkRow(i, c, e, False, bool(g), bool(a), x) for i, c, e, g, a, x in rows]
 
+    def spread_pending(self, count: int) -> list[WorkRow]:
+        """Up to ``count`` pending rows spread evenly across the file (first, last and between)."""
+        total = int(self._fetch(f"SELECT count(*) FROM {self._rows} WHERE {self._mine} AND state='pending'")[0][0])
+        if count <= 0 or total == 0:
+            return []
+        if count == 1 or total <= count:
+            offsets = list(range(min(count, total)))
+        else:
+            offsets = sorted({round(i * (total - 1) / (count - 1)) for i in range(count)})
+        rows = []
+        for offset in offsets:
+            hit = self._fetch(f"SELECT {self._WORK_COLUMNS} FROM {self._rows} WHERE {self._mine} "
+                              "AND state='pending' ORDER BY id LIMIT 1 OFFSET ?", (offset,))
+            if hit:
+                i, c, e, g, a, x = hit[0]
+                rows.append(WorkRow(i, c, e, False, bool(g), bool(a), x))
+        return rows
+
     def peek_work(self) -> WorkRow | None:
         """A row that still needs settling (without claiming it), or None when the run is done."""
         rows = self._fetch(
@@ -324,8 +348,24 @@ class Ledger(ABC):
             f"SELECT state, count(*) FROM {self._rows} WHERE {self._mine} AND audit=1 GROUP BY state")}
 
     def result_rows(self) -> Iterator[tuple[Any, ...]]:
-        """Every row as a tuple of :data:`RESULT_COLUMNS`, in input order (results.csv)."""
-        return self._stream(f"SELECT {', '.join(RESULT_COLUMNS)} FROM {self._rows} WHERE {self._mine} ORDER BY id")
+        """Every row as a tuple of :data:`RESULT_COLUMNS`, in input order (results.csv); ``warnings``
+        is None on a ledger older than that column."""
+        columns = [c if c != "warnings" or self.has_column("warnings") else "NULL" for c in RESULT_COLUMNS]
+        return self._stream(f"SELECT {', '.join(columns)} FROM {self._rows} WHERE {self._mine} ORDER BY id")
+
+    def has_column(self, name: str) -> bool:
+        """Whether the rows table has this column (a read-only ledger of an older schema may lack it)."""
+        return True
+
+    @abstractmethod
+    def warning_counts(self) -> dict[str, dict[str, Any]]:
+        """Warning code -> {"rows": rows whose answers carried it, "message": one of its messages}."""
+
+    def rows_with_warnings(self) -> int:
+        if not self.has_column("warnings"):
+            return 0
+        return int(self._fetch(f"SELECT count(*) FROM {self._rows} WHERE {self._mine} "
+                               "AND warnings IS NOT NULL")[0][0])
 
     def counts_by(self, column: str, states: Sequence[str]) -> list[tuple[str, int]]:
         """(value of ``column`` or 'unknown', rows) among rows in ``states``, most frequent first."""

@@ -36,7 +36,7 @@ from psycopg import errors as pg_errors
 from psycopg.rows import dict_row
 
 from ..errors import LedgerError, LedgerLost, UsageError
-from .base import Ledger, RowResult, WorkRow, redact_password, shape_invocation
+from .base import Ledger, RowResult, WorkRow, redact_password, shape_invocation, warnings_json
 
 log = logging.getLogger("capbatch.ledger")
 # The driver logs what it ignores while tearing down a lost connection; our own error says it all.
@@ -93,6 +93,7 @@ _MIGRATIONS: list[str] = [
         latency_ms double precision,
         note text,
         settled_at double precision,
+        warnings text,                       -- JSON array of {"code", "message"} the API's answers carried
         audit integer NOT NULL DEFAULT 0,    -- picked for the job's rolling audit: read before writing
         expect_external_id text,             -- revert: write only while the card still holds this ID
         owner bigint,                        -- the invocation holding the row in flight
@@ -482,6 +483,25 @@ class PostgresLedger(Ledger):
         return sorted((WorkRow(i, c, e, False, bool(g), bool(a), x) for i, c, e, g, a, x in claimed),
                       key=lambda r: r.id)
 
+    def spread_pending(self, count: int) -> list[WorkRow]:
+        """As on any ledger, but the rows come claimed (in flight for this worker): the canary settles
+        them alone while other workers may be claiming chunks."""
+        wanted = [r.id for r in super().spread_pending(count)]
+        if not wanted:
+            return []
+        rows = self._execute(
+            "UPDATE capbatch.rows r SET state='in_flight', owner=%(me)s WHERE run_id=%(run)s "
+            f"AND id = ANY(%(ids)s) AND state='pending' RETURNING {self._RETURNING}",
+            {"me": self._ensure_worker(), "run": self.run_id, "ids": wanted}).fetchall()
+        return sorted((WorkRow(i, c, e, False, bool(g), bool(a), x) for i, c, e, g, a, x in rows), key=lambda r: r.id)
+
+    def warning_counts(self) -> dict[str, dict[str, Any]]:
+        rows = self._execute(
+            "SELECT w->>'code', count(DISTINCT r.id), max(w->>'message') FROM capbatch.rows r, "
+            "jsonb_array_elements(r.warnings::jsonb) AS w WHERE r.run_id=%s AND r.warnings IS NOT NULL "
+            "GROUP BY 1 ORDER BY 2 DESC, 1", (self.run_id,)).fetchall()
+        return {str(code or ""): {"rows": int(n), "message": message or ""} for code, n, message in rows}
+
     def mark_in_flight(self, ids: Sequence[int]) -> None:
         self.record((), None, ids)
 
@@ -520,11 +540,12 @@ class PostgresLedger(Ledger):
         one statement never updates a row twice."""
         cols: list[list[Any]] = [list(c) for c in zip(*(
             (r.id, r.state.value, r.attempts, r.http_status, r.error_code, r.error_message, r.card_id,
-             r.customer_id, r.previous_external_id, r.latency_ms, r.note, r.settled_at) for r in results))] \
-            or [[] for _ in range(12)]
+             r.customer_id, r.previous_external_id, r.latency_ms, r.note, r.settled_at,
+             warnings_json(r.warnings) if r.warnings else None) for r in results))] \
+            or [[] for _ in range(13)]
         seconds = sorted(timeline or {})
         names = ("ids", "states", "attempts", "statuses", "codes", "messages", "card_ids", "customer_ids",
-                 "previous", "latencies", "notes", "settled")
+                 "previous", "latencies", "notes", "settled", "warnings")
         values: dict[str, Any] = dict(zip(names, cols))
         values.update(run=self.run_id, seconds=seconds, worker=self.worker_id, now=time.time(),
                       requests=None if requests is None else sum(requests.values()),
@@ -537,12 +558,13 @@ class PostgresLedger(Ledger):
             "card_id=coalesce(v.card_id, r.card_id), customer_id=coalesce(v.customer_id, r.customer_id), "
             "previous_external_id=coalesce(v.previous, r.previous_external_id), "
             "latency_ms=coalesce(v.latency_ms, r.latency_ms), note=coalesce(v.note, r.note), "
-            "settled_at=v.settled_at, owner=NULL "
+            "settled_at=v.settled_at, warnings=v.warnings, owner=NULL "
             "FROM unnest(%(ids)s::int[], %(states)s::text[], %(attempts)s::int[], %(statuses)s::int[], "
             "%(codes)s::text[], %(messages)s::text[], %(card_ids)s::text[], %(customer_ids)s::text[], "
-            "%(previous)s::text[], %(latencies)s::float8[], %(notes)s::text[], %(settled)s::float8[]) "
+            "%(previous)s::text[], %(latencies)s::float8[], %(notes)s::text[], %(settled)s::float8[], "
+            "%(warnings)s::text[]) "
             "AS v(id, state, attempts, http_status, error_code, error_message, card_id, customer_id, previous, "
-            "latency_ms, note, settled_at) WHERE r.run_id=%(run)s AND r.id=v.id RETURNING 1), "
+            "latency_ms, note, settled_at, warnings) WHERE r.run_id=%(run)s AND r.id=v.id RETURNING 1), "
             "tl AS (INSERT INTO capbatch.timeline AS t (run_id, second, ok, failed, retried, throttled) "
             "SELECT %(run)s, * FROM unnest(%(seconds)s::bigint[], %(t0)s::int[], %(t1)s::int[], %(t2)s::int[], "
             "%(t3)s::int[]) ON CONFLICT (run_id, second) DO UPDATE SET ok=t.ok+excluded.ok, "

@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from ..errors import LedgerError
-from .base import Ledger, RowResult, WorkRow, shape_invocation
+from .base import Ledger, RowResult, WorkRow, shape_invocation, warnings_json
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 LEDGER_FILE = "ledger.sqlite"
 LOCK_FILE = ".lock"
 
@@ -51,7 +51,8 @@ CREATE TABLE IF NOT EXISTS rows (
     note TEXT,
     settled_at REAL,
     audit INTEGER NOT NULL DEFAULT 0,  -- picked for the job's rolling audit: read the card before writing
-    expect_external_id TEXT            -- revert: write only while the card still holds this ID
+    expect_external_id TEXT,           -- revert: write only while the card still holds this ID
+    warnings TEXT                      -- JSON array of {"code", "message"} the API's answers carried
 );
 CREATE INDEX IF NOT EXISTS rows_by_state ON rows(state, id);
 CREATE TABLE IF NOT EXISTS timeline (
@@ -81,6 +82,7 @@ _MIGRATIONS: list[str] = [
     "ALTER TABLE rows ADD COLUMN expect_external_id TEXT;",
     # 2 -> 3: invocation figures recorded as the run goes (right after a kill -9)
     "ALTER TABLE runs ADD COLUMN last_seen_at REAL; ALTER TABLE runs ADD COLUMN requests_by_status TEXT;",
+    "ALTER TABLE rows ADD COLUMN warnings TEXT;",   # 3 -> 4: warnings carried by the API's answers
 ]
 
 
@@ -340,9 +342,10 @@ class SqliteLedger(Ledger):
         sql = ("UPDATE rows SET state=?, attempts=attempts+?, http_status=?, error_code=?, error_message=?, "
                "card_id=coalesce(?, card_id), customer_id=coalesce(?, customer_id), "
                "previous_external_id=coalesce(?, previous_external_id), latency_ms=coalesce(?, latency_ms), "
-               "note=coalesce(?, note), settled_at=? WHERE id=?")
+               "note=coalesce(?, note), settled_at=?, warnings=? WHERE id=?")
         params = [(r.state.value, r.attempts, r.http_status, r.error_code, r.error_message, r.card_id,
-                   r.customer_id, r.previous_external_id, r.latency_ms, r.note, r.settled_at, r.id)
+                   r.customer_id, r.previous_external_id, r.latency_ms, r.note, r.settled_at,
+                   warnings_json(r.warnings) if r.warnings else None, r.id)
                   for r in results]
         try:
             self.conn.execute("BEGIN IMMEDIATE")
@@ -449,6 +452,24 @@ class SqliteLedger(Ledger):
 
     def iter_rows(self) -> Iterator[Mapping[str, Any]]:
         return self.rows_in_states(None)
+
+    def has_column(self, name: str) -> bool:
+        """Whether the rows table has this column (a read-only ledger of an older schema may lack it)."""
+        return any(r[1] == name for r in self._exec("PRAGMA table_info(rows)"))
+
+    def warning_counts(self) -> dict[str, dict[str, Any]]:
+        """Warning code -> {"rows": rows whose answers carried it, "message": one of its messages}
+        ({} for a ledger older than the warnings column)."""
+        if not self.has_column("warnings"):
+            return {}
+        out: dict[str, dict[str, Any]] = {}
+        sql = ("SELECT json_extract(w.value, '$.code'), count(DISTINCT rows.id), "
+               "max(json_extract(w.value, '$.message')) FROM rows, json_each(rows.warnings) AS w "
+               "WHERE rows.warnings IS NOT NULL GROUP BY 1 ORDER BY 2 DESC, 1")
+        for code, n, message in self._exec(sql):
+            out[str(code or "")] = {"rows": int(n), "message": message or ""}
+        return out
+
 
 Ledger.run_directory_backend = SqliteLedger   # Ledger.open(run_dir) opens this
 
