@@ -109,7 +109,8 @@ def test_reports_are_identical_on_both_backends(tmp_path, pg_url):
                           previous_external_id="OLD" if i % 5 == 0 else "", settled_at=1_700_000_000.0 + i)
                 for i in range(1, 21)]
     outcomes += [RowResult(i, State.FAILED, 3, 400, error_code="8015", error_message="card blocked",
-                           latency_ms=12.5, settled_at=1_700_000_030.0) for i in range(21, 26)]
+                           latency_ms=12.5, settled_at=1_700_000_030.0,
+                           warnings=[("W42", "field ignored")] if i % 2 else ()) for i in range(21, 26)]
     outputs = []
     for name, led in (("sqlite", Ledger.open(tmp_path / "s")),
                       ("postgresql", open_ledger(pg_url, tmp_path / "p", job="same", input_sha256=SHA))):
@@ -126,9 +127,11 @@ def test_reports_are_identical_on_both_backends(tmp_path, pg_url):
     (s1, r1, f1), (s2, r2, f2) = outputs
     assert r1 == r2 and f1 == f2
     for key in ("counts", "drifted", "failed_by_error_code", "rejected_by_reason", "retries",
-                "throttled_responses", "latency_ms", "requests", "generated_external_ids"):
+                "throttled_responses", "latency_ms", "requests", "generated_external_ids",
+                "warnings_by_code", "rows_with_warnings"):
         assert s1[key] == s2[key], key
     assert s1["counts"]["succeeded"] == 20 and s1["drifted"] == 4 and s1["latency_ms"]["max"] == 37.0
+    assert s1["rows_with_warnings"] == 3 and s1["warnings_by_code"]["W42"]["rows"] == 3
 
 
 def test_a_newer_schema_is_refused(backend, pg_url, request):

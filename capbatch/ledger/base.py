@@ -331,6 +331,11 @@ class Ledger(ABC):
         where, params = self._states(states or None)
         return self._stream_dicts(f"SELECT * FROM {self._rows} WHERE {self._mine}{where} ORDER BY id", params)
 
+    def row(self, row_id: int) -> Mapping[str, Any] | None:
+        """Every column of one row, or None."""
+        rows = list(self._stream_dicts(f"SELECT * FROM {self._rows} WHERE {self._mine} AND id=?", (row_id,)))
+        return rows[0] if rows else None
+
     def changed_rows(self) -> Iterator[Mapping[str, Any]]:
         """Rows whose card this run may have written (succeeded, or in flight when it stopped),
         latest first: undone in that order, an ID moved from one card to another goes back in turn."""
