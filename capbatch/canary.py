@@ -109,8 +109,8 @@ def _problem(result: RowResult, put: Outcome | None) -> str | None:
 def _stop_message(engine: _Engine, row: WorkRow, external_id: str, problem: str, put: Outcome | None,
                   holds: Outcome) -> str:
     client = engine.client
-    label = next((row_label(r["sheet"], r["row_number"]) for r in engine.ledger.iter_rows("WHERE id=?", (row.id,))),
-                 str(row.id))
+    found = engine.ledger.row(row.id)
+    label = row_label(found["sheet"], found["row_number"]) if found else str(row.id)
     sent = client.put_body(row.card, external_id).decode("utf-8", "replace")
     lines = [f"canary stopped the run at input row {label} (card {row.card!r}): {problem}.",
              f"  sent:       PUT {client.base_url}/v2/card?format=json  {sent}"]

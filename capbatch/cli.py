@@ -237,6 +237,7 @@ TLS_HELP = "Turn TLS certificate verification off (trusted test hosts only; only
 @click.option("--check-remote", is_flag=True, default=None, help="With --dry-run: also read every card and report which do not exist and which already hold their ID.")
 @click.option("--job", help="Job name tying nightly runs together (state store beside the run directories).")
 @click.option("--skip-confirmed/--no-skip-confirmed", default=None, help="With --job: settle pairs an earlier run confirmed without any request.")
+@click.option("--ledger", help="Keep the ledger in PostgreSQL: postgresql://USER@HOST:PORT/DB (password from PGPASSWORD or ~/.pgpass); needs --job. Several workers may run the same command.")
 @click.option("--audit-fraction", type=float, help="With --skip-confirmed: re-read this share of the confirmed pairs each run (e.g. 0.05), longest unchecked first, and put back any ID that drifted.")
 @click.option("--retry-failed", is_flag=True, default=None, help="Send the rows of this run that failed again (e.g. cards created since); rejected rows stay rejected.")
 @click.option("--record-previous/--no-record-previous", default=None, help="Read each card before writing it and record the ID it held, so `capbatch revert` can put it back (one read per row).")
@@ -275,7 +276,9 @@ def validate_cmd(input_path: Path, output: Path | None, json_out: bool, **flags:
 
 
 @main.command("verify", epilog=EXIT_CODES_HELP)
-@click.argument("target", metavar="RUN_DIR|INPUT", type=click.Path(path_type=Path, exists=True))
+@click.argument("target", metavar="RUN_DIR|INPUT", type=click.Path(path_type=Path, exists=True), required=False)
+@click.option("--ledger", help="Database ledger (postgresql://USER@HOST:PORT/DB) to read instead of RUN_DIR; with --job.")
+@click.option("--job", help="With --ledger: the job whose latest run to check.")
 @click.option("--cluster", type=click.Choice(sorted(config.CLUSTERS), case_sensitive=False),
               help=f"Capillary cluster: {config.CLUSTER_NAMES_HELP}.")
 @click.option("--base-url", help="API base URL instead of --cluster (a test cluster, a proxy, the simulator).")
@@ -301,24 +304,32 @@ def verify_cmd(target: Path, no_verify_tls: bool, json_out: bool, **flags: Any) 
 
 @main.command("history")
 @click.option("--job", required=True, help="Job name given to `capbatch run --job`.")
+@click.option("--ledger", envvar="CAPBATCH_LEDGER", help="The job's database ledger (postgresql://USER@HOST:PORT/DB).")
 @click.option("--reports-dir", type=click.Path(path_type=Path), help="Where the run directories are (default ./reports, or the configured one).")
 @click.option("--config", "config_file", type=click.Path(path_type=Path), help="TOML settings file (default ./capbatch.toml if present).")
 @click.option("--json", "json_out", is_flag=True, default=False, help="Print the runs as JSON on stdout (timestamps ISO 8601 UTC).")
 @_guard
-def history_cmd(job: str, reports_dir: Path | None, config_file: Path | None, json_out: bool) -> int:
+def history_cmd(job: str, ledger: str | None, reports_dir: Path | None, config_file: Path | None,
+                json_out: bool) -> int:
     """List a job's runs with their counts."""
     from . import jobs
 
     reports_dir = config.resolve({"reports_dir": reports_dir}, os.environ, config_file).reports_dir
-    runs = jobs.history(jobs.store_path(reports_dir), jobs.check_name(job))
+    where: Any = reports_dir
+    if ledger:
+        from .ledger import job_history, redact_password
+
+        runs, where = job_history(ledger, jobs.check_name(job)), redact_password(ledger)
+    else:
+        runs = jobs.history(jobs.store_path(reports_dir), jobs.check_name(job))
     if json_out:
         echo(json.dumps([{**r, "started_at": report.iso(r.get("started_at")), "ended_at": report.iso(r.get("ended_at"))}
                          for r in runs], indent=2))
         return 0
     if not runs:
-        echo(f"no runs recorded for job '{job}' under {reports_dir}")
+        echo(f"no runs recorded for job '{job}' under {where}")
         return 0
-    memory = jobs.describe(jobs.store_path(reports_dir), job)
+    memory = jobs.describe(jobs.store_path(reports_dir), job) if not ledger else {"confirmed_pairs": 0}
     if memory["confirmed_pairs"]:
         oldest = time.strftime("%Y-%m-%d %H:%M", time.localtime(memory["oldest_check"]))
         click.echo(f"job {job} -> {memory['target'] or '?'}: {memory['confirmed_pairs']} confirmed pairs, "
@@ -390,16 +401,20 @@ def revert_cmd(run_dir: Path, no_verify_tls: bool, json_out: bool, **flags: Any)
 
 
 @main.command("status")
-@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.argument("run_dir", type=click.Path(path_type=Path), required=False)
+@click.option("--ledger", envvar="CAPBATCH_LEDGER", help="Database ledger (postgresql://USER@HOST:PORT/DB) instead of RUN_DIR; with --job.")
+@click.option("--job", help="With --ledger: the job whose latest run to show.")
 @click.option("--json", "json_out", is_flag=True, default=False, help="Print counts and invocations as JSON on stdout (timestamps ISO 8601 UTC, as in summary.json).")
 @_guard
-def status_cmd(run_dir: Path, json_out: bool) -> int:
-    """Counts per state from RUN_DIR's ledger (safe while a run is in progress; read-only)."""
-    st = runner.status(run_dir)
+def status_cmd(run_dir: Path | None, ledger: str | None, job: str | None, json_out: bool) -> int:
+    """Counts per state from RUN_DIR's ledger, or a job's in a database (safe while a run is in progress; read-only)."""
+    st = runner.status(run_dir, ledger if (job or not run_dir) else None, job)
     if json_out:
         echo(json.dumps(st, indent=2))
         return 0
     echo(f"run directory: {st['run_dir']}  input: {st['input'] or '-'}")
+    if job:
+        echo(f"ledger: {st['ledger']}  job: {job}")
     total = sum(st["counts"].values())
     for state, n in st["counts"].items():
         echo(f"  {state:<10} {n:>10}  {100.0 * n / max(total, 1):5.1f}%")
@@ -412,14 +427,16 @@ def status_cmd(run_dir: Path, json_out: bool) -> int:
 
 
 @main.command("report")
-@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.argument("run_dir", type=click.Path(path_type=Path), required=False)
 @click.option("--output-dir", type=click.Path(path_type=Path, file_okay=False), help="Write the reports here instead of RUN_DIR (needed when RUN_DIR is read-only).")
+@click.option("--ledger", envvar="CAPBATCH_LEDGER", help="Database ledger (postgresql://USER@HOST:PORT/DB) to read; with --job. Reports go to RUN_DIR or reports/<job>/<input>-<hash>.")
+@click.option("--job", help="With --ledger: the job whose latest run to report.")
 @_guard
-def report_cmd(run_dir: Path, output_dir: Path | None) -> int:
-    """Rebuild results.csv, failures.csv, summary.json and report.html from RUN_DIR's ledger."""
+def report_cmd(run_dir: Path | None, output_dir: Path | None, ledger: str | None, job: str | None) -> int:
+    """Rebuild results.csv, failures.csv, summary.json and report.html from RUN_DIR's ledger (or a job's)."""
     setup_logging(False, 0)
-    summary = runner.rebuild_reports(run_dir, output_dir)
-    echo(f"reports rebuilt in {output_dir or run_dir}: {report.status_line(summary['counts'])}")
+    summary = runner.rebuild_reports(run_dir, output_dir, ledger if (job or not run_dir) else None, job)
+    echo(f"reports rebuilt in {output_dir or summary['run_dir']}: {report.status_line(summary['counts'])}")
     return 0
 
 

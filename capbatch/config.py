@@ -19,6 +19,7 @@ from typing import Any, Mapping
 from urllib.parse import urlsplit
 
 from .errors import ConfigError, UsageError
+from .ledger.base import is_database_url, redact_password
 
 log = logging.getLogger("capbatch.config")
 
@@ -172,6 +173,7 @@ class Settings:
     generate_missing: bool = False
     skip_confirmed: bool = False
     job: str | None = None
+    ledger: str | None = None          # a postgresql:// URL; None: the run directory's SQLite file
     audit_fraction: float | None = None   # with --skip-confirmed: share of confirmed pairs re-read per run
     retry_failed: bool = False            # send the rows that failed in this run again
     record_previous: bool = False         # backfill: read each card first to record the ID it held
@@ -212,6 +214,8 @@ class Settings:
             value = getattr(self, f.name)
             if f.name in ("base_url", "pushgateway") and value:
                 value = _redact_url(value)
+            if f.name == "ledger" and value:
+                value = redact_password(value)
             if f.name == "notify_url" and value:
                 value = redact_webhook(value)
             if f.name == "extra_fields":
@@ -317,7 +321,7 @@ SETTABLE: dict[str, Any] = {
     "external_id_min_length": _min_length,
     "mode": _str, "rate": parse_rate, "read_rate": parse_rate, "concurrency": _int,
     "max_attempts": _int, "timeout": _float, "resume_check": _str,
-    "generate_missing": _bool, "skip_confirmed": _bool, "job": _str,
+    "generate_missing": _bool, "skip_confirmed": _bool, "job": _str, "ledger": _str,
     "audit_fraction": _float, "record_previous": _bool,
     "outage_budget": _float, "grace_period": _float,
     "allow_http": _bool, "auth": _str,
@@ -459,6 +463,10 @@ def validate(s: Settings) -> Settings:
         raise UsageError("--header-row counts from 1", "e.g. --header-row 3 when two title rows sit above the header")
     if s.external_id_length is not None and not 1 <= s.external_id_length <= 50:
         raise UsageError("--external-id-length must be 1..50", "external IDs are at most 50 characters")
+    if s.ledger and not is_database_url(s.ledger):
+        raise UsageError(f"--ledger {redact_password(s.ledger)} is not a database URL",
+                         "give postgresql://USER@HOST:PORT/DATABASE, or leave --ledger out to keep the ledger "
+                         "in the run directory")
     if s.external_id_min_length is not None and s.external_id_min_length != "card" and not (
             isinstance(s.external_id_min_length, int) and 1 <= s.external_id_min_length <= 50):
         raise UsageError("--external-id-min-length must be 1..50 or 'card'",

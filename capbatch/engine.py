@@ -37,7 +37,7 @@ log = logging.getLogger("capbatch.engine")
 
 FLUSH_EVERY = 0.25     # seconds between ledger flushes
 FLUSH_SIZE = 1000      # or as soon as this many outcomes wait
-PAGE_SIZE = 2000       # rows read from the ledger per page
+CLAIM_RETRY = 0.5      # seconds between claims while other workers hold the last rows
 MAX_RETRY_AFTER = 300.0  # a Retry-After of an hour (or a date far ahead) is capped at five minutes
 BARE_500_ATTEMPTS = 3    # a PUT answered HTTP 500 without a card code: tries before the card is read
 FAIL_FAST_AFTER = 3      # unreachable-host errors before any answer in this run: then it is the target
@@ -143,16 +143,32 @@ class Writer:
         """Write buffered outcomes; with ``journal``, mark those rows in flight in the same commit.
         If the write fails, the batch is put back so a later flush (or the next run) still has it."""
         if not self.buffer and not self.timeline and not journal:
+            self.ledger.heartbeat()
             return
-        batch, self.buffer = self.buffer, []
-        timeline, self.timeline = dict(self.timeline), defaultdict(lambda: [0, 0, 0, 0])
-        self.full.clear()
+        batch, timeline = self._take()
         try:
             self.ledger.record(batch, timeline, journal or (),
                                self.counters.by_status if self.counters is not None else None)
         except BaseException:
             self.buffer[:0] = batch
             raise
+        self.ledger.heartbeat()
+
+    def claim(self, limit: int) -> list[WorkRow]:
+        """Write buffered outcomes and claim the next chunk of rows, in one commit."""
+        batch, timeline = self._take()
+        try:
+            return self.ledger.claim(limit, batch, timeline,
+                                     self.counters.by_status if self.counters is not None else None)
+        except BaseException:
+            self.buffer[:0] = batch
+            raise
+
+    def _take(self) -> tuple[list[RowResult], dict[int, list[int]]]:
+        batch, self.buffer = self.buffer, []
+        timeline, self.timeline = dict(self.timeline), defaultdict(lambda: [0, 0, 0, 0])
+        self.full.clear()
+        return batch, timeline
 
 
 class Engine:
@@ -160,7 +176,8 @@ class Engine:
         self.s = settings
         self.ledger = ledger
         self.client = client
-        self.pacer = Pacer(settings.rate)
+        # A database ledger shares one quota among all workers on any host; else this process paces alone.
+        self.pacer = ledger.shared_pacer(settings.rate, client.base_url, settings.credentials) or Pacer(settings.rate)
         self.read_pacer = Pacer(settings.read_rate) if settings.read_rate else self.pacer
         self.breaker = Breaker(settings.outage_budget)
         self.counters = Counters()
@@ -201,8 +218,7 @@ class Engine:
 
     # ---- main ----------------------------------------------------------------------------------
     async def run(self) -> EngineResult:
-        unknown = self.ledger.unknown_rows()
-        first = unknown[0] if unknown else next(iter(self.ledger.pending_page(0, 1)), None)
+        first = self.ledger.peek_work()
         if first is None:
             return self._result()
         try:
@@ -210,9 +226,9 @@ class Engine:
             # row alone, so wrong credentials or a wrong host stop the run after one request.
             k = canary_rows(self.s, self.client.base_url)
             if not (k and await run_canary(self, k)):
-                result, _ = await self.settle_alone(first, self.s.read_back)
-                if result is not None and first.unknown:
-                    unknown = unknown[1:]
+                alone = self.writer.claim(1)    # claimed: no other worker on the job is handed it
+                if alone:
+                    await self.settle_alone(alone[0], self.s.read_back)
         except BaseException:
             await asyncio.shield(self._finish())
             raise
@@ -220,7 +236,7 @@ class Engine:
             await asyncio.shield(self._finish())
             return self._result()
 
-        feeder = asyncio.create_task(self._feed(unknown), name="feeder")
+        feeder = asyncio.create_task(self._feed(), name="feeder")
         workers = [asyncio.create_task(self._work(), name=f"worker-{i}") for i in range(self.s.concurrency)]
         flusher = asyncio.create_task(self._flush_periodically(), name="flusher")
         all_workers = asyncio.gather(*workers)
@@ -262,7 +278,7 @@ class Engine:
             pending_workers = [w for w in workers if not w.done()]
             for w in pending_workers:
                 w.cancel()
-            await asyncio.gather(feeder, flusher, stop_wait, *workers, return_exceptions=True)
+            await asyncio.gather(feeder, flusher, stop_wait, all_workers, *workers, return_exceptions=True)
             await asyncio.shield(self._finish())
         return self._result()
 
@@ -313,34 +329,26 @@ class Engine:
             self._watch_rates()
 
     # ---- feeder --------------------------------------------------------------------------------
-    async def _feed(self, unknown: list[WorkRow]) -> None:
-        """Unknown rows first, then pending pages; each chunk is journalled before it is queued."""
+    async def _feed(self) -> None:
+        """Claims chunks of rows (unknown ones first) and queues them; each chunk is claimed —
+        journalled in flight — before any of its rows is sent."""
         try:
             chunk = self.s.concurrency
-            for i in range(0, len(unknown), chunk):
-                if self.stopping.is_set():
-                    return
-                part = unknown[i:i + chunk]
+            while not self.stopping.is_set():
+                # One commit settles what finished since the last chunk and claims this one,
+                # so a kill leaves about three chunks in flight, not a flush interval's worth.
+                part = self.writer.claim(chunk)
+                if not part:
+                    if not self.ledger.held_elsewhere():
+                        break
+                    # Other workers hold the rest; wait in case one dies and its rows come back.
+                    await asyncio.sleep(CLAIM_RETRY)
+                    continue
                 self._journalled.update(r.id for r in part)
-                self._ambiguous.update(r.id for r in part)   # already unknown: never release blindly
+                # already unknown: never release blindly
+                self._ambiguous.update(r.id for r in part if r.unknown)
                 for row in part:
                     await self.queue.put(row)
-            after = 0
-            while not self.stopping.is_set():
-                page = self.ledger.pending_page(after, PAGE_SIZE)
-                if not page:
-                    break
-                after = page[-1].id
-                for i in range(0, len(page), chunk):
-                    if self.stopping.is_set():
-                        return
-                    part = page[i:i + chunk]
-                    # One commit settles what finished since the last chunk and journals this one,
-                    # so a kill leaves about three chunks in flight, not a flush interval's worth.
-                    self.writer.flush(journal=[r.id for r in part])
-                    self._journalled.update(r.id for r in part)
-                    for row in part:
-                        await self.queue.put(row)
         except asyncio.CancelledError:
             return
         for _ in range(self.s.concurrency):

@@ -115,9 +115,6 @@ def write_results(ledger: Ledger, run_dir: Path) -> None:
                "capbatch_message", "capbatch_sent_external_id", "capbatch_previous_external_id",
                "capbatch_generated", "capbatch_card_id", "capbatch_customer_id", "capbatch_settled_at",
                "capbatch_warnings"])
-    sql = ("SELECT row_number, sheet, original, state, attempts, http_status, error_code, error_message, "
-           "reason_code, reason, note, external_id, previous_external_id, generated, card_id, customer_id, "
-           f"settled_at, {'warnings' if ledger.has_column('warnings') else 'NULL'} FROM rows ORDER BY id")
     loads, n, risky = json.loads, neutralise, _RISKY_FIRST
 
     def write(fh: Any) -> None:
@@ -125,7 +122,7 @@ def write_results(ledger: Ledger, run_dir: Path) -> None:
         w.writerow([n(h) for h in header])
         for (row_number, sheet, original, state, attempts, http_status, error_code, error_message,
              reason_code, reason, note, external_id, previous, generated, card_id, customer_id,
-             settled_at, warnings) in ledger.conn.execute(sql):
+             settled_at, warnings) in ledger.result_rows():
             code, message = _reason(error_code, error_message, reason_code, reason, note)
             values = loads(original)
             if len(values) != width:
@@ -190,15 +187,14 @@ def _fit(values: list[str], width: int) -> list[str]:
 
 def percentiles(ledger: Ledger, points: Iterable[float] = (50, 90, 95, 99)) -> dict[str, float]:
     """Exact latency percentiles (nearest rank) of each row's last request, streamed in one sorted pass."""
-    total = ledger.query("SELECT count(*) FROM rows WHERE latency_ms IS NOT NULL")[0][0]
+    total = ledger.latency_count()
     out: dict[str, float] = {}
     if not total:
         return out
     wanted = sorted((max(0, math.ceil(total * p / 100.0) - 1), f"p{p:g}") for p in points)
     i = 0
     last = 0.0
-    for index, (value,) in enumerate(ledger.conn.execute(
-            "SELECT latency_ms FROM rows WHERE latency_ms IS NOT NULL ORDER BY latency_ms")):
+    for index, value in enumerate(ledger.latencies_sorted()):
         last = value
         while i < len(wanted) and wanted[i][0] == index:
             out[wanted[i][1]] = round(value, 2)
@@ -209,8 +205,7 @@ def percentiles(ledger: Ledger, points: Iterable[float] = (50, 90, 95, 99)) -> d
 
 def retry_totals(ledger: Ledger) -> tuple[int, int]:
     """(retries, 429 answers) over the whole run, as recorded in the timeline."""
-    retries, throttled = ledger.query("SELECT coalesce(sum(retried),0), coalesce(sum(throttled),0) FROM timeline")[0]
-    return int(retries), int(throttled)
+    return ledger.timeline_totals()
 
 
 def build_summary(ledger: Ledger, run_dir: Path, *, stop: str | None = None, message: str | None = None,
@@ -226,17 +221,14 @@ def build_summary(ledger: Ledger, run_dir: Path, *, stop: str | None = None, mes
         for status_class, n in inv["requests_by_status"].items():
             requests_by_status[status_class] = requests_by_status.get(status_class, 0) + n
     by_error: dict[str, int] = {}
-    for code, n in ledger.query("SELECT coalesce(error_code, 'unknown'), count(*) FROM rows "
-                                "WHERE state='failed' GROUP BY 1 ORDER BY 2 DESC"):
+    for code, n in ledger.counts_by("error_code", ("failed",)):
         by_error[str(code)] = n
     by_reason: dict[str, int] = {}
-    for code, n in ledger.query("SELECT coalesce(reason_code, 'unknown'), count(*) FROM rows "
-                                "WHERE state='rejected' GROUP BY 1 ORDER BY 2 DESC"):
+    for code, n in ledger.counts_by("reason_code", ("rejected",)):
         by_reason[str(code)] = n
     retries, throttled = retry_totals(ledger)
-    drifted = ledger.query("SELECT count(*) FROM rows WHERE state='succeeded' AND previous_external_id <> '' "
-                           "AND previous_external_id <> external_id")[0][0]
-    generated = ledger.query("SELECT count(*) FROM rows WHERE generated=1")[0][0]
+    drifted = ledger.drifted_count()
+    generated = ledger.generated_count()
     warnings_by_code = ledger.warning_counts()
     rows_with_warnings = ledger.rows_with_warnings()
     settled_by_api = counts["succeeded"] + counts["failed"] + counts["unchanged"]

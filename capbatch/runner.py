@@ -28,7 +28,7 @@ from .aio import run_async
 from .config import Settings, target_url
 from .errors import ConfigError, InputFileError, Interrupted, LedgerError, RunAborted, UsageError
 from .source.frame import MemoryTable, is_dataframe, open_frame, open_records
-from .ledger import Ledger, row_label
+from .ledger import Ledger, open_for_reading, open_ledger, row_label
 from .rules import RuleSettings, check_row
 from .source import InputOptions, InputTable, file_sha256, open_input
 from .summary import Summary
@@ -149,11 +149,12 @@ def default_run_dir(reports_dir: Path, inp: Input, job: str | None = None, lates
 
 
 def load_ledger(run_dir: Path, inp: Input, rules: RuleSettings, fingerprint: dict[str, Any],
-                changed_hint: str) -> tuple[Ledger, bool]:
+                changed_hint: str, location: str | None = None, job: str | None = None) -> tuple[Ledger, bool]:
     """Open (or create) the run's ledger; import and check the rows the first time. Returns
     (ledger, freshly_imported). Resuming with other content or other validation settings, or a run
-    that was reverted, is refused; ``changed_hint`` is what to say when the content changed."""
-    ledger = Ledger.open(run_dir)
+    that was reverted, is refused; ``changed_hint`` is what to say when the content changed.
+    ``location``: a database URL (with ``job``) instead of the run directory's SQLite file."""
+    ledger = open_ledger(location, run_dir, job=job, input_sha256=inp.sha256)
     try:
         if ledger.is_imported():
             _check_same_run(ledger, run_dir, inp, fingerprint, changed_hint)
@@ -211,9 +212,13 @@ def prepare(s: Settings, run_dir: Path | None = None, source: Source = None) -> 
     inp = read_input(s.input if source is None else source, input_options(s))
     rules = rule_settings(s)
     explicit = run_dir is not None or s.run_dir is not None
+    scratch = run_dir is not None
     run_dir = Path(run_dir or s.run_dir or default_run_dir(s.reports_dir, inp, s.job, s.retry_failed))
     hint = _changed_input_hint(s, "file" if inp.path else "data") if explicit else "use a new --run-dir"
-    ledger, fresh = load_ledger(run_dir, inp, rules, validation_fingerprint(inp, s.header_row, rules), hint)
+    # A run directory given by the caller is a scratch ledger (validate, checks): never the database.
+    location = None if scratch else s.ledger
+    ledger, fresh = load_ledger(run_dir, inp, rules, validation_fingerprint(inp, s.header_row, rules), hint,
+                                location, s.job)
     return Prepared(ledger, run_dir, inp.table, inp.sha256, list(inp.table.notes), fresh)
 
 
@@ -470,7 +475,7 @@ def run(s: Settings, source: Source = None, *, stop: StopSwitch | None = None) -
     announcer = announce.Announcer(announce.Targets(s.metrics_file, s.pushgateway, s.notify_url, s.job),
                                    _input_name(s, source))
     try:
-        if s.job and not s.dry_run:
+        if s.job and not s.dry_run and not s.ledger:   # (a database ledger's workers share the job on purpose)
             with jobs.lock(s.reports_dir, jobs.check_name(s.job)):   # one run of a job at a time
                 return _run(s, source, stop, announcer)
         return _run(s, source, stop, announcer)
@@ -626,27 +631,30 @@ def _write_validation_csv(ledger: Ledger, out: Path) -> None:
     report.atomic_write(out, write)
 
 
-def status(run_dir: Path) -> dict[str, Any]:
-    """Counts per state and every invocation (timestamps as ISO 8601 UTC, as in summary.json)."""
-    ledger = Ledger.open_readonly(run_dir)
+def status(run_dir: Path | None, ledger_url: str | None = None, job: str | None = None) -> dict[str, Any]:
+    """Counts per state and every invocation (timestamps as ISO 8601 UTC, as in summary.json), from a
+    run directory or, with ``ledger_url``, the latest run of ``job`` in a database."""
+    ledger, run_dir = open_for_reading(run_dir, ledger_url, job)
     try:
         invocations = [{**inv, "started_at": report.iso(inv["started_at"]), "ended_at": report.iso(inv["ended_at"]),
                         "last_seen_at": report.iso(inv["last_seen_at"]), "duration": round(inv["duration"], 3)}
                        for inv in ledger.invocations()]
         return {"run_dir": str(run_dir), "input": ledger.get_meta("input_name"),
-                "counts": ledger.counts(), "invocations": invocations}
+                "counts": ledger.counts(), "invocations": invocations, "ledger": ledger.location}
     finally:
         ledger.close()
 
 
-def rebuild_reports(run_dir: Path, out_dir: Path | None = None) -> Summary:
-    """Rebuild the reports from the ledger, into ``out_dir`` or the run directory itself."""
+def rebuild_reports(run_dir: Path | None, out_dir: Path | None = None, ledger_url: str | None = None,
+                    job: str | None = None) -> Summary:
+    """Rebuild the reports from the ledger, into ``out_dir`` or the run directory itself (with
+    ``ledger_url``: the latest run of ``job`` in a database; the run directory defaults as a run's)."""
     if out_dir is not None:
         outputs.check_dir(out_dir, "--output-dir")
-    elif (run_dir / "ledger.sqlite").exists() and not os.access(run_dir, os.W_OK):
+    elif run_dir is not None and (run_dir / "ledger.sqlite").exists() and not os.access(run_dir, os.W_OK):
         raise UsageError(f"run directory {run_dir} is read-only: the reports cannot be rebuilt in it",
                          "pass --output-dir DIR to write them elsewhere")
-    ledger = Ledger.open_readonly(run_dir)
+    ledger, run_dir = open_for_reading(run_dir, ledger_url, job)
     try:
         return Summary(report.write_reports(ledger, run_dir, out_dir))
     finally:
@@ -680,19 +688,21 @@ def check_remote(s: Settings, source: Source = None) -> dict[str, Any]:
     return v
 
 
-def verify(s: Settings, target: Path) -> dict[str, Any]:
+def verify(s: Settings, target: Path | None) -> dict[str, Any]:
     """Read every card back and compare with the intended external ID. Read-only; exit 1 on any difference.
 
-    ``target`` is a run directory (checks the rows it settled) or an input file (checks its valid rows).
+    ``target`` is a run directory (checks the rows it settled) or an input file (checks its valid rows);
+    None with a database ledger checks the rows the job's latest run settled.
     """
     from .verify import Target, check_cards
 
     base_url = target_url(s)
     _require_credentials(s)
     with contextlib.ExitStack() as stack:
-        if target.is_dir():
-            ledger = Ledger.open_readonly(target)
+        if target is None or target.is_dir():
+            ledger, target = open_for_reading(target, s.ledger if target is None else None, s.job, s.reports_dir)
             out = target / "verify.csv"
+            target.mkdir(parents=True, exist_ok=True)
             states: tuple[str, ...] = ("succeeded", "unchanged")
         else:
             outputs.check_dir(s.reports_dir, "--reports-dir")
