@@ -8,12 +8,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import html
 import json
+import re
+import socket
 import ssl
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
-from typing import Any
+from typing import Any, Mapping
 
 import aiohttp
 
@@ -24,11 +27,24 @@ USER_AGENT = "capbatch/0.1"
 OAUTH_HEADER = "X-CAP-API-OAUTH-TOKEN"
 
 # Card error codes that are about the row itself: retrying cannot help, whatever the HTTP status.
-PERMANENT_CODES = frozenset({3010, 3029, 3035, 3042, 3044, 3045, 3046, 3050, 3051, 701, 702, 703, 704, 705})
+PERMANENT_CODES = frozenset({3010, 3024, 3029, 3035, 3042, 3044, 3045, 3046, 3050, 3051,
+                             701, 702, 703, 704, 705})
 TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504, 521, 522, 524})
 TOKEN_EXPIRED_CODE = 498
 CARD_NOT_FOUND = 3010
 EXTERNAL_ID_EXISTS = 3045
+GENERIC_FAILURE_CODE = 500   # the only documented failure body: HTTP 500, code 500 "All requests have failed"
+# Statuses the public documentation lists for the card API; anything else is an answer of a kind
+# capbatch has no documented meaning for (the canary stops on it).
+DOCUMENTED_STATUS = frozenset({200, 201, 400, 401, 403, 404, 405, 415, 429, 500, 521})
+
+# error_code values capbatch gives outcomes of its own (not the API's codes)
+NOT_APPLIED = "not_applied"        # the answer said success, the card read back does not hold the ID
+UNCONFIRMED = "unconfirmed"        # the row's outcome could not be established by reading the card
+CONTRADICTS = "contradicts"        # a 2xx naming another external ID or another card
+NO_ECHO = "no_echo"                # a 2xx that does not name the external ID it set
+UNREACHABLE_CODES = frozenset({"refused", "dns", "connect_timeout"})
+_TRANSIENT_OWN_CODES = frozenset({"timeout", "connection", "oauth", UNCONFIRMED}) | UNREACHABLE_CODES
 
 
 class Kind(str, Enum):
@@ -36,6 +52,7 @@ class Kind(str, Enum):
     RETRY = "retry"        # transient: try again later
     REJECTED = "rejected"  # permanent for this row
     FATAL = "fatal"        # stop the run: credentials, permissions, wrong host
+    UNCONFIRMED = "unconfirmed"  # a 2xx that contradicts (or does not confirm) the request: read the card
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,10 +68,46 @@ class Outcome:
     external_id: str | None = None     # GET: the card's current external ID; generate: the new ID
     latency_ms: float = 0.0
     auth_problem: bool = False         # 401/498: a fresh token may help
+    card_number: str | None = None     # the card the answer names (PUT echo, GET record)
+    warnings: tuple[tuple[str, str], ...] = ()   # (code, message) of the answer's ``warnings``
+    raw: bytes = b""                   # the answer's body, as received (shown by the canary)
+    content_type: str = ""
+    bare_500: bool = False             # HTTP 500 without a card error code: may hide a row failure
 
     @property
     def ok(self) -> bool:
         return self.kind is Kind.SUCCESS
+
+
+def is_permanent_code(code: str | None) -> bool:
+    """Whether a failed row's error code is about the row itself (not a transient condition)."""
+    if not code or code in _TRANSIENT_OWN_CODES:
+        return False
+    if code.isdigit():
+        number = int(code)
+        return not (number == 429 or 500 <= number < 600)
+    return True
+
+
+def is_known_code(code: str | None) -> bool:
+    """Card error codes the documentation describes (and capbatch's own outcome codes)."""
+    if code is None:
+        return False
+    if code.isdigit():
+        return int(code) in PERMANENT_CODES
+    return code in (NOT_APPLIED, UNCONFIRMED, CONTRADICTS, NO_ECHO)
+
+
+def contradiction(outcome: Outcome, card: str, external_id: str) -> tuple[str, str] | None:
+    """(code, description) when a 2xx PUT answer does not confirm the request, else None."""
+    if outcome.card_number is not None and outcome.card_number != card:
+        return CONTRADICTS, (f"the answer names card {outcome.card_number!r}, not the card sent ({card!r})")
+    if outcome.external_id is None:
+        return NO_ECHO, "the answer does not name the cardExternalId it set"
+    if outcome.external_id != external_id:
+        return CONTRADICTS, (f"the answer names cardExternalId {outcome.external_id!r}, "
+                             f"not the one sent ({external_id!r})")
+    return None
 
 
 class TokenSource:
@@ -122,7 +175,8 @@ class CapillaryClient:
     """Async client for the card API. Use as ``async with CapillaryClient(...) as client``."""
 
     def __init__(self, base_url: str, credentials: Credentials, *, timeout: float = 30.0,
-                 verify_tls: bool = True, max_connections: int = 64) -> None:
+                 verify_tls: bool = True, max_connections: int = 64,
+                 extra_fields: Mapping[str, Any] | None = None) -> None:
         if credentials.kind == "none":
             raise ConfigError(
                 "no Capillary credentials in the environment",
@@ -142,6 +196,10 @@ class CapillaryClient:
         self._put_url = self.base_url + "/v2/card?format=json"
         self._get_url = self.base_url + "/v2/card"
         self._gen_url = self.base_url + "/v2/cardNumber"
+        # Constant fields every PUT carries (--extra-field); the row's own two fields always win.
+        self._extra = dict(extra_fields or {})
+        self._extra.pop("cardNumber", None)
+        self._extra.pop("cardExternalId", None)
         self.requests_sent = 0
 
     async def __aenter__(self) -> "CapillaryClient":
@@ -161,9 +219,21 @@ class CapillaryClient:
             self._session = None
 
     # ---- the calls ----------------------------------------------------------------------------
+    def put_body(self, card: str, external_id: str) -> bytes:
+        """The exact body ``put_card`` sends for this pair."""
+        if not self._extra:
+            return json.dumps({"cardNumber": card, "cardExternalId": external_id}).encode()
+        return json.dumps({**self._extra, "cardNumber": card, "cardExternalId": external_id}).encode()
+
     async def put_card(self, card: str, external_id: str) -> Outcome:
-        body = json.dumps({"cardNumber": card, "cardExternalId": external_id}).encode()
-        return await self._call("PUT", self._put_url, None, body)
+        """Set the card's external ID. A 2xx whose body names another ID or card (or no ID) comes back
+        as ``Kind.UNCONFIRMED``: the answer alone does not prove the card holds the ID."""
+        outcome = await self._call("PUT", self._put_url, None, self.put_body(card, external_id))
+        if outcome.kind is Kind.SUCCESS:
+            problem = contradiction(outcome, card, external_id)
+            if problem is not None:
+                return replace(outcome, kind=Kind.UNCONFIRMED, error_code=problem[0], error_message=problem[1])
+        return outcome
 
     async def get_card(self, card: str) -> Outcome:
         return await self._call("GET", self._get_url, {"number": card}, None)
@@ -218,6 +288,13 @@ class CapillaryClient:
                 raw = await resp.read()
                 status = resp.status
                 retry_after = _retry_after(resp.headers.get("Retry-After"))
+                content_type = resp.headers.get("Content-Type", "")
+        except aiohttp.ClientConnectorDNSError as exc:
+            return Outcome(Kind.RETRY, None, "dns", f"the host name {_host(url)} does not resolve "
+                           f"({_os_reason(exc)})", latency_ms=_ms(started))
+        except aiohttp.ConnectionTimeoutError:
+            return Outcome(Kind.RETRY, None, "connect_timeout", f"no connection to {_host(url)} could be "
+                           "opened within the connect timeout", latency_ms=_ms(started))
         except asyncio.TimeoutError:
             return Outcome(Kind.RETRY, None, "timeout", "no answer within the timeout",
                            latency_ms=_ms(started))
@@ -228,17 +305,33 @@ class CapillaryClient:
         except aiohttp.ClientSSLError as exc:
             return Outcome(Kind.FATAL, None, "tls", f"TLS handshake with {self.base_url} failed: {exc}",
                            latency_ms=_ms(started))
+        except aiohttp.ClientConnectorError as exc:
+            if isinstance(exc.os_error, ConnectionRefusedError):
+                return Outcome(Kind.RETRY, None, "refused", f"connection refused by {_host(url)}: nothing "
+                               "accepts connections there", latency_ms=_ms(started))
+            if isinstance(exc.os_error, socket.gaierror):
+                return Outcome(Kind.RETRY, None, "dns", f"the host name {_host(url)} does not resolve "
+                               f"({_os_reason(exc)})", latency_ms=_ms(started))
+            return Outcome(Kind.RETRY, None, "connection", f"{exc.__class__.__name__}: {exc}".strip(": "),
+                           latency_ms=_ms(started))
         except (aiohttp.ClientError, ssl.SSLError, OSError) as exc:
             return Outcome(Kind.RETRY, None, "connection", f"{exc.__class__.__name__}: {exc}".strip(": "),
                            latency_ms=_ms(started))
-        return classify(status, raw, retry_after, _ms(started))
+        return classify(status, raw, retry_after, _ms(started), content_type)
 
 
-def classify(status: int, raw: bytes, retry_after: float | None, latency_ms: float) -> Outcome:
-    """Turn one HTTP answer into an Outcome. A 2xx is not proof of success: the ``errors`` array decides."""
+def classify(status: int, raw: bytes, retry_after: float | None, latency_ms: float,
+             content_type: str = "") -> Outcome:
+    """Turn one HTTP answer into an Outcome. A 2xx is not proof of success: the ``errors`` array decides.
+
+    A specific card error code decides under any HTTP status (the API reports row failures as HTTP 500
+    too); a body that is not JSON was written by something in front of the API (a CDN, a proxy)."""
     data = _loads(raw)
+    if data is None and raw and not 300 <= status < 400:
+        return _not_json(status, raw, retry_after, latency_ms, content_type)
     errors = data.get("errors") if isinstance(data, dict) else None
     code, message = _first_error(errors)
+    warnings = _warnings(data.get("warnings")) if isinstance(data, dict) else ()
     if 300 <= status < 400:
         return Outcome(Kind.FATAL, status, str(status),
                        f"the API answered a redirect (HTTP {status}): point --base-url at the final host "
@@ -248,18 +341,32 @@ def classify(status: int, raw: bytes, retry_after: float | None, latency_ms: flo
         return Outcome(Kind.FATAL, status, _s(code or status), message or "unauthorized",
                        latency_ms=latency_ms, auth_problem=True)
     if code is not None and code in PERMANENT_CODES:
-        return Outcome(Kind.REJECTED, status, str(code), message, latency_ms=latency_ms)
+        # A card error code is about the row, whatever the status (HTTP 500 included): not retried.
+        return Outcome(Kind.REJECTED, status, str(code), message, latency_ms=latency_ms, warnings=warnings,
+                       raw=raw, content_type=content_type)
     if status == 429:
         return Outcome(Kind.RETRY, status, "429", message or "too many requests", retry_after=retry_after,
                        throttled=True, latency_ms=latency_ms)
+    if code is not None and code >= 600 and status != 403:
+        # Any other specific (non-HTTP) code is that code's outcome too; retrying would repeat it.
+        return Outcome(Kind.REJECTED, status, str(code), message, latency_ms=latency_ms, warnings=warnings,
+                       raw=raw, content_type=content_type)
     if status in TRANSIENT_STATUS:
         return Outcome(Kind.RETRY, status, _s(code or status), message or f"HTTP {status}",
-                       retry_after=retry_after, latency_ms=latency_ms)
+                       retry_after=retry_after, latency_ms=latency_ms, warnings=warnings, raw=raw,
+                       content_type=content_type,
+                       bare_500=status == 500 and code in (None, GENERIC_FAILURE_CODE))
     if status == 403:
-        return Outcome(Kind.FATAL, status, _s(code or 403),
-                       f"the API answered 403 Forbidden ({message or 'no detail'}): the till or key lacks "
-                       "access to the v2 card API, or a mandatory field is missing; fix the org/till setup",
-                       latency_ms=latency_ms)
+        if message and "mandatory" in message.lower():
+            why = (f"the API answered 403 Forbidden ({message}): this org requires more fields in the "
+                   "card update than cardNumber and cardExternalId (older docs name statusLabel and "
+                   "seriesId). Add them with --extra-field NAME=VALUE, e.g. --extra-field statusLabel=Active")
+        else:
+            why = (f"the API answered 403 Forbidden ({message or 'no detail'}): the till or key lacks "
+                   "access to the v2 card API, or a mandatory field is missing (then add it with "
+                   "--extra-field NAME=VALUE); fix the org/till setup")
+        return Outcome(Kind.FATAL, status, _s(code or 403), why, latency_ms=latency_ms, raw=raw,
+                       content_type=content_type)
     if status in (404, 405, 415) and code is None:
         return Outcome(Kind.FATAL, status, str(status),
                        f"the API answered HTTP {status} for the card endpoint: --base-url/--cluster probably "
@@ -276,17 +383,91 @@ def classify(status: int, raw: bytes, retry_after: float | None, latency_ms: flo
         if isinstance(entity, list):
             entity = entity[0] if entity else {}
         if isinstance(entity, str):
-            return Outcome(Kind.SUCCESS, status, external_id=entity, latency_ms=latency_ms)
+            return Outcome(Kind.SUCCESS, status, external_id=entity, latency_ms=latency_ms, warnings=warnings,
+                           raw=raw, content_type=content_type)
         if not isinstance(entity, dict):
             entity = {}
         ext = entity.get("cardExternalId")
+        number = entity.get("cardNumber")
+        if not warnings and entity is not data:
+            warnings = _warnings(entity.get("warnings"))
         return Outcome(Kind.SUCCESS, status, card_id=_s(entity.get("cardId")),
                        customer_id=_s(entity.get("customerId")),
-                       external_id=None if ext is None else str(ext), latency_ms=latency_ms)
+                       external_id=None if ext is None else str(ext), latency_ms=latency_ms,
+                       card_number=None if number is None else str(number), warnings=warnings, raw=raw,
+                       content_type=content_type)
     if 400 <= status < 500:
         return Outcome(Kind.REJECTED, status, _s(code or status), message or f"HTTP {status}",
-                       latency_ms=latency_ms)
-    return Outcome(Kind.RETRY, status, _s(code or status), message or f"HTTP {status}", latency_ms=latency_ms)
+                       latency_ms=latency_ms, warnings=warnings, raw=raw, content_type=content_type)
+    return Outcome(Kind.RETRY, status, _s(code or status), message or f"HTTP {status}", latency_ms=latency_ms,
+                   warnings=warnings, raw=raw, content_type=content_type)
+
+
+_TITLE = re.compile(rb"<title[^>]*>(.*?)</title>", re.IGNORECASE | re.DOTALL)
+
+
+def describe_page(status: int, raw: bytes, content_type: str) -> str:
+    """'HTTP 403, text/html, page title "Attention Required! | Cloudflare"' for a non-JSON answer."""
+    parts = [f"HTTP {status}", content_type.split(";")[0].strip() or "no content type"]
+    m = _TITLE.search(raw[:65536])
+    if m:
+        title = " ".join(html.unescape(m.group(1).decode("utf-8", "replace")).split())
+        if title:
+            parts.append(f"page title {title[:120]!r}")
+    else:
+        text = " ".join(raw[:80].decode("utf-8", "replace").split())
+        if text:
+            parts.append(f"body starts {text!r}")
+    return ", ".join(parts)
+
+
+def _not_json(status: int, raw: bytes, retry_after: float | None, latency_ms: float,
+              content_type: str) -> Outcome:
+    """An answer whose body is not JSON: written by a CDN, proxy or web server, not the card API."""
+    page = describe_page(status, raw, content_type)
+    if status == 429:
+        return Outcome(Kind.RETRY, status, "429", f"too many requests ({page})", retry_after=retry_after,
+                       throttled=True, latency_ms=latency_ms, raw=raw, content_type=content_type)
+    if status >= 500:
+        return Outcome(Kind.RETRY, status, str(status), f"not the card API answering ({page})",
+                       retry_after=retry_after, latency_ms=latency_ms, raw=raw, content_type=content_type)
+    if status in (401, 403, 404, 405, 415) or 200 <= status < 300:
+        fix = ("a CDN, firewall or proxy in front of the API refused the request (blocked IP or missing "
+               "allow-listing?), or --base-url/--cluster points at another web server"
+               if status in (401, 403) else "--base-url/--cluster probably points at another web server")
+        code = "not_capillary" if status in (401, 403) else "not_json" if status < 300 else str(status)
+        return Outcome(Kind.FATAL, status, code,
+                       f"something other than the Capillary API answered ({page}): {fix}",
+                       latency_ms=latency_ms, raw=raw, content_type=content_type)
+    return Outcome(Kind.REJECTED, status, str(status), f"not the card API answering ({page})",
+                   latency_ms=latency_ms, raw=raw, content_type=content_type)
+
+
+def _warnings(value: Any) -> tuple[tuple[str, str], ...]:
+    """The answer's ``warnings`` as (code, message) pairs; strings and odd shapes kept as messages."""
+    if not value or not isinstance(value, list):
+        return ()
+    out = []
+    for w in value:
+        if isinstance(w, dict):
+            code = w.get("code")
+            text = w.get("message")
+            out.append(("" if code is None else str(code), "" if text is None else str(text)))
+        elif w is not None:
+            out.append(("", str(w)))
+    return tuple(out)
+
+
+def _host(url: str) -> str:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    return parts.netloc or url
+
+
+def _os_reason(exc: aiohttp.ClientConnectorError) -> str:
+    os_error = exc.os_error
+    return getattr(os_error, "strerror", None) or str(os_error) or exc.__class__.__name__
 
 
 def _token_outcome(exc: TokenError) -> Outcome:

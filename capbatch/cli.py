@@ -22,9 +22,9 @@ log = logging.getLogger("capbatch")
 
 EXIT_INTERNAL = 70   # EX_SOFTWARE: a bug in capbatch, never a verdict on the input
 EXIT_CODES_HELP = """Exit codes: 0 every row settled successfully; 1 some rows failed or were rejected;
-2 usage, config or input-file error (nothing sent); 3 run aborted (credentials, outage), resumable
-by rerunning the same command; 70 internal error (a bug: the message names the traceback file);
-130 interrupted (a run resumes when rerun)."""
+2 usage, config or input-file error (nothing sent); 3 run stopped (credentials, unreachable target,
+outage, canary, tripwire), resumable by rerunning the same command; 70 internal error (a bug: the
+message names the traceback file); 130 interrupted (a run resumes when rerun)."""
 SUMMARY_LOGGER = "capbatch.summary"   # its lines are shown even with -q
 
 
@@ -152,9 +152,10 @@ def input_flags(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--external-id-column", help="Header of the external-ID column (default: cardExternalId)."),
         click.option("--delimiter", help="CSV delimiter (default: detected among , ; TAB |). Use '\\t' for tab."),
         click.option("--encoding", help="Text encoding (default: UTF-8/UTF-16 by BOM, else cp1252, reported)."),
-        click.option("--sheet", help="Excel sheet name or 0-based index (default: the sheet holding the headers)."),
+        click.option("--sheet", help="Workbook sheet NAME, 0-based INDEX, or 'all' = every visible sheet with the columns, in workbook order (default: the one visible sheet with the columns; several are refused)."),
         click.option("--header-row", type=int, help="1-based row holding the headers (default 1)."),
         click.option("--external-id-length", type=int, help="Your org's CONF_CARD_NUMBER_LENGTH: reject other lengths before sending."),
+        click.option("--external-id-min-length", metavar="N|card", help="Reject external IDs shorter than N, or than the row's card number ('card'); error 3050."),
         click.option("--external-id-pattern", help="Regex every external ID must match in full."),
         click.option("--strip-invisible/--no-strip-invisible", default=None, help="Strip zero-width/control characters instead of rejecting the row (default: reject)."),
         click.option("--reports-dir", type=click.Path(path_type=Path), help="Where run directories go (default ./reports)."),
@@ -225,7 +226,8 @@ TLS_HELP = "Turn TLS certificate verification off (trusted test hosts only; only
 
 @main.command("run", epilog=EXIT_CODES_HELP)
 @click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
-@click.option("--cluster", type=click.Choice(sorted(config.CLUSTERS), case_sensitive=False), help="Capillary cluster.")
+@click.option("--cluster", type=click.Choice(sorted(config.CLUSTERS), case_sensitive=False),
+              help=f"Capillary cluster: {config.CLUSTER_NAMES_HELP}.")
 @click.option("--base-url", help="API base URL instead of --cluster (a test cluster, a proxy, the simulator).")
 @click.option("--run-dir", type=click.Path(path_type=Path), help="Run directory (default reports/<input>-<hash>).")
 @click.option("--mode", type=click.Choice(config.MODES), help="backfill (default): PUT every row; reconcile: read first, PUT only what differs.")
@@ -238,6 +240,20 @@ TLS_HELP = "Turn TLS certificate verification off (trusted test hosts only; only
 @click.option("--generate-missing/--no-generate-missing", default=None, help="Rows with an empty external ID get one from GET /v2/cardNumber (default: such rows are rejected).")
 @click.option("--outage-budget", type=float, help="Seconds the API may stay down before the run aborts (default 300).")
 @click.option("--grace-period", type=float, help="Seconds in-flight requests get after Ctrl-C/SIGTERM (default 10).")
+@click.option("--extra-field", "extra_fields", multiple=True, metavar="NAME=VALUE",
+              help="Constant field added to every PUT (repeatable), e.g. statusLabel=Active; NAME:=JSON for a "
+                   "number or object (seriesId:=3). Never cardNumber/cardExternalId.")
+@click.option("--read-back/--no-read-back", default=None,
+              help="Read every card after its PUT and count it succeeded only if it holds the ID (one more "
+                   "request per row; for orgs whose answers cannot be taken at their word).")
+@click.option("--canary", type=int, metavar="K",
+              help=f"Before the pool opens, send K rows one at a time and read each card back; stop (exit 3) if "
+                   f"the API does not do what it answers (default {config.DEFAULT_CANARY}; 0 skips; "
+                   "not run against loopback unless given).")
+@click.option("--tripwire/--no-tripwire", default=None,
+              help="Stop (exit 3) when the first settled rows nearly all fail with one permanent code (default on).")
+@click.option("--tripwire-rate", type=float, help="Share of the sample one failure code must reach (default 0.9).")
+@click.option("--tripwire-rows", type=int, help="Settled rows the tripwire watches (default 50).")
 @click.option("--allow-http", is_flag=True, default=None, help="Allow plain http:// to a non-loopback host.")
 @click.option("--no-verify-tls", "no_verify_tls", is_flag=True, default=False, help=TLS_HELP)
 @click.option("--auth", type=click.Choice(config.AUTH_KINDS), help=AUTH_HELP)
@@ -247,6 +263,7 @@ TLS_HELP = "Turn TLS certificate verification off (trusted test hosts only; only
 @click.option("--check-remote", is_flag=True, default=None, help="With --dry-run: also read every card and report which do not exist and which already hold their ID.")
 @click.option("--job", help="Job name tying nightly runs together (state store beside the run directories).")
 @click.option("--skip-confirmed/--no-skip-confirmed", default=None, help="With --job: settle pairs an earlier run confirmed without any request.")
+@click.option("--ledger", help="Keep the ledger in PostgreSQL: postgresql://USER@HOST:PORT/DB (password from PGPASSWORD or ~/.pgpass); needs --job. Several workers may run the same command.")
 @click.option("--audit-fraction", type=float, help="With --skip-confirmed: re-read this share of the confirmed pairs each run (e.g. 0.05), longest unchecked first, and put back any ID that drifted.")
 @click.option("--retry-failed", is_flag=True, default=None, help="Send the rows of this run that failed again (e.g. cards created since); rejected rows stay rejected.")
 @click.option("--record-previous/--no-record-previous", default=None, help="Read each card before writing it and record the ID it held, so `capbatch revert` can put it back (one read per row).")
@@ -270,7 +287,7 @@ def run_cmd(input_path: Path, no_verify_tls: bool, json_out: bool, **flags: Any)
 
 @main.command("validate", epilog=EXIT_CODES_HELP)
 @click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
-@click.option("-o", "--output", type=click.Path(path_type=Path), help="Validation CSV to write (default reports/<input>.validation.csv).")
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Validation CSV to write (default reports/<input>.validation.csv; '-' for stdout).")
 @click.option("--json", "json_out", is_flag=True, default=False, help="Print the counts as JSON on stdout.")
 @click.option("--rate", help=f"The rate the plan assumes (default {config.DEFAULT_RATE}).")
 @plan_flags
@@ -278,6 +295,8 @@ def run_cmd(input_path: Path, no_verify_tls: bool, json_out: bool, **flags: Any)
 @_guard
 def validate_cmd(input_path: Path, output: Path | None, json_out: bool, **flags: Any) -> int:
     """Check INPUT without any network: counts, first problems, and a validation CSV (exit 0/1/2)."""
+    if json_out and output is not None and str(output) == "-":
+        raise UsageError("--json and -o - would both write to stdout", "write the validation CSV to a file, or drop --json")
     setup_logging(bool(flags.get("quiet")), flags.get("verbose") or 0)
     settings = _settings(flags, input_path)
     result = runner.validate(settings, output)
@@ -287,8 +306,11 @@ def validate_cmd(input_path: Path, output: Path | None, json_out: bool, **flags:
 
 
 @main.command("verify", epilog=EXIT_CODES_HELP)
-@click.argument("target", metavar="RUN_DIR|INPUT", type=click.Path(path_type=Path, exists=True))
-@click.option("--cluster", type=click.Choice(sorted(config.CLUSTERS), case_sensitive=False), help="Capillary cluster.")
+@click.argument("target", metavar="RUN_DIR|INPUT", type=click.Path(path_type=Path, exists=True), required=False)
+@click.option("--ledger", help="Database ledger (postgresql://USER@HOST:PORT/DB) to read instead of RUN_DIR; with --job.")
+@click.option("--job", help="With --ledger: the job whose latest run to check.")
+@click.option("--cluster", type=click.Choice(sorted(config.CLUSTERS), case_sensitive=False),
+              help=f"Capillary cluster: {config.CLUSTER_NAMES_HELP}.")
 @click.option("--base-url", help="API base URL instead of --cluster (a test cluster, a proxy, the simulator).")
 @click.option("--rate", help=f"Read rate cap, e.g. 1000/min; 'unlimited' for none (default {config.DEFAULT_RATE}).")
 @click.option("--concurrency", type=int, help="Reads in flight at most (default 16).")
@@ -312,24 +334,32 @@ def verify_cmd(target: Path, no_verify_tls: bool, json_out: bool, **flags: Any) 
 
 @main.command("history")
 @click.option("--job", required=True, help="Job name given to `capbatch run --job`.")
+@click.option("--ledger", envvar="CAPBATCH_LEDGER", help="The job's database ledger (postgresql://USER@HOST:PORT/DB).")
 @click.option("--reports-dir", type=click.Path(path_type=Path), help="Where the run directories are (default ./reports, or the configured one).")
 @click.option("--config", "config_file", type=click.Path(path_type=Path), help="TOML settings file (default ./capbatch.toml if present).")
 @click.option("--json", "json_out", is_flag=True, default=False, help="Print the runs as JSON on stdout (timestamps ISO 8601 UTC).")
 @_guard
-def history_cmd(job: str, reports_dir: Path | None, config_file: Path | None, json_out: bool) -> int:
+def history_cmd(job: str, ledger: str | None, reports_dir: Path | None, config_file: Path | None,
+                json_out: bool) -> int:
     """List a job's runs with their counts."""
     from . import jobs
 
     reports_dir = config.resolve({"reports_dir": reports_dir}, os.environ, config_file).reports_dir
-    runs = jobs.history(jobs.store_path(reports_dir), jobs.check_name(job))
+    where: Any = reports_dir
+    if ledger:
+        from .ledger import job_history, redact_password
+
+        runs, where = job_history(ledger, jobs.check_name(job)), redact_password(ledger)
+    else:
+        runs = jobs.history(jobs.store_path(reports_dir), jobs.check_name(job))
     if json_out:
         echo(json.dumps([{**r, "started_at": report.iso(r.get("started_at")), "ended_at": report.iso(r.get("ended_at"))}
                          for r in runs], indent=2))
         return 0
     if not runs:
-        echo(f"no runs recorded for job '{job}' under {reports_dir}")
+        echo(f"no runs recorded for job '{job}' under {where}")
         return 0
-    memory = jobs.describe(jobs.store_path(reports_dir), job)
+    memory = jobs.describe(jobs.store_path(reports_dir), job) if not ledger else {"confirmed_pairs": 0}
     if memory["confirmed_pairs"]:
         oldest = time.strftime("%Y-%m-%d %H:%M", time.localtime(memory["oldest_check"]))
         click.echo(f"job {job} -> {memory['target'] or '?'}: {memory['confirmed_pairs']} confirmed pairs, "
@@ -401,16 +431,20 @@ def revert_cmd(run_dir: Path, no_verify_tls: bool, json_out: bool, **flags: Any)
 
 
 @main.command("status")
-@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.argument("run_dir", type=click.Path(path_type=Path), required=False)
+@click.option("--ledger", envvar="CAPBATCH_LEDGER", help="Database ledger (postgresql://USER@HOST:PORT/DB) instead of RUN_DIR; with --job.")
+@click.option("--job", help="With --ledger: the job whose latest run to show.")
 @click.option("--json", "json_out", is_flag=True, default=False, help="Print counts and invocations as JSON on stdout (timestamps ISO 8601 UTC, as in summary.json).")
 @_guard
-def status_cmd(run_dir: Path, json_out: bool) -> int:
-    """Counts per state from RUN_DIR's ledger (safe while a run is in progress; read-only)."""
-    st = runner.status(run_dir)
+def status_cmd(run_dir: Path | None, ledger: str | None, job: str | None, json_out: bool) -> int:
+    """Counts per state from RUN_DIR's ledger, or a job's in a database (safe while a run is in progress; read-only)."""
+    st = runner.status(run_dir, ledger if (job or not run_dir) else None, job)
     if json_out:
         echo(json.dumps(st, indent=2))
         return 0
     echo(f"run directory: {st['run_dir']}  input: {st['input'] or '-'}")
+    if job:
+        echo(f"ledger: {st['ledger']}  job: {job}")
     total = sum(st["counts"].values())
     for state, n in st["counts"].items():
         echo(f"  {state:<10} {n:>10}  {100.0 * n / max(total, 1):5.1f}%")
@@ -423,14 +457,16 @@ def status_cmd(run_dir: Path, json_out: bool) -> int:
 
 
 @main.command("report")
-@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.argument("run_dir", type=click.Path(path_type=Path), required=False)
 @click.option("--output-dir", type=click.Path(path_type=Path, file_okay=False), help="Write the reports here instead of RUN_DIR (needed when RUN_DIR is read-only).")
+@click.option("--ledger", envvar="CAPBATCH_LEDGER", help="Database ledger (postgresql://USER@HOST:PORT/DB) to read; with --job. Reports go to RUN_DIR or reports/<job>/<input>-<hash>.")
+@click.option("--job", help="With --ledger: the job whose latest run to report.")
 @_guard
-def report_cmd(run_dir: Path, output_dir: Path | None) -> int:
-    """Rebuild results.csv, failures.csv, summary.json and report.html from RUN_DIR's ledger."""
+def report_cmd(run_dir: Path | None, output_dir: Path | None, ledger: str | None, job: str | None) -> int:
+    """Rebuild results.csv, failures.csv, summary.json and report.html from RUN_DIR's ledger (or a job's)."""
     setup_logging(False, 0)
-    summary = runner.rebuild_reports(run_dir, output_dir)
-    echo(f"reports rebuilt in {output_dir or run_dir}: {report.status_line(summary['counts'])}")
+    summary = runner.rebuild_reports(run_dir, output_dir, ledger if (job or not run_dir) else None, job)
+    echo(f"reports rebuilt in {output_dir or summary['run_dir']}: {report.status_line(summary['counts'])}")
     return 0
 
 
@@ -449,8 +485,19 @@ def report_cmd(run_dir: Path, output_dir: Path | None) -> int:
 @click.option("--p-drop", type=float, default=0.0, help="Probability of closing the connection without an answer (default 0).")
 @click.option("--p-hang", type=float, default=0.0, help="Probability of hanging, then closing without an answer (default 0).")
 @click.option("--p-429", type=float, default=0.0, help="Probability of a spurious 429 (default 0).")
-@click.option("--errors-status", type=int, default=400, help="HTTP status of business errors; 200/201 mimic '2xx with errors' (default 400).")
+@click.option("--errors-status", type=int, default=400, help="HTTP status of business errors; 200/201 mimic '2xx with errors', 500 the documented failure status (default 400).")
 @click.option("--token-ttl", type=float, default=300.0, help="Seconds an OAuth token lives (default 300).")
+@click.option("--down", type=click.Choice(["503", "502", "403", "drop", "hang"]), help="Start in an outage: every request answered so.")
+@click.option("--business-errors", type=click.Choice(["coded", "generic"]), default="coded", help="generic: business errors carry only code 500 'All requests have failed due to errors' (default coded).")
+@click.option("--fault-body", type=click.Choice(["json", "html"]), default="json", help="html: 5xx faults and --down 502/503/403 answer a CDN's HTML page (default json).")
+@click.option("--p-noop", type=float, default=0.0, help="Share of PUTs answered 200 without being applied.")
+@click.option("--noop-echo", type=click.Choice(["request", "stored", "omit"]), default="request", help="What a no-op answer names as cardExternalId (default request: looks applied).")
+@click.option("--p-echo-other", type=float, default=0.0, help="Share of applied PUTs whose answer names another ID (or card).")
+@click.option("--echo-other", type=click.Choice(["cardExternalId", "cardNumber"]), default="cardExternalId", help="Which field of those answers names something else (default cardExternalId).")
+@click.option("--put-identifies-by", type=click.Choice(["cardNumber", "cardExternalId"]), default="cardNumber", help="cardExternalId: the PUT finds the card by its external ID, the older docs' reading (default cardNumber).")
+@click.option("--warning-code", type=int, help="PUT answers carry this warning, e.g. 3039.")
+@click.option("--warning-message", default="No update in status label", help="Message of --warning-code (default 'No update in status label').")
+@click.option("--required-field", "required_fields", multiple=True, metavar="NAME", help="PUTs without this field get 403 'Mandatory field is missing' (repeatable), e.g. statusLabel.")
 @_guard
 def simulate_cmd(**opts: Any) -> int:
     """Run the built-in Capillary API simulator on loopback (demo credentials: demo/demo)."""
@@ -458,6 +505,7 @@ def simulate_cmd(**opts: Any) -> int:
 
     cards_path = opts.pop("cards")
     host, port = opts.pop("host"), opts.pop("port")
+    opts["required_fields"] = list(opts["required_fields"])
     cfg = SimConfig(cards=load_cards_csv(cards_path) if cards_path else {}, **opts)
     if not config.is_loopback(host):
         raise UsageError(f"the simulator only listens on loopback, not {host}", "use --host 127.0.0.1")

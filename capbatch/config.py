@@ -19,6 +19,7 @@ from typing import Any, Mapping
 from urllib.parse import urlsplit
 
 from .errors import ConfigError, UsageError
+from .ledger.base import is_database_url, redact_password
 
 log = logging.getLogger("capbatch.config")
 
@@ -29,7 +30,15 @@ CLUSTERS: dict[str, str] = {
     "eu": "https://eu.api.capillarytech.com",
     "us": "https://us.api.capillarytech.com",
     "cn": "https://api.capillarytech.cn.com",
+    # the *.intouch.capillarytech.com hosts the current API overview lists
+    "intouch-apac": "https://apac.intouch.capillarytech.com",
+    "intouch-eu": "https://eu.intouch.capillarytech.com",
+    "intouch-ushc": "https://ushc.intouch.capillarytech.com",
+    "intouch-sea": "https://sea.intouch.capillarytech.com",
 }
+CLUSTER_NAMES_HELP = ("india (= apac), apac2, eu, us, cn; intouch-apac, intouch-eu, intouch-ushc, "
+                      "intouch-sea (the *.intouch.capillarytech.com hosts)")
+PROTECTED_FIELDS = ("cardNumber", "cardExternalId")   # --extra-field never overrides these
 
 DEFAULT_RATE = "100/min"  # the documented quota of demo and test clusters; real orgs set --rate
 DEFAULT_CONFIG_FILE = "capbatch.toml"
@@ -150,6 +159,7 @@ class Settings:
     header_row: int = 1
     # rules
     external_id_length: int | None = None
+    external_id_min_length: int | str | None = None  # a number, or "card" (the row's card length)
     external_id_pattern: str | None = None
     strip_invisible: bool = False
     # sending
@@ -163,6 +173,7 @@ class Settings:
     generate_missing: bool = False
     skip_confirmed: bool = False
     job: str | None = None
+    ledger: str | None = None          # a postgresql:// URL; None: the run directory's SQLite file
     audit_fraction: float | None = None   # with --skip-confirmed: share of confirmed pairs re-read per run
     retry_failed: bool = False            # send the rows that failed in this run again
     record_previous: bool = False         # backfill: read each card first to record the ID it held
@@ -170,6 +181,14 @@ class Settings:
     check_remote: bool = False
     outage_budget: float = 300.0
     grace_period: float = 10.0
+    # constant fields added to every PUT body (from code also a mapping; always stored as pairs)
+    extra_fields: tuple[tuple[str, Any], ...] | Mapping[str, Any] = ()
+    read_back: bool = False            # read every card after its PUT (answers not trusted alone)
+    # proving the contract / stopping a doomed run
+    canary: int | None = None          # rows proven one at a time first; None = 5 unless the target is loopback
+    tripwire: bool = True
+    tripwire_rate: float = 0.9
+    tripwire_rows: int = 50
     # planning, time windows and the shared quota (capbatch.plan, capbatch.window, capbatch.quota)
     windows: tuple[str, ...] = ()
     timezone: str | None = None
@@ -203,8 +222,12 @@ class Settings:
             value = getattr(self, f.name)
             if f.name in ("base_url", "pushgateway") and value:
                 value = _redact_url(value)
+            if f.name == "ledger" and value:
+                value = redact_password(value)
             if f.name == "notify_url" and value:
                 value = redact_webhook(value)
+            if f.name == "extra_fields":
+                value = dict(value)   # type: ignore[arg-type]
             out[f.name] = str(value) if isinstance(value, (Path, Rate)) else value
         out["auth"] = self.credentials.kind
         return out
@@ -263,19 +286,62 @@ def _sheet(v: Any) -> str | int:
     return int(s) if s.isdigit() else s
 
 
+def parse_extra_fields(value: Any) -> tuple[tuple[str, Any], ...]:
+    """``NAME=VALUE`` (a string) or ``NAME:=JSON`` (a number, true/false, an object...), as flags give
+    them (a tuple), as a TOML table or list, or as CAPBATCH_EXTRA_FIELDS (pairs separated by ';')."""
+    if isinstance(value, Mapping):
+        items = [(str(k), v) for k, v in value.items()]
+    else:
+        specs = value.split(";") if isinstance(value, str) else list(value)
+        items = [_extra_field(str(spec)) for spec in specs if str(spec).strip()]
+    names = [k for k, _ in items]
+    for name in names:
+        if not name or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]*", name):
+            raise ValueError(f"extra field name {name!r} is not a field name")
+    doubled = sorted({n for n in names if names.count(n) > 1})
+    if doubled:
+        raise ValueError(f"extra field {', '.join(doubled)} given more than once")
+    return tuple(items)
+
+
+def _extra_field(spec: str) -> tuple[str, Any]:
+    import json
+
+    name, sep, raw = spec.partition(":=")
+    if sep and "=" not in name:
+        try:
+            return name.strip(), json.loads(raw)
+        except ValueError as exc:
+            raise ValueError(f"{spec!r}: the value after := must be JSON ({exc})") from exc
+    name, sep, raw = spec.partition("=")
+    if not sep:
+        raise ValueError(f"{spec!r} is not NAME=VALUE (or NAME:=JSON)")
+    return name.strip(), raw
+
+
+def _min_length(v: Any) -> int | str:
+    s = str(v).strip()
+    if s.casefold() == "card":
+        return "card"
+    return int(s)
+
+
 SETTABLE: dict[str, Any] = {
     "base_url": _str, "cluster": _str, "run_dir": _path, "reports_dir": _path,
     "card_column": _str, "external_id_column": _str, "delimiter": _str, "encoding": _str,
     "sheet": _sheet, "header_row": _int,
     "external_id_length": _int, "external_id_pattern": _str, "strip_invisible": _bool,
+    "external_id_min_length": _min_length,
     "mode": _str, "rate": parse_rate, "read_rate": parse_rate, "concurrency": _int,
     "max_attempts": _int, "timeout": _float, "resume_check": _str,
-    "generate_missing": _bool, "skip_confirmed": _bool, "job": _str,
+    "generate_missing": _bool, "skip_confirmed": _bool, "job": _str, "ledger": _str,
     "audit_fraction": _float, "record_previous": _bool,
     "outage_budget": _float, "grace_period": _float,
     "windows": _windows, "timezone": _str, "window_exit": _bool, "deadline": _str,
     "deadline_strict": _bool, "quota_dir": _path, "priority": _int,
     "allow_http": _bool, "auth": _str,
+    "extra_fields": parse_extra_fields, "read_back": _bool, "canary": _int, "tripwire": _bool,
+    "tripwire_rate": _float, "tripwire_rows": _int,
     "progress": _str, "progress_interval": _float,
     "metrics_file": _path, "pushgateway": _str, "notify_url": _str,
 }
@@ -347,7 +413,7 @@ def resolve(
     for key, raw in flags.items():
         if raw is None or raw == () or key not in {f.name for f in dataclasses.fields(Settings)}:
             continue
-        if key in SETTABLE and isinstance(raw, str):
+        if key in SETTABLE and isinstance(raw, (str, tuple, list, Mapping)):
             take(key, raw, "flag")
         else:
             values[key] = raw
@@ -412,6 +478,19 @@ def validate(s: Settings) -> Settings:
         raise UsageError("--header-row counts from 1", "e.g. --header-row 3 when two title rows sit above the header")
     if s.external_id_length is not None and not 1 <= s.external_id_length <= 50:
         raise UsageError("--external-id-length must be 1..50", "external IDs are at most 50 characters")
+    if s.ledger and not is_database_url(s.ledger):
+        raise UsageError(f"--ledger {redact_password(s.ledger)} is not a database URL",
+                         "give postgresql://USER@HOST:PORT/DATABASE, or leave --ledger out to keep the ledger "
+                         "in the run directory")
+    if s.external_id_min_length is not None and s.external_id_min_length != "card" and not (
+            isinstance(s.external_id_min_length, int) and 1 <= s.external_id_min_length <= 50):
+        raise UsageError("--external-id-min-length must be 1..50 or 'card'",
+                         "external IDs are at most 50 characters; 'card' means at least as long as "
+                         "each row's card number")
+    if (s.external_id_length is not None and isinstance(s.external_id_min_length, int)
+            and s.external_id_length < s.external_id_min_length):
+        raise UsageError(f"--external-id-length {s.external_id_length} is below --external-id-min-length "
+                         f"{s.external_id_min_length}", "give one of them, or make them agree")
     if s.auth is not None and s.auth not in AUTH_KINDS:
         raise UsageError(f"--auth {s.auth} is unknown", "use --auth basic or --auth oauth")
     if s.audit_fraction is not None and not 0 < s.audit_fraction <= 1:
@@ -429,7 +508,19 @@ def validate(s: Settings) -> Settings:
     if s.deadline:
         parse_deadline(s.deadline, 0.0, tz)
     if s.cluster and s.cluster.lower() not in CLUSTERS:
-        raise UsageError(f"--cluster {s.cluster!r} is unknown", f"use one of: {', '.join(CLUSTERS)} or --base-url")
+        raise UsageError(f"--cluster {s.cluster!r} is unknown", f"use one of: {CLUSTER_NAMES_HELP}; or --base-url")
+    protected = [n for n, _ in s.extra_fields if n.lower() in {p.lower() for p in PROTECTED_FIELDS}]
+    if protected:
+        raise UsageError(f"--extra-field {protected[0]} would override the row's own {protected[0]}",
+                         "cardNumber and cardExternalId come from the input file; extra fields add others, "
+                         "e.g. --extra-field statusLabel=Active")
+    if s.canary is not None and not 0 <= s.canary <= 1000:
+        raise UsageError(f"--canary {s.canary} is out of range", "rows to prove first: 0 (skip) to 1000, default 5")
+    if not 0.0 < s.tripwire_rate <= 1.0:
+        raise UsageError(f"--tripwire-rate {s.tripwire_rate:g} is out of range",
+                         "a share of the first rows, above 0 and at most 1, e.g. 0.9")
+    if s.tripwire_rows < 1:
+        raise UsageError("--tripwire-rows must be at least 1", "e.g. --tripwire-rows 50 (or --no-tripwire)")
     return s
 
 
@@ -440,7 +531,7 @@ def target_url(s: Settings) -> str:
     elif s.cluster:
         url = CLUSTERS[s.cluster.lower()]
     else:
-        raise UsageError("no API target given", "pass --cluster eu|us|apac|apac2|cn or --base-url URL")
+        raise UsageError("no API target given", f"pass --cluster NAME ({CLUSTER_NAMES_HELP}) or --base-url URL")
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise UsageError(f"--base-url {url!r} is not an http(s) URL", "e.g. --base-url https://eu.api.capillarytech.com")
@@ -454,6 +545,16 @@ def target_url(s: Settings) -> str:
             "use https://, or pass --allow-http if this really is a trusted network",
         )
     return url
+
+
+DEFAULT_CANARY = 5
+
+
+def canary_rows(s: Settings, base_url: str) -> int:
+    """Rows the canary proves before the pool opens: --canary, else 5 — none against a loopback simulator."""
+    if s.canary is not None:
+        return s.canary
+    return 0 if is_loopback(urlsplit(base_url).hostname or "") else DEFAULT_CANARY
 
 
 def is_loopback(host: str) -> bool:

@@ -53,3 +53,9 @@ class Interrupted(CapbatchError):
     """The run was interrupted by a signal. Resumable."""
 
     exit_code = 130
+
+
+class LedgerLost(LedgerError):
+    """The ledger (a database) went away mid-run: sending stopped; rerunning resumes."""
+
+    exit_code = 3

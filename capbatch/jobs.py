@@ -165,6 +165,8 @@ def skip_confirmed(ledger: Ledger, store: Path, job: str, audit_fraction: float 
     slice is picked once per run directory, so a resumed run does not pick a second one.
     Returns (rows settled without a request, rows in this run's audit slice).
     """
+    if ledger.keeps_job_memory:   # a database ledger holds the job's memory itself
+        return ledger.settle_confirmed(job, audit_fraction)
     if not store.exists():
         return 0, 0
     _connect(store).close()
@@ -209,11 +211,11 @@ def remember(ledger: Ledger, store: Path, job: str, run_dir: Path, summary: dict
 
     Only rows settled by a request count (attempts > 0): a pair skipped by --skip-confirmed keeps the
     date it was last really checked, which is what the rolling audit orders by."""
+    if ledger.keeps_job_memory:
+        return ledger.remember_job_run(job, run_dir, summary, started_at)
     with _transaction(store) as conn:
         batch: list[tuple[Any, ...]] = []
-        for card, ext, settled in ledger.query(
-                "SELECT card, external_id, settled_at FROM rows WHERE state IN ('succeeded','unchanged') "
-                "AND external_id <> '' AND attempts > 0"):
+        for card, ext, settled in ledger.confirmed_pairs():
             batch.append((job, card, ext, settled or time.time(), str(run_dir)))
             if len(batch) >= 10000:
                 _upsert(conn, batch)

@@ -57,7 +57,7 @@ def settings_for(call: str, source: Any, keywords: Mapping[str, Any], config_fil
     if isinstance(source, (str, os.PathLike)):
         flags["input"] = Path(source)
     elif source is not None and any(k in flags for k in _FILE_ONLY):
-        from .frame import is_dataframe
+        from .source.frame import is_dataframe
 
         given = ", ".join(k for k in _FILE_ONLY if k in flags)
         raise UsageError(f"{given} apply to files only, not to "
@@ -194,7 +194,7 @@ def validate_frame(df: Any, *, config_file: Any = None, env: Mapping[str, str] |
     import tempfile
 
     from . import runner
-    from .frame import is_dataframe
+    from .source.frame import is_dataframe
     from .results import problems_frame
 
     if not is_dataframe(df):

@@ -11,9 +11,8 @@ Requests per row:
 - reconcile reads every card first (one GET each);
 - rows in flight when an earlier run stopped are read first (``--resume-check read``);
 - ``--generate-missing`` asks GET /v2/cardNumber once per row without an external ID;
-- the canary (issue 11's ``--canary K``) reads K cards before the pool starts, and ``--read-back``
-  reads every card after its PUT;
-- one preflight read checks the credentials before the pool starts.
+- the canary (``--canary K``) reads back each of the K rows it settles before the pool opens, and
+  ``--read-back`` reads every card after its PUT.
 Retries are not in the plan: they depend on the API on the day (the summary's actual figures show them).
 """
 
@@ -133,7 +132,6 @@ def make_plan(counts: dict[str, int], missing_external_ids: int, ps: PlanSetting
         "generate_missing": missing_external_ids if ps.generate_missing else 0,
         "read_back": rows if ps.read_back else 0,
         "canary": min(ps.canary_reads, rows) if rows else 0,
-        "preflight": 1 if rows else 0,
     }
     puts = rows
     read_total = sum(reads.values())

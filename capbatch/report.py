@@ -13,6 +13,7 @@ import functools
 import json
 import math
 import os
+import sys
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable
@@ -23,6 +24,7 @@ from .source import REPORT_MARKER_COLUMN
 
 RESULTS_CSV = "results.csv"
 FAILURES_CSV = "failures.csv"
+FAILURES_XLSX = "failures.xlsx"
 SUMMARY_JSON = "summary.json"
 
 FORMULA_TRIGGERS = ("=", "+", "-", "@", "\t", "\r")
@@ -69,12 +71,34 @@ def iso(ts: float | None) -> str:
 
 
 def atomic_write(path: Path, write: Any) -> None:
-    """Write through ``write(fh)`` to a temporary file, then rename: readers never see half a file."""
+    """Write through ``write(fh)`` to a temporary file, then rename: readers never see half a file.
+
+    Only a regular file is replaced that way. ``-`` is stdout, and anything else that is not a
+    regular file (a device such as /dev/null, a named pipe) is written directly: renaming onto it
+    would replace the device with a file. A symbolic link keeps pointing at its (replaced) target.
+    Raises OSError when the path cannot be written.
+    """
+    if str(path) == "-":
+        write(sys.stdout)
+        sys.stdout.flush()
+        return
+    if path.exists() and not path.is_file():
+        if path.is_dir():
+            raise IsADirectoryError(21, "Is a directory", str(path))
+        with open(path, "w", newline="", encoding="utf-8") as fh:
+            write(fh)
+        return
+    if path.is_symlink():
+        path = path.resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8-sig" if path.suffix == ".csv" else "utf-8") as fh:
-        write(fh)
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", newline="", encoding="utf-8-sig" if path.suffix == ".csv" else "utf-8") as fh:
+            write(fh)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _reason(error_code: str | None, error_message: str | None, reason_code: str | None,
@@ -91,10 +115,8 @@ def write_results(ledger: Ledger, run_dir: Path) -> None:
     header = ([MARKER_COLUMN, "capbatch_sheet"] + list(columns) +
               ["capbatch_state", "capbatch_attempts", "capbatch_http_status", "capbatch_error_code",
                "capbatch_message", "capbatch_sent_external_id", "capbatch_previous_external_id",
-               "capbatch_generated", "capbatch_card_id", "capbatch_customer_id", "capbatch_settled_at"])
-    sql = ("SELECT row_number, sheet, original, state, attempts, http_status, error_code, error_message, "
-           "reason_code, reason, note, external_id, previous_external_id, generated, card_id, customer_id, "
-           "settled_at FROM rows ORDER BY id")
+               "capbatch_generated", "capbatch_card_id", "capbatch_customer_id", "capbatch_settled_at",
+               "capbatch_warnings"])
     loads, n, risky = json.loads, neutralise, _RISKY_FIRST
 
     def write(fh: Any) -> None:
@@ -102,7 +124,7 @@ def write_results(ledger: Ledger, run_dir: Path) -> None:
         w.writerow([n(h) for h in header])
         for (row_number, sheet, original, state, attempts, http_status, error_code, error_message,
              reason_code, reason, note, external_id, previous, generated, card_id, customer_id,
-             settled_at) in ledger.conn.execute(sql):
+             settled_at, warnings) in ledger.result_rows():
             code, message = _reason(error_code, error_message, reason_code, reason, note)
             values = loads(original)
             if len(values) != width:
@@ -110,32 +132,54 @@ def write_results(ledger: Ledger, run_dir: Path) -> None:
             w.writerow([row_number, n(sheet)] + [n(v) if v[:1] in risky else v for v in values]
                        + [state, attempts, http_status or "", n(code), n(message),
                           n(external_id) if state != "rejected" else "", n(previous),
-                          "yes" if generated else "", card_id or "", customer_id or "", iso(settled_at)])
+                          "yes" if generated else "", card_id or "", customer_id or "", iso(settled_at),
+                          n(warnings_text(warnings)) if warnings else ""])
 
     atomic_write(run_dir / RESULTS_CSV, write)
 
 
-def write_failures(ledger: Ledger, run_dir: Path) -> int:
-    """Failed and rejected rows, original columns first, so the file can be fixed and fed back."""
+def warnings_text(stored: str) -> str:
+    """'3039: No update in status label; ...' from the ledger's JSON warnings column."""
+    return "; ".join(f"{w.get('code')}: {w.get('message')}" if w.get("code") else str(w.get("message"))
+                     for w in json.loads(stored))
+
+
+def failure_rows(ledger: Ledger) -> tuple[list[str], Iterable[list[str]]]:
+    """(header, rows) of the failures file: failed and rejected rows, original columns first, as
+    plain text (not neutralised)."""
     columns = ledger.get_meta_json("columns", [])
     header = list(columns) + [MARKER_COLUMN, "capbatch_sheet", "capbatch_state", "capbatch_error_code",
                               "capbatch_reason"]
+
+    def rows() -> Iterable[list[str]]:
+        for row in ledger.rows_in_states(("failed", "rejected")):
+            code, message = _reason(row["error_code"], row["error_message"], row["reason_code"], row["reason"],
+                                    row["note"])
+            original = json.loads(row["original"])
+            yield (_fit(original, len(columns))
+                   + [str(row["row_number"]), row["sheet"] or "", row["state"], code, message])
+
+    return header, rows()
+
+
+def write_failures(ledger: Ledger, run_dir: Path) -> int:
+    """Failed and rejected rows, original columns first, so the file can be fixed and fed back;
+    failures.xlsx beside it holds the same cells, all stored as text (see report_xlsx)."""
+    header, rows = failure_rows(ledger)
     count = 0
 
     def write(fh: Any) -> None:
         nonlocal count
         w = csv.writer(fh)
         w.writerow([neutralise(h) for h in header])
-        for row in ledger.iter_rows("WHERE state IN ('failed', 'rejected')"):
-            code, message = _reason(row["error_code"], row["error_message"], row["reason_code"], row["reason"],
-                                    row["note"])
-            original = json.loads(row["original"])
-            w.writerow([neutralise(v) for v in _fit(original, len(columns))]
-                       + [row["row_number"], neutralise(row["sheet"] or ""), row["state"], neutralise(code),
-                          neutralise(message)])
+        for values in rows:
+            w.writerow([neutralise(v) for v in values])
             count += 1
 
     atomic_write(run_dir / FAILURES_CSV, write)
+    from .report_xlsx import write_text_xlsx
+
+    write_text_xlsx(run_dir / FAILURES_XLSX, *failure_rows(ledger), sheet="failures")
     return count
 
 
@@ -145,15 +189,14 @@ def _fit(values: list[str], width: int) -> list[str]:
 
 def percentiles(ledger: Ledger, points: Iterable[float] = (50, 90, 95, 99)) -> dict[str, float]:
     """Exact latency percentiles (nearest rank) of each row's last request, streamed in one sorted pass."""
-    total = ledger.query("SELECT count(*) FROM rows WHERE latency_ms IS NOT NULL")[0][0]
+    total = ledger.latency_count()
     out: dict[str, float] = {}
     if not total:
         return out
     wanted = sorted((max(0, math.ceil(total * p / 100.0) - 1), f"p{p:g}") for p in points)
     i = 0
     last = 0.0
-    for index, (value,) in enumerate(ledger.conn.execute(
-            "SELECT latency_ms FROM rows WHERE latency_ms IS NOT NULL ORDER BY latency_ms")):
+    for index, value in enumerate(ledger.latencies_sorted()):
         last = value
         while i < len(wanted) and wanted[i][0] == index:
             out[wanted[i][1]] = round(value, 2)
@@ -164,8 +207,7 @@ def percentiles(ledger: Ledger, points: Iterable[float] = (50, 90, 95, 99)) -> d
 
 def retry_totals(ledger: Ledger) -> tuple[int, int]:
     """(retries, 429 answers) over the whole run, as recorded in the timeline."""
-    retries, throttled = ledger.query("SELECT coalesce(sum(retried),0), coalesce(sum(throttled),0) FROM timeline")[0]
-    return int(retries), int(throttled)
+    return ledger.timeline_totals()
 
 
 def build_summary(ledger: Ledger, run_dir: Path, *, stop: str | None = None, message: str | None = None,
@@ -181,17 +223,16 @@ def build_summary(ledger: Ledger, run_dir: Path, *, stop: str | None = None, mes
         for status_class, n in inv["requests_by_status"].items():
             requests_by_status[status_class] = requests_by_status.get(status_class, 0) + n
     by_error: dict[str, int] = {}
-    for code, n in ledger.query("SELECT coalesce(error_code, 'unknown'), count(*) FROM rows "
-                                "WHERE state='failed' GROUP BY 1 ORDER BY 2 DESC"):
+    for code, n in ledger.counts_by("error_code", ("failed",)):
         by_error[str(code)] = n
     by_reason: dict[str, int] = {}
-    for code, n in ledger.query("SELECT coalesce(reason_code, 'unknown'), count(*) FROM rows "
-                                "WHERE state='rejected' GROUP BY 1 ORDER BY 2 DESC"):
+    for code, n in ledger.counts_by("reason_code", ("rejected",)):
         by_reason[str(code)] = n
     retries, throttled = retry_totals(ledger)
-    drifted = ledger.query("SELECT count(*) FROM rows WHERE state='succeeded' AND previous_external_id <> '' "
-                           "AND previous_external_id <> external_id")[0][0]
-    generated = ledger.query("SELECT count(*) FROM rows WHERE generated=1")[0][0]
+    drifted = ledger.drifted_count()
+    generated = ledger.generated_count()
+    warnings_by_code = ledger.warning_counts()
+    rows_with_warnings = ledger.rows_with_warnings()
     settled_by_api = counts["succeeded"] + counts["failed"] + counts["unchanged"]
     if stop is None:
         last = invocations[-1] if invocations else None
@@ -211,6 +252,8 @@ def build_summary(ledger: Ledger, run_dir: Path, *, stop: str | None = None, mes
         "generated_external_ids": generated,
         "failed_by_error_code": by_error,
         "rejected_by_reason": by_reason,
+        "warnings_by_code": warnings_by_code,
+        "rows_with_warnings": rows_with_warnings,
         "started_at": iso(started),
         "ended_at": iso(ended),
         "duration_seconds": round(active, 3),

@@ -310,7 +310,7 @@ def _scale(peak: float) -> tuple[float, float]:
 
 
 def _timeline(ledger: Ledger) -> str:
-    first, last = ledger.query("SELECT min(second), max(second) FROM timeline")[0]
+    first, last = ledger.timeline_span()
     if first is None:
         return '<p class="empty">No requests have been recorded yet.</p>'
     first, last = int(first), int(last)
@@ -318,9 +318,7 @@ def _timeline(ledger: Ledger) -> str:
     width = max(1, math.ceil(span / MAX_BINS))
     nbins = math.ceil(span / width)
     bins = [[0, 0, 0, 0] for _ in range(nbins)]
-    for b, ok, failed, retried, throttled in ledger.query(
-            "SELECT (second - ?) / ? AS b, sum(ok), sum(failed), sum(retried), sum(throttled) "
-            "FROM timeline GROUP BY b ORDER BY b", (first, width)):
+    for b, ok, failed, retried, throttled in ledger.timeline_bins(first, width):
         if 0 <= int(b) < nbins:
             bins[int(b)] = [int(ok or 0), int(failed or 0), int(retried or 0), int(throttled or 0)]
     rates = [[v / width for v in row] for row in bins]
@@ -423,11 +421,7 @@ def _range(lo: float, hi: float) -> str:
 
 def latency_histogram(ledger: Ledger) -> list[tuple[int, int]]:
     """(bucket_ms, count) with 1 ms buckets below 100 ms, 10 ms up to 1 s, 100 ms above."""
-    sql = ("SELECT CASE WHEN latency_ms < 100 THEN CAST(latency_ms AS INT) "
-           "WHEN latency_ms < 1000 THEN CAST(latency_ms / 10 AS INT) * 10 "
-           "ELSE CAST(latency_ms / 100 AS INT) * 100 END AS b, count(*) "
-           "FROM rows WHERE latency_ms IS NOT NULL GROUP BY b ORDER BY b")
-    return [(int(b), int(n)) for b, n in ledger.query(sql)]
+    return ledger.latency_histogram()
 
 
 def _latency(ledger: Ledger, summary: dict[str, Any]) -> str:
@@ -489,17 +483,13 @@ def _latency(ledger: Ledger, summary: dict[str, Any]) -> str:
 
 
 def _breakdown(ledger: Ledger, state: str, column: str, message_column: str, total: int) -> str:
-    key = f"coalesce({column}, 'unknown')"
-    groups = ledger.query(f"SELECT {key} AS k, count(*) FROM rows WHERE state=? GROUP BY k "
-                          f"ORDER BY 2 DESC, 1 LIMIT ?", (state, MAX_GROUPS + 1))
+    groups = ledger.group_counts(state, column, MAX_GROUPS + 1)
     if not groups:
         return f'<p class="empty">No {e(state)} rows.</p>'
     more = len(groups) > MAX_GROUPS
     head: list[str] = []
     for code, n in groups[:MAX_GROUPS]:
-        examples = ledger.query(
-            f"SELECT sheet, row_number, card, external_id, {message_column}, http_status FROM rows "
-            f"WHERE state=? AND {key}=? ORDER BY id LIMIT ?", (state, code, EXAMPLES))
+        examples = ledger.group_examples(state, column, message_column, code, EXAMPLES)
         first_message = next((ex[4] for ex in examples if ex[4]), "")
         if state == "rejected":
             message = REASON_TEXT.get(str(code), first_message)
@@ -578,6 +568,14 @@ def _settings(summary: dict[str, Any]) -> str:
     return f'<div class="two"><div>{render(items[:half])}</div><div>{render(items[half:])}</div></div>'
 
 
+def _warnings(summary: dict[str, Any], total: int) -> str:
+    """Warnings the API's answers carried (e.g. 3039 "No update in status label"), by code."""
+    by_code = summary.get("warnings_by_code") or {}
+    rows = [(f'<span class="code">{e(code or "?")}</span>', num(w.get("rows", 0)), e(pct(int(w.get("rows", 0)), total)),
+             e(clip(w.get("message", ""), 400))) for code, w in by_code.items()]
+    return table([("Code", ""), ("Rows", "n"), ("Share", "n"), ("Message", "")], rows, "breakdown")
+
+
 # ---- the page ---------------------------------------------------------------------------------
 def render(ledger: Ledger, run_dir: Path, summary: dict[str, Any]) -> str:
     invocations = ledger.invocations()
@@ -598,6 +596,9 @@ def render(ledger: Ledger, run_dir: Path, summary: dict[str, Any]) -> str:
         f'{_breakdown(ledger, "failed", "error_code", "error_message", total)}</section>',
         f'<section id="rejected"><h2>Rejected rows by reason ({num(rejected_n)})</h2>'
         f'{_breakdown(ledger, "rejected", "reason_code", "reason", total)}</section>',
+        *([f'<section id="warnings"><h2>Warnings in the API\'s answers '
+           f'({num(summary.get("rows_with_warnings", 0))} rows)</h2>{_warnings(summary, total)}</section>']
+          if summary.get("warnings_by_code") else []),
         f'<section id="plan"><h2>Plan and actual (last invocation)</h2>{_plan(summary)}</section>',
         f'<section id="invocations"><h2>Invocations</h2>{_invocations(invocations)}</section>',
         f'<section id="settings"><h2>Settings</h2>{_settings(summary)}</section>',

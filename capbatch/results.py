@@ -16,12 +16,13 @@ from typing import Any
 
 from .errors import UsageError
 from .ledger import Ledger, State
-from .report import _reason
+from .report import _reason, warnings_text
 
 OUTCOME_COLUMNS = (
     "capbatch_state", "capbatch_attempts", "capbatch_http_status", "capbatch_error_code", "capbatch_message",
     "capbatch_card", "capbatch_sent_external_id", "capbatch_previous_external_id", "capbatch_generated",
     "capbatch_card_id", "capbatch_customer_id", "capbatch_latency_ms", "capbatch_settled_at",
+    "capbatch_warnings",
 )
 FAILED_STATES = ("failed", "rejected")
 PROBLEM_STATES = ("rejected", "duplicate")
@@ -59,6 +60,7 @@ def _outcome_frame(run_dir: Path, states: Iterable[str]) -> Any:
         width = len(columns)
         rows, sheets, originals = [], [], []
         outcome: dict[str, list[Any]] = {name: [] for name in OUTCOME_COLUMNS}
+        has_warnings = ledger.has_column("warnings")
         for r in ledger.rows_in_states(tuple(states)):
             rows.append(r["row_number"])
             sheets.append(r["sheet"])
@@ -73,7 +75,8 @@ def _outcome_frame(run_dir: Path, states: Iterable[str]) -> Any:
                     ("capbatch_previous_external_id", r["previous_external_id"]),
                     ("capbatch_generated", bool(r["generated"])), ("capbatch_card_id", r["card_id"]),
                     ("capbatch_customer_id", r["customer_id"]), ("capbatch_latency_ms", r["latency_ms"]),
-                    ("capbatch_settled_at", r["settled_at"])):
+                    ("capbatch_settled_at", r["settled_at"]),
+                    ("capbatch_warnings", warnings_text(r["warnings"]) if has_warnings and r["warnings"] else None)):
                 outcome[name].append(value)
 
     text = pd.StringDtype()

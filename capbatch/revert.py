@@ -206,7 +206,7 @@ def _update_job(ledger: Ledger, store: Path, job: str, summary: dict[str, Any], 
     cards found changed since, so its next run looks at those cards again. History lists the revert."""
     jobs.remember(ledger, store, job, Path(summary["run_dir"]), summary, started_at)
     changed = [(r["card"], r["expect_external_id"])
-               for r in ledger.iter_rows("WHERE state='failed' AND error_code=?", (CHANGED_SINCE,))]
+               for r in ledger.rows_in_states(("failed",)) if r["error_code"] == CHANGED_SINCE]
     jobs.forget_pairs(store, job, changed)
 
 

@@ -25,15 +25,15 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from . import announce, jobs, outputs, report
 from .aio import run_async
-from .config import Settings, target_url
+from .config import Settings, canary_rows, target_url
 from .errors import ConfigError, InputFileError, Interrupted, LedgerError, Paused, RunAborted, UsageError
-from .frame import MemoryTable, is_dataframe, open_frame, open_records
-from .ledger import LEDGER_FILE, Ledger, row_label
+from .ledger import LEDGER_FILE, Ledger, open_for_reading, open_ledger, row_label
 from .pacing import shared_pacers
 from .plan import Plan, PlanSettings, check_deadline, make_plan
 from .plan import actual as plan_actual
 from .plan import announce as announce_plan
 from .quota import QuotaKey, credential_fingerprint, live_peers
+from .source.frame import MemoryTable, is_dataframe, open_frame, open_records
 from .window import SYSTEM_CLOCK, Clock, Schedule, WindowGate, human_duration, parse_deadline, schedule_for
 from .rules import RuleSettings, check_row
 from .source import InputOptions, InputTable, file_sha256, open_input
@@ -116,7 +116,8 @@ def _is_mapping(obj: object) -> bool:
 # ==== 2. rules =======================================================================================
 def rule_settings(s: Settings) -> RuleSettings:
     return RuleSettings(external_id_length=s.external_id_length, external_id_pattern=s.external_id_pattern,
-                        strip_invisible=s.strip_invisible, allow_missing_external_id=s.generate_missing)
+                        strip_invisible=s.strip_invisible, allow_missing_external_id=s.generate_missing,
+                        external_id_min_length=s.external_id_min_length)
 
 
 def checked_rows(table: InputTable | MemoryTable, rules: RuleSettings) -> Iterator[tuple[Any, ...]]:
@@ -131,13 +132,17 @@ def checked_rows(table: InputTable | MemoryTable, rules: RuleSettings) -> Iterat
 def validation_fingerprint(inp: Input, header_row: int, rules: RuleSettings) -> dict[str, Any]:
     """Everything that decides which rows are valid: a resumed run must use the same."""
     t = inp.table
-    return {
+    fingerprint = {
         "card_column": t.card_column, "external_id_column": t.external_id_column,
-        "sheet": t.sheet, "header_row": header_row, "delimiter": t.delimiter,
+        "sheet": getattr(t, "sheet_choice", t.sheet),  # --sheet all: the list of sheets read
+        "header_row": header_row, "delimiter": t.delimiter,
         "encoding": t.encoding, "external_id_length": rules.external_id_length,
         "external_id_pattern": rules.external_id_pattern, "strip_invisible": rules.strip_invisible,
         "generate_missing": rules.allow_missing_external_id,
     }
+    if rules.external_id_min_length is not None:  # only when set: older ledgers stay resumable
+        fingerprint["external_id_min_length"] = rules.external_id_min_length
+    return fingerprint
 
 
 # ==== 3. ledger ======================================================================================
@@ -150,11 +155,12 @@ def default_run_dir(reports_dir: Path, inp: Input, job: str | None = None, lates
 
 
 def load_ledger(run_dir: Path, inp: Input, rules: RuleSettings, fingerprint: dict[str, Any],
-                changed_hint: str) -> tuple[Ledger, bool]:
+                changed_hint: str, location: str | None = None, job: str | None = None) -> tuple[Ledger, bool]:
     """Open (or create) the run's ledger; import and check the rows the first time. Returns
     (ledger, freshly_imported). Resuming with other content or other validation settings, or a run
-    that was reverted, is refused; ``changed_hint`` is what to say when the content changed."""
-    ledger = Ledger.open(run_dir)
+    that was reverted, is refused; ``changed_hint`` is what to say when the content changed.
+    ``location``: a database URL (with ``job``) instead of the run directory's SQLite file."""
+    ledger = open_ledger(location, run_dir, job=job, input_sha256=inp.sha256)
     try:
         if ledger.is_imported():
             _check_same_run(ledger, run_dir, inp, fingerprint, changed_hint)
@@ -212,9 +218,13 @@ def prepare(s: Settings, run_dir: Path | None = None, source: Source = None) -> 
     inp = read_input(s.input if source is None else source, input_options(s))
     rules = rule_settings(s)
     explicit = run_dir is not None or s.run_dir is not None
+    scratch = run_dir is not None
     run_dir = Path(run_dir or s.run_dir or default_run_dir(s.reports_dir, inp, s.job, s.retry_failed))
     hint = _changed_input_hint(s, "file" if inp.path else "data") if explicit else "use a new --run-dir"
-    ledger, fresh = load_ledger(run_dir, inp, rules, validation_fingerprint(inp, s.header_row, rules), hint)
+    # A run directory given by the caller is a scratch ledger (validate, checks): never the database.
+    location = None if scratch else s.ledger
+    ledger, fresh = load_ledger(run_dir, inp, rules, validation_fingerprint(inp, s.header_row, rules), hint,
+                                location, s.job)
     return Prepared(ledger, run_dir, inp.table, inp.sha256, list(inp.table.notes), fresh)
 
 
@@ -341,12 +351,16 @@ async def _engine_session(s: Settings, ledger: Ledger, base_url: str, switch: St
     from .progress import Progress, choose_mode
 
     async with CapillaryClient(base_url, s.credentials, timeout=s.timeout, verify_tls=s.verify_tls,
-                               max_connections=s.concurrency + 4) as client:
-        # one quota shared with every run on this key (capbatch.quota); sending windows (capbatch.window)
-        pacer, read_pacer, backend = shared_pacers(s.rate, s.read_rate, target=base_url, credentials=s.credentials,
-                                                   quota_dir=s.quota_dir, priority=s.priority)
+                               max_connections=s.concurrency + 4, extra_fields=dict(s.extra_fields)) as client:
+        # One quota shared with every run on this key: a database ledger's own (any host), else the file
+        # one on this host (capbatch.quota). Sending windows: capbatch.window.
+        pacers = None
+        if ledger.shared_pacer(s.rate, base_url, s.credentials) is None:
+            pacer, read_pacer, backend = shared_pacers(s.rate, s.read_rate, target=base_url, credentials=s.credentials,
+                                                       quota_dir=s.quota_dir, priority=s.priority)
+            pacers = (pacer, read_pacer)
         gate = WindowGate(schedule or Schedule(), clock)
-        engine = Engine(s, ledger, client, pacers=(pacer, read_pacer), window=gate)
+        engine = Engine(s, ledger, client, pacers=pacers, window=gate)
         if s.window_exit:
             gate.on_close = lambda: engine.request_pause(
                 f"the sending window closed ({gate.schedule.describe()}): --window-exit, stopping here")
@@ -373,9 +387,10 @@ async def _engine_session(s: Settings, ledger: Ledger, base_url: str, switch: St
                     ticker.cancel()
                     await asyncio.gather(ticker, return_exceptions=True)
                 await progress.stop()
-                for p in {pacer, read_pacer}:
-                    await p.close()
-                backend.close()
+                if pacers is not None:
+                    for p in set(pacers):
+                        await p.close()
+                    backend.close()
 
 
 async def _every(interval: float, call: Callable[[Counters], None], counters: Counters) -> None:
@@ -415,6 +430,14 @@ def write_run_reports(ledger: Ledger, run_dir: Path, result: EngineResult) -> Su
                                             "outage_seconds": round(result.outage_seconds, 3)}}))
 
 
+def _rows_left(counts: dict[str, int]) -> str:
+    left = counts["pending"] + counts["in_flight"]
+    if not counts["in_flight"]:
+        return f"{left} rows left"
+    return (f"{left} rows left: {counts['pending']} pending, {counts['in_flight']} whose outcome is unknown "
+            "(settled first by reading the card)")
+
+
 def _log_summary(summary: dict[str, Any]) -> None:
     c = summary["counts"]
     requests = summary["this_invocation"]["requests"]
@@ -427,6 +450,9 @@ def _log_summary(summary: dict[str, Any]) -> None:
         c["pending"] + c["in_flight"], plural(requests, "request"), summary["throughput_rows_per_second"],
         f"; audit: {audit['rows']} re-read, {audit['drift_fixed']} drifted and put back" if audit else "",
         summary["run_dir"])
+    if summary.get("warnings_by_code"):
+        log.info("answers carried warnings: %s", ", ".join(
+            f"{code or '?'} {w['message']!r} on {w['rows']} rows" for code, w in summary["warnings_by_code"].items()))
     job = (summary.get("settings") or {}).get("job")
     if (c["failed"] or c["rejected"]) and job:
         log.info("failed rows go out again with the next run of job %s (now: the same command with "
@@ -435,6 +461,9 @@ def _log_summary(summary: dict[str, Any]) -> None:
     elif c["failed"] or c["rejected"]:
         log.info("fix the rows in %s and feed it back: capbatch run %s ...",
                  Path(summary["run_dir"]) / report.FAILURES_CSV, Path(summary["run_dir"]) / report.FAILURES_CSV)
+    if c["failed"] or c["rejected"]:
+        log.info("editing in Excel? use %s instead: every cell is text, so leading zeros survive the round "
+                 "trip; feed it back the same way", Path(summary["run_dir"]) / report.FAILURES_XLSX)
 
 
 class _JsonFormatter(logging.Formatter):
@@ -474,7 +503,7 @@ def run(s: Settings, source: Source = None, *, stop: StopSwitch | None = None,
     announcer = announce.Announcer(announce.Targets(s.metrics_file, s.pushgateway, s.notify_url, s.job),
                                    _input_name(s, source))
     try:
-        if s.job and not s.dry_run:
+        if s.job and not s.dry_run and not s.ledger:   # (a database ledger's workers share the job on purpose)
             with jobs.lock(s.reports_dir, jobs.check_name(s.job)):   # one run of a job at a time
                 return _run(s, source, stop, announcer, clock or SYSTEM_CLOCK)
         return _run(s, source, stop, announcer, clock or SYSTEM_CLOCK)
@@ -587,7 +616,7 @@ def _run(s: Settings, source: Source, stop: StopSwitch | None, announcer: announ
     ledger.close()
     if result.stop == "aborted":
         raise RunAborted(f"run aborted: {result.message}",
-                         f"fix the cause, then rerun the same command to resume ({counts['pending']} rows left)")
+                         f"fix the cause, then rerun the same command to resume ({_rows_left(counts)})")
     if result.stop == "interrupted":
         raise Interrupted("run interrupted", "rerun the same command to resume where it stopped")
     if result.stop == "paused" and exit_code == report.EXIT_ABORTED:
@@ -598,11 +627,16 @@ def _run(s: Settings, source: Source, stop: StopSwitch | None, announcer: announ
 
 
 # ---- the plan (capbatch.plan) -----------------------------------------------------------------------
-def plan_settings(s: Settings, now: float) -> PlanSettings:
+def plan_settings(s: Settings, now: float, base_url: str | None = None) -> PlanSettings:
+    """What the plan needs beyond the ledger's counts (``base_url``: the target, when known)."""
+    if base_url is None:
+        try:
+            base_url = target_url(s)
+        except UsageError:          # validate without a target: the canary's default cannot be known
+            base_url = None
     return PlanSettings(mode=s.mode, resume_check=s.resume_check, generate_missing=s.generate_missing,
-                        rate=s.rate, read_rate=s.read_rate,
-                        # hooks for issue 11 (outcome checks), once merged: canary_reads=config.canary_rows(s, url)
-                        canary_reads=int(getattr(s, "canary", 0) or 0), read_back=bool(getattr(s, "read_back", False)),
+                        rate=s.rate, read_rate=s.read_rate, read_back=s.read_back,
+                        canary_reads=canary_rows(s, base_url) if base_url else (s.canary or 0),
                         deadline=parse_deadline(s.deadline, now, schedule_for((), s.timezone).tz)
                         if s.deadline else None, deadline_text=s.deadline)
 
@@ -623,7 +657,7 @@ def _plan_before_run(s: Settings, prepared: Prepared, schedule: Schedule | None 
         shared = 0
         if base_url and s.rate:
             shared = live_peers(s.quota_dir, QuotaKey(base_url, credential_fingerprint(s.credentials)), s.rate, now)
-        plan = make_plan(ledger.counts(), ledger.missing_external_ids(), plan_settings(s, now), schedule, now,
+        plan = make_plan(ledger.counts(), ledger.missing_external_ids(), plan_settings(s, now, base_url), schedule, now,
                          shared_with=shared)
     finally:
         if existing is not None:
@@ -696,11 +730,16 @@ def validate(s: Settings, output: Path | None = None, source: Source = None) -> 
         try:
             v = validation_report(prepared.ledger)
             out = output or (s.reports_dir / f"{_stem(s, source)}.validation.csv")
-            _write_validation_csv(prepared.ledger, out)
+            try:
+                _write_validation_csv(prepared.ledger, out)
+            except OSError as exc:
+                raise UsageError(f"cannot write the validation CSV to {out}: {exc.strerror or exc}",
+                                 "pass -o/--output a writable file path (or - for stdout)") from exc
             v["validation_csv"] = str(out)
             v["notes"] = prepared.notes
+            v["sheets"] = dict(getattr(prepared.table, "sheet_rows", {}))
             log_validation(prepared.notes, v)
-            log.info("validation details written to %s", out)
+            log.info("validation details written to %s", "stdout" if str(out) == "-" else out)
             v["plan"] = _plan_dict(s, prepared, source=source)
             v["input_sha256"] = prepared.sha256
         finally:
@@ -739,27 +778,30 @@ def _write_validation_csv(ledger: Ledger, out: Path) -> None:
     report.atomic_write(out, write)
 
 
-def status(run_dir: Path) -> dict[str, Any]:
-    """Counts per state and every invocation (timestamps as ISO 8601 UTC, as in summary.json)."""
-    ledger = Ledger.open_readonly(run_dir)
+def status(run_dir: Path | None, ledger_url: str | None = None, job: str | None = None) -> dict[str, Any]:
+    """Counts per state and every invocation (timestamps as ISO 8601 UTC, as in summary.json), from a
+    run directory or, with ``ledger_url``, the latest run of ``job`` in a database."""
+    ledger, run_dir = open_for_reading(run_dir, ledger_url, job)
     try:
         invocations = [{**inv, "started_at": report.iso(inv["started_at"]), "ended_at": report.iso(inv["ended_at"]),
                         "last_seen_at": report.iso(inv["last_seen_at"]), "duration": round(inv["duration"], 3)}
                        for inv in ledger.invocations()]
         return {"run_dir": str(run_dir), "input": ledger.get_meta("input_name"),
-                "counts": ledger.counts(), "invocations": invocations}
+                "counts": ledger.counts(), "invocations": invocations, "ledger": ledger.location}
     finally:
         ledger.close()
 
 
-def rebuild_reports(run_dir: Path, out_dir: Path | None = None) -> Summary:
-    """Rebuild the reports from the ledger, into ``out_dir`` or the run directory itself."""
+def rebuild_reports(run_dir: Path | None, out_dir: Path | None = None, ledger_url: str | None = None,
+                    job: str | None = None) -> Summary:
+    """Rebuild the reports from the ledger, into ``out_dir`` or the run directory itself (with
+    ``ledger_url``: the latest run of ``job`` in a database; the run directory defaults as a run's)."""
     if out_dir is not None:
         outputs.check_dir(out_dir, "--output-dir")
-    elif (run_dir / "ledger.sqlite").exists() and not os.access(run_dir, os.W_OK):
+    elif run_dir is not None and (run_dir / "ledger.sqlite").exists() and not os.access(run_dir, os.W_OK):
         raise UsageError(f"run directory {run_dir} is read-only: the reports cannot be rebuilt in it",
                          "pass --output-dir DIR to write them elsewhere")
-    ledger = Ledger.open_readonly(run_dir)
+    ledger, run_dir = open_for_reading(run_dir, ledger_url, job)
     try:
         return Summary(report.write_reports(ledger, run_dir, out_dir))
     finally:
@@ -795,19 +837,21 @@ def check_remote(s: Settings, source: Source = None) -> dict[str, Any]:
     return v
 
 
-def verify(s: Settings, target: Path) -> dict[str, Any]:
+def verify(s: Settings, target: Path | None) -> dict[str, Any]:
     """Read every card back and compare with the intended external ID. Read-only; exit 1 on any difference.
 
-    ``target`` is a run directory (checks the rows it settled) or an input file (checks its valid rows).
+    ``target`` is a run directory (checks the rows it settled) or an input file (checks its valid rows);
+    None with a database ledger checks the rows the job's latest run settled.
     """
     from .verify import Target, check_cards
 
     base_url = target_url(s)
     _require_credentials(s)
     with contextlib.ExitStack() as stack:
-        if target.is_dir():
-            ledger = Ledger.open_readonly(target)
+        if target is None or target.is_dir():
+            ledger, target = open_for_reading(target, s.ledger if target is None else None, s.job, s.reports_dir)
             out = target / "verify.csv"
+            target.mkdir(parents=True, exist_ok=True)
             states: tuple[str, ...] = ("succeeded", "unchanged")
         else:
             outputs.check_dir(s.reports_dir, "--reports-dir")

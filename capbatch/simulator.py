@@ -10,7 +10,18 @@ It implements the parts of the API capbatch talks to (see ``capillary-api.md``):
 
 plus fault injection (latency, 500/503/429, dropped and hung connections, outage switch),
 an exact sliding-window (or fixed calendar-window) rate limiter, and admin routes that are
-neither authenticated, rate limited nor counted:
+neither authenticated, rate limited nor counted.
+
+By default it behaves as the public documentation describes. Modes make it behave the ways the
+documentation leaves open or the real service might (``capillary-api.md``, "What the documentation
+leaves open"), so capbatch's checks can be tested: business errors as HTTP 500 (``errors_status``)
+or only as the generic code 500 (``business_errors="generic"``); CDN HTML pages for 5xx and 403
+(``fault_body="html"``, ``down="502"|"403"``); PUTs answered 200 without being applied
+(``p_noop``, ``noop_echo``); answers naming another ID or card (``p_echo_other``); a PUT that
+identifies the card by its external ID (``put_identifies_by``); warnings in answers
+(``warning_code``); mandatory fields such as statusLabel (``required_fields``).
+
+Admin routes:
 
 * ``GET  /_sim/stats``   - :meth:`Simulator.stats`
 * ``POST /_sim/config``  - JSON object of :class:`SimConfig` field changes
@@ -47,7 +58,8 @@ from aiohttp import web
 
 __all__ = ["SimConfig", "Simulator", "SimulatorThread", "serve", "load_cards_csv", "main"]
 
-MAX_LEN = 50  # card numbers and external IDs: at most 50 characters
+MAX_LEN = 50  # external IDs: at most 50 characters
+MAX_CARD_LEN = 150  # card numbers: at most 150 characters (3024)
 
 ROUTE_PUT_CARD = "PUT /v2/card"
 ROUTE_GET_CARD = "GET /v2/card"
@@ -55,7 +67,7 @@ ROUTE_GEN_NUMBER = "GET /v2/cardNumber"
 ROUTE_OAUTH = "POST /v3/oauth/token/generate"
 ROUTES = (ROUTE_PUT_CARD, ROUTE_GET_CARD, ROUTE_GEN_NUMBER, ROUTE_OAUTH)
 
-_DOWN_MODES = (None, "503", "drop", "hang")
+_DOWN_MODES = (None, "503", "502", "403", "drop", "hang")
 _JSON_CT = "application/json"
 
 
@@ -86,8 +98,21 @@ class SimConfig:
     errors_status: int = 400  # HTTP status of business-error answers (200/201 mimic "2xx + errors")
     reapply_same: str = "ok"  # re-PUT of the ID the card already holds: "ok" or "3045"
     external_id_length: int | None = None  # org's CONF_CARD_NUMBER_LENGTH; other lengths -> 3050
-    down: str | None = None  # outage switch: None, "503", "drop", "hang"
+    external_id_length_rule: str = "exact"  # "exact" or "min" (3050's text: "equal or greater")
+    down: str | None = None  # outage switch: None, "503", "502", "403", "drop", "hang"
     seed: int | None = None  # RNG seed for fault injection and jitter
+    # modes for what the documentation leaves open (all off by default)
+    business_errors: str = "coded"  # "coded": errors[0].code is the card code; "generic": code 500 only
+    fault_body: str = "json"  # "html": 5xx faults and down=502/503/403 answer a CDN's HTML page
+    p_noop: float = 0.0  # share of PUTs answered 200 without being applied
+    noop_echo: str = "request"  # what a no-op answer names: "request" (the ID sent), "stored", "omit"
+    p_echo_other: float = 0.0  # share of applied PUTs whose answer names another ID / card
+    echo_other: str = "cardExternalId"  # which field names something else: "cardExternalId" or "cardNumber"
+    put_identifies_by: str = "cardNumber"  # "cardExternalId": the PUT finds the card by its external ID
+    warning_code: int | None = None  # when set, PUT answers carry this warning...
+    warning_message: str = "No update in status label"
+    p_warning: float = 1.0  # ...on this share of them
+    required_fields: list[str] = field(default_factory=list)  # PUT without them: 403 "Mandatory field is missing"
 
     def validate(self) -> None:
         """Raise ValueError when a field holds a value the simulator cannot act on."""
@@ -96,8 +121,20 @@ class SimConfig:
         if self.reapply_same not in ("ok", "3045"):
             raise ValueError(f"reapply_same must be 'ok' or '3045', not {self.reapply_same!r}")
         if self.down not in _DOWN_MODES:
-            raise ValueError(f"down must be one of None, '503', 'drop', 'hang', not {self.down!r}")
-        for name in ("p_500", "p_503", "p_drop", "p_hang", "p_429"):
+            raise ValueError(f"down must be one of None, '503', '502', '403', 'drop', 'hang', not {self.down!r}")
+        for name, allowed in (("business_errors", ("coded", "generic")), ("fault_body", ("json", "html")),
+                              ("noop_echo", ("request", "stored", "omit")),
+                              ("echo_other", ("cardExternalId", "cardNumber")),
+                              ("put_identifies_by", ("cardNumber", "cardExternalId")),
+                              ("external_id_length_rule", ("exact", "min"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
+        if not isinstance(self.required_fields, list) or not all(isinstance(f, str) for f in self.required_fields):
+            raise ValueError("required_fields must be a list of field names")
+        if self.warning_code is not None and (isinstance(self.warning_code, bool)
+                                              or not isinstance(self.warning_code, int)):
+            raise ValueError(f"warning_code must be an integer or None, not {self.warning_code!r}")
+        for name in ("p_500", "p_503", "p_drop", "p_hang", "p_429", "p_noop", "p_echo_other", "p_warning"):
             p = getattr(self, name)
             if not 0.0 <= float(p) <= 1.0:
                 raise ValueError(f"{name} must be between 0 and 1, not {p!r}")
@@ -135,6 +172,24 @@ _BODY_503 = _dumps({"errors": [{"status": False, "code": 503, "message": "Servic
 _BODY_OAUTH_BAD = _dumps(
     {"data": None, "errors": [{"code": 320001, "message": "Invalid client key and secret"}]}
 )
+_BODY_403 = _dumps({"errors": [{"status": False, "code": 403, "message": "Forbidden"}]})
+_BODY_502 = _dumps({"errors": [{"status": False, "code": 502, "message": "Bad gateway"}]})
+_BODY_MANDATORY = _error_body(403, "Mandatory field is missing")
+_HTML_CT = "text/html"
+# What a CDN in front of the API answers (the documented samples carry Cloudflare's _cfuvid cookie).
+_HTML_PAGES = {
+    500: "500 Internal Server Error",
+    502: "502 Bad Gateway",
+    503: "503 Service Temporarily Unavailable",
+    403: "Attention Required! | Cloudflare",
+}
+
+
+def _html_page(status: int) -> web.Response:
+    title = _HTML_PAGES.get(status, f"{status} Error")
+    body = (f"<!DOCTYPE html>\n<html><head><title>{title}</title></head><body><center><h1>{title}</h1>"
+            "</center><hr><center>cloudflare</center></body></html>\n")
+    return web.Response(text=body, status=status, content_type=_HTML_CT)
 
 
 def _json_response(body: bytes, status: int = 200, headers: dict[str, str] | None = None
@@ -262,6 +317,9 @@ class Simulator:
         self._by_route: dict[str, int] = dict.fromkeys(ROUTES, 0)
         self._puts_per_card: dict[str, int] = {}
         self._applied_per_card: dict[str, int] = {}
+        self._put_extra_fields: dict[str, dict[str, int]] = {}
+        self._noops = 0
+        self._warnings_sent = 0
         self._tokens_issued = 0
         self._auth_failures = 0
         self._in_flight = 0
@@ -286,6 +344,9 @@ class Simulator:
             "by_route": dict(self._by_route),
             "puts_per_card": dict(self._puts_per_card),
             "applied_per_card": dict(self._applied_per_card),
+            "put_extra_fields": {k: dict(v) for k, v in self._put_extra_fields.items()},
+            "noops": self._noops,
+            "warnings_sent": self._warnings_sent,
             "tokens_issued": self._tokens_issued,
             "auth_failures": self._auth_failures,
             "accepted": self._accepted,
@@ -413,8 +474,8 @@ class Simulator:
         # outage switch (applies to the OAuth route too: an outage is an outage)
         down = cfg.down
         if down is not None:
-            if down == "503":
-                return _json_response(_BODY_503, 503)
+            if down in ("503", "502", "403"):
+                return self._fault(int(down))
             if down == "drop":
                 await self._drop(request, "drop")
             else:
@@ -431,15 +492,18 @@ class Simulator:
                 await self._hang(request)
                 return None
             if cfg.p_500 and rnd() < cfg.p_500:
-                return _json_response(_BODY_500, 500)
+                return self._fault(500)
             if cfg.p_503 and rnd() < cfg.p_503:
-                return _json_response(_BODY_503, 503)
+                return self._fault(503)
             if cfg.p_429 and rnd() < cfg.p_429:
                 return _json_response(_BODY_429, 429, self._h429)
         if not self._admit():
             self._rejected_429 += 1
             return _json_response(_BODY_429, 429, self._h429)
         if self._delayed:
+            # The whole request is received before the server "works" on it, as a real server does:
+            # a client that dies while waiting for the answer does not undo a PUT that arrived.
+            await request.read()
             delay = cfg.latency
             if cfg.jitter:
                 delay += self._rng.uniform(-cfg.jitter, cfg.jitter)
@@ -485,13 +549,25 @@ class Simulator:
             self._peak_60 = len(w60)
         return True
 
+    def _fault(self, status: int) -> web.Response:
+        """A fault or outage answer: the API's JSON, or a CDN's HTML page (fault_body="html")."""
+        if self.config.fault_body == "html":
+            return _html_page(status)
+        body = {500: _BODY_500, 502: _BODY_502, 503: _BODY_503, 403: _BODY_403}[status]
+        return _json_response(body, status)
+
     # ------------------------------------------------------------------ API handlers
-    def _business_error(self, code: int, message: str) -> web.Response:
+    def _business_error(self, code: int, message: str, put: bool = False) -> web.Response:
+        if put and self.config.business_errors == "generic":   # the PUT's only documented failure body
+            return _json_response(_BODY_500, self.config.errors_status)
         return _json_response(_error_body(code, message), self.config.errors_status)
+
+    def _put_error(self, code: int, message: str) -> web.Response:
+        return self._business_error(code, message, put=True)
 
     def _lookup(self, number: str) -> _Card | None:
         card = self._cards.get(number)
-        if card is None and self.config.auto_create and 0 < len(number) <= MAX_LEN:
+        if card is None and self.config.auto_create and 0 < len(number) <= MAX_CARD_LEN:
             card = self._cards[number] = _Card(number, None, next(self._card_seq))
         return card
 
@@ -535,47 +611,84 @@ class Simulator:
         if not isinstance(ext, str) or not ext:
             return _json_response(_error_body(400, "cardExternalId is required"), 400)
         self._puts_per_card[number] = self._puts_per_card.get(number, 0) + 1
-        if len(number) > MAX_LEN:
-            return self._business_error(3029, "Card number max length exceeded")
+        cfg = self.config
+        if len(data) > 2:
+            self._note_extra_fields(data)
+        missing = [f for f in cfg.required_fields if data.get(f) in (None, "")]
+        if missing:
+            return _json_response(_BODY_MANDATORY, 403)
+        if len(number) > MAX_CARD_LEN:
+            return self._put_error(3024, "total card length should be <= 150")
+        if cfg.put_identifies_by == "cardExternalId":
+            # The older docs' reading: the external ID identifies the card to update.
+            holder = self._owner.get(ext)
+            if holder is None:
+                return self._put_error(3010, "Card number does not exist")
+            card = self._cards[holder]
+            return self._card_answer(card, card.number, ext)
         card = self._lookup(number)
         if card is None:
-            return self._business_error(3010, "Card number does not exist")
+            return self._put_error(3010, "Card number does not exist")
         if len(ext) > MAX_LEN:
-            return self._business_error(3051, "Unable to update/generate card external id")
-        want = self.config.external_id_length
-        if want is not None and len(ext) != want:
-            return self._business_error(
+            return self._put_error(3051, "Unable to update/generate card external id")
+        want = cfg.external_id_length
+        if want is not None and (len(ext) < want if cfg.external_id_length_rule == "min" else len(ext) != want):
+            return self._put_error(
                 3050,
                 f"Card external id length {len(ext)} should be equal or greater than "
                 f"card id length {want}",
             )
         holder = self._owner.get(ext)
         if holder is not None and holder != number:
-            return self._business_error(3045, "Card external id exists")
+            return self._put_error(3045, "Card external id exists")
+        if cfg.p_noop and self._rng.random() < cfg.p_noop:
+            # Answered as a success, not applied.
+            self._noops += 1
+            echo = {"request": ext, "stored": card.ext, "omit": None}[cfg.noop_echo]
+            return self._card_answer(card, number, echo, omit_ext=cfg.noop_echo == "omit")
         if card.ext == ext:
-            if self.config.reapply_same == "3045":
-                return self._business_error(3045, "Card external id exists")
+            if cfg.reapply_same == "3045":
+                return self._put_error(3045, "Card external id exists")
         else:
             if card.ext is not None:
                 self._owner.pop(card.ext, None)
             card.ext = ext
             self._owner[ext] = number
             self._applied_per_card[number] = self._applied_per_card.get(number, 0) + 1
-        return _json_response(
-            _dumps(
-                {
-                    "cardId": card.card_id,
-                    "customerId": card.customer_id,
-                    "cardExternalId": ext,
-                    "cardNumber": number,
-                    "orgId": 0,
-                    "entityId": card.customer_id,
-                    "transactionNotAllowed": False,
-                    "activeAndDigital": True,
-                    "warnings": [],
-                }
-            )
-        )
+        if cfg.p_echo_other and self._rng.random() < cfg.p_echo_other:
+            if cfg.echo_other == "cardNumber":
+                return self._card_answer(card, number + "0", ext)
+            return self._card_answer(card, number, ext + "-X")
+        return self._card_answer(card, number, ext)
+
+    def _card_answer(self, card: _Card, number: str, ext: str | None, omit_ext: bool = False) -> web.Response:
+        cfg = self.config
+        warnings: list[dict[str, Any]] = []
+        if cfg.warning_code is not None and (cfg.p_warning >= 1.0 or self._rng.random() < cfg.p_warning):
+            warnings.append({"status": True, "code": cfg.warning_code, "message": cfg.warning_message})
+            self._warnings_sent += 1
+        body: dict[str, Any] = {
+            "cardId": card.card_id,
+            "customerId": card.customer_id,
+            "cardExternalId": ext,
+            "cardNumber": number,
+            "orgId": 0,
+            "entityId": card.customer_id,
+            "transactionNotAllowed": False,
+            "activeAndDigital": True,
+            "warnings": warnings,
+        }
+        if omit_ext:
+            del body["cardExternalId"]
+        return _json_response(_dumps(body))
+
+    def _note_extra_fields(self, data: dict[str, Any]) -> None:
+        for name, value in data.items():
+            if name in ("cardNumber", "cardExternalId"):
+                continue
+            seen = self._put_extra_fields.setdefault(name, {})
+            key = json.dumps(value, sort_keys=True)
+            seen[key] = seen.get(key, 0) + 1
 
     async def _h_get_card(self, request: web.Request) -> web.Response:
         query = request.query
@@ -590,19 +703,17 @@ class Simulator:
             card = self._cards.get(holder) if holder is not None else None
         if card is None:
             return self._business_error(3010, "Card number does not exist")
-        return _json_response(
-            _dumps(
-                {
-                    "cardNumber": card.number,
-                    "cardExternalId": card.ext,
-                    "cardId": card.card_id,
-                    "customerId": card.customer_id,
-                    "seriesId": 1,
-                    "statusInfo": {"status": "ACTIVE"},
-                    "warnings": [],
-                }
-            )
-        )
+        record: dict[str, Any] = {
+            "cardNumber": card.number,
+            "cardId": card.card_id,
+            "customerId": card.customer_id,
+            "seriesId": 1,
+            "statusInfo": {"status": "ACTIVE"},
+            "warnings": [],
+        }
+        if card.ext is not None:  # the documentation's samples omit it when the card has none
+            record["cardExternalId"] = card.ext
+        return _json_response(_dumps(record))
 
     async def _h_gen_number(self, request: web.Request) -> web.Response:
         width = self.config.external_id_length
@@ -851,9 +962,30 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--errors-status", type=int, default=d.errors_status)
     p.add_argument("--reapply-same", choices=("ok", "3045"), default="ok")
     p.add_argument("--external-id-length", type=int)
-    p.add_argument("--down", choices=("503", "drop", "hang"))
+    p.add_argument("--external-id-length-rule", choices=("exact", "min"), default="exact")
+    p.add_argument("--down", choices=("503", "502", "403", "drop", "hang"))
     p.add_argument("--seed", type=int)
+    add_mode_arguments(p)
     return p
+
+
+def add_mode_arguments(p: argparse.ArgumentParser) -> None:
+    """The modes for what the documentation leaves open (shared with ``capbatch simulate``'s help)."""
+    d = SimConfig()
+    p.add_argument("--business-errors", choices=("coded", "generic"), default=d.business_errors,
+                   help="generic: every business error is only code 500 'All requests have failed'")
+    p.add_argument("--fault-body", choices=("json", "html"), default=d.fault_body,
+                   help="html: 5xx faults and --down 502/503/403 answer a CDN's HTML page")
+    p.add_argument("--p-noop", type=float, default=0.0, metavar="P", help="PUTs answered 200 but not applied")
+    p.add_argument("--noop-echo", choices=("request", "stored", "omit"), default=d.noop_echo)
+    p.add_argument("--p-echo-other", type=float, default=0.0, metavar="P",
+                   help="applied PUTs whose answer names another ID (or card, --echo-other cardNumber)")
+    p.add_argument("--echo-other", choices=("cardExternalId", "cardNumber"), default=d.echo_other)
+    p.add_argument("--put-identifies-by", choices=("cardNumber", "cardExternalId"), default=d.put_identifies_by)
+    p.add_argument("--warning-code", type=int, help="PUT answers carry this warning code (e.g. 3039)")
+    p.add_argument("--warning-message", default=d.warning_message)
+    p.add_argument("--required-field", action="append", default=[], dest="required_fields", metavar="NAME",
+                   help="PUTs without this field get 403 'Mandatory field is missing' (repeatable)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -871,6 +1003,11 @@ def main(argv: list[str] | None = None) -> int:
             p_429=args.p_429, hang_seconds=args.hang_seconds,
             errors_status=args.errors_status, reapply_same=args.reapply_same,
             external_id_length=args.external_id_length, down=args.down, seed=args.seed,
+            external_id_length_rule=args.external_id_length_rule,
+            business_errors=args.business_errors, fault_body=args.fault_body, p_noop=args.p_noop,
+            noop_echo=args.noop_echo, p_echo_other=args.p_echo_other, echo_other=args.echo_other,
+            put_identifies_by=args.put_identifies_by, warning_code=args.warning_code,
+            warning_message=args.warning_message, required_fields=args.required_fields,
         )
         config.validate()
     except ValueError as exc:

@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterator
 import pytest
 
 from capbatch.simulator import SimConfig, SimulatorThread
+from conftest_pg import pg_server, pg_url  # noqa: F401  (fixtures: a real PostgreSQL server)
 
 REPO = Path(__file__).resolve().parent.parent
 

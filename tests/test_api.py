@@ -49,3 +49,54 @@ def test_success_reads_ids_and_the_get_shapes():
     assert wrapped.external_id == "Y"
     generated = classify(200, body(entity="GEN000000000001", warnings=[]), None, 1.0)
     assert generated.external_id == "GEN000000000001"
+
+
+# ---- answers the documentation leaves open (capillary-api.md) ------------------------------------
+def test_card_codes_decide_under_any_status_and_bare_500s_are_marked():
+    assert classify(500, body(errors=[{"code": 3045, "message": "exists"}]), None, 1.0).kind is Kind.REJECTED
+    odd = classify(500, body(errors=[{"code": 8015, "message": "odd"}]), None, 1.0)
+    assert (odd.kind, odd.error_code, odd.bare_500) == (Kind.REJECTED, "8015", False)
+    bare = classify(500, body(warnings=[], errors=[{"status": False, "code": 500, "message": "All requests "
+                                                    "have failed due to errors"}]), None, 1.0)
+    assert (bare.kind, bare.bare_500) == (Kind.RETRY, True)
+    assert classify(500, b"", None, 1.0).bare_500
+    assert not classify(503, body(errors=[{"code": 503, "message": "x"}]), None, 1.0).bare_500
+
+
+@pytest.mark.parametrize("status,kind,code", [(502, Kind.RETRY, "502"), (503, Kind.RETRY, "503"),
+                                               (520, Kind.RETRY, "520"), (403, Kind.FATAL, "not_capillary"),
+                                               (401, Kind.FATAL, "not_capillary"), (200, Kind.FATAL, "not_json")])
+def test_html_pages_from_a_cdn(status, kind, code):
+    page = b"<html><head><title>Attention Required! | Cloudflare</title></head><body>blocked</body></html>"
+    o = classify(status, page, None, 1.0, "text/html; charset=UTF-8")
+    assert (o.kind, o.error_code, o.auth_problem) == (kind, code, False)
+    if kind is Kind.FATAL:
+        assert o.error_message.startswith(f"something other than the Capillary API answered (HTTP {status}, "
+                                          "text/html, page title 'Attention Required! | Cloudflare')")
+
+
+def test_mandatory_field_403_names_the_fix():
+    o = classify(403, body(errors=[{"code": 403, "message": "Mandatory field is missing"}]), None, 1.0)
+    assert o.kind is Kind.FATAL and "--extra-field statusLabel=" in o.error_message
+
+
+def test_warnings_are_read_from_any_answer():
+    ok = classify(200, body(cardExternalId="E", cardNumber="C",
+                            warnings=[{"status": True, "code": 3039, "message": "No update in status label"}]),
+                  None, 1.0)
+    assert ok.warnings == (("3039", "No update in status label"),)
+    failed = classify(400, body(warnings=["plain"], errors=[{"code": 3010, "message": "x"}]), None, 1.0)
+    assert failed.warnings == (("", "plain"),)
+
+
+def test_a_2xx_that_contradicts_the_request_is_not_a_success():
+    from capbatch.api import contradiction
+
+    def answer(**kw):
+        return classify(200, body(**kw), None, 1.0)
+
+    assert contradiction(answer(cardNumber="C", cardExternalId="E"), "C", "E") is None
+    assert contradiction(answer(cardNumber="C", cardExternalId="OLD"), "C", "E")[0] == "contradicts"
+    assert contradiction(answer(cardNumber="D", cardExternalId="E"), "C", "E")[0] == "contradicts"
+    assert contradiction(answer(cardNumber="C"), "C", "E")[0] == "no_echo"
+    assert contradiction(answer(cardExternalId="E"), "C", "E") is None   # no card number echoed: the ID decides

@@ -96,6 +96,20 @@ def test_missing_values_reject_their_rows_by_index_label(tmp_path, sim, fast):
     assert failures["capbatch_error_code"].tolist() == ["missing_card", "missing_external_id", "missing_card"]
 
 
+def test_a_dataframe_meets_the_same_cell_rules_as_a_file(tmp_path, sim, fast):
+    # One set of exactness rules: Excel error text, ="..." wrappers, TAB/NBSP trimming and
+    # placeholders are judged the same in a DataFrame as in a CSV.
+    s = sim(cards={"00123": None, "00456": None, "00789": None, "00999": None})
+    df = pd.DataFrame({"cardNumber": ['="00123"', "00456", "\t00789\u00a0", "00999"],
+                       "cardExternalId": ["EXT1", "#REF!", "EXT3", "N/A"]}, dtype="string")
+    problems = capbatch.validate_frame(df)
+    assert problems["reason_code"].tolist() == ["excel_error", "placeholder"]
+    assert list(problems.index) == [1, 3]
+    summary = capbatch.run_backfill(df, base_url=s.url, **fast)
+    assert summary.exit_code == 1
+    assert s.card_ids() == {"00123": "EXT1", "00456": None, "00789": "EXT3", "00999": None}
+
+
 def test_an_index_that_is_not_row_numbers_is_kept_as_a_column(tmp_path, sim, fast):
     pairs = make_cards(2)
     s = sim(cards={c: None for c, _ in pairs})

@@ -95,7 +95,7 @@ def test_audit_slice_rereads_every_pair_once_and_fixes_drift(tmp_path, sim, run_
         audited += [r["card"] for r in rows]
         fixed = {r["card"]: r["previous_external_id"] for r in rows if r["state"] == "succeeded"}
         assert fixed == {c: v or "" for c, v in drifted.items() if c in fixed}
-        assert gets(s) - before_gets == 5 + 1            # the slice, plus the run's preflight read
+        assert gets(s) - before_gets == 5                # the slice, nothing more
         assert puts(s) - before_puts == len(fixed)       # a PUT only where the ID drifted
         summary = json.loads((run_dir / "summary.json").read_text())
         assert summary["audit"] == {"rows": 5, "still_held": 5 - len(fixed), "drift_fixed": len(fixed),
@@ -186,7 +186,7 @@ def test_revert_needs_previous_ids_and_record_previous_gives_them(tmp_path, sim,
     p = run_cli("revert", plain, "--base-url", s.url, "--rate", "unlimited", "--json")
     assert p.returncode == 1
     assert json.loads(p.stdout)["revert"]["not_revertible"]["previous_unknown"] == 6
-    assert s.card_ids() == dict(pairs) and gets(s) == 1 + 0         # only the plain run's preflight read
+    assert s.card_ids() == dict(pairs) and gets(s) == 0             # the plain run reads nothing
     s.update(cards={c: f"OLD{i}" for i, (c, _) in enumerate(pairs)})
     p = run_cli("run", src, "--base-url", s.url, "--rate", "unlimited", "--run-dir", recorded, "--record-previous")
     assert p.returncode == 0
@@ -295,6 +295,7 @@ def test_a_ledger_from_before_the_audit_and_revert_columns_is_upgraded(tmp_path)
         ledger.import_rows([(None, 2, '["1","A"]', "1", "A", "pending", None, None, None)])
     conn = sqlite3.connect(tmp_path / "ledger.sqlite")
     conn.executescript("ALTER TABLE rows DROP COLUMN audit; ALTER TABLE rows DROP COLUMN expect_external_id; "
+                       "ALTER TABLE rows DROP COLUMN warnings; "
                        "UPDATE meta SET value='1' WHERE key='schema_version';")
     conn.close()
     with Ledger.open_readonly(tmp_path) as old:

@@ -108,7 +108,7 @@ def test_quiet_prints_the_final_summary_line_and_verbose_adds_debug_lines(tmp_pa
     assert q.returncode == 0, q.stderr
     lines = q.stderr.strip().splitlines()
     assert len(lines) == 1 and "done: 4 succeeded, 0 unchanged, 0 failed, 0 rejected, 0 duplicates, 0 pending" \
-        in lines[0] and "5 requests" in lines[0], q.stderr
+        in lines[0] and "4 requests" in lines[0], q.stderr
     v = run_cli("run", src, "--base-url", s.url, "--rate", "unlimited", "-v", "--run-dir", tmp_path / "v")
     assert v.returncode == 0
     assert " DEBUG setting rate = - (flag)" in v.stderr                    # 'unlimited' is no cap: never 'None'

@@ -65,7 +65,8 @@ ROWS: list[tuple[str, str, str, str, str]] = [
 ]
 RESULT_TAIL = ["capbatch_state", "capbatch_attempts", "capbatch_http_status", "capbatch_error_code",
                "capbatch_message", "capbatch_sent_external_id", "capbatch_previous_external_id",
-               "capbatch_generated", "capbatch_card_id", "capbatch_customer_id", "capbatch_settled_at"]
+               "capbatch_generated", "capbatch_card_id", "capbatch_customer_id", "capbatch_settled_at",
+               "capbatch_warnings"]
 FAILURE_TAIL = ["capbatch_row", "capbatch_sheet", "capbatch_state", "capbatch_error_code", "capbatch_reason"]
 
 

@@ -32,7 +32,7 @@ def test_inner_spaces_are_kept():
 
 
 @pytest.mark.parametrize(
-    "value", ["NA", "n/a", "#N/A", "NULL", "None", "nil", "-", "--", "?", "NaN", " na "]
+    "value", ["NA", "n/a", "NULL", "None", "nil", "-", "--", "?", "NaN", " na "]
 )
 @pytest.mark.parametrize("column", ["card", "external_id"])
 def test_placeholders(value, column):
@@ -67,7 +67,7 @@ def test_invisible_characters_rejected_anywhere(bad):
     v = verdict(f"00{bad}12", "E1")
     assert (v.reason_code, v.column) == ("invisible_chars", "card")
     assert f"U+{ord(bad):04X}" in v.reason and "--strip-invisible" in v.reason
-    v = verdict("0012", f"E1{bad}")
+    v = verdict("0012", f"E{bad}1")
     assert (v.reason_code, v.column) == ("invisible_chars", "external_id")
 
 
@@ -131,8 +131,8 @@ def test_reader_problems_pass_through_with_codes():
 
 
 def test_long_values_are_truncated_in_reasons():
-    v = verdict("9" * 80, "E1")
-    assert v.reason_code == "too_long" and "9" * 80 not in v.reason and "\u2026" in v.reason
+    v = verdict("9" * 151, "E1")
+    assert v.reason_code == "too_long" and "9" * 151 not in v.reason and "\u2026" in v.reason
 
 
 def test_end_to_end_messy_csv(tmp_path):
@@ -166,3 +166,74 @@ def test_end_to_end_messy_csv(tmp_path):
         (9, "0000791", "EXT;7", None),
         (10, "0000792", "", "missing_external_id"),
     ]
+
+
+# ---- the cell rules every format shares ------------------------------------------------------------
+@pytest.mark.parametrize("value", ["#REF!", "#VALUE!", "#DIV/0!", "#NAME?", "#NUM!", "#NULL!", "#N/A",
+                                   "#SPILL!", "#CALC!", "#GETTING_DATA", "########", "#", "#n/a",
+                                   "Err:502", " #REF! "])
+@pytest.mark.parametrize("column", ["card", "external_id"])
+def test_spreadsheet_error_literals_are_rejected_in_text(value, column):
+    v = verdict(value, "E1") if column == "card" else verdict("0001", value)
+    assert (v.reason_code, v.column) == ("excel_error", column)
+
+
+@pytest.mark.parametrize("value", ["#123", "A#REF!", "#REFX", "Err:5", "N#A"])
+def test_text_that_only_contains_a_hash_is_not_an_error_literal(value):
+    assert verdict("0001", value).reason_code is None
+
+
+@pytest.mark.parametrize("raw,sent", [('="00123"', "00123"), (' ="00123" ', "00123"),
+                                      ('="A""B"', 'A"B'), ('=" 0042 "', "0042")])
+def test_keep_as_text_idiom_is_unwrapped(raw, sent):
+    assert verdict(raw, raw) == Verdict(sent, sent, None, None, None)
+
+
+def test_unwrapped_text_goes_through_every_other_rule():
+    assert verdict('="#N/A"', "E1").reason_code == "excel_error"
+    assert verdict("0001", '="N/A"').reason_code == "placeholder"
+    assert verdict('="00\u200b1"', "E1").reason_code == "invisible_chars"
+    assert verdict('="00123', "E1").card == '="00123'          # not the idiom: sent as typed
+
+
+def test_tab_and_nbsp_are_trimmed_but_a_tab_inside_is_rejected():
+    assert verdict("\t\u00a00001 \t", "\tE1\u00a0") == Verdict("0001", "E1", None, None, None)
+    v = verdict("00\t01", "E1")
+    assert (v.reason_code, v.column) == ("invisible_chars", "card") and "U+0009" in v.reason
+
+
+@pytest.mark.parametrize("value", ["1,234", "1,234,567", "-12,345.00"])
+def test_numbers_with_thousands_separators_are_rejected(value):
+    assert verdict(value, "E1").reason_code == "thousands_separators"
+
+
+@pytest.mark.parametrize("value", ["1,23", "12,3456", "A,123"])
+def test_commas_that_are_not_grouping_are_left_alone(value):
+    assert verdict("0001", value).reason_code is None
+
+
+def test_card_numbers_up_to_150_characters():
+    assert verdict("9" * 150, "E1").reason_code is None
+    assert verdict("9" * 151, "E1").reason_code == "too_long"
+    assert verdict("1", "E" * 51).reason_code == "too_long"     # external IDs stay capped at 50
+
+
+def test_external_id_minimum_length():
+    s = compile_settings(RuleSettings(external_id_min_length=4))
+    assert verdict("0001", "ABCD", s).reason_code is None
+    v = verdict("0001", "ABC", s)
+    assert (v.reason_code, v.column) == ("too_short", "external_id") and "at least 4" in v.reason
+    by_card = compile_settings(RuleSettings(external_id_min_length="card"))
+    assert verdict("000123", "EXT123", by_card).reason_code is None
+    v = verdict("000123", "E123", by_card)
+    assert v.reason_code == "too_short" and "at least 6 (the length of card number '000123')" in v.reason
+    both = compile_settings(RuleSettings(external_id_min_length=3, external_id_length=5))
+    assert verdict("1", "ABCD", both).reason_code == "wrong_length"
+
+
+@pytest.mark.parametrize("kwargs", [{"external_id_min_length": 0}, {"external_id_min_length": 51},
+                                    {"external_id_min_length": "cards"},
+                                    {"external_id_min_length": 6, "external_id_length": 5}])
+def test_invalid_minimum_length_settings(kwargs):
+    with pytest.raises(UsageError):
+        compile_settings(RuleSettings(**kwargs))

@@ -251,10 +251,11 @@ def test_source_row_is_frozen_and_slotted(tmp_path):
     assert not hasattr(row, "__dict__")
 
 
-def test_header_only_is_zero_rows(tmp_path):
-    p = write_text(tmp_path / "h.csv", "cardNumber,cardExternalId\n")
-    table, rows = read(p)
-    assert rows == [] and table.row_count == 0
+@pytest.mark.parametrize("text", ["cardNumber,cardExternalId\n", "cardNumber,cardExternalId\n\n,\n"])
+def test_header_without_data_rows_is_refused(tmp_path, text):
+    p = write_text(tmp_path / "h.csv", text)
+    with pytest.raises(InputFileError, match="0 data rows"):
+        open_input(p)
 
 
 @pytest.mark.parametrize("content", [b"", b"\xef\xbb\xbf", b"\r\n\r\n"])
@@ -351,7 +352,7 @@ def test_zip_that_is_not_a_workbook(tmp_path):
     p = tmp_path / "x.xlsx"
     with zipfile.ZipFile(p, "w") as z:
         z.writestr("hello.txt", "hi")
-    with pytest.raises(InputFileError, match="not an Excel workbook"):
+    with pytest.raises(InputFileError, match="not a spreadsheet workbook"):
         open_input(p)
 
 
@@ -411,7 +412,7 @@ def test_xlsx_sheet_choice_values_and_problems(tmp_path):
     table, rows = read(p)
     assert table.format == "xlsx" and table.sheet == "Cards"
     assert table.columns == ["Card Number", "Ext ID", "Amount", "When"]
-    assert "sheet 'Cards' chosen (it holds the required headers)" in table.notes
+    assert "sheet 'Cards': 11 rows (the only visible sheet with the required headers)" in table.notes
     assert "columns: cardNumber <- 'Card Number', cardExternalId <- 'Ext ID'" in table.notes
     assert table.row_count == 11
     assert rows[0].values == ("000123", "00EXT", "1.5", "2024-01-02 03:04:05")
@@ -538,3 +539,219 @@ def test_unknown_extension_with_csv_content(tmp_path):
     p = write_text(tmp_path / "export", "cardNumber|cardExternalId\n01|A\n")
     table, rows = read(p)
     assert table.format == "csv" and table.delimiter == "|" and rows[0].card == "01"
+
+
+# ----------------------------------------------------------------------------- number formats
+
+
+@pytest.mark.parametrize(
+    "code,n,shown",
+    [
+        ("General", 77, "77"), ("@", 123, "123"), ("0", 42, "42"), ("0", -42, "-42"),
+        ("0000000000000000", 4111223, "0000000004111223"), ("000000", 1234567, "1234567"),
+        ("#,##0", 77, "77"), ("#,##0", 1234567, "1,234,567"), ("000,000", 5, "000,005"),
+        ("0.00", 12, "12.00"), ("#", 0, ""), ("0000;-0000", -5, "-0005"), ("0;(0)", 5, "5"),
+        ('"ABC"0000', 99, None), ("0%", 5, None), ("0.00E+00", 5, None), ("[Red]0", 5, None),
+        ("#,##0,", 5000, None), ("0.##", 5, None), ("0;(0)", -5, None),
+    ],
+)
+def test_render_format(code, n, shown):
+    from capbatch.source.cells import render_format
+
+    assert render_format(code, n) == shown
+
+
+@pytest.mark.parametrize(
+    "display,value,sent,code",
+    [
+        (("0000000000000000", None), 4111223, "0000000004111223", None),
+        (("#,##0", None), 999, "999", None),
+        (("#,##0", None), 1000, "1000", "excel_number_format"),
+        ((None, "0000000004111223"), 4111223.0, "0000000004111223", None),
+        ((None, "4111223"), 4111223.0, "4111223", None),
+        ((None, "4.11E+06"), 4111223.0, "4111223", "excel_number_format"),
+        ((None, None), 5, "5", "excel_number_format"),
+        (("0", None), 12.5, "12.5", "excel_number"),
+        (("0000000000000000", None), 10**15, "1000000000000000", "excel_number"),
+    ],
+)
+def test_a_number_is_sent_only_as_the_digits_it_is_displayed_with(display, value, sent, code):
+    from capbatch.source.cells import NumberDisplay, workbook_key
+
+    text, problem = workbook_key(value, "card number", NumberDisplay(*display))
+    assert (text, getattr(problem, "code", None)) == (sent, code)
+
+
+def test_xlsx_built_in_and_custom_formats_written_by_openpyxl(tmp_path):
+    import openpyxl
+
+    wb = openpyxl.Workbook()
+    ws = wb.active
+    ws.append(["cardNumber", "cardExternalId"])
+    for value, fmt in [(4111223, "0000000000000000"), (42, "0"), (1234567, "#,##0"), (12, "0.00"),
+                       (7, "General"), (99, "0.00%")]:
+        ws.append([value, "E"])
+        ws.cell(ws.max_row, 1).number_format = fmt
+    wb.save(tmp_path / "f.xlsx")
+    assert outcome(tmp_path / "f.xlsx") == [
+        (2, "0000000004111223", "E", None), (3, "42", "E", None),
+        (4, "1234567", "E", "excel_number_format"), (5, "12", "E", "excel_number_format"),
+        (6, "7", "E", None), (7, "99", "E", "excel_number_format"),
+    ]
+
+
+def test_xlsx_with_only_plain_formats_needs_no_sheet_pass(tmp_path):
+    from capbatch.source._xlsx import XlsxEngine
+
+    p = make_xlsx(tmp_path / "p.xlsx", {"S": [["cardNumber", "cardExternalId"], [123, "E"]]})
+    assert XlsxEngine(p).numbers_plain
+    assert outcome(p) == [(2, "123", "E", None)]
+
+
+# ----------------------------------------------------------------------------- sheets and rows
+
+
+def test_very_hidden_sheet_is_read_only_when_named(tmp_path):
+    import openpyxl
+
+    wb = openpyxl.Workbook()
+    wb.active.title = "Cover"
+    wb.active.append(["nothing"])
+    secret = wb.create_sheet("Secret")
+    secret.sheet_state = "veryHidden"
+    secret.append(["cardNumber", "cardExternalId"])
+    secret.append(["0001", "S-1"])
+    wb.save(tmp_path / "v.xlsx")
+    with pytest.raises(InputFileError) as e:
+        open_input(tmp_path / "v.xlsx")
+    assert "no visible sheet" in e.value.message and "'Secret' (1 row)" in e.value.message
+    assert outcome(tmp_path / "v.xlsx", sheet="Secret") == [(2, "0001", "S-1", None)]
+
+
+def test_sheet_all_needs_the_same_columns(tmp_path):
+    p = make_xlsx(tmp_path / "b.xlsx", {
+        "A": [["cardNumber", "cardExternalId", "x"], ["1", "A"]],
+        "B": [["cardNumber", "cardExternalId"], ["2", "B"]],
+    })
+    with pytest.raises(InputFileError, match="same columns on every sheet"):
+        open_input(p, InputOptions(sheet="all"))
+    assert outcome(p, sheet="B") == [(2, "2", "B", None)]
+
+
+def test_sheet_all_with_one_carrying_sheet_and_the_sheet_choice(tmp_path):
+    p = make_xlsx(tmp_path / "b.xlsx", {"A": [["x"]], "B": [["cardNumber", "cardExternalId"], ["2", "B"]]})
+    table = open_input(p, InputOptions(sheet="ALL"))
+    assert table.sheets == ("B",) and table.sheet_choice == "B" and table.sheet_rows == {"B": 1}
+    two = make_xlsx(tmp_path / "c.xlsx", {"A": [["cardNumber", "cardExternalId"], ["1", "A"]],
+                                          "B": [["cardNumber", "cardExternalId"], ["2", "B"]]})
+    both = open_input(two, InputOptions(sheet="all"))
+    assert both.sheet_choice == ["A", "B"] and both.row_count == 2
+    assert [(r.sheet, r.row_number, r.card) for r in both.rows()] == [("A", 2, "1"), ("B", 2, "2")]
+
+
+def test_repeated_header_in_a_workbook_is_skipped_and_a_reordered_one_refused(tmp_path):
+    header = ["Card Number", "Ext ID"]
+    p = make_xlsx(tmp_path / "r.xlsx", {"S": [header, ["1", "A"], ["cardNumber", "cardExternalId"], ["2", "B"]]})
+    table, rows = read(p)
+    assert [(r.row_number, r.card) for r in rows] == [(2, "1"), (4, "2")] and table.row_count == 2
+    assert "row S!3 repeats the header row (files joined together?) and was skipped: it is not data" in table.notes
+    swapped = write_text(tmp_path / "s.csv", "cardNumber,cardExternalId\n1,A\ncardExternalId,cardNumber\nB,2\n")
+    with pytest.raises(InputFileError, match="row 3 repeats the header row with the cardNumber and "
+                                             "cardExternalId columns in another order"):
+        open_input(swapped)
+
+
+def test_only_repeated_headers_is_zero_data_rows(tmp_path):
+    p = write_text(tmp_path / "h.csv", "cardNumber,cardExternalId\ncardNumber,cardExternalId\n")
+    with pytest.raises(InputFileError, match="0 data rows"):
+        open_input(p)
+
+
+def test_ods_is_read_like_xlsx(tmp_path):
+    from pathlib import Path
+
+    lo = Path(__file__).resolve().parent / "fixtures" / "lo"
+    table = open_input(lo / "sheets.ods", InputOptions(sheet="Cards"))
+    assert table.format == "ods" and table.columns == ["Card Number", "Card External ID"]
+    assert [r.card for r in table.rows()] == [f"00{i:014d}" for i in range(1, 6)]
+
+
+# ----------------------------------------------------------------------------- capbatch reports
+
+
+def test_a_capbatch_report_loses_its_own_columns(tmp_path):
+    p = write_text(tmp_path / "failures.csv",
+                   "cardNumber,cardExternalId,region,capbatch_row,capbatch_sheet,capbatch_state,"
+                   "capbatch_error_code,capbatch_reason,capbatch_warnings\n"
+                   "0001,'=X,north,2,,rejected,placeholder,why,\n")
+    table, rows = read(p)
+    assert table.columns == ["cardNumber", "cardExternalId", "region"]
+    assert rows[0].values == ("0001", "=X", "north") and rows[0].external_id == "=X"
+
+
+def test_an_xlsx_report_is_read_exactly_not_restored(tmp_path):
+    from capbatch.report_xlsx import write_text_xlsx
+
+    path = tmp_path / "failures.xlsx"
+    header = ["cardNumber", "cardExternalId", "capbatch_row", "capbatch_reason"]
+    write_text_xlsx(path, header, [["0001", "'=X", "2", "r"], ["0002", "E\x01", "3", "r"]])
+    table, rows = read(path)
+    assert table.columns == ["cardNumber", "cardExternalId"]
+    assert [r.values for r in rows] == [("0001", "'=X"), ("0002", "E\x01")]
+
+
+def _rewrite_sheet_xml(src, dst, edit):
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for item in zin.infolist():
+            data = zin.read(item.filename)
+            if item.filename == "xl/worksheets/sheet1.xml":
+                data = edit(data)
+            zout.writestr(item, data)
+    return dst
+
+
+@pytest.mark.parametrize("style", ["r first", "prefixed, r last", "no r"])
+def test_xlsx_sheet_xml_variants_give_the_same_facts(tmp_path, style):
+    import re
+
+    import openpyxl
+
+    wb = openpyxl.Workbook()
+    ws = wb.active
+    ws.append(["cardNumber", "cardExternalId"])
+    ws.append([4111223, "A"])
+    ws.cell(2, 1).number_format = "0000000000000000"
+    ws.append([1234567, "B"])
+    ws.cell(3, 1).number_format = "#,##0"
+    ws.append(["0004", None])
+    ws.cell(4, 2).value = "#N/A"
+    ws.cell(4, 2).data_type = "e"
+    wb.save(tmp_path / "base.xlsx")
+
+    def edit(data: bytes) -> bytes:
+        if style == "prefixed, r last":
+            data = data.replace(b"<sheetData>", b'<sheetData xmlns:x="http://schemas.openxmlformats.org/spreadsheetml/2006/main">')
+            data = re.sub(rb'<c r="([A-Z]+\d+)"([^>]*?)(/?)>', rb'<x:c\2 r="\1"\3>', data)
+            return data.replace(b"</c>", b"</x:c>")
+        if style == "no r":
+            return re.sub(rb'<c r="[A-Z]+\d+"', b"<c", data)
+        return data
+
+    p = _rewrite_sheet_xml(tmp_path / "base.xlsx", tmp_path / "v.xlsx", edit)
+    assert outcome(p) == [(2, "0000000004111223", "A", None), (3, "1234567", "B", "excel_number_format"),
+                          (4, "0004", "#N/A", "excel_error")]
+
+
+def test_an_xlsx_report_longer_than_a_sheet_continues_on_the_next(tmp_path):
+    from capbatch.report_xlsx import write_text_xlsx
+
+    path = tmp_path / "failures.xlsx"
+    rows = [[f"{i:04d}", f"E{i}", str(i + 2)] for i in range(5)]
+    assert write_text_xlsx(path, ["cardNumber", "cardExternalId", "capbatch_row"], rows, "failures", 2) == 5
+    with pytest.raises(InputFileError, match="3 sheets hold"):
+        open_input(path)
+    table = open_input(path, InputOptions(sheet="all"))
+    assert table.sheets == ("failures", "failures 2", "failures 3")
+    assert [(r.sheet, r.card) for r in table.rows()] == [
+        ("failures", "0000"), ("failures", "0001"), ("failures 2", "0002"), ("failures 2", "0003"),
+        ("failures 3", "0004")]

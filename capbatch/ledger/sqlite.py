@@ -1,4 +1,4 @@
-"""The run's ledger: one SQLite file holding every input row and its state. The single source of truth.
+"""The SQLite ledger: one file in the run directory holding every input row and its state.
 
 Writes are batched (one transaction per batch) so the ledger is never the bottleneck; WAL mode keeps
 readers (``capbatch status``/``report``) working while a run writes. A process killed at any point
@@ -14,32 +14,16 @@ import os
 import sqlite3
 import time
 import urllib.parse
-from dataclasses import dataclass
-from enum import Enum
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
-from .errors import LedgerError
+from ..errors import LedgerError
+from .base import Ledger, RowResult, WorkRow, shape_invocation, warnings_json
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 LEDGER_FILE = "ledger.sqlite"
 LOCK_FILE = ".lock"
 
-
-class State(str, Enum):
-    PENDING = "pending"          # valid, not yet settled
-    IN_FLIGHT = "in_flight"      # journalled before sending; outcome unknown if the process died
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"            # the API refused it, or retries ran out
-    REJECTED = "rejected"        # never sent: invalid input or a conflict
-    UNCHANGED = "unchanged"      # the card already carried the target ID; nothing sent
-    DUPLICATE = "duplicate"      # the same pair as an earlier row, which is sent once for both
-
-    def __str__(self) -> str:
-        return self.value
-
-
-SETTLED_OK = (State.SUCCEEDED.value, State.UNCHANGED.value, State.DUPLICATE.value)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -67,7 +51,8 @@ CREATE TABLE IF NOT EXISTS rows (
     note TEXT,
     settled_at REAL,
     audit INTEGER NOT NULL DEFAULT 0,  -- picked for the job's rolling audit: read the card before writing
-    expect_external_id TEXT            -- revert: write only while the card still holds this ID
+    expect_external_id TEXT,           -- revert: write only while the card still holds this ID
+    warnings TEXT                      -- JSON array of {"code", "message"} the API's answers carried
 );
 CREATE INDEX IF NOT EXISTS rows_by_state ON rows(state, id);
 CREATE TABLE IF NOT EXISTS timeline (
@@ -97,42 +82,8 @@ _MIGRATIONS: list[str] = [
     "ALTER TABLE rows ADD COLUMN expect_external_id TEXT;",
     # 2 -> 3: invocation figures recorded as the run goes (right after a kill -9)
     "ALTER TABLE runs ADD COLUMN last_seen_at REAL; ALTER TABLE runs ADD COLUMN requests_by_status TEXT;",
+    "ALTER TABLE rows ADD COLUMN warnings TEXT;",   # 3 -> 4: warnings carried by the API's answers
 ]
-
-
-@dataclass(frozen=True, slots=True)
-class WorkRow:
-    """A row the engine must settle."""
-
-    id: int
-    card: str
-    external_id: str
-    unknown: bool = False      # was in flight when an earlier process stopped: outcome unknown
-    generated: bool = False
-    audit: bool = False        # a confirmed pair picked for the rolling audit: read before writing
-    expect: str | None = None  # revert: PUT only while the card still holds this external ID
-
-
-@dataclass(slots=True)
-class RowResult:
-    """The outcome of settling one row, as the engine hands it to the ledger."""
-
-    id: int
-    state: State
-    attempts: int = 0                 # HTTP attempts spent in this process (added to the total)
-    http_status: int | None = None
-    error_code: str | None = None
-    error_message: str | None = None
-    card_id: str | None = None
-    customer_id: str | None = None
-    previous_external_id: str | None = None
-    latency_ms: float | None = None
-    note: str | None = None
-    settled_at: float = 0.0
-
-
-def row_label(sheet: str | None, row_number: int) -> str:
-    return f"{sheet}!{row_number}" if sheet else str(row_number)
 
 
 def _wrap(exc: sqlite3.Error, path: Path) -> LedgerError:
@@ -152,18 +103,23 @@ def _wrap(exc: sqlite3.Error, path: Path) -> LedgerError:
     return LedgerError(f"ledger error in {path}: {exc}", "rerun the same command; if it persists, use a fresh --run-dir")
 
 
-class Ledger:
+class SqliteLedger(Ledger):
     """A run directory's SQLite ledger. Use :meth:`open` (writer, takes the lock) or :meth:`open_readonly`."""
+
+    backend = "sqlite"
 
     def __init__(self, path: Path, conn: sqlite3.Connection, lock_fd: int | None) -> None:
         self.path = path
+        self.location = str(path)
         self.conn = conn
         self._lock_fd = lock_fd
+        self._unknown: list[WorkRow] | None = None   # claim(): rows in flight when this process began
+        self._after = 0                               # claim(): pending rows are taken in id order
         self._invocation: int | None = None   # this process's row in `runs` (a writer only)
 
     # ---- opening -------------------------------------------------------------------------------
     @classmethod
-    def open(cls, run_dir: Path) -> "Ledger":
+    def open(cls, run_dir: Path) -> "SqliteLedger":
         """Open (creating if needed) the ledger for writing, holding an exclusive lock on the run dir."""
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -188,7 +144,7 @@ class Ledger:
         return ledger
 
     @classmethod
-    def open_readonly(cls, run_dir: Path) -> "Ledger":
+    def open_readonly(cls, run_dir: Path) -> "SqliteLedger":
         """Open for reading only, creating no file: on a read-only run directory too.
 
         With no writer running and nothing left in the write-ahead log (every cleanly ended run),
@@ -225,12 +181,6 @@ class Ledger:
             if self._lock_fd is not None:
                 os.close(self._lock_fd)
                 self._lock_fd = None
-
-    def __enter__(self) -> "Ledger":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def _migrate(self) -> None:
         version = self.get_meta("schema_version")
@@ -273,25 +223,15 @@ class Ledger:
         row = self._exec("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
         return row[0] if row else None
 
-    def get_meta_json(self, key: str, default: Any = None) -> Any:
-        value = self.get_meta(key)
-        return default if value is None else json.loads(value)
-
     def set_meta(self, key: str, value: str) -> None:
         self._exec("INSERT INTO meta(key, value) VALUES(?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
                    (key, value))
 
     # ---- import --------------------------------------------------------------------------------
-    def is_imported(self) -> bool:
-        return self.get_meta("imported_at") is not None
-
     def reset_import(self) -> None:
-        """Drop a half-finished import (the process died while loading the file)."""
         self._exec("DELETE FROM rows")
 
     def import_rows(self, rows: Iterable[tuple[Any, ...]], batch: int = 20000) -> int:
-        """Insert (sheet, row_number, original_json, card, external_id, state, reason_code, reason,
-        problem_column) tuples."""
         sql = ("INSERT INTO rows(sheet, row_number, original, card, external_id, state, reason_code, reason, "
                "problem_column) VALUES (?,?,?,?,?,?,?,?,?)")
         # A bulk load: build the state index once at the end, and skip fsyncs (an import that dies
@@ -306,12 +246,6 @@ class Ledger:
         return count
 
     def apply_cross_row_rules(self, allow_empty_external_id: bool = False) -> None:
-        """Duplicates and conflicts among the valid rows, done in SQL so memory stays flat.
-
-        The same card with different external IDs, or the same external ID on different cards, is a
-        conflict: every row involved is rejected, naming the others. The same pair twice is sent once;
-        the later rows become ``duplicate`` of the first.
-        """
         empty_ok = "AND external_id <> ''" if allow_empty_external_id else ""
         script = f"""
         DROP TABLE IF EXISTS temp.card_conflicts; DROP TABLE IF EXISTS temp.ext_conflicts;
@@ -365,43 +299,37 @@ class Ledger:
         self.set_meta("imported_at", repr(time.time()))
 
     # ---- the engine's side ---------------------------------------------------------------------
-    def counts(self) -> dict[str, int]:
-        out = {s.value: 0 for s in State}
-        for state, n in self._exec("SELECT state, count(*) FROM rows GROUP BY state"):
-            out[state] = n
-        return out
-
-    def total(self) -> int:
-        return int(self._exec("SELECT count(*) FROM rows").fetchone()[0])
-
-    def missing_external_ids(self) -> int:
-        """Rows still to send without an external ID (--generate-missing asks the API for one each)."""
-        return int(self._exec("SELECT count(*) FROM rows WHERE state IN ('pending', 'in_flight') "
-                              "AND external_id = ''").fetchone()[0])
-
     def unknown_rows(self) -> list[WorkRow]:
-        """Rows an earlier process had in flight when it stopped: their outcome is unknown."""
         cur = self._exec("SELECT id, card, external_id, generated, audit, expect_external_id FROM rows "
                          "WHERE state='in_flight' ORDER BY id")
         return [WorkRow(i, c, e, True, bool(g), bool(a), x) for i, c, e, g, a, x in cur]
 
-    def pending_page(self, after_id: int, limit: int) -> list[WorkRow]:
-        cur = self._exec(
-            "SELECT id, card, external_id, generated, audit, expect_external_id FROM rows "
-            "WHERE state='pending' AND id > ? ORDER BY id LIMIT ?", (after_id, limit))
-        return [WorkRow(i, c, e, False, bool(g), bool(a), x) for i, c, e, g, a, x in cur]
+    def claim(self, limit: int, results: Sequence[RowResult] = (),
+              timeline: dict[int, list[int]] | None = None,
+              requests: Mapping[str, int] | None = None) -> list[WorkRow]:
+        # The run directory's lock makes this process the only writer: the rows in flight when it
+        # began are the unknown ones, and the next pending rows are simply the next ones by id.
+        if self._unknown is None:
+            self._unknown = self.unknown_rows()
+        if self._unknown:
+            part, self._unknown = self._unknown[:limit], self._unknown[limit:]
+            self.record(results, timeline, (), requests)
+            return part
+        page = self.pending_page(self._after, limit)
+        # One commit settles what finished since the last chunk and journals this one.
+        self.record(results, timeline, [r.id for r in page], requests)
+        if page:
+            self._after = page[-1].id
+        return page
 
     def mark_in_flight(self, ids: Sequence[int]) -> None:
-        """The journal entry written before a batch of requests goes out."""
         self._many("UPDATE rows SET state='in_flight' WHERE id=?", ((i,) for i in ids))
 
     def release(self, ids: Sequence[int]) -> None:
-        """Rows journalled but never sent go back to pending (stop, abort)."""
         if ids:
             self._many("UPDATE rows SET state='pending' WHERE id=? AND state='in_flight'", ((i,) for i in ids))
 
     def store_generated(self, row_id: int, external_id: str) -> None:
-        """Record a generated external ID before it is sent, so a rerun never generates a second one."""
         self._many("UPDATE rows SET external_id=?, generated=1 WHERE id=?", [(external_id, row_id)])
 
     def record(self, results: Sequence[RowResult], timeline: dict[int, list[int]] | None = None,
@@ -409,12 +337,15 @@ class Ledger:
         """Write a batch of outcomes, the timeline counters and (optionally) the journal entry for the
         next chunk — all in one transaction. ``requests`` (this process's requests by status class)
         updates the invocation's figures in the same commit, so they survive a kill -9."""
+        if not results and not timeline and not journal and requests is None:
+            return
         sql = ("UPDATE rows SET state=?, attempts=attempts+?, http_status=?, error_code=?, error_message=?, "
                "card_id=coalesce(?, card_id), customer_id=coalesce(?, customer_id), "
                "previous_external_id=coalesce(?, previous_external_id), latency_ms=coalesce(?, latency_ms), "
-               "note=coalesce(?, note), settled_at=? WHERE id=?")
+               "note=coalesce(?, note), settled_at=?, warnings=? WHERE id=?")
         params = [(r.state.value, r.attempts, r.http_status, r.error_code, r.error_message, r.card_id,
-                   r.customer_id, r.previous_external_id, r.latency_ms, r.note, r.settled_at, r.id)
+                   r.customer_id, r.previous_external_id, r.latency_ms, r.note, r.settled_at,
+                   warnings_json(r.warnings) if r.warnings else None, r.id)
                   for r in results]
         try:
             self.conn.execute("BEGIN IMMEDIATE")
@@ -456,20 +387,7 @@ class Ledger:
             return {}
         return {state: n for state, n in cur}
 
-    def codes(self, state: State) -> dict[str, int]:
-        """Rows in ``state`` per code: the reason code of rejected rows, the error code of failed ones."""
-        column = "reason_code" if state in (State.REJECTED, State.DUPLICATE) else "error_code"
-        cur = self._exec(f"SELECT coalesce({column}, 'unknown'), count(*) FROM rows WHERE state=? "
-                         "GROUP BY 1 ORDER BY 2 DESC", (state.value,))
-        return {code: n for code, n in cur}
-
     # ---- revert --------------------------------------------------------------------------------
-    def changed_rows(self) -> Iterator[sqlite3.Row]:
-        """Rows whose card this run may have written (succeeded, or in flight when it stopped),
-        latest first: undone in that order, an ID moved from one card to another goes back in turn."""
-        return self.iter_rows("WHERE state IN ('succeeded', 'in_flight')",
-                              order="coalesce(settled_at, 9e18) DESC, id DESC")
-
     def import_expecting(self, rows: Iterable[tuple[Any, ...]], batch: int = 20000) -> int:
         """Insert rows as :meth:`import_rows` does, each with a 10th field: the external ID the card
         must still hold for the row to be written (``expect_external_id``)."""
@@ -514,34 +432,46 @@ class Ledger:
         (killed, or still running) up to its last commit."""
         cur = self._exec("SELECT * FROM runs ORDER BY id")
         cols = [d[0] for d in cur.description]
-        out = []
-        for r in cur:
-            inv = dict(zip(cols, r))
-            inv.setdefault("last_seen_at", None)
-            by_status = inv.pop("requests_by_status", None)
-            inv["requests_by_status"] = json.loads(by_status) if by_status else {}
-            end = inv["ended_at"] or inv["last_seen_at"] or inv["started_at"]
-            inv["duration"] = max(0.0, end - inv["started_at"])
-            out.append(inv)
-        return out
+        return [shape_invocation(dict(zip(cols, r))) for r in cur]
 
-    # ---- reading for reports -------------------------------------------------------------------
-    def iter_rows(self, where: str = "", params: Sequence[Any] = (), order: str = "id") -> Iterator[sqlite3.Row]:
+    # ---- the read primitives the shared queries use ---------------------------------------------
+    def _fetch(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        return list(self._exec(sql, params))
+
+    def _stream(self, sql: str, params: Sequence[Any] = ()) -> Iterator[tuple[Any, ...]]:
+        yield from self._exec(sql, params)
+
+    def _stream_dicts(self, sql: str, params: Sequence[Any] = ()) -> Iterator[Mapping[str, Any]]:
         cur = self.conn.cursor()
         cur.row_factory = sqlite3.Row
         try:
-            cur.execute(f"SELECT * FROM rows {where} ORDER BY {order}", params)
+            cur.execute(sql, params)
         except sqlite3.Error as exc:
             raise _wrap(exc, self.path) from exc
         yield from cur
 
-    def rows_in_states(self, states: Sequence[str] = ()) -> Iterator[sqlite3.Row]:
-        """Rows (all of them, or those in ``states``) in input order, each a mapping of column -> value."""
-        marks = ",".join("?" * len(states))
-        yield from self.iter_rows(f"WHERE state IN ({marks})" if states else "", tuple(states))
+    def iter_rows(self) -> Iterator[Mapping[str, Any]]:
+        return self.rows_in_states(None)
 
-    def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        return list(self._exec(sql, params))
+    def has_column(self, name: str) -> bool:
+        """Whether the rows table has this column (a read-only ledger of an older schema may lack it)."""
+        return any(r[1] == name for r in self._exec("PRAGMA table_info(rows)"))
+
+    def warning_counts(self) -> dict[str, dict[str, Any]]:
+        """Warning code -> {"rows": rows whose answers carried it, "message": one of its messages}
+        ({} for a ledger older than the warnings column)."""
+        if not self.has_column("warnings"):
+            return {}
+        out: dict[str, dict[str, Any]] = {}
+        sql = ("SELECT json_extract(w.value, '$.code'), count(DISTINCT rows.id), "
+               "max(json_extract(w.value, '$.message')) FROM rows, json_each(rows.warnings) AS w "
+               "WHERE rows.warnings IS NOT NULL GROUP BY 1 ORDER BY 2 DESC, 1")
+        for code, n, message in self._exec(sql):
+            out[str(code or "")] = {"rows": int(n), "message": message or ""}
+        return out
+
+
+Ledger.run_directory_backend = SqliteLedger   # Ledger.open(run_dir) opens this
 
 
 def _writer_active(run_dir: Path) -> bool:

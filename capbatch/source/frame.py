@@ -17,14 +17,9 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from capbatch.errors import InputFileError, UsageError
-from capbatch.source import (
-    CARD_FIELD,
-    EXTERNAL_ID_FIELD,
-    CellProblem,
-    InputOptions,
-    SourceRow,
-    _resolve_columns,  # header matching shared with the file readers
-)
+
+from .headers import resolve_columns
+from .model import CARD_FIELD, EXTERNAL_ID_FIELD, CellProblem, InputOptions, SourceRow
 
 __all__ = ["MemoryTable", "is_dataframe", "open_frame", "open_records"]
 
@@ -126,7 +121,7 @@ def _not_text(value: object, text: str, label: str, where: str) -> CellProblem |
 
 
 def _columns_or_error(columns: list[str], options: InputOptions, where: str) -> tuple[int, int]:
-    found = _resolve_columns(columns, options, where)
+    found = resolve_columns(columns, options, where)
     if isinstance(found, InputFileError):
         found.hint = ("name the columns with card_column= and external_id_column=, or rename them to "
                       f"{CARD_FIELD} and {EXTERNAL_ID_FIELD}")

@@ -1,0 +1,63 @@
+"""The run's ledger: every input row and its state. The single source of truth.
+
+Two backends behind one interface (:class:`Ledger`): a SQLite file in the run directory (the
+default), or a job in a PostgreSQL database (``--ledger postgresql://USER@HOST:PORT/DB --job NAME``)
+that several workers on several hosts share. The URL's scheme picks the backend.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..errors import LedgerError, UsageError
+
+from .base import (SETTLED_OK, Ledger, RowResult, State, WorkRow, is_database_url,  # noqa: F401
+                   redact_password, row_label)
+from .sqlite import LEDGER_FILE, LOCK_FILE, SCHEMA_VERSION, SqliteLedger, _take_lock  # noqa: F401
+
+
+def job_history(location: str, job: str) -> list[dict[str, Any]]:
+    """The runs a database ledger remembers for ``job`` (``capbatch history --ledger``)."""
+    from .postgres import job_history as history
+
+    return history(location, job)
+
+
+def open_for_reading(run_dir: Path | None, location: str | None, job: str | None,
+                     reports_dir: Path = Path("reports")) -> tuple[Ledger, Path]:
+    """A ledger to read (status, reports, verify) and the run directory its reports belong in.
+
+    With a database ``location`` the job's latest run is read, and its reports go to ``run_dir`` or,
+    without one, to ``reports_dir/<job>/<input>-<hash>`` as a run would have put them."""
+    if location:
+        if not job:
+            raise UsageError("a database ledger needs --job NAME", "name the job given to `capbatch run --job`")
+        ledger = open_ledger(location, run_dir or reports_dir, job=job, readonly=True)
+        if run_dir is None:
+            name, sha = ledger.get_meta("input_name") or "input", ledger.get_meta("input_sha256") or ""
+            run_dir = reports_dir / job / f"{Path(name).stem}-{sha[:12]}"
+        return ledger, run_dir
+    if run_dir is None:
+        raise UsageError("no run directory given", "pass RUN_DIR, or --ledger URL --job NAME for a database ledger")
+    return SqliteLedger.open_readonly(run_dir), run_dir
+
+
+def open_ledger(location: str | None, run_dir: Path, *, job: str | None = None,
+                input_sha256: str | None = None, readonly: bool = False) -> Ledger:
+    """The ledger a command works on: ``location`` is a database URL, or None for ``run_dir``'s SQLite file.
+
+    With a database, ``job`` names the job and ``input_sha256`` the input content whose run to open
+    (created when new); without ``input_sha256`` the job's latest run is opened (status, reports).
+    """
+    if not location:
+        return SqliteLedger.open_readonly(run_dir) if readonly else SqliteLedger.open(run_dir)
+    from .postgres import PostgresLedger   # imported only when used: SQLite users never load the driver
+
+    if not readonly:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)   # the run directory still receives the reports
+        except OSError as exc:
+            raise LedgerError(f"cannot create run directory {run_dir}: {exc.strerror}",
+                              "choose a writable place with --run-dir or --reports-dir") from exc
+    return PostgresLedger.open(location, job=job, input_sha256=input_sha256, readonly=readonly)

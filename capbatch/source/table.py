@@ -1,0 +1,139 @@
+"""The entry point: ``open_input`` opens and checks a file of any format; ``InputTable.rows()``
+streams its data rows. What every format shares happens here: repeated header rows are skipped,
+an input without data rows is refused, and a capbatch report read back loses its own columns."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from capbatch.errors import InputFileError, UsageError
+
+from .census import Census
+from .delimited import DelimitedReader, open_delimited
+from .headers import column_note
+from .model import REPORT_COLUMN_PREFIX, REPORT_MARKER_COLUMN, InputOptions, SourceRow
+from .sniff import decide_format
+from .workbook import open_workbook
+
+_NEUTRALISED_PREFIXES = tuple("'" + c for c in ("=", "+", "-", "@", "\t", "\r"))
+
+
+def _restore(value: str) -> str:
+    return value[1:] if value.startswith(_NEUTRALISED_PREFIXES) else value
+
+
+class InputTable:
+    """An opened, validated input. ``rows()`` streams SourceRow objects; each call restarts."""
+
+    def __init__(self, path: Path, fmt: str) -> None:
+        self.path = path
+        self.format = fmt
+        self.encoding: str | None = None
+        self.delimiter: str | None = None
+        self.sheet: str | None = None  # the sheet read (the first one with --sheet all)
+        self.sheets: tuple[str, ...] = ()  # every sheet read, in order
+        self.sheet_rows: dict[str, int] = {}  # data rows per sheet read
+        self.columns: list[str] = []  # the user's columns (a report's own columns dropped)
+        self.card_column = ""
+        self.external_id_column = ""
+        self.notes: list[str] = []
+        self.row_count: int | None = None  # data rows rows() yields
+        self._reader: Any = None
+        self._skip: set[tuple[str | None, int]] = set()
+        self._keep: list[int] | None = None  # column indexes kept (a capbatch report)
+        self._restore = False  # undo the formula-injection neutralising of a text report
+
+    def __repr__(self) -> str:
+        return (
+            f"InputTable(path={str(self.path)!r}, format={self.format!r}, sheets={self.sheets!r}, "
+            f"encoding={self.encoding!r}, delimiter={self.delimiter!r}, columns={self.columns!r})"
+        )
+
+    @property
+    def sheet_choice(self) -> str | list[str] | None:
+        """What decides which rows are read: the sheet, or the list of sheets (--sheet all)."""
+        return list(self.sheets) if len(self.sheets) > 1 else self.sheet
+
+    def rows(self) -> Iterator[SourceRow]:
+        rows: Iterator[SourceRow] = self._reader.rows()
+        skip = self._skip
+        if skip:
+            rows = (r for r in rows if (r.sheet, r.row_number) not in skip)
+        keep, restore = self._keep, self._restore
+        if keep is not None:
+            rows = (_report_row(r, keep, restore) for r in rows)
+        return rows
+
+
+def _report_row(row: SourceRow, keep: list[int], restore: bool) -> SourceRow:
+    values = row.values
+    if restore:
+        return SourceRow(row.sheet, row.row_number, tuple(_restore(values[i]) for i in keep),
+                         _restore(row.card), _restore(row.external_id), row.card_problem,
+                         row.external_id_problem)
+    return SourceRow(row.sheet, row.row_number, tuple(values[i] for i in keep), row.card,
+                     row.external_id, row.card_problem, row.external_id_problem)
+
+
+def _finish(table: InputTable, header: list[str], ci: int, ei: int, censuses: list[Census]) -> None:
+    table.card_column, table.external_id_column = header[ci], header[ei]
+    table.notes.insert(0, column_note(table.card_column, table.external_id_column))
+    for census in censuses:
+        table._skip |= census.skip
+        table.notes.extend(census.notes())
+    table.row_count = sum(c.count for c in censuses)
+    if REPORT_MARKER_COLUMN in header:
+        table._keep = [i for i, c in enumerate(header) if not c.startswith(REPORT_COLUMN_PREFIX)]
+        table._restore = table.format == "csv"
+        table.columns = [header[i] for i in table._keep]
+        dropped = len(header) - len(table.columns)
+        table.notes.append(
+            f"this is a capbatch report: its own {dropped} capbatch_* columns are dropped and the "
+            "user's columns kept"
+            + ("; cells neutralised against formula injection are restored to their original values"
+               if table._restore else ""))
+    else:
+        table.columns = list(header)
+    if table.row_count == 0:
+        where = f"sheet {table.sheet!r} of {table.path.name}" if table.sheet else table.path.name
+        raise InputFileError(
+            f"{where}: the header row is there but 0 data rows follow it",
+            "the export that produced this file is probably broken or was cut short; check it "
+            "upstream (an empty file is refused so that a scheduled run does not pass as clean)",
+        )
+
+
+def open_input(path: str | Path, options: InputOptions = InputOptions()) -> InputTable:
+    """Open and validate an input file. Raises InputFileError for file-level problems."""
+    p = Path(path)
+    if not isinstance(options.header_row, int) or options.header_row < 1:
+        raise UsageError(
+            f"invalid header row {options.header_row!r}",
+            "--header-row is the 1-based row number holding the column names (1 or more)",
+        )
+    if not p.exists():
+        raise InputFileError(f"{p}: file not found", "check the path and try again")
+    if p.is_dir():
+        raise InputFileError(f"{p}: is a directory, not a file", "pass the spreadsheet file itself")
+    try:
+        fmt, notes = decide_format(p, options)
+        table = InputTable(p, fmt)
+        table.notes.extend(notes)
+        if fmt == "csv":
+            layout, census = open_delimited(p, options, table.notes)
+            table.encoding, table.delimiter = layout.encoding, layout.delimiter
+            table._reader = DelimitedReader(p, layout)
+            _finish(table, layout.header, layout.card_idx, layout.ext_idx, [census])
+        else:
+            reader, plans = open_workbook(p, fmt, options, table.notes)
+            table._reader = reader
+            table.sheets = tuple(plan.name for plan in plans)
+            table.sheet = plans[0].name
+            table.sheet_rows = {plan.name: plan.rows for plan in plans}
+            first = plans[0]
+            _finish(table, first.header, first.card_idx, first.ext_idx, [plan.census for plan in plans])
+    except PermissionError as e:
+        raise InputFileError(f"{p}: permission denied", "check the file permissions") from e
+    return table
