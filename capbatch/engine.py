@@ -183,7 +183,8 @@ class Engine:
             self.pacer, self.read_pacer = pacers
         else:
             # A database ledger shares one quota among all workers on any host; else this process paces alone.
-            self.pacer = ledger.shared_pacer(settings.rate, client.base_url, settings.credentials) or Pacer(settings.rate)
+            self.pacer = (ledger.shared_pacer(settings.rate, client.base_url, settings.credentials)
+                          or Pacer(settings.rate))
             self.read_pacer = Pacer(settings.read_rate) if settings.read_rate else self.pacer
         self.window = window or WindowGate(Schedule())   # sending windows (--window); always open by default
         self.pause_message: str | None = None

@@ -29,8 +29,19 @@ from collections import deque
 from pathlib import Path
 
 from .config import Credentials, Rate
-from .quota import (MAX_PAUSE, Cadence, Grant, Member, MemoryQuotaBackend, Peer, QuotaBackend, QuotaKey,
-                    QuotaLockTimeout, credential_fingerprint, open_backend)
+from .quota import (
+    MAX_PAUSE,
+    Cadence,
+    Grant,
+    Member,
+    MemoryQuotaBackend,
+    Peer,
+    QuotaBackend,
+    QuotaKey,
+    QuotaLockTimeout,
+    credential_fingerprint,
+    open_backend,
+)
 
 log = logging.getLogger("capbatch.pacing")
 
@@ -334,7 +345,7 @@ class Breaker:
             timeout = max(0.05, min(self._next_probe - now, 1.0)) if not self._probing else 1.0
             try:
                 await asyncio.wait_for(self._closed.wait(), timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         return False
 

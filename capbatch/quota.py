@@ -111,7 +111,7 @@ class Cadence:
     margin: float
 
     @classmethod
-    def of(cls, rate: Rate, jitter: float = 0.0) -> "Cadence":
+    def of(cls, rate: Rate, jitter: float = 0.0) -> Cadence:
         """``jitter``: extra margin learned from 429s (the path to the server jitters more than assumed)."""
         count = min(GUARD_MAX, max(1, math.floor(rate.requests)))
         window = rate.period * count / rate.requests
@@ -161,7 +161,7 @@ class Member:
     host: str = HOST
 
     @classmethod
-    def new(cls, rate: Rate, weight: int = 1) -> "Member":
+    def new(cls, rate: Rate, weight: int = 1) -> Member:
         return cls(f"{HOST}:{os.getpid()}:{os.urandom(4).hex()}", rate, max(1, int(weight)))
 
 
@@ -196,7 +196,7 @@ class QuotaState:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "QuotaState":
+    def from_json(cls, data: dict[str, Any]) -> QuotaState:
         members = {k: MemberState(**v) for k, v in (data.get("members") or {}).items()}
         return cls(tat=float(data.get("tat", 0.0)), factor=float(data.get("factor", 1.0)),
                    changed_at=float(data.get("changed_at", 0.0)), pause_until=float(data.get("pause_until", 0.0)),

@@ -15,10 +15,11 @@ import asyncio
 import logging
 import re
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from datetime import time as dtime
-from typing import Callable, Protocol, Sequence
+from typing import Protocol
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from .errors import UsageError
@@ -191,7 +192,7 @@ class Schedule:
 
 def human_duration(seconds: float) -> str:
     """'3 h 10 min', '45 s', '2 d 4 h' — the precision a person plans with."""
-    s = max(0, int(round(seconds)))
+    s = max(0, round(seconds))
     if s < 60:
         return f"{s} s"
     minutes = (s + 30) // 60
@@ -259,7 +260,7 @@ class WindowGate:
             else:
                 try:
                     await asyncio.wait_for(stop.wait(), max(0.001, min(left, self.poll)))
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
 
     def _begin_wait(self, now: float) -> None:
