@@ -168,6 +168,32 @@ def input_flags(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
+def plan_flags(f: Callable[..., Any]) -> Callable[..., Any]:
+    """When a run may send and what it must finish by (capbatch.plan, capbatch.window)."""
+    options = [
+        click.option("--window", "windows", multiple=True, metavar="HH:MM-HH:MM",
+                     help="Send only inside this daily window (repeatable; may cross midnight, e.g. 22:00-06:00)."),
+        click.option("--timezone", help="IANA time zone of --window and --deadline (default: local time), e.g. Europe/Berlin."),
+        click.option("--deadline", metavar="TIME", help="Warn when the plan cannot finish by TIME: 06:00, '2026-12-01 06:00' or 8h."),
+        click.option("--deadline-strict/--no-deadline-strict", default=None, help="Refuse to start (exit 2) when the plan cannot meet --deadline."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def quota_flags(f: Callable[..., Any]) -> Callable[..., Any]:
+    """Sharing the key's quota with other runs on this host (capbatch.quota)."""
+    options = [
+        click.option("--window-exit/--no-window-exit", default=None, help="Outside the windows exit 0 at once; when a window closes mid-run stop there (exit 3, resumable)."),
+        click.option("--quota-dir", type=click.Path(path_type=Path), help="Where runs on this host share each API key's quota (default: the user state dir; 'none' paces alone)."),
+        click.option("--priority", type=int, help="This run's share of a quota shared with other runs (default 1; 2 gets twice the turns)."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
 def _settings(flags: dict[str, Any], input_path: Path | None = None) -> config.Settings:
     config_file = flags.pop("config_file", None)
     if flags.get("delimiter") in ("\\t", "tab", "TAB"):
@@ -242,6 +268,8 @@ TLS_HELP = "Turn TLS certificate verification off (trusted test hosts only; only
 @click.option("--retry-failed", is_flag=True, default=None, help="Send the rows of this run that failed again (e.g. cards created since); rejected rows stay rejected.")
 @click.option("--record-previous/--no-record-previous", default=None, help="Read each card before writing it and record the ID it held, so `capbatch revert` can put it back (one read per row).")
 @click.option("--json", "json_out", is_flag=True, default=False, help="Print the summary as JSON on stdout.")
+@plan_flags
+@quota_flags
 @outside_flags
 @input_flags
 @_guard
@@ -261,6 +289,8 @@ def run_cmd(input_path: Path, no_verify_tls: bool, json_out: bool, **flags: Any)
 @click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Validation CSV to write (default reports/<input>.validation.csv; '-' for stdout).")
 @click.option("--json", "json_out", is_flag=True, default=False, help="Print the counts as JSON on stdout.")
+@click.option("--rate", help=f"The rate the plan assumes (default {config.DEFAULT_RATE}).")
+@plan_flags
 @input_flags
 @_guard
 def validate_cmd(input_path: Path, output: Path | None, json_out: bool, **flags: Any) -> int:

@@ -189,6 +189,14 @@ class Settings:
     tripwire: bool = True
     tripwire_rate: float = 0.9
     tripwire_rows: int = 50
+    # planning, time windows and the shared quota (capbatch.plan, capbatch.window, capbatch.quota)
+    windows: tuple[str, ...] = ()
+    timezone: str | None = None
+    window_exit: bool = False
+    deadline: str | None = None
+    deadline_strict: bool = False
+    quota_dir: Path | None = None
+    priority: int = 1
     # safety
     allow_http: bool = False
     verify_tls: bool = True        # switched off only by the --no-verify-tls flag
@@ -268,6 +276,11 @@ def _path(v: Any) -> Path:
     return Path(str(v))
 
 
+def _windows(v: Any) -> tuple[str, ...]:
+    items = v if isinstance(v, (list, tuple)) else str(v).split(",")
+    return tuple(str(i).strip() for i in items if str(i).strip())
+
+
 def _sheet(v: Any) -> str | int:
     s = str(v)
     return int(s) if s.isdigit() else s
@@ -324,6 +337,8 @@ SETTABLE: dict[str, Any] = {
     "generate_missing": _bool, "skip_confirmed": _bool, "job": _str, "ledger": _str,
     "audit_fraction": _float, "record_previous": _bool,
     "outage_budget": _float, "grace_period": _float,
+    "windows": _windows, "timezone": _str, "window_exit": _bool, "deadline": _str,
+    "deadline_strict": _bool, "quota_dir": _path, "priority": _int,
     "allow_http": _bool, "auth": _str,
     "extra_fields": parse_extra_fields, "read_back": _bool, "canary": _int, "tripwire": _bool,
     "tripwire_rate": _float, "tripwire_rows": _int,
@@ -482,6 +497,16 @@ def validate(s: Settings) -> Settings:
         raise UsageError(f"--audit-fraction {s.audit_fraction:g} is out of range",
                          "give the share of confirmed pairs to re-read per run, above 0 and at most 1, "
                          "e.g. 0.05 (every pair re-read within 20 runs)")
+    if not 1 <= s.priority <= 100:
+        raise UsageError(f"--priority {s.priority} is out of range",
+                         "use 1 (default) to 100: a run's share of a shared quota is proportional to it")
+    from .window import parse_deadline, parse_timezone, parse_window
+
+    for text in s.windows:
+        parse_window(text)
+    tz = parse_timezone(s.timezone)
+    if s.deadline:
+        parse_deadline(s.deadline, 0.0, tz)
     if s.cluster and s.cluster.lower() not in CLUSTERS:
         raise UsageError(f"--cluster {s.cluster!r} is unknown", f"use one of: {CLUSTER_NAMES_HELP}; or --base-url")
     protected = [n for n, _ in s.extra_fields if n.lower() in {p.lower() for p in PROTECTED_FIELDS}]

@@ -31,6 +31,7 @@ from .canary import run_canary
 from .config import Settings, canary_rows
 from .ledger import Ledger, RowResult, State, WorkRow
 from .pacing import Breaker, Pacer, backoff_delay
+from .window import Schedule, WindowGate
 from .tripwire import Tripwire
 
 log = logging.getLogger("capbatch.engine")
@@ -84,6 +85,7 @@ class EngineResult:
     throttle_events: int = 0
     outages: int = 0
     outage_seconds: float = 0.0
+    waiting_seconds: float = 0.0   # spent outside the sending windows (--window)
 
 
 class _RowContext:
@@ -172,13 +174,20 @@ class Writer:
 
 
 class Engine:
-    def __init__(self, settings: Settings, ledger: Ledger, client: CapillaryClient) -> None:
+    def __init__(self, settings: Settings, ledger: Ledger, client: CapillaryClient, *,
+                 pacers: tuple[Pacer, Pacer] | None = None, window: WindowGate | None = None) -> None:
         self.s = settings
         self.ledger = ledger
         self.client = client
-        # A database ledger shares one quota among all workers on any host; else this process paces alone.
-        self.pacer = ledger.shared_pacer(settings.rate, client.base_url, settings.credentials) or Pacer(settings.rate)
-        self.read_pacer = Pacer(settings.read_rate) if settings.read_rate else self.pacer
+        if pacers is not None:      # (PUT pacer, read pacer): sharing the key's quota with other runs on this host
+            self.pacer, self.read_pacer = pacers
+        else:
+            # A database ledger shares one quota among all workers on any host; else this process paces alone.
+            self.pacer = (ledger.shared_pacer(settings.rate, client.base_url, settings.credentials)
+                          or Pacer(settings.rate))
+            self.read_pacer = Pacer(settings.read_rate) if settings.read_rate else self.pacer
+        self.window = window or WindowGate(Schedule())   # sending windows (--window); always open by default
+        self.pause_message: str | None = None
         self.breaker = Breaker(settings.outage_budget)
         self.counters = Counters()
         self.writer = Writer(ledger, self.counters)
@@ -206,6 +215,14 @@ class Engine:
     def request_stop(self) -> None:
         """First Ctrl-C / SIGTERM: stop feeding, let in-flight requests finish within the grace period."""
         self.interrupted = True
+        self.stopping.set()
+
+    def request_pause(self, message: str) -> None:
+        """The sending window closed and the run should end there (--window-exit): stop feeding,
+        let in-flight requests finish, and report the stop as 'paused' (resumable)."""
+        if self.pause_message is None:
+            self.pause_message = message
+            log.info("%s", message)
         self.stopping.set()
 
     def _abort(self, message: str) -> None:
@@ -295,11 +312,14 @@ class Engine:
     def _result(self) -> EngineResult:
         if self.abort_message:
             stop = "aborted"
+        elif self.pause_message and not self.interrupted:
+            stop = "paused"
         elif self.interrupted:
             stop = "interrupted"
         else:
             stop = "done"
-        return EngineResult(stop, self.abort_message, self.counters, self.pacer.throttle_events,
+        return EngineResult(stop, self.abort_message or (self.pause_message if stop == "paused" else None),
+                            self.counters, self.pacer.throttle_events,
                             self.breaker.outages, self.breaker.outage_seconds)
 
     async def settle_alone(self, row: WorkRow, confirm: bool = False) -> tuple[RowResult | None, _RowContext]:
@@ -550,6 +570,9 @@ class Engine:
         tries = 0
         while True:
             if self.abort_message or (self.stopping.is_set() and ctx.attempts == 0):
+                raise AbortRow(sent=ctx.attempts > 0)
+            await self.window.wait_open(self.stopping)     # outside the sending windows: nothing goes out
+            if self.abort_message or (self.stopping.is_set() and (ctx.attempts == 0 or not self.window.is_open())):
                 raise AbortRow(sent=ctx.attempts > 0)
             probe = await self.breaker.admit()
             if self.breaker.expired():

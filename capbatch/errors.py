@@ -39,6 +39,16 @@ class RunAborted(CapbatchError):
     exit_code = 3
 
 
+class PlanError(CapbatchError):
+    """The plan cannot do what was asked of it (--deadline-strict). Nothing was sent."""
+
+
+class Paused(CapbatchError):
+    """The sending window closed and --window-exit asked the run to stop there. Resumable."""
+
+    exit_code = 3
+
+
 class Interrupted(CapbatchError):
     """The run was interrupted by a signal. Resumable."""
 

@@ -1,117 +1,230 @@
-"""How fast to send: the rate pacer (aiolimiter plus a sliding-window guard), 429 back-off shared by
-all workers, and the breaker.
+"""How fast to send: the rate pacer (slots on a shared GCRA grid plus an exact sliding-window guard),
+429 back-off shared by all workers — and by every run on the same API key — and the breaker.
 
 Why not ``AsyncLimiter(R, 60)``: a leaky bucket as large as the quota lets a full bucket (R) go out
 at once and then R more within the minute, so a server counting "R in any 60 s" sees nearly 2R.
 
-The configuration used, measured against fixed, sliding and per-second server windows:
-- aiolimiter paces: a bucket of ``b = max(2, 0.5 % of R)`` draining at 98 % of R. A bucket of at
-  least 2 matters: with 1, every late timer wake-up (~1 ms) is throughput lost for good (measured
-  46/s of a 49/s target); with 2, lateness up to one interval is absorbed.
-- a thin guard on top keeps the exact promise: it remembers the last R send times and never lets
-  an (R+1)-th send into any window of the quota's length, so the bucket's after-idle burst can
-  never push a small quota (say 10/s) over.
-Long-run rate: 98 % of R; the 2 % left over absorbs network jitter between our clock and the
-server's (1.2 s per minute-window, 20 ms per second-window).
+How the pace is kept (measured against strict sliding 60 s and 1 s server windows, see
+tests/perf/bench.py ``quota``):
+- Every send takes a slot on the quota's grid (:mod:`capbatch.quota`): slots are
+  ``(window + margin) / R`` apart, so no window of the quota's length can hold more than R of them
+  even when a send leaves up to ``margin`` late (8 ms, or 0.2 % of the window if larger). That is
+  99.2 % of a per-second quota and 99.8 % of a per-minute one, sustained, with no bursts.
+- Slots are leased from a shared state (a file per API key, or this process's memory), a couple
+  at a time, so every run on one key paces against the same grid and takes turns fairly.
+- A thin guard on top keeps the exact promise for this process: it remembers the last R send times
+  and never lets an (R+1)-th send into any window of the quota's length plus the margin, so sends
+  bunched by an event-loop stall cannot eat into the margin the server's side of the path needs.
+- A slot reached too late (an event-loop stall) while other runs share the grid is skipped rather
+  than sent late, because a late send could crowd a window together with another run's slots.
 """
 
 from __future__ import annotations
 
 import asyncio
-import math
+import logging
 import random
 import time
 from collections import deque
+from pathlib import Path
 
-from aiolimiter import AsyncLimiter
+from .config import Credentials, Rate
+from .quota import (
+    MAX_PAUSE,
+    Cadence,
+    Grant,
+    Member,
+    MemoryQuotaBackend,
+    Peer,
+    QuotaBackend,
+    QuotaKey,
+    QuotaLockTimeout,
+    credential_fingerprint,
+    open_backend,
+)
 
-from .config import Rate
+log = logging.getLogger("capbatch.pacing")
 
-RATE_SAFETY = 0.98      # fraction of the quota any window may hold (before the one-request slack)
-BURST_FRACTION = 0.005  # bucket size as a fraction of the quota (at least two requests)
-GUARD_MAX = 1_000_000   # the sliding-window guard remembers at most this many send times
-MIN_FACTOR = 0.05       # the 429 back-off never goes below 5 % of the configured rate
-DECREASE = 0.7          # multiplicative decrease per throttling episode
-INCREASE_EVERY = 2.0    # seconds of 429-free sending between additive increases
-INCREASE_STEP = 0.05    # fraction of the configured rate regained per step
+DECREASE = 0.7           # the first systematic throttling without --rate sets 70 % of the observed rate
 
 
 class Pacer:
-    """Paces requests to a rate, and slows every worker when the server throttles.
+    """Paces requests to a rate, and slows every worker (and every run on the key) when throttled.
 
-    Every 429 that carries ``Retry-After`` pauses all workers until it has passed. The rate itself
-    is lowered (to 70 %, at most once a second) only when throttling is systematic — at least 20 % of
-    the last 50 answers were 429 — so a stray 429 costs one retry, not the run's speed. Each further
-    2 s without that condition gives back 5 % of the configured rate (AIMD), so a misjudged ``--rate``
-    settles just under what the server accepts. With no ``--rate`` at all, the first systematic
-    throttling sets the rate to 70 % of the rate observed just before it.
+    Every 429 that carries ``Retry-After`` pauses all workers — of every run sharing the quota —
+    until it has passed. The rate itself is lowered (to 70 %, at most once a second) only when
+    throttling is systematic — at least 20 % of the last 50 answers were 429 — so a stray 429 costs
+    one retry, not the run's speed. Each further 2 s without throttling gives back 5 % of the rate
+    (AIMD), so a misjudged ``--rate`` settles just under what the server accepts. With no ``--rate``
+    at all, the first systematic throttling sets the rate to 70 % of the rate observed just before it
+    (this run alone: without a rate there is no quota to share).
     """
 
     WINDOW = 50
     THRESHOLD = 0.20
 
-    def __init__(self, rate: Rate | None) -> None:
+    def __init__(self, rate: Rate | None, backend: QuotaBackend | None = None, key: QuotaKey | None = None,
+                 priority: int = 1) -> None:
         self.rate = rate
+        self.priority = max(1, int(priority))
+        self.key = key or QuotaKey("this process", "", "requests")
+        self._backend: QuotaBackend | None = (backend or MemoryQuotaBackend()) if rate else None
+        self._member: Member | None = Member.new(rate, self.priority) if rate else None
+        self.agreed: Rate | None = rate
         self.factor = 1.0
-        self._pause_until = 0.0
+        self.peers: tuple[Peer, ...] = ()
+        self.throttle_events = 0
+        self.dropped_slots = 0
+        self._learned_rate: float | None = None
+        self._pause_until = 0.0                      # wall clock
         self._last_decrease = -1e9
-        self._last_increase = 0.0
-        self._limiter: AsyncLimiter | None = None
-        self._sends: deque[float] = deque(maxlen=512)
         self._answers: deque[bool] = deque(maxlen=self.WINDOW)   # True = throttled
         self._throttled_in_window = 0
-        self._learned_rate: float | None = None
-        self.throttle_events = 0
-        # The guard: the last R send times, R being the configured quota per period.
-        # A fractional or huge quota is rescaled to an equivalent whole count over a scaled window
-        # (0.5/s -> 1 per 2 s; 2,000,000/h -> 1,000,000 per 30 min) so the guard stays exact.
-        if rate:
-            self._window_max = min(GUARD_MAX, max(1, math.floor(rate.requests)))
-            self._window = rate.period * self._window_max / rate.requests
-        else:
-            self._window_max, self._window = 0, 0.0
-        self._window_sends: deque[float] = deque()
-        self._build()
+        self._sends: deque[float] = deque(maxlen=512)            # for learning a rate
+        self._slots: deque[float] = deque()                      # leased, not yet taken by a worker
+        self._sleeping: set[float] = set()                       # taken by a worker, not yet reached
+        self._turn = asyncio.Lock()
+        self._changed = asyncio.Event()
+        self._reports: set[asyncio.Task[None]] = set()
+        self._unreported: tuple[float | None, bool] | None = None
+        self._fallback_warned = False
+        self._guard_sends: deque[float] = deque()
+        self._set_cadence(rate)
 
+    # ---- figures -----------------------------------------------------------------------------
     @property
     def current_per_second(self) -> float | None:
-        base = self.rate.per_second if self.rate else self._learned_rate
-        return None if base is None else base * RATE_SAFETY * self.factor
+        if self.agreed is not None:
+            return self.agreed.per_second * Cadence.of(self.agreed).efficiency * self.factor
+        return self._learned_rate
 
-    def _build(self) -> None:
-        target = self.current_per_second
-        if target is None:
-            self._limiter = None
+    def _set_cadence(self, rate: Rate | None, jitter: float = 0.0) -> None:
+        if rate is None:
+            self._cadence: Cadence | None = None
+            self._block = self._limit = 1
             return
-        period = self.rate.period if self.rate else 1.0
-        burst = max(2.0, math.floor(target * period / RATE_SAFETY * BURST_FRACTION))
-        self._limiter = AsyncLimiter(burst, burst / target)
+        self._cadence = Cadence.of(rate, jitter)
+        interval = self._cadence.interval / max(self.factor, 0.05)
+        lease_seconds = getattr(self._backend, "lease_seconds", 0.02)
+        self._block = max(1, round(lease_seconds / interval))
+        self._limit = 2 * self._block * self.priority
+        self._late_limit = self._cadence.margin * 0.75
+        self._guard_gap = self._cadence.window + self._cadence.margin
 
+    # ---- sending -----------------------------------------------------------------------------
     async def acquire(self) -> None:
-        loop = asyncio.get_running_loop()
+        """Wait until this request may go out, and count it as sent."""
         while True:
-            wait = self._pause_until - loop.time()
-            if wait > 0:
-                await asyncio.sleep(wait)
+            if self._backend is None or self._member is None:   # no rate, none learned yet
+                await self._wait_pause()
+                self._sends.append(time.time())
+                return
+            slot = await self._take_slot()
+            try:
+                wait = slot - time.time()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+            finally:
+                self._sleeping.discard(slot)
+                self._notify()
+            now = time.time()
+            if now < self._pause_until:
+                await self._wait_pause()
                 continue
-            limiter = self._limiter
-            if limiter is not None:
-                await limiter.acquire()
-                if limiter is not self._limiter or loop.time() < self._pause_until:
-                    continue  # the rate changed or a pause began while we waited: queue again
-            now = loop.time()
-            if self._window_max:
-                sends = self._window_sends
-                while sends and now - sends[0] >= self._window:
-                    sends.popleft()
-                if len(sends) >= self._window_max:
-                    await asyncio.sleep(self._window - (now - sends[0]))
-                    continue
-                sends.append(now)
-            self._sends.append(now)
-            self._maybe_increase(now)
+            if self.peers and now - slot > self._late_limit:
+                self.dropped_slots += 1          # too late to keep the shared grid's promise
+                continue
+            await self._guard(now)
             return
 
+    async def _guard(self, now: float) -> None:
+        cadence = self._cadence
+        assert cadence is not None
+        sends = self._guard_sends
+        while sends and now - sends[0] >= self._guard_gap:
+            sends.popleft()
+        while len(sends) >= cadence.count:
+            await asyncio.sleep(self._guard_gap - (now - sends[0]))
+            now = time.time()
+            while sends and now - sends[0] >= self._guard_gap:
+                sends.popleft()
+        sends.append(now)
+        self._sends.append(now)
+
+    async def _take_slot(self) -> float:
+        # One worker at a time (FIFO) looks for a slot; the others queue on the lock instead of all
+        # waking at every change (a herd of wake-ups makes the loop late for everybody's slot).
+        async with self._turn:
+            while True:
+                if self._slots:
+                    slot = self._slots.popleft()
+                    self._sleeping.add(slot)
+                    return slot
+                free = self._limit - len(self._sleeping)
+                if free >= self._block:
+                    await self._lease(free)
+                    continue
+                await self._wait_changed()
+
+    async def _lease(self, count: int) -> None:
+        assert self._backend is not None and self._member is not None
+        try:
+            try:
+                grant = await self._backend.lease(self.key, self._member, count, time.time())
+            except (QuotaLockTimeout, OSError) as exc:
+                self._go_alone(exc)
+                grant = await self._backend.lease(self.key, self._member, count, time.time())
+            self._apply(grant)
+            self._slots.extend(grant.slots)
+        finally:
+            self._notify()
+
+    def _go_alone(self, exc: BaseException) -> None:
+        if not self._fallback_warned:
+            log.warning("the shared quota state is unusable (%s): this run now paces itself alone", exc)
+            self._fallback_warned = True
+        self._backend = MemoryQuotaBackend()
+
+    def _apply(self, grant: Grant) -> None:
+        if self.rate is not None and (grant.rate != self.agreed or len(grant.peers) != len(self.peers)):
+            self._say_shared(grant)
+        self.factor = grant.factor
+        self._pause_until = max(self._pause_until, grant.pause_until)
+        self.peers = grant.peers
+        self.agreed = grant.rate
+        self._set_cadence(self.agreed, grant.jitter)
+
+    def _say_shared(self, grant: Grant) -> None:
+        own = self.rate
+        if grant.peers:
+            who = ", ".join(f"pid {p.pid} at {p.rate}" + (f" priority {p.weight}" if p.weight != 1 else "")
+                            for p in grant.peers[:5])
+            log.info("quota of %s shared with %d other run(s) on this API key (%s); turns are shared by "
+                     "--priority (this run %d)", self.key.target, len(grant.peers), who, self.priority)
+        if own is not None and grant.rate.per_second < own.per_second:
+            log.warning("another run on this API key gave --rate %s: the lower rate holds for every run on "
+                        "the key, this one too (asked for %s)", grant.rate, own)
+        elif own is not None and any(p.rate.per_second > own.per_second for p in grant.peers):
+            log.info("this run's --rate %s is lower than another run's on this API key: the lower rate "
+                     "holds for all of them", own)
+        elif own is not None and self.agreed is not None and grant.rate.per_second > self.agreed.per_second:
+            log.info("the run with the lower rate has stopped: back to --rate %s", grant.rate)
+
+    def _notify(self) -> None:
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    async def _wait_changed(self) -> None:
+        await self._changed.wait()
+
+    async def _wait_pause(self) -> None:
+        while True:
+            wait = self._pause_until - time.time()
+            if wait <= 0:
+                return
+            await asyncio.sleep(wait)
+
+    # ---- answers -----------------------------------------------------------------------------
     def answered(self, throttled: bool, retry_after: float | None = None) -> None:
         """Every answer passes through here: 429s pause and, when systematic, slow the run."""
         if len(self._answers) == self._answers.maxlen and self._answers[0]:
@@ -120,29 +233,67 @@ class Pacer:
         self._throttled_in_window += throttled
         if not throttled:
             return
-        now = asyncio.get_running_loop().time()
+        now = time.time()
         if retry_after is not None:
-            self._pause_until = max(self._pause_until, now + min(retry_after, 300.0))
+            self._pause_until = max(self._pause_until, now + min(retry_after, MAX_PAUSE))
         systematic = self._throttled_in_window >= max(5, self.THRESHOLD * len(self._answers))
-        if not systematic or now - self._last_decrease < max(1.0, retry_after or 0.0):
+        slow_down = systematic and now - self._last_decrease >= max(1.0, retry_after or 0.0)
+        if slow_down:
+            self._last_decrease = now
+        if self._member is None:
+            if slow_down:                        # no --rate: learn one from the pace before the 429s
+                self.throttle_events += 1
+                self._learned_rate = self._observed_rate(now) or 10.0
+                self.rate_learned(Rate(self._learned_rate, 1.0))
             return
-        self.throttle_events += 1
-        self._last_decrease = now
-        self._last_increase = now
-        if self.rate is None and self._learned_rate is None:
-            self._learned_rate = self._observed_rate(now) or 10.0
-        else:
-            self.factor = max(MIN_FACTOR, self.factor * DECREASE)
-        self._build()
+        # Reports are coalesced: one task at a time carries the longest Retry-After and any slow-down.
+        waiting_ra, waiting_slow = self._unreported or (None, False)
+        longest = retry_after if waiting_ra is None else max(waiting_ra, retry_after or 0.0)
+        self._unreported = (longest, waiting_slow or slow_down)
+        if not self._reports:
+            task = asyncio.get_running_loop().create_task(self._drain_reports())
+            self._reports.add(task)
+            task.add_done_callback(self._reports.discard)
 
-    def _maybe_increase(self, now: float) -> None:
-        if self.factor >= 1.0 or now - self._last_increase < INCREASE_EVERY:
+    async def _drain_reports(self) -> None:
+        while self._unreported is not None:
+            retry_after, slow_down = self._unreported
+            self._unreported = None
+            await self._report(time.time(), retry_after, slow_down)
+
+    def rate_learned(self, rate: Rate) -> None:
+        self._backend = MemoryQuotaBackend()
+        self._member = Member.new(rate, self.priority)
+        self.agreed = rate
+        self._set_cadence(rate)
+
+    async def _report(self, now: float, retry_after: float | None, slow_down: bool) -> None:
+        assert self._backend is not None and self._member is not None
+        try:
+            lowered = await self._backend.throttled(self.key, self._member, now, retry_after, slow_down)
+        except (QuotaLockTimeout, OSError) as exc:
+            self._go_alone(exc)
+            lowered = await self._backend.throttled(self.key, self._member, now, retry_after, slow_down)
+        if lowered:
+            self.throttle_events += 1
+            self.factor = max(0.05, self.factor * DECREASE)
+
+    async def settle_reports(self) -> None:
+        """Wait until every 429 report has reached the shared state."""
+        while self._reports:
+            await asyncio.gather(*list(self._reports), return_exceptions=True)
+
+    async def close(self) -> None:
+        """Leave the shared quota: unused leased slots go back if nobody leased after them."""
+        await self.settle_reports()
+        if self._backend is None or self._member is None:
             return
-        if self._throttled_in_window >= max(5, self.THRESHOLD * len(self._answers)):
-            return
-        self._last_increase = now
-        self.factor = min(1.0, self.factor + INCREASE_STEP)
-        self._build()
+        unused = tuple(sorted([*self._slots, *self._sleeping]))
+        self._slots.clear()
+        try:
+            await self._backend.leave(self.key, self._member, unused, time.time())
+        except (QuotaLockTimeout, OSError) as exc:
+            log.debug("could not leave the shared quota cleanly (%s); it forgets this run by itself", exc)
 
     def _observed_rate(self, now: float) -> float | None:
         recent = [t for t in self._sends if now - t <= 5.0]
@@ -194,7 +345,7 @@ class Breaker:
             timeout = max(0.05, min(self._next_probe - now, 1.0)) if not self._probing else 1.0
             try:
                 await asyncio.wait_for(self._closed.wait(), timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         return False
 
@@ -235,3 +386,16 @@ class Breaker:
 def backoff_delay(attempt: int, base: float = 0.5, cap: float = 30.0) -> float:
     """Exponential back-off with full jitter (AWS architecture blog): uniform in [0, min(cap, base·2^n)]."""
     return random.uniform(0, min(cap, base * (2 ** max(0, attempt - 1))))
+
+
+def shared_pacers(rate: Rate | None, read_rate: Rate | None, *, target: str, credentials: Credentials,
+                  quota_dir: Path | None, priority: int = 1) -> tuple[Pacer, Pacer, QuotaBackend]:
+    """The (PUT, read) pacers of a run, pacing on the quota it shares with every run that sends to
+    ``target`` with the same credential. Reads share the PUT pacer unless ``read_rate`` is given,
+    in which case they have a quota (and a shared state) of their own."""
+    backend = open_backend(quota_dir)
+    fingerprint = credential_fingerprint(credentials)
+    pacer = Pacer(rate, backend, QuotaKey(target, fingerprint, "requests"), priority)
+    read_pacer = (Pacer(read_rate, backend, QuotaKey(target, fingerprint, "reads"), priority)
+                  if read_rate else pacer)
+    return pacer, read_pacer, backend

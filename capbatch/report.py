@@ -57,6 +57,8 @@ def exit_code_for(counts: dict[str, int], stop: str) -> int:
         return EXIT_ABORTED
     if stop == "interrupted":
         return EXIT_INTERRUPTED
+    if stop == "paused" and (counts.get("pending", 0) or counts.get("in_flight", 0)):
+        return EXIT_ABORTED       # the sending window closed (--window-exit): stopped, resumable
     if counts.get("failed", 0) or counts.get("rejected", 0):
         return EXIT_ROWS_FAILED
     if counts.get("pending", 0) or counts.get("in_flight", 0):
@@ -235,7 +237,7 @@ def build_summary(ledger: Ledger, run_dir: Path, *, stop: str | None = None, mes
     if stop is None:
         last = invocations[-1] if invocations else None
         stop = (last or {}).get("outcome") or ("in progress" if last and not last.get("ended_at") else "done")
-    exit_code = exit_code_for(counts, stop if stop in ("aborted", "interrupted") else "done")
+    exit_code = exit_code_for(counts, stop if stop in ("aborted", "interrupted", "paused") else "done")
     summary: dict[str, Any] = {
         "run_dir": str(run_dir),
         "input": {
@@ -272,6 +274,10 @@ def build_summary(ledger: Ledger, run_dir: Path, *, stop: str | None = None, mes
         summary["audit"] = {"rows": sum(audit.values()), "still_held": audit.get("unchanged", 0),
                             "drift_fixed": audit.get("succeeded", 0), "failed": audit.get("failed", 0),
                             "pending": audit.get("pending", 0) + audit.get("in_flight", 0)}
+    plan = ledger.get_meta_json("plan")
+    if plan:   # made before the last invocation's first request; its actual figures beside it
+        summary["plan"] = plan
+        summary["actual"] = ledger.get_meta_json("plan_actual")
     if extra:
         summary.update(extra)
     return summary

@@ -526,6 +526,30 @@ def _invocations(invocations: list[dict[str, Any]]) -> str:
                   ("Outcome", ""), ("Exit code", "n"), ("Requests", "n")], rows)
 
 
+def _plan(summary: dict[str, Any]) -> str:
+    """Plan (stated before the last invocation's first request) against what that invocation did."""
+    plan, done = summary.get("plan"), summary.get("actual")
+    if not plan:
+        return '<p class="empty">No plan recorded (runs before capbatch stated plans).</p>'
+    done = done or {}
+
+    def rate(v: Any) -> str:
+        return "—" if v is None else f"{float(v):,.2f}/s · {float(v) * 60:,.0f}/min"
+
+    rows = [
+        ("Rows", num(plan.get("rows_to_send")), num(done.get("rows_settled")) if done else "—"),
+        ("Requests", num(plan.get("requests_expected")), num(done.get("requests")) if done else "—"),
+        ("Rate", e(rate(plan.get("rate_per_second"))), e(rate(done.get("rate_per_second")) if done else "—")),
+        ("Time", e(duration(plan.get("eta_seconds"))), e(duration(done.get("seconds")) if done else "—")),
+        ("Waiting for a window", "", e(duration(done.get("waiting_for_window_seconds"))) if done else "—"),
+    ]
+    note = f'<p class="sub">Windows: {e(plan.get("windows") or "any time")}'
+    if plan.get("deadline_text"):
+        note += f' · deadline {e(plan["deadline_text"])}: {"met" if plan.get("deadline_met") else "not met by the plan"}'
+    note += "</p>"
+    return table([("", ""), ("Plan", "n"), ("Actual", "n")], rows) + note
+
+
 def _settings(summary: dict[str, Any]) -> str:
     settings = summary.get("settings") or {}
     if not settings:
@@ -575,6 +599,7 @@ def render(ledger: Ledger, run_dir: Path, summary: dict[str, Any]) -> str:
         *([f'<section id="warnings"><h2>Warnings in the API\'s answers '
            f'({num(summary.get("rows_with_warnings", 0))} rows)</h2>{_warnings(summary, total)}</section>']
           if summary.get("warnings_by_code") else []),
+        f'<section id="plan"><h2>Plan and actual (last invocation)</h2>{_plan(summary)}</section>',
         f'<section id="invocations"><h2>Invocations</h2>{_invocations(invocations)}</section>',
         f'<section id="settings"><h2>Settings</h2>{_settings(summary)}</section>',
         '<footer>Every number here comes from the run\'s ledger (ledger.sqlite). Row-level detail: results.csv; '

@@ -25,10 +25,16 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from . import announce, jobs, outputs, report
 from .aio import run_async
-from .config import Settings, target_url
-from .errors import ConfigError, InputFileError, Interrupted, LedgerError, RunAborted, UsageError
+from .config import Settings, canary_rows, target_url
+from .errors import ConfigError, InputFileError, Interrupted, LedgerError, Paused, RunAborted, UsageError
+from .ledger import LEDGER_FILE, Ledger, open_for_reading, open_ledger, row_label
+from .pacing import shared_pacers
+from .plan import Plan, PlanSettings, check_deadline, make_plan
+from .plan import actual as plan_actual
+from .plan import announce as announce_plan
+from .quota import QuotaKey, credential_fingerprint, live_peers
 from .source.frame import MemoryTable, is_dataframe, open_frame, open_records
-from .ledger import Ledger, open_for_reading, open_ledger, row_label
+from .window import SYSTEM_CLOCK, Clock, Schedule, WindowGate, human_duration, parse_deadline, schedule_for
 from .rules import RuleSettings, check_row
 from .source import InputOptions, InputTable, file_sha256, open_input
 from .summary import Summary
@@ -338,15 +344,27 @@ def _signals_press(switch: StopSwitch, loop: asyncio.AbstractEventLoop) -> Itera
 
 
 async def _engine_session(s: Settings, ledger: Ledger, base_url: str, switch: StopSwitch,
-                          on_tick: Callable[[Counters], None] | None = None) -> EngineResult:
+                          on_tick: Callable[[Counters], None] | None = None, schedule: Schedule | None = None,
+                          clock: Clock = SYSTEM_CLOCK) -> EngineResult:
     from .api import CapillaryClient
     from .engine import Engine
     from .progress import Progress, choose_mode
 
     async with CapillaryClient(base_url, s.credentials, timeout=s.timeout, verify_tls=s.verify_tls,
                                max_connections=s.concurrency + 4, extra_fields=dict(s.extra_fields)) as client:
-        engine = Engine(s, ledger, client)
-        progress = Progress(choose_mode(s.progress, s.quiet), s.progress_interval)
+        # One quota shared with every run on this key: a database ledger's own (any host), else the file
+        # one on this host (capbatch.quota). Sending windows: capbatch.window.
+        pacers = None
+        if ledger.shared_pacer(s.rate, base_url, s.credentials) is None:
+            pacer, read_pacer, backend = shared_pacers(s.rate, s.read_rate, target=base_url, credentials=s.credentials,
+                                                       quota_dir=s.quota_dir, priority=s.priority)
+            pacers = (pacer, read_pacer)
+        gate = WindowGate(schedule or Schedule(), clock)
+        engine = Engine(s, ledger, client, pacers=pacers, window=gate)
+        if s.window_exit:
+            gate.on_close = lambda: engine.request_pause(
+                f"the sending window closed ({gate.schedule.describe()}): --window-exit, stopping here")
+        progress = Progress(choose_mode(s.progress, s.quiet), s.progress_interval, window=gate)
         loop = asyncio.get_running_loop()
         task = asyncio.ensure_future(engine.run())
         progress.start(engine.counters)
@@ -354,7 +372,9 @@ async def _engine_session(s: Settings, ledger: Ledger, base_url: str, switch: St
         with _signals_press(switch, loop):
             switch._attach(loop, engine, task)
             try:
-                return await task
+                result = await task
+                result.waiting_seconds = gate.closed_seconds
+                return result
             except asyncio.CancelledError:
                 if switch.hard and task.cancelled():
                     raise Interrupted("run stopped at once (second Ctrl-C/SIGTERM)",
@@ -367,6 +387,10 @@ async def _engine_session(s: Settings, ledger: Ledger, base_url: str, switch: St
                     ticker.cancel()
                     await asyncio.gather(ticker, return_exceptions=True)
                 await progress.stop()
+                if pacers is not None:
+                    for p in set(pacers):
+                        await p.close()
+                    backend.close()
 
 
 async def _every(interval: float, call: Callable[[Counters], None], counters: Counters) -> None:
@@ -385,11 +409,13 @@ async def _run_engine(s: Settings, ledger: Ledger, base_url: str) -> EngineResul
 
 
 def send_rows(s: Settings, ledger: Ledger, base_url: str, switch: StopSwitch,
-              on_tick: Callable[[Counters], None] | None = None) -> EngineResult:
+              on_tick: Callable[[Counters], None] | None = None, schedule: Schedule | None = None,
+              clock: Clock = SYSTEM_CLOCK) -> EngineResult:
     """Stage 4: settle every pending row of ``ledger`` through the API. The engine takes the whole
-    Settings (rate, retries, modes, grace period...); this stage adds the client, the stop switch and
-    the periodic hook (``on_tick``, every --progress-interval)."""
-    return run_async(lambda: _engine_session(s, ledger, base_url, switch, on_tick), switch.press)
+    Settings (rate, retries, modes, grace period...); this stage adds the client, the stop switch,
+    the periodic hook (``on_tick``, every --progress-interval), the quota shared with other runs on
+    the key and the sending windows (``schedule`` on ``clock``)."""
+    return run_async(lambda: _engine_session(s, ledger, base_url, switch, on_tick, schedule, clock), switch.press)
 
 
 # ==== 5. reports =====================================================================================
@@ -464,21 +490,23 @@ def _detach(handler: logging.Handler | None) -> None:
 
 
 # ==== the entry points ===============================================================================
-def run(s: Settings, source: Source = None, *, stop: StopSwitch | None = None) -> Summary | dict[str, Any]:
+def run(s: Settings, source: Source = None, *, stop: StopSwitch | None = None,
+        clock: Clock | None = None) -> Summary | dict[str, Any]:
     """Run (or resume) a backfill of ``source`` (default ``s.input``). Returns the summary (also
     written to summary.json); with ``dry_run`` the validation counts (see :func:`validate`).
 
     Raises the same :class:`~capbatch.errors.CapbatchError` subclasses the CLI reports; a run that
     ends with failed or rejected rows is not an exception: read ``summary.exit_code``. ``stop`` lets
-    another thread stop the run (the library's async entry point uses it).
+    another thread stop the run (the library's async entry point uses it). ``clock`` (epoch seconds)
+    decides the sending windows (--window); tests pass one they control.
     """
     announcer = announce.Announcer(announce.Targets(s.metrics_file, s.pushgateway, s.notify_url, s.job),
                                    _input_name(s, source))
     try:
         if s.job and not s.dry_run and not s.ledger:   # (a database ledger's workers share the job on purpose)
             with jobs.lock(s.reports_dir, jobs.check_name(s.job)):   # one run of a job at a time
-                return _run(s, source, stop, announcer)
-        return _run(s, source, stop, announcer)
+                return _run(s, source, stop, announcer, clock or SYSTEM_CLOCK)
+        return _run(s, source, stop, announcer, clock or SYSTEM_CLOCK)
     except BaseException as exc:
         if not s.dry_run:
             announcer.failed(exc)   # metrics, Pushgateway, webhook: the nights that go wrong too
@@ -492,8 +520,8 @@ def _input_name(s: Settings, source: Source) -> str:
     return _stem(s, source)
 
 
-def _run(s: Settings, source: Source, stop: StopSwitch | None,
-         announcer: announce.Announcer) -> Summary | dict[str, Any]:
+def _run(s: Settings, source: Source, stop: StopSwitch | None, announcer: announce.Announcer,
+         clock: Clock = SYSTEM_CLOCK) -> Summary | dict[str, Any]:
     if s.skip_confirmed and not s.job:
         raise UsageError("--skip-confirmed needs --job NAME", "name the job whose earlier runs confirmed the pairs")
     if s.audit_fraction and not s.skip_confirmed:
@@ -507,9 +535,18 @@ def _run(s: Settings, source: Source, stop: StopSwitch | None,
             raise UsageError(f"--run-dir {s.run_dir} is the folder of job {s.job} itself",
                              f"drop --run-dir: with --job every export gets its own run directory under {folder}")
     if s.dry_run:
-        return check_remote(s, source) if s.check_remote else validate(s, source=source)
+        result = check_remote(s, source) if s.check_remote else validate(s, source=source)
+        _write_dry_run_summary(s, source, result)
+        return result
     base_url = target_url(s)
     _require_credentials(s)
+    schedule = schedule_for(s.windows, s.timezone)
+    if s.window_exit and not schedule.is_open(clock.now()):
+        now = clock.now()
+        opens = schedule.next_open(now)
+        log.info("outside the sending windows %s (the next opens %s, in %s): --window-exit, nothing sent",
+                 schedule.describe(), schedule.local_hhmm(opens, now), human_duration(opens - now))
+        return {"stop": "outside window", "exit_code": report.EXIT_OK, "next_window_opens_at": report.iso(opens)}
     if not s.verify_tls:
         log.warning("TLS certificate verification is OFF (--no-verify-tls): use this only for a trusted test host")
     if s.run_dir:
@@ -522,6 +559,12 @@ def _run(s: Settings, source: Source, stop: StopSwitch | None,
     switch = stop or StopSwitch()
     prepared = prepare(s, source=source)
     ledger, run_dir = prepared.ledger, prepared.run_dir
+    try:
+        plan = _plan_before_run(s, prepared, schedule, clock, base_url)
+    except BaseException:
+        ledger.close()
+        raise
+    ledger.set_meta("plan", json.dumps(plan.to_dict()))
     file_log = _attach_json_log(run_dir)
     invocation = ledger.start_invocation()
     started_at = time.time()
@@ -531,6 +574,7 @@ def _run(s: Settings, source: Source, stop: StopSwitch | None,
         log.info("run directory: %s", run_dir)
         if not prepared.freshly_imported:
             log.info("resuming: %s", report.status_line(ledger.counts()))
+        announce_plan(plan, schedule)
         ledger.set_meta("settings", json.dumps(s.public_dict(), default=str))
         if s.retry_failed:
             log.info("--retry-failed: %d failed rows go out again (rejected rows stay rejected)",
@@ -549,7 +593,7 @@ def _run(s: Settings, source: Source, stop: StopSwitch | None,
         log.info("target %s, auth %s, rate %s, concurrency %d", base_url, s.credentials.kind,
                  s.rate or "unlimited", s.concurrency)
         announcer.attach(ledger)
-        result = send_rows(s, ledger, base_url, switch, announcer.tick)
+        result = send_rows(s, ledger, base_url, switch, announcer.tick, schedule, clock)
     except BaseException as exc:
         code = announce.exit_code_of(exc)
         ledger.end_invocation(invocation, code, "interrupted" if code == report.EXIT_INTERRUPTED else "error")
@@ -560,6 +604,9 @@ def _run(s: Settings, source: Source, stop: StopSwitch | None,
     exit_code = report.exit_code_for(counts, result.stop)
     ledger.end_invocation(invocation, exit_code, result.stop, result.counters.requests,
                           result.counters.by_status)
+    ledger.set_meta("plan_actual", json.dumps(plan_actual(
+        plan.to_dict(), result.counters.settled, result.counters.requests, time.time() - started_at,
+        result.waiting_seconds)))
     summary = write_run_reports(ledger, run_dir, result)
     if s.job:
         jobs.remember(ledger, jobs.store_path(s.reports_dir), s.job, run_dir, summary, started_at)
@@ -572,7 +619,105 @@ def _run(s: Settings, source: Source, stop: StopSwitch | None,
                          f"fix the cause, then rerun the same command to resume ({_rows_left(counts)})")
     if result.stop == "interrupted":
         raise Interrupted("run interrupted", "rerun the same command to resume where it stopped")
+    if result.stop == "paused" and exit_code == report.EXIT_ABORTED:
+        raise Paused(result.message or "the sending window closed",
+                     f"{counts['pending'] + counts['in_flight']} rows left: rerun the same command inside a "
+                     "window to resume")
     return summary
+
+
+# ---- the plan (capbatch.plan) -----------------------------------------------------------------------
+def plan_settings(s: Settings, now: float, base_url: str | None = None) -> PlanSettings:
+    """What the plan needs beyond the ledger's counts (``base_url``: the target, when known)."""
+    if base_url is None:
+        try:
+            base_url = target_url(s)
+        except UsageError:          # validate without a target: the canary's default cannot be known
+            base_url = None
+    return PlanSettings(mode=s.mode, resume_check=s.resume_check, generate_missing=s.generate_missing,
+                        rate=s.rate, read_rate=s.read_rate, read_back=s.read_back,
+                        canary_reads=canary_rows(s, base_url) if base_url else (s.canary or 0),
+                        deadline=parse_deadline(s.deadline, now, schedule_for((), s.timezone).tz)
+                        if s.deadline else None, deadline_text=s.deadline)
+
+
+def _plan_before_run(s: Settings, prepared: Prepared, schedule: Schedule | None = None,
+                     clock: Clock = SYSTEM_CLOCK, base_url: str | None = None, source: Source = None,
+                     temporary: bool = False) -> Plan:
+    """The plan (rows, requests, rate, time) from the ledger that will be sent from; with
+    --deadline-strict, refuse (exit 2) when it cannot finish in time. Sends nothing.
+    ``temporary``: ``prepared`` is validate's scratch ledger — a run already under way for this input
+    (in the run directory a real run would use) is planned from the rows it has left — and the plan
+    is logged here."""
+    schedule = schedule or schedule_for(s.windows, s.timezone)
+    now = clock.now()
+    existing = _existing_ledger(s, prepared, source) if temporary else None
+    ledger = existing or prepared.ledger
+    try:
+        shared = 0
+        if base_url and s.rate:
+            shared = live_peers(s.quota_dir, QuotaKey(base_url, credential_fingerprint(s.credentials)), s.rate, now)
+        plan = make_plan(ledger.counts(), ledger.missing_external_ids(), plan_settings(s, now, base_url), schedule, now,
+                         shared_with=shared)
+    finally:
+        if existing is not None:
+            existing.close()
+    check_deadline(plan, s.deadline_strict)
+    if temporary:
+        announce_plan(plan, schedule)
+    return plan
+
+
+def _plan_dict(s: Settings, prepared: Prepared, base_url: str | None = None, source: Source = None) -> dict[str, Any]:
+    """validate / --dry-run: the plan, with the run directory a real run would use."""
+    plan = _plan_before_run(s, prepared, base_url=base_url, source=source, temporary=True).to_dict()
+    run_dir = _would_be_run_dir(s, prepared, source)
+    plan["run_dir"] = str(run_dir) if run_dir is not None else None
+    return plan
+
+
+def _would_be_run_dir(s: Settings, prepared: Prepared, source: Source) -> Path | None:
+    """The run directory a real run of this input would use (None for in-memory inputs)."""
+    if s.run_dir:
+        return Path(s.run_dir)
+    given = s.input if source is None else source
+    if not isinstance(given, (str, os.PathLike)):
+        return None
+    path = Path(given)
+    return default_run_dir(s.reports_dir, Input(prepared.table, prepared.sha256, path.name, path), s.job,
+                           s.retry_failed)
+
+
+def _existing_ledger(s: Settings, prepared: Prepared, source: Source) -> Ledger | None:
+    run_dir = _would_be_run_dir(s, prepared, source)
+    if run_dir is None or not (run_dir / LEDGER_FILE).exists():
+        return None
+    try:
+        ledger = Ledger.open_readonly(run_dir)
+    except LedgerError:
+        return None
+    if ledger.get_meta("input_sha256") != prepared.sha256:
+        ledger.close()
+        return None
+    log.info("run directory %s holds this input's run: the plan covers the rows it has left", run_dir)
+    return ledger
+
+
+def _write_dry_run_summary(s: Settings, source: Source, result: dict[str, Any]) -> None:
+    """--dry-run writes summary.json (with the plan) where the run would, unless a run is there."""
+    where = (result.get("plan") or {}).get("run_dir")
+    if not where:
+        return
+    run_dir = Path(where)
+    if (run_dir / LEDGER_FILE).exists():
+        log.info("dry run: %s holds a run already; its summary.json is left as it is", run_dir)
+        return
+    summary = {"dry_run": True, "run_dir": str(run_dir),
+               "input": {"name": _stem(s, source), "sha256": result.get("input_sha256")},
+               "validation": {k: result.get(k) for k in ("rows", "valid", "rejected", "duplicates", "by_reason")},
+               "plan": result.get("plan"), "settings": s.public_dict(), "exit_code": result.get("exit_code")}
+    report.atomic_write(run_dir / report.SUMMARY_JSON, lambda fh: json.dump(summary, fh, indent=2, default=str))
+    log.info("dry run: plan written to %s", run_dir / report.SUMMARY_JSON)
 
 
 def validate(s: Settings, output: Path | None = None, source: Source = None) -> dict[str, Any]:
@@ -595,6 +740,8 @@ def validate(s: Settings, output: Path | None = None, source: Source = None) -> 
             v["sheets"] = dict(getattr(prepared.table, "sheet_rows", {}))
             log_validation(prepared.notes, v)
             log.info("validation details written to %s", "stdout" if str(out) == "-" else out)
+            v["plan"] = _plan_dict(s, prepared, source=source)
+            v["input_sha256"] = prepared.sha256
         finally:
             prepared.ledger.close()
     v["exit_code"] = 1 if v["rejected"] else 0
@@ -677,6 +824,8 @@ def check_remote(s: Settings, source: Source = None) -> dict[str, Any]:
             targets = (Target(row_label(r["sheet"], r["row_number"]), r["card"], r["external_id"])
                        for r in prepared.ledger.rows_in_states(("pending",)))
             out = s.reports_dir / f"{_stem(s, source)}.check-remote.csv"
+            v["plan"] = _plan_dict(s, prepared, base_url=base_url, source=source)
+            v["input_sha256"] = prepared.sha256
             counts = check_cards(s, base_url, targets, out)
         finally:
             prepared.ledger.close()

@@ -211,6 +211,11 @@ class Ledger(ABC):
     def total(self) -> int:
         return int(self._fetch(f"SELECT count(*) FROM {self._rows} WHERE {self._mine}")[0][0])
 
+    def missing_external_ids(self) -> int:
+        """Rows still to send without an external ID (--generate-missing asks the API for one each)."""
+        return int(self._fetch(f"SELECT count(*) FROM {self._rows} WHERE {self._mine} "
+                               "AND state IN ('pending', 'in_flight') AND external_id = ''")[0][0])
+
     @abstractmethod
     def unknown_rows(self) -> list[WorkRow]:
         """Rows an earlier process had in flight when it stopped: their outcome is unknown."""

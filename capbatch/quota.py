@@ -1,0 +1,521 @@
+"""One API quota, shared by every run that sends with the same credential to the same API.
+
+Capillary counts a quota per API account. Two runs on one key (a nightly job beside an ad-hoc
+backfill) must together stay under it, so the pace is not kept per process but in a small shared
+state per quota key: a GCRA ("generic cell rate algorithm") grid of send slots. The state holds
+the grid's next free slot (``tat``, theoretical arrival time); a member *leases* the next few
+slots (advancing ``tat``) and sends at those times. Slots are spaced so that no window of the
+quota's length ever holds more than the quota (see :class:`Cadence`), whoever sends them.
+
+The key is (API base URL, credential fingerprint): the fingerprint hashes the account's *identity*
+(Basic user name or OAuth client key) — never a password or secret — and the state file is named
+after a hash of both, so neither appears in a file name.
+
+Fair share: a member may hold only a few unreached slots at a time (``2 × block × priority``) and
+leases again only as it uses them, so members that all want to send take turns on the grid in
+proportion to their ``--priority``; none can starve another. A member that is idle (waiting for
+its time window, or latency-bound) leases nothing and leaves its share to the others.
+
+Rate agreement: every member states the rate it was given (``--rate``, the key's quota); the grid
+runs at the lowest rate among live members, and each member says so when its own is higher.
+
+Shared back-off: a 429 with Retry-After pauses the whole grid (``pause_until``); systematic
+throttling seen by any member lowers the shared ``factor`` (x0.7, at most once a second), which
+recovers by 5 % of the rate every 2 s without throttling — so one run's 429s slow all of them.
+Any 429 also widens the grid's margin by a step (``jitter``: 2 ms, or 0.1 % of the window), because
+at a correct rate a 429 means the path to the server jitters more than the margin allows; 30 s
+without 429s narrow it again by a step.
+
+Crash safety: members carry a ``seen`` time and their pid; a member whose process is gone (same
+host) or that has not leased for ``MEMBER_TTL`` is dropped, so a killed run leaves nothing that
+blocks the others (its unused leased slots, at most a few, pass unused).
+
+The backend interface
+---------------------
+A backend stores one :class:`QuotaState` per :class:`QuotaKey` and applies the pure rules below
+(:func:`lease_slots`, :func:`report_throttle`, :func:`leave`) to it atomically::
+
+    class QuotaBackend(Protocol):
+        lease_seconds: float        # how much sending time one lease should cover (batching)
+        async def lease(self, key, member, count, now) -> Grant
+        async def throttled(self, key, member, now, retry_after, slow_down) -> bool
+        async def leave(self, key, member, unused_slots, now) -> None
+        def describe(self) -> str   # where the state lives, for messages
+        def close(self) -> None     # release files / connections
+
+``now`` and every slot are wall-clock epoch seconds (``time.time()``), comparable between
+processes. :class:`FileQuotaBackend` keeps the state as a small JSON file per key in a user-level
+state directory, read-modify-written under ``fcntl.flock`` (released by the kernel when a process
+dies, so a lock can never go stale); :class:`MemoryQuotaBackend` keeps it in the process (one run
+alone, and tests). A database backend keeps the same state in one row per key, updated in one
+transaction (``SELECT ... FOR UPDATE``, apply the rule, ``UPDATE``), and sets ``lease_seconds`` to
+about a second so each worker process leases a second's worth of slots per round trip. Across
+hosts the slots are compared on each host's own clock, so the hosts' clocks must be synchronised
+(NTP): any skew between them eats into the margin; members on other hosts are not pid-checked and
+expire by ``MEMBER_TTL`` alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import math
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from .config import Credentials, Rate
+
+log = logging.getLogger("capbatch.quota")
+HOST = socket.gethostname()
+
+# ---- the cadence: how far apart slots are ---------------------------------------------------
+GUARD_MAX = 1_000_000    # quotas above this many per window are rescaled to an equivalent window
+MIN_MARGIN = 0.008       # seconds every quota window is stretched by, at least (network jitter)
+MARGIN_FRACTION = 0.002  # ... or this fraction of the window, if larger (0.12 s of a minute)
+JITTER_STEP = 0.002      # each 429 widens the margin by this (or 0.1 % of the window, if larger) ...
+JITTER_MAX = 0.05        # ... up to this fraction of the window
+JITTER_DECAY = 30.0      # and every this many seconds without a 429 narrows it by one step again
+MIN_FACTOR = 0.05        # the 429 back-off never goes below 5 % of the rate
+DECREASE = 0.7           # multiplicative decrease per throttling episode
+INCREASE_EVERY = 2.0     # seconds without throttling between additive increases
+INCREASE_STEP = 0.05     # fraction of the rate regained per step
+MAX_PAUSE = 300.0        # a Retry-After is honoured up to five minutes
+MEMBER_TTL = 10.0        # a member that has not leased for this long (and longer than 3 slots) is gone
+STALE_STATE_DAYS = 30    # state files untouched this long are removed when the directory is opened
+LOCK_PATIENCE = 5.0      # seconds to wait for the state lock before pacing alone (a stopped process)
+
+
+@dataclass(frozen=True)
+class Cadence:
+    """Slot spacing for a quota of ``count`` requests in any ``window`` seconds.
+
+    A grid of ``interval = (window + margin) / count`` puts at most ``count`` slots into any window
+    of the quota's length, with ``margin`` seconds to spare against jitter between our clock and the
+    server's (a send that leaves up to ``margin`` late still cannot crowd a window). The margin is
+    absolute (8 ms, or 0.2 % of the window if larger), so the sustained rate is 99.2 % of a per-second
+    quota and 99.8 % of a per-minute one. A fractional or huge quota is rescaled to a whole count over
+    a scaled window (0.5/s -> 1 per 2 s; 2,000,000/h -> 1,000,000 per 30 min).
+    """
+
+    count: int
+    window: float
+    margin: float
+
+    @classmethod
+    def of(cls, rate: Rate, jitter: float = 0.0) -> Cadence:
+        """``jitter``: extra margin learned from 429s (the path to the server jitters more than assumed)."""
+        count = min(GUARD_MAX, max(1, math.floor(rate.requests)))
+        window = rate.period * count / rate.requests
+        return cls(count, window, max(MIN_MARGIN, MARGIN_FRACTION * window) + min(jitter, JITTER_MAX * window))
+
+    @property
+    def jitter_step(self) -> float:
+        return max(JITTER_STEP, 0.001 * self.window)
+
+    @property
+    def interval(self) -> float:
+        return (self.window + self.margin) / self.count
+
+    @property
+    def efficiency(self) -> float:
+        """Sustained fraction of the quota the grid uses."""
+        return self.window / (self.window + self.margin)
+
+
+# ---- the key and the members ---------------------------------------------------------------
+def credential_fingerprint(credentials: Credentials) -> str:
+    """A hash of the account's identity (user name or client key): never the password or secret."""
+    kind = credentials.kind
+    identity = credentials.client_key if kind == "oauth" else credentials.username if kind == "basic" else ""
+    return hashlib.sha256(f"capbatch-quota\n{kind}\n{identity or ''}".encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class QuotaKey:
+    target: str                 # the API base URL
+    fingerprint: str            # credential_fingerprint(...)
+    lane: str = "requests"      # "reads" when --read-rate gives reads a quota of their own
+
+    @property
+    def name(self) -> str:
+        return hashlib.sha256(f"{self.target.rstrip('/')}\n{self.fingerprint}\n{self.lane}".encode()).hexdigest()[:24]
+
+
+@dataclass(frozen=True)
+class Member:
+    """One run taking part in a quota."""
+
+    id: str
+    rate: Rate
+    weight: int = 1
+    pid: int = field(default_factory=os.getpid)
+    host: str = HOST
+
+    @classmethod
+    def new(cls, rate: Rate, weight: int = 1) -> Member:
+        return cls(f"{HOST}:{os.getpid()}:{os.urandom(4).hex()}", rate, max(1, int(weight)))
+
+
+@dataclass
+class MemberState:
+    pid: int
+    host: str
+    weight: int
+    requests: float
+    period: float
+    seen: float
+    joined: float
+
+    @property
+    def rate(self) -> Rate:
+        return Rate(self.requests, self.period)
+
+
+@dataclass
+class QuotaState:
+    tat: float = 0.0                # the next free slot of the shared grid
+    factor: float = 1.0             # shared 429 back-off, 1.0 = full rate
+    changed_at: float = 0.0         # when the factor last changed (recovery counts from here)
+    pause_until: float = 0.0        # shared Retry-After pause
+    jitter: float = 0.0             # extra slot margin learned from 429s (seconds)
+    jitter_at: float = 0.0          # when it last changed
+    throttle_events: int = 0
+    last_member: str = ""           # who leased the grid's last slots (only they can give them back)
+    members: dict[str, MemberState] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> QuotaState:
+        members = {k: MemberState(**v) for k, v in (data.get("members") or {}).items()}
+        return cls(tat=float(data.get("tat", 0.0)), factor=float(data.get("factor", 1.0)),
+                   changed_at=float(data.get("changed_at", 0.0)), pause_until=float(data.get("pause_until", 0.0)),
+                   jitter=float(data.get("jitter", 0.0)), jitter_at=float(data.get("jitter_at", 0.0)),
+                   throttle_events=int(data.get("throttle_events", 0)),
+                   last_member=str(data.get("last_member", "")), members=members)
+
+
+@dataclass(frozen=True)
+class Peer:
+    pid: int
+    host: str
+    rate: Rate
+    weight: int
+
+
+@dataclass(frozen=True)
+class Grant:
+    """What a lease returns: the member's slots and the quota's shared condition."""
+
+    slots: tuple[float, ...]
+    rate: Rate                      # the rate in force: the lowest any live member gave
+    jitter: float                   # extra margin in force (learned from 429s)
+    factor: float
+    pause_until: float
+    peers: tuple[Peer, ...]         # the other live members
+
+
+# ---- the rules (pure: every backend applies these to its stored state) -------------------------
+def agreed_rate(state: QuotaState, fallback: Rate) -> Rate:
+    """The lowest rate any member gave (ties: the shorter window, the stricter of the two)."""
+    rates = [m.rate for m in state.members.values()] or [fallback]
+    return min(rates, key=lambda r: (r.per_second, r.period))
+
+
+def _alive(m: MemberState, now: float, cadence_interval: float) -> bool:
+    if now - m.seen > max(MEMBER_TTL, 3 * cadence_interval):
+        return False
+    if m.host == HOST and m.pid != os.getpid():
+        try:
+            os.kill(m.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:     # another user's process: alive
+            pass
+    return True
+
+
+def prune(state: QuotaState, now: float, fallback: Rate) -> None:
+    interval = Cadence.of(agreed_rate(state, fallback)).interval
+    for member_id in [k for k, m in state.members.items() if not _alive(m, now, interval)]:
+        del state.members[member_id]
+
+
+def _recover(state: QuotaState, now: float) -> None:
+    if state.factor < 1.0 and now - state.changed_at >= INCREASE_EVERY:
+        steps = math.floor((now - state.changed_at) / INCREASE_EVERY)
+        state.factor = min(1.0, state.factor + steps * INCREASE_STEP)
+        state.changed_at += steps * INCREASE_EVERY
+
+
+def _relax(state: QuotaState, now: float, cadence: Cadence) -> None:
+    if state.jitter > 0 and now - state.jitter_at >= JITTER_DECAY:
+        steps = math.floor((now - state.jitter_at) / JITTER_DECAY)
+        state.jitter = max(0.0, state.jitter - steps * cadence.jitter_step)
+        state.jitter_at += steps * JITTER_DECAY
+
+
+def _touch(state: QuotaState, member: Member, now: float) -> None:
+    known = state.members.get(member.id)
+    if known is None:
+        state.members[member.id] = MemberState(member.pid, member.host, member.weight, member.rate.requests,
+                                               member.rate.period, now, now)
+    else:
+        known.seen = now
+
+
+def lease_slots(state: QuotaState, member: Member, count: int, now: float) -> Grant:
+    """Give ``member`` the next ``count`` slots of the grid (never in the past, never in a pause)."""
+    _touch(state, member, now)
+    prune(state, now, member.rate)
+    _recover(state, now)
+    rate = agreed_rate(state, member.rate)
+    _relax(state, now, Cadence.of(rate))
+    interval = Cadence.of(rate, state.jitter).interval / max(state.factor, MIN_FACTOR)
+    if state.tat > now + MAX_PAUSE + 60 + count * interval:
+        state.tat = now                 # a clock stepped backwards: do not wait for it
+    state.pause_until = min(state.pause_until, now + MAX_PAUSE)
+    start = max(state.tat, now, state.pause_until)
+    slots = tuple(start + i * interval for i in range(max(0, count)))
+    if slots:
+        state.tat = start + len(slots) * interval
+        state.last_member = member.id
+    peers = tuple(Peer(m.pid, m.host, m.rate, m.weight) for k, m in state.members.items() if k != member.id)
+    return Grant(slots, rate, state.jitter, state.factor, state.pause_until, peers)
+
+
+def report_throttle(state: QuotaState, member: Member, now: float, retry_after: float | None,
+                    slow_down: bool) -> bool:
+    """A member saw a 429: widen the slot margin a step (at most one step a second: the quota was
+    crowded, so the path jitters more than the margin allows), share the pause, and (``slow_down``,
+    systematic throttling) lower the shared rate. Returns True when this report lowered the rate."""
+    _touch(state, member, now)
+    cadence = Cadence.of(agreed_rate(state, member.rate))
+    if now - state.jitter_at >= 1.0 and state.jitter < JITTER_MAX * cadence.window:
+        state.jitter = min(JITTER_MAX * cadence.window, state.jitter + cadence.jitter_step)
+        state.jitter_at = now
+    if retry_after is not None and retry_after > 0:
+        state.pause_until = max(state.pause_until, now + min(retry_after, MAX_PAUSE))
+    if not slow_down:
+        return False
+    _recover(state, now)
+    if now - state.changed_at < max(1.0, retry_after or 0.0):
+        state.changed_at = max(state.changed_at, now - INCREASE_EVERY + 1.0)  # still throttled: hold recovery
+        return False
+    state.factor = max(MIN_FACTOR, state.factor * DECREASE)
+    state.changed_at = now
+    state.throttle_events += 1
+    return True
+
+
+def leave(state: QuotaState, member: Member, unused: tuple[float, ...], now: float) -> None:
+    """The member stops: forget it, and give back its unused slots if nobody leased after them."""
+    state.members.pop(member.id, None)
+    if unused and state.last_member == member.id:
+        state.tat = max(now, min(unused))
+    if state.last_member == member.id:
+        state.last_member = ""
+
+
+# ---- backends ----------------------------------------------------------------------------------
+class QuotaBackend(Protocol):
+    lease_seconds: float
+
+    async def lease(self, key: QuotaKey, member: Member, count: int, now: float) -> Grant: ...
+
+    async def throttled(self, key: QuotaKey, member: Member, now: float, retry_after: float | None,
+                        slow_down: bool) -> bool: ...
+
+    async def leave(self, key: QuotaKey, member: Member, unused: tuple[float, ...], now: float) -> None: ...
+
+    def describe(self) -> str: ...
+
+    def close(self) -> None: ...
+
+
+class MemoryQuotaBackend:
+    """The quota state in this process only: one run pacing itself (and the tests)."""
+
+    lease_seconds = 0.02
+
+    def __init__(self) -> None:
+        self.states: dict[QuotaKey, QuotaState] = {}
+
+    def _state(self, key: QuotaKey) -> QuotaState:
+        return self.states.setdefault(key, QuotaState())
+
+    async def lease(self, key: QuotaKey, member: Member, count: int, now: float) -> Grant:
+        return lease_slots(self._state(key), member, count, now)
+
+    async def throttled(self, key: QuotaKey, member: Member, now: float, retry_after: float | None,
+                        slow_down: bool) -> bool:
+        return report_throttle(self._state(key), member, now, retry_after, slow_down)
+
+    async def leave(self, key: QuotaKey, member: Member, unused: tuple[float, ...], now: float) -> None:
+        leave(self._state(key), member, unused, now)
+
+    def describe(self) -> str:
+        return "this process only"
+
+    def close(self) -> None:
+        self.states.clear()
+
+
+class QuotaLockTimeout(Exception):
+    """The state file stayed locked (a process stopped while holding it, e.g. with Ctrl-Z)."""
+
+
+class FileQuotaBackend:
+    """One small JSON file per quota key in ``directory``, changed only under an exclusive flock.
+
+    The file is rewritten in place (pwrite + ftruncate); one that cannot be read (a process killed
+    mid-write, or a stranger's file) is started afresh, which costs at most one lease of overlap.
+    """
+
+    lease_seconds = 0.02
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+        self._fds: dict[QuotaKey, int] = {}
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._sweep()
+
+    def path(self, key: QuotaKey) -> Path:
+        return self.directory / f"{key.name}.json"
+
+    def describe(self) -> str:
+        return str(self.directory)
+
+    def _sweep(self) -> None:
+        horizon = time.time() - STALE_STATE_DAYS * 86400
+        try:
+            for p in self.directory.glob("*.json"):
+                try:
+                    if p.stat().st_mtime < horizon:
+                        p.unlink()
+                except OSError:
+                    pass
+        except OSError:
+            pass
+
+    def _fd(self, key: QuotaKey) -> int:
+        fd = self._fds.get(key)
+        if fd is None:
+            fd = os.open(self.path(key), os.O_RDWR | os.O_CREAT, 0o600)
+            self._fds[key] = fd
+        return fd
+
+    async def _lock(self, fd: int) -> None:
+        deadline = time.monotonic() + LOCK_PATIENCE
+        delay = 0.0002
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                    raise
+            if time.monotonic() > deadline:
+                raise QuotaLockTimeout(f"the quota state {self.directory} stayed locked for {LOCK_PATIENCE:g} s")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.01)
+
+    def _load(self, key: QuotaKey, fd: int) -> QuotaState:
+        size = os.fstat(fd).st_size
+        raw = os.pread(fd, size, 0) if size else b""
+        if not raw:
+            return QuotaState()
+        try:
+            data = json.loads(raw)
+            if data.get("key") != key.name:
+                raise ValueError("state of another key")
+            return QuotaState.from_json(data["state"])
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("quota state %s was unreadable (%s); starting it afresh", self.path(key), exc)
+            return QuotaState()
+
+    def _store(self, key: QuotaKey, fd: int, state: QuotaState) -> None:
+        data = json.dumps({"key": key.name, "target": key.target, "lane": key.lane,
+                           "updated": time.time(), "state": state.to_json()},
+                          separators=(",", ":")).encode()
+        os.pwrite(fd, data, 0)
+        os.ftruncate(fd, len(data))
+
+    async def _apply(self, key: QuotaKey, change: Any) -> Any:
+        fd = self._fd(key)
+        await self._lock(fd)
+        try:
+            state = self._load(key, fd)
+            result = change(state)
+            self._store(key, fd, state)
+            return result
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+
+    async def lease(self, key: QuotaKey, member: Member, count: int, now: float) -> Grant:
+        return await self._apply(key, lambda s: lease_slots(s, member, count, now))
+
+    async def throttled(self, key: QuotaKey, member: Member, now: float, retry_after: float | None,
+                        slow_down: bool) -> bool:
+        return await self._apply(key, lambda s: report_throttle(s, member, now, retry_after, slow_down))
+
+    async def leave(self, key: QuotaKey, member: Member, unused: tuple[float, ...], now: float) -> None:
+        await self._apply(key, lambda s: leave(s, member, unused, now))
+
+    def read(self, key: QuotaKey) -> QuotaState:
+        """The state as stored (for status and tests); no lock, no change."""
+        return self._load(key, self._fd(key))
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._fds.clear()
+
+
+def default_quota_dir() -> Path:
+    """The platform's user state directory (platformdirs), e.g. ~/.local/state/capbatch/quota."""
+    from platformdirs import user_state_dir
+
+    return Path(user_state_dir("capbatch", appauthor=False)) / "quota"
+
+
+def open_backend(directory: Path | None) -> QuotaBackend:
+    """The shared file backend in ``directory`` (default: the user state dir); if that cannot be
+    used, this run paces alone and says so."""
+    if directory is not None and str(directory).lower() in ("none", "off"):
+        return MemoryQuotaBackend()
+    where = Path(directory) if directory is not None else default_quota_dir()
+    try:
+        return FileQuotaBackend(where)
+    except OSError as exc:
+        log.warning("cannot use the quota directory %s (%s): this run paces itself alone and cannot "
+                    "share its quota with other runs; set --quota-dir to a writable directory", where,
+                    exc.strerror or exc)
+        return MemoryQuotaBackend()
+
+
+def live_peers(directory: Path | None, key: QuotaKey, rate: Rate, now: float) -> int:
+    """How many runs share ``key`` right now, read from its state file (nothing is created or changed)."""
+    if directory is not None and str(directory).lower() in ("none", "off"):
+        return 0
+    path = (Path(directory) if directory is not None else default_quota_dir()) / f"{key.name}.json"
+    try:
+        data = json.loads(path.read_bytes())
+        state = QuotaState.from_json(data["state"]) if data.get("key") == key.name else QuotaState()
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+    prune(state, now, rate)
+    return len(state.members)
