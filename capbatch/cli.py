@@ -347,11 +347,10 @@ def history_cmd(job: str, ledger: str | None, reports_dir: Path | None, config_f
     reports_dir = config.resolve({"reports_dir": reports_dir}, os.environ, config_file).reports_dir
     where: Any = reports_dir
     if ledger:
-        from .ledger import job_history, redact_password
+        from .ledger import redact_password
 
-        runs, where = job_history(ledger, jobs.check_name(job)), redact_password(ledger)
-    else:
-        runs = jobs.history(jobs.store_path(reports_dir), jobs.check_name(job))
+        where = redact_password(ledger)
+    runs = jobs.history(ledger, reports_dir, jobs.check_name(job))
     if json_out:
         echo(json.dumps([{**r, "started_at": report.iso(r.get("started_at")), "ended_at": report.iso(r.get("ended_at"))}
                          for r in runs], indent=2))
@@ -359,7 +358,7 @@ def history_cmd(job: str, ledger: str | None, reports_dir: Path | None, config_f
     if not runs:
         echo(f"no runs recorded for job '{job}' under {where}")
         return 0
-    memory = jobs.describe(jobs.store_path(reports_dir), job) if not ledger else {"confirmed_pairs": 0}
+    memory = jobs.describe(ledger, reports_dir, job)
     if memory["confirmed_pairs"]:
         oldest = time.strftime("%Y-%m-%d %H:%M", time.localtime(memory["oldest_check"]))
         click.echo(f"job {job} -> {memory['target'] or '?'}: {memory['confirmed_pairs']} confirmed pairs, "
@@ -376,16 +375,21 @@ def history_cmd(job: str, ledger: str | None, reports_dir: Path | None, config_f
 @main.command("forget")
 @click.option("--job", required=True, help="Job name given to `capbatch run --job`.")
 @click.option("--card", "cards", multiple=True, help="Forget only this card (repeatable) (default: every pair and the job's target).")
+@click.option("--ledger", envvar="CAPBATCH_LEDGER", help="The job's database ledger (postgresql://USER@HOST:PORT/DB): its memory is there.")
 @click.option("--reports-dir", type=click.Path(path_type=Path), help="Where the job store is (default ./reports, or the configured one).")
 @click.option("--config", "config_file", type=click.Path(path_type=Path), help="TOML settings file (default ./capbatch.toml if present).")
 @_guard
-def forget_cmd(job: str, cards: tuple[str, ...], reports_dir: Path | None, config_file: Path | None) -> int:
+def forget_cmd(job: str, cards: tuple[str, ...], ledger: str | None, reports_dir: Path | None,
+               config_file: Path | None) -> int:
     """Reset a job's memory: its next run sends (or reads) those rows again. The run history is kept."""
     from . import jobs
 
     reports_dir = config.resolve({"reports_dir": reports_dir}, os.environ, config_file).reports_dir
-    with jobs.lock(reports_dir, jobs.check_name(job)):
-        n = jobs.forget(jobs.store_path(reports_dir), job, cards)
+    if ledger:   # a database job: its memory is in the database, shared by every host
+        n = jobs.forget(ledger, reports_dir, jobs.check_name(job), cards)
+    else:
+        with jobs.lock(reports_dir, jobs.check_name(job)):
+            n = jobs.forget(None, reports_dir, job, cards)
     what = f"{n} of the {len(cards)} cards given" if cards else f"all {n} confirmed pairs and its target"
     click.echo(f"job {job}: forgot {what}; its next run with --skip-confirmed sends those rows again")
     return 0

@@ -204,10 +204,10 @@ def _log_summary(summary: dict[str, Any]) -> None:
 def _update_job(ledger: Ledger, store: Path, job: str, summary: dict[str, Any], started_at: float) -> None:
     """The job now remembers what the revert confirmed (card -> previous ID) and forgets the pairs of
     cards found changed since, so its next run looks at those cards again. History lists the revert."""
-    jobs.remember(ledger, store, job, Path(summary["run_dir"]), summary, started_at)
+    jobs.remember(ledger, store.parent, job, Path(summary["run_dir"]), summary, started_at)
     changed = [(r["card"], r["expect_external_id"])
                for r in ledger.rows_in_states(("failed",)) if r["error_code"] == CHANGED_SINCE]
-    jobs.forget_pairs(store, job, changed)
+    jobs.forget_pairs(ledger, store.parent, job, changed)
 
 
 def preview(run_dir: Path) -> dict[str, Any]:

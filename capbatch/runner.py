@@ -555,7 +555,7 @@ def _run(s: Settings, source: Source, stop: StopSwitch | None, announcer: announ
         outputs.check_dir(s.reports_dir, "--reports-dir")
     announcer.check_writable()
     if s.job:
-        jobs.bind_target(jobs.store_path(s.reports_dir), s.job, base_url)
+        jobs.bind_target(s.ledger, s.reports_dir, s.job, base_url)   # a database job: in the database
     switch = stop or StopSwitch()
     prepared = prepare(s, source=source)
     ledger, run_dir = prepared.ledger, prepared.run_dir
@@ -581,9 +581,10 @@ def _run(s: Settings, source: Source, stop: StopSwitch | None, announcer: announ
                      ledger.requeue_failed())
         if s.job:
             ledger.set_meta("job", s.job)
-            ledger.set_meta("job_store", str(jobs.store_path(s.reports_dir).resolve()))
+            if not s.ledger:   # a database job's memory is in the database
+                ledger.set_meta("job_store", str(jobs.store_path(s.reports_dir).resolve()))
         if s.job and s.skip_confirmed:
-            skipped, audited = jobs.skip_confirmed(ledger, jobs.store_path(s.reports_dir), s.job, s.audit_fraction)
+            skipped, audited = jobs.skip_confirmed(ledger, s.reports_dir, s.job, s.audit_fraction)
             log.info("job %s: %d rows already confirmed by earlier runs, settled without a request", s.job, skipped)
             if s.audit_fraction:
                 log.info("job %s: rolling audit re-reads %d confirmed pairs this run (--audit-fraction %g)",
@@ -609,7 +610,7 @@ def _run(s: Settings, source: Source, stop: StopSwitch | None, announcer: announ
         result.waiting_seconds)))
     summary = write_run_reports(ledger, run_dir, result)
     if s.job:
-        jobs.remember(ledger, jobs.store_path(s.reports_dir), s.job, run_dir, summary, started_at)
+        jobs.remember(ledger, s.reports_dir, s.job, run_dir, summary, started_at)
     _log_summary(summary)
     announcer.finished(summary, exit_code)
     _detach(file_log)

@@ -12,16 +12,20 @@ from typing import Any
 
 from ..errors import LedgerError, UsageError
 
-from .base import (SETTLED_OK, Ledger, RowResult, State, WorkRow, is_database_url,  # noqa: F401
+from .base import (SETTLED_OK, JobStore, Ledger, RowResult, State, WorkRow, is_database_url,  # noqa: F401
                    redact_password, row_label)
+from .jobstore import STORE_FILE, SqliteJobStore
 from .sqlite import LEDGER_FILE, LOCK_FILE, SCHEMA_VERSION, SqliteLedger, _take_lock  # noqa: F401
 
 
-def job_history(location: str, job: str) -> list[dict[str, Any]]:
-    """The runs a database ledger remembers for ``job`` (``capbatch history --ledger``)."""
-    from .postgres import job_history as history
+def open_job_store(location: str | None, reports_dir: Path, *, readonly: bool = False) -> JobStore:
+    """A job's memory where its runs keep it: the database at ``location``, or without one the
+    store file in ``reports_dir`` (``capbatch forget``/``history``, and a run's target check)."""
+    if not location:
+        return SqliteJobStore(reports_dir / STORE_FILE)
+    from .postgres import PostgresJobStore   # imported only when used
 
-    return history(location, job)
+    return PostgresJobStore.open(location, readonly=readonly)
 
 
 def open_for_reading(run_dir: Path | None, location: str | None, job: str | None,

@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
+from ..errors import CapbatchError, UsageError
+
 
 class State(str, Enum):
     PENDING = "pending"          # valid, not yet settled
@@ -317,18 +319,17 @@ class Ledger(ABC):
         return None
 
     # ---- job memory ----------------------------------------------------------------------------
-    #: True where the ledger holds the job's memory itself (a database); False: capbatch/jobs.py keeps
-    #: it in a store file beside the run directories.
-    keeps_job_memory = False
+    @abstractmethod
+    def job_store(self, reports_dir: Path) -> "JobStore":
+        """Where this run's job keeps its memory: a run directory's job lives in ``reports_dir``'s
+        store file, a database job in the database itself (``reports_dir`` unused)."""
 
-    def settle_confirmed(self, job: str, audit_fraction: float | None = None) -> tuple[int, int]:
-        """Settle pending rows whose exact pair an earlier run of ``job`` confirmed, keeping an audit
-        slice pending (``keeps_job_memory``); (rows settled, rows in the audit slice)."""
-        raise NotImplementedError
-
-    def remember_job_run(self, job: str, run_dir: Path, summary: Mapping[str, Any], started_at: float) -> None:
-        """Record the pairs this run confirmed, and the run, in the job's memory (``keeps_job_memory``)."""
-        raise NotImplementedError
+    # ---- revert --------------------------------------------------------------------------------
+    def import_expecting(self, rows: Iterable[tuple[Any, ...]], batch: int = 20000) -> int:
+        """Insert rows as :meth:`import_rows` does, each with a 10th field: the external ID the card
+        must still hold for the row to be written (``expect_external_id``; ``capbatch revert``)."""
+        raise CapbatchError(f"revert needs a run-directory ledger; {self.location} is a {self.backend} ledger",
+                            "revert a run kept in a run directory (capbatch run without --ledger)")
 
     # ---- reading for reports -------------------------------------------------------------------
     def rows_in_states(self, states: Sequence[str] | None = None) -> Iterator[Mapping[str, Any]]:
@@ -471,3 +472,64 @@ class Ledger(ABC):
         for s in states:
             State(s)   # only known states reach SQL
         return f" AND state IN ({', '.join('?' * len(states))})", states
+
+
+class JobStore(ABC):
+    """A job's memory across runs (``--job NAME``): the API target it writes to, per card the last
+    external ID the API confirmed and when, and one line per run for ``capbatch history``.
+
+    A run-directory job keeps it in ``<reports-dir>/jobs.sqlite``; a database job in the database.
+    Open one with :func:`capbatch.ledger.open_job_store` or :meth:`Ledger.job_store`."""
+
+    #: where it lives, printable
+    location = ""
+
+    def close(self) -> None:
+        """Release what the store holds open (nothing, by default)."""
+
+    def __enter__(self) -> "JobStore":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @abstractmethod
+    def bind_target(self, job: str, target: str) -> None:
+        """Tie ``job`` to the API it writes to on its first run; raise UsageError (naming both) for
+        another target later: the confirmed pairs are only true of one API."""
+
+    @abstractmethod
+    def settle_confirmed(self, ledger: Ledger, job: str, audit_fraction: float | None = None) -> tuple[int, int]:
+        """Settle ``ledger``'s pending rows whose exact pair an earlier run of ``job`` confirmed, without a
+        request. With ``audit_fraction`` F, ceil(F x those rows), the longest unchecked first, stay
+        pending flagged for the rolling audit (picked once per run). Returns (settled, audit slice)."""
+
+    @abstractmethod
+    def remember(self, ledger: Ledger, job: str, run_dir: Path, summary: Mapping[str, Any],
+                 started_at: float) -> None:
+        """Record the pairs ``ledger``'s run confirmed by a request, and the run itself."""
+
+    @abstractmethod
+    def forget(self, job: str, cards: Iterable[str] = ()) -> int:
+        """Forget the given cards' confirmed pairs, or all of them and the job's target; the run history
+        is kept. Returns how many pairs were forgotten."""
+
+    @abstractmethod
+    def forget_pairs(self, job: str, pairs: Iterable[tuple[str, str]]) -> int:
+        """Forget (card, external ID) pairs no longer true (a revert changed the card), unless a later
+        run confirmed another ID for that card meanwhile."""
+
+    @abstractmethod
+    def describe(self, job: str) -> dict[str, Any]:
+        """{"job", "target", "confirmed_pairs", "oldest_check", "newest_check"}."""
+
+    @abstractmethod
+    def history(self, job: str) -> list[dict[str, Any]]:
+        """The job's runs, oldest first (``counts`` decoded)."""
+
+
+def target_mismatch(job: str, bound: str, target: str) -> UsageError:
+    """The error both stores raise when a job is run against another API than its own."""
+    return UsageError(
+        f"job {job} writes to {bound}, not {target}: its memory of confirmed pairs is only true there",
+        f"use another --job name for {target}, or `capbatch forget --job {job}` to start it afresh")

@@ -36,13 +36,13 @@ from psycopg import errors as pg_errors
 from psycopg.rows import dict_row
 
 from ..errors import LedgerError, LedgerLost, UsageError
-from .base import Ledger, RowResult, WorkRow, redact_password, shape_invocation, warnings_json
+from .base import JobStore, Ledger, RowResult, WorkRow, redact_password, shape_invocation, target_mismatch, warnings_json
 
 log = logging.getLogger("capbatch.ledger")
 # The driver logs what it ignores while tearing down a lost connection; our own error says it all.
 logging.getLogger("psycopg").addHandler(logging.NullHandler())
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 LEASE_SECONDS = 30.0            # a worker that has not renewed its lease for this long is dead
 RENEW_EVERY = 5.0               # seconds between lease renewals
 UNKNOWN_CHECK_EVERY = 2.0       # seconds between looks for rows a dead worker left in flight
@@ -156,6 +156,15 @@ _MIGRATIONS: list[str] = [
         changed_at double precision NOT NULL DEFAULT 0,
         throttle_events integer NOT NULL DEFAULT 0,
         leases bigint NOT NULL DEFAULT 0
+    );
+    """,
+    # version 2: the API target a job writes to (its confirmed pairs are only true there), kept with
+    # the job in the database instead of in one host's jobs.sqlite
+    """
+    CREATE TABLE capbatch.jobs (
+        job text PRIMARY KEY,
+        target text NOT NULL,
+        created_at double precision NOT NULL
     );
     """,
 ]
@@ -575,60 +584,10 @@ class PostgresLedger(Ledger):
             + tail)
         return self._execute(sql, values).fetchall()
 
-    # ---- job memory: confirmed pairs and the job's runs, in the database ---------------------------
-    keeps_job_memory = True
-
-    def settle_confirmed(self, job: str, audit_fraction: float | None = None) -> tuple[int, int]:
-        """As capbatch/jobs.py does for a job store file: with ``audit_fraction`` F, ceil(F x matches)
-        of the confirmed pairs, longest unchecked first, stay pending for the rolling audit (picked
-        once per run, under a row lock on the run, so workers starting together pick one slice)."""
-        params = {"now": time.time(), "job": job, "run": self.run_id}
-        match = ("FROM capbatch.rows r JOIN capbatch.confirmed c ON c.job=%(job)s AND c.card=r.card "
-                 "AND c.external_id=r.external_id WHERE r.run_id=%(run)s AND r.state='pending' AND r.audit=0 "
-                 "AND r.external_id <> ''")
-        self._check()
-        try:
-            with self.conn.transaction():
-                self.conn.execute("SELECT 1 FROM capbatch.runs WHERE id=%(run)s FOR UPDATE", params)
-                picked = self.conn.execute("SELECT value FROM capbatch.meta WHERE run_id=%(run)s "
-                                           "AND key='audit_picked'", params).fetchone()
-                audited = int(picked[0]) if picked else 0
-                if audit_fraction and not picked:
-                    matched = self.conn.execute(f"SELECT count(*) {match}", params).fetchone()[0]
-                    audited = self.conn.execute(
-                        f"UPDATE capbatch.rows SET audit=1 WHERE run_id=%(run)s AND id IN (SELECT r.id {match} "
-                        "ORDER BY c.confirmed_at, r.card LIMIT %(limit)s)",
-                        {**params, "limit": math.ceil(matched * audit_fraction)}).rowcount
-                    self.conn.execute("INSERT INTO capbatch.meta(run_id, key, value) VALUES (%(run)s, "
-                                      "'audit_picked', %(n)s)", {**params, "n": str(audited)})
-                settled = self.conn.execute(
-                    "UPDATE capbatch.rows r SET state='unchanged', settled_at=%(now)s, "
-                    "note='confirmed by an earlier run of job ' || %(job)s || ' on ' || "
-                    "to_char(to_timestamp(c.confirmed_at) AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS') "
-                    "|| ' UTC; not sent (--skip-confirmed)' "
-                    "FROM capbatch.confirmed c WHERE r.run_id=%(run)s AND r.state='pending' AND r.audit=0 "
-                    "AND r.external_id <> '' AND c.job=%(job)s AND c.card=r.card AND c.external_id=r.external_id",
-                    params).rowcount
-        except psycopg.Error as exc:
-            raise self._wrap(exc) from exc
-        return settled, audited
-
-    def remember_job_run(self, job: str, run_dir: Any, summary: Mapping[str, Any], started_at: float) -> None:
-        """Record the pairs this run confirmed, and this invocation, in the job's memory."""
-        with self._batch() as conn:
-            conn.execute(
-                "INSERT INTO capbatch.confirmed(job, card, external_id, confirmed_at, run_dir) "
-                "SELECT %(job)s, card, external_id, coalesce(settled_at, %(now)s), %(dir)s FROM capbatch.rows "
-                "WHERE run_id=%(run)s AND state IN ('succeeded','unchanged') AND external_id <> '' AND attempts > 0 "
-                "ON CONFLICT (job, card) DO UPDATE SET external_id=excluded.external_id, "
-                "confirmed_at=excluded.confirmed_at, run_dir=excluded.run_dir",
-                {"job": job, "now": time.time(), "dir": str(run_dir), "run": self.run_id})
-            conn.execute(
-                "INSERT INTO capbatch.job_runs(job, run_id, run_dir, input_name, host, started_at, ended_at, "
-                "exit_code, counts, requests) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)",
-                (job, self.run_id, str(run_dir), self.get_meta("input_name"), socket.gethostname(), started_at,
-                 time.time(), summary.get("exit_code"), json.dumps(summary.get("counts", {})),
-                 (summary.get("this_invocation") or {}).get("requests", 0)))
+    # ---- job memory: in the database ----------------------------------------------------------
+    def job_store(self, reports_dir: Any = None) -> "PostgresJobStore":
+        """The job's memory, in this ledger's database (on its connection)."""
+        return PostgresJobStore(self.url, self.conn, owned=False, wrap=self._wrap)
 
     # ---- the shared quota ----------------------------------------------------------------------
     def shared_pacer(self, rate: Any, base_url: str, credentials: Any) -> Any:
@@ -658,6 +617,160 @@ class PostgresLedger(Ledger):
                             (self.run_id,))
         cols = [d[0] for d in cur.description or ()]
         return [shape_invocation(dict(zip(cols, r))) for r in cur.fetchall()]
+
+
+class PostgresJobStore(JobStore):
+    """A database job's memory: ``capbatch.jobs`` (its target), ``capbatch.confirmed`` (its confirmed
+    pairs) and ``capbatch.job_runs`` (its history), shared by every worker and every host."""
+
+    def __init__(self, url: str, conn: psycopg.Connection[Any], *, owned: bool,
+                 wrap: Any = None, readonly: bool = False) -> None:
+        self.url = url
+        self.location = redact_password(url)
+        self.conn = conn
+        self._owned = owned
+        self._readonly = readonly
+        self._wrap_error = wrap or (lambda exc: _wrap_setup(exc, url))
+
+    @classmethod
+    def open(cls, url: str, readonly: bool = False) -> "PostgresJobStore":
+        """A store on a connection of its own (commands that have no run open: forget, history)."""
+        check_url(url)
+        conn = _connect(url, readonly)
+        try:
+            if not readonly:
+                _migrate(conn, url)
+        except BaseException:
+            conn.close()
+            raise
+        return cls(url, conn, owned=True, readonly=readonly)
+
+    def close(self) -> None:
+        if self._owned:
+            self.conn.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[psycopg.Connection[Any]]:
+        try:
+            with self.conn.transaction():
+                yield self.conn
+        except psycopg.Error as exc:
+            raise self._wrap_error(exc) from exc
+
+    def _has(self, table: str) -> bool:
+        """Whether ``capbatch.<table>`` exists (a read-only look at an older or empty database)."""
+        return self.conn.execute("SELECT to_regclass(%s)", (f"capbatch.{table}",)).fetchone()[0] is not None
+
+    # ---- the job's target ----------------------------------------------------------------------
+    def bind_target(self, job: str, target: str) -> None:
+        with self._transaction() as conn:
+            conn.execute("INSERT INTO capbatch.jobs(job, target, created_at) VALUES (%s, %s, %s) "
+                         "ON CONFLICT (job) DO NOTHING", (job, target, time.time()))
+            bound = conn.execute("SELECT target FROM capbatch.jobs WHERE job=%s", (job,)).fetchone()[0]
+        if bound != target:
+            raise target_mismatch(job, bound, target)
+
+    # ---- confirmed pairs -----------------------------------------------------------------------
+    def settle_confirmed(self, ledger: Ledger, job: str, audit_fraction: float | None = None) -> tuple[int, int]:
+        """Picked once per run, under a row lock on the run, so workers starting together pick one slice."""
+        run_id = _run_of(ledger, self)
+        params = {"now": time.time(), "job": job, "run": run_id}
+        match = ("FROM capbatch.rows r JOIN capbatch.confirmed c ON c.job=%(job)s AND c.card=r.card "
+                 "AND c.external_id=r.external_id WHERE r.run_id=%(run)s AND r.state='pending' AND r.audit=0 "
+                 "AND r.external_id <> ''")
+        with self._transaction() as conn:
+            conn.execute("SELECT 1 FROM capbatch.runs WHERE id=%(run)s FOR UPDATE", params)
+            picked = conn.execute("SELECT value FROM capbatch.meta WHERE run_id=%(run)s "
+                                  "AND key='audit_picked'", params).fetchone()
+            audited = int(picked[0]) if picked else 0
+            if audit_fraction and not picked:
+                matched = conn.execute(f"SELECT count(*) {match}", params).fetchone()[0]
+                audited = conn.execute(
+                    f"UPDATE capbatch.rows SET audit=1 WHERE run_id=%(run)s AND id IN (SELECT r.id {match} "
+                    "ORDER BY c.confirmed_at, r.card LIMIT %(limit)s)",
+                    {**params, "limit": math.ceil(matched * audit_fraction)}).rowcount
+                conn.execute("INSERT INTO capbatch.meta(run_id, key, value) VALUES (%(run)s, "
+                             "'audit_picked', %(n)s)", {**params, "n": str(audited)})
+            settled = conn.execute(
+                "UPDATE capbatch.rows r SET state='unchanged', settled_at=%(now)s, "
+                "note='confirmed by an earlier run of job ' || %(job)s || ' on ' || "
+                "to_char(to_timestamp(c.confirmed_at) AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS') "
+                "|| ' UTC; not sent (--skip-confirmed)' "
+                "FROM capbatch.confirmed c WHERE r.run_id=%(run)s AND r.state='pending' AND r.audit=0 "
+                "AND r.external_id <> '' AND c.job=%(job)s AND c.card=r.card AND c.external_id=r.external_id",
+                params).rowcount
+        return settled, audited
+
+    def remember(self, ledger: Ledger, job: str, run_dir: Any, summary: Mapping[str, Any],
+                 started_at: float) -> None:
+        run_id = _run_of(ledger, self)
+        input_name = ledger.get_meta("input_name")
+        with self._transaction() as conn:
+            conn.execute(
+                "INSERT INTO capbatch.confirmed(job, card, external_id, confirmed_at, run_dir) "
+                "SELECT %(job)s, card, external_id, coalesce(settled_at, %(now)s), %(dir)s FROM capbatch.rows "
+                "WHERE run_id=%(run)s AND state IN ('succeeded','unchanged') AND external_id <> '' AND attempts > 0 "
+                "ON CONFLICT (job, card) DO UPDATE SET external_id=excluded.external_id, "
+                "confirmed_at=excluded.confirmed_at, run_dir=excluded.run_dir",
+                {"job": job, "now": time.time(), "dir": str(run_dir), "run": run_id})
+            conn.execute(
+                "INSERT INTO capbatch.job_runs(job, run_id, run_dir, input_name, host, started_at, ended_at, "
+                "exit_code, counts, requests) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)",
+                (job, run_id, str(run_dir), input_name, socket.gethostname(), started_at,
+                 time.time(), summary.get("exit_code"), json.dumps(summary.get("counts", {})),
+                 (summary.get("this_invocation") or {}).get("requests", 0)))
+
+    def forget(self, job: str, cards: Iterable[str] = ()) -> int:
+        wanted = list(cards)
+        with self._transaction() as conn:
+            if wanted:
+                return conn.execute("DELETE FROM capbatch.confirmed WHERE job=%s AND card = ANY(%s)",
+                                    (job, wanted)).rowcount
+            conn.execute("DELETE FROM capbatch.jobs WHERE job=%s", (job,))
+            return conn.execute("DELETE FROM capbatch.confirmed WHERE job=%s", (job,)).rowcount
+
+    def forget_pairs(self, job: str, pairs: Iterable[tuple[str, str]]) -> int:
+        cards, ids = [list(c) for c in zip(*pairs)] or [[], []]
+        with self._transaction() as conn:
+            return conn.execute("DELETE FROM capbatch.confirmed c USING unnest(%s::text[], %s::text[]) AS p(card, ext) "
+                                "WHERE c.job=%s AND c.card=p.card AND c.external_id=p.ext", (cards, ids, job)).rowcount
+
+    # ---- reading -------------------------------------------------------------------------------
+    def describe(self, job: str) -> dict[str, Any]:
+        out: dict[str, Any] = {"job": job, "target": None, "confirmed_pairs": 0, "oldest_check": None,
+                               "newest_check": None}
+        try:
+            if self._has("jobs"):
+                row = self.conn.execute("SELECT target FROM capbatch.jobs WHERE job=%s", (job,)).fetchone()
+                out["target"] = row[0] if row else None
+            if self._has("confirmed"):
+                n, oldest, newest = self.conn.execute(
+                    "SELECT count(*), min(confirmed_at), max(confirmed_at) FROM capbatch.confirmed WHERE job=%s",
+                    (job,)).fetchone()
+                out.update(confirmed_pairs=int(n), oldest_check=oldest, newest_check=newest)
+        except psycopg.Error as exc:
+            raise self._wrap_error(exc) from exc
+        return out
+
+    def history(self, job: str) -> list[dict[str, Any]]:
+        """One line per worker invocation that finished, oldest first."""
+        try:
+            if not self._has("job_runs"):
+                return []
+            cur = self.conn.execute("SELECT id, run_dir, input_name, started_at, ended_at, exit_code, counts, "
+                                    "requests, host FROM capbatch.job_runs WHERE job=%s ORDER BY id", (job,))
+            cols = [d[0] for d in cur.description or ()]
+            return [{**dict(zip(cols, row)), "counts": json.loads(row[6] or "{}")} for row in cur.fetchall()]
+        except psycopg.Error as exc:
+            raise self._wrap_error(exc) from exc
+
+
+def _run_of(ledger: Ledger, store: PostgresJobStore) -> int:
+    """The run id of a database ledger in the store's database; anything else is a wiring error."""
+    if not isinstance(ledger, PostgresLedger) or ledger.url != store.url:
+        raise LedgerError(f"the job memory in {store.location} serves that database's runs, not {ledger.location}",
+                          "a run-directory job keeps its memory in <reports-dir>/jobs.sqlite")
+    return ledger.run_id
 
 
 # ---- connecting, migrating, finding the run --------------------------------------------------------
@@ -745,23 +858,6 @@ def _get_or_create_run(conn: psycopg.Connection[Any], url: str, job: str, sha: s
                                 (job, sha)).fetchone()[0])
     except psycopg.Error as exc:
         raise _wrap_setup(exc, url) from exc
-
-
-def job_history(url: str, job: str) -> list[dict[str, Any]]:
-    """A job's runs (one line per worker invocation that finished), oldest first."""
-    check_url(url)
-    conn = _connect(url, readonly=True)
-    try:
-        if schema_version(conn) is None:
-            return []
-        cur = conn.execute("SELECT id, run_dir, input_name, started_at, ended_at, exit_code, counts, requests, host "
-                           "FROM capbatch.job_runs WHERE job=%s ORDER BY id", (job,))
-        cols = [d[0] for d in cur.description or ()]
-        return [{**dict(zip(cols, row)), "counts": json.loads(row[6] or "{}")} for row in cur.fetchall()]
-    except psycopg.Error as exc:
-        raise _wrap_setup(exc, url) from exc
-    finally:
-        conn.close()
 
 
 def _find_run(conn: psycopg.Connection[Any], url: str, job: str, sha: str | None) -> int:

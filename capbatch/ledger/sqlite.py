@@ -19,6 +19,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from ..errors import LedgerError
 from .base import Ledger, RowResult, WorkRow, shape_invocation, warnings_json
+from .jobstore import STORE_FILE, SqliteJobStore
 
 SCHEMA_VERSION = 4
 LEDGER_FILE = "ledger.sqlite"
@@ -386,6 +387,11 @@ class SqliteLedger(Ledger):
         except sqlite3.OperationalError:
             return {}
         return {state: n for state, n in cur}
+
+    # ---- job memory ----------------------------------------------------------------------------
+    def job_store(self, reports_dir: Path) -> SqliteJobStore:
+        """A run directory's job keeps its memory in ``<reports_dir>/jobs.sqlite``."""
+        return SqliteJobStore(reports_dir / STORE_FILE)
 
     # ---- revert --------------------------------------------------------------------------------
     def import_expecting(self, rows: Iterable[tuple[Any, ...]], batch: int = 20000) -> int:
