@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from . import announce, jobs, outputs, report
 from .aio import run_async
 from .config import Settings, canary_rows, target_url
-from .errors import ConfigError, InputFileError, Interrupted, LedgerError, Paused, RunAborted, UsageError
+from .errors import ConfigError, InputFileError, Interrupted, LedgerError, LedgerLost, Paused, RunAborted, UsageError
 from .ledger import LEDGER_FILE, Ledger, open_for_reading, open_ledger, row_label
 from .pacing import shared_pacers
 from .plan import Plan, PlanSettings, check_deadline, make_plan
@@ -472,9 +472,17 @@ class _JsonFormatter(logging.Formatter):
                            "logger": record.name, "message": record.getMessage()}, ensure_ascii=False)
 
 
+class _RunLogHandler(logging.FileHandler):
+    """The run directory's log. A line it cannot write (a full disk) is dropped without the logging
+    module's traceback on stderr: the ledger's own error says what happened."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        pass
+
+
 def _attach_json_log(run_dir: Path) -> logging.Handler | None:
     try:
-        handler = logging.FileHandler(run_dir / "capbatch.log.jsonl", encoding="utf-8")
+        handler = _RunLogHandler(run_dir / "capbatch.log.jsonl", encoding="utf-8")
     except OSError:
         return None
     handler.setFormatter(_JsonFormatter())
@@ -597,7 +605,10 @@ def _run(s: Settings, source: Source, stop: StopSwitch | None, announcer: announ
         result = send_rows(s, ledger, base_url, switch, announcer.tick, schedule, clock)
     except BaseException as exc:
         code = announce.exit_code_of(exc)
-        ledger.end_invocation(invocation, code, "interrupted" if code == report.EXIT_INTERRUPTED else "error")
+        try:
+            ledger.end_invocation(invocation, code, "interrupted" if code == report.EXIT_INTERRUPTED else "error")
+        except LedgerError:   # the ledger that failed cannot take the end either; the first error says why
+            log.debug("could not record the end of invocation %s", invocation, exc_info=True)
         _detach(file_log)
         ledger.close()
         raise
@@ -608,7 +619,14 @@ def _run(s: Settings, source: Source, stop: StopSwitch | None, announcer: announ
     ledger.set_meta("plan_actual", json.dumps(plan_actual(
         plan.to_dict(), result.counters.settled, result.counters.requests, time.time() - started_at,
         result.waiting_seconds)))
-    summary = write_run_reports(ledger, run_dir, result)
+    try:
+        summary = write_run_reports(ledger, run_dir, result)
+    except OSError as exc:   # a full disk at the very end: every outcome is in the ledger already
+        _detach(file_log)
+        ledger.close()
+        raise LedgerLost(f"the reports could not be written in {run_dir} ({exc.strerror or exc})",
+                         f"free space there, then rerun the same command (or `capbatch report {run_dir}`): "
+                         "the ledger has every outcome") from exc
     if s.job:
         jobs.remember(ledger, s.reports_dir, s.job, run_dir, summary, started_at)
     _log_summary(summary)

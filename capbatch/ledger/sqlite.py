@@ -17,7 +17,7 @@ import urllib.parse
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
-from ..errors import LedgerError
+from ..errors import LedgerError, LedgerLost
 from .base import Ledger, RowResult, WorkRow, shape_invocation, warnings_json
 from .jobstore import STORE_FILE, SqliteJobStore
 
@@ -87,21 +87,30 @@ _MIGRATIONS: list[str] = [
 ]
 
 
-def _wrap(exc: sqlite3.Error, path: Path) -> LedgerError:
+def _wrap(exc: sqlite3.Error, path: Path, writing: bool = False) -> LedgerError:
+    """Our error for a SQLite one. A full disk, an I/O error, or any failed write of the run's
+    progress (``writing``) stops the run resumably (LedgerLost, exit 3): what was sent is safe, the rows
+    in flight are read back on the rerun."""
     text = str(exc).lower()
     if "disk is full" in text or "disk i/o" in text:
-        return LedgerError(f"the ledger at {path} could not be written: the disk is full",
-                           "free space on that disk (or use --run-dir elsewhere), then rerun the same command to resume")
+        return LedgerLost(f"the ledger at {path} could not be written: the disk is full or failing ({exc}); "
+                          "sending stopped",
+                          "free space on that disk (or use --run-dir elsewhere), then rerun the same command to resume")
     if "readonly" in text or "read-only" in text or "unable to open" in text:
-        return LedgerError(f"the ledger at {path} cannot be written ({exc})",
-                           "make the run directory writable or choose another with --run-dir")
-    if "locked" in text or "busy" in text:
-        return LedgerError(f"the ledger at {path} is locked by another process",
-                           "wait for the other capbatch process to finish")
-    if "not a database" in text or "malformed" in text:
-        return LedgerError(f"{path} is not a capbatch ledger or is damaged ({exc})",
-                           "point --run-dir at a fresh directory")
-    return LedgerError(f"ledger error in {path}: {exc}", "rerun the same command; if it persists, use a fresh --run-dir")
+        found = LedgerError(f"the ledger at {path} cannot be written ({exc})",
+                            "make the run directory writable or choose another with --run-dir")
+    elif "locked" in text or "busy" in text:
+        found = LedgerError(f"the ledger at {path} is locked by another process",
+                            "wait for the other capbatch process to finish")
+    elif "not a database" in text or "malformed" in text:
+        found = LedgerError(f"{path} is not a capbatch ledger or is damaged ({exc})",
+                            "point --run-dir at a fresh directory")
+    else:
+        found = LedgerError(f"ledger error in {path}: {exc}",
+                            "rerun the same command; if it persists, use a fresh --run-dir")
+    if writing and isinstance(exc, sqlite3.OperationalError):
+        return LedgerLost(f"{found.message}; sending stopped", f"{found.hint}, then rerun the same command to resume")
+    return found
 
 
 class SqliteLedger(Ledger):
@@ -210,15 +219,22 @@ class SqliteLedger(Ledger):
         except sqlite3.Error as exc:
             raise _wrap(exc, self.path) from exc
 
+    def _rollback(self) -> None:
+        """Undo an unfinished write; a disk too full even for that leaves it to the next open."""
+        try:
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass
+
     def _many(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
         try:
             self.conn.execute("BEGIN IMMEDIATE")
             self.conn.executemany(sql, rows)
             self.conn.execute("COMMIT")
         except sqlite3.Error as exc:
-            if self.conn.in_transaction:
-                self.conn.execute("ROLLBACK")
-            raise _wrap(exc, self.path) from exc
+            self._rollback()
+            raise _wrap(exc, self.path, writing=True) from exc
 
     def get_meta(self, key: str) -> str | None:
         row = self._exec("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
@@ -367,9 +383,8 @@ class SqliteLedger(Ledger):
                                    self._invocation))
             self.conn.execute("COMMIT")
         except sqlite3.Error as exc:
-            if self.conn.in_transaction:
-                self.conn.execute("ROLLBACK")
-            raise _wrap(exc, self.path) from exc
+            self._rollback()
+            raise _wrap(exc, self.path, writing=True) from exc
 
     def requeue_failed(self) -> int:
         """--retry-failed: failed rows go back to pending (attempts keep counting); the failure they

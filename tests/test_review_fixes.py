@@ -1,0 +1,70 @@
+"""Findings of the code review, each through the real parts: the CLI in a subprocess, the simulator on
+loopback, real SQLite files, a real PostgreSQL server."""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import cli_env, make_cards, write_csv
+from test_resilience import fresh_cards
+from test_workers import pg_fetch, worker_args
+
+
+def _run_with_file_limit(args: list[str], cwd: Path, limit: int) -> subprocess.CompletedProcess[str]:
+    """The CLI with every file it writes capped at ``limit`` bytes: past it a write fails (EFBIG) as it
+    would on a full disk (Python ignores SIGXFSZ)."""
+    def cap() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return subprocess.run([sys.executable, "-m", "capbatch", *args], cwd=cwd, env=cli_env(), capture_output=True,
+                          text=True, timeout=120, stdin=subprocess.DEVNULL, preexec_fn=cap)
+
+
+# ---- 1: a database job's target is bound in the database ---------------------------------------------
+def test_a_database_jobs_target_binding_is_seen_by_a_second_host(tmp_path, sim, run_cli, pg_url):
+    pairs = make_cards(20)
+    first, second = sim(cards=fresh_cards(pairs)), sim(cards=fresh_cards(pairs))
+    host_a, host_b = tmp_path / "host-a", tmp_path / "host-b"      # two hosts: no reports dir in common
+    for host in (host_a, host_b):
+        host.mkdir()
+    src_a, src_b = write_csv(host_a / "cards.csv", pairs), write_csv(host_b / "cards.csv", pairs)
+    p = run_cli(*worker_args(src_a, first.url, pg_url, "nightly", "--rate", "unlimited"), cwd=host_a)
+    assert p.returncode == 0, p.stderr
+    assert pg_fetch(pg_url, "SELECT job, target FROM capbatch.jobs") == [("nightly", first.url)]
+
+    p = run_cli(*worker_args(src_b, second.url, pg_url, "nightly", "--rate", "unlimited"), cwd=host_b)
+    assert p.returncode == 2, p.stderr
+    assert f"job nightly writes to {first.url}, not {second.url}" in p.stderr
+    assert second.stats()["requests"] == 0 and not any(second.card_ids().values())
+
+    p = run_cli("forget", "--job", "nightly", "--ledger", pg_url, cwd=host_b)   # forgetting frees it, for every host
+    assert p.returncode == 0, p.stderr
+    assert pg_fetch(pg_url, "SELECT count(*) FROM capbatch.jobs") == [(0,)]
+
+
+# ---- 2: a SQLite ledger's disk fills up mid-run ----------------------------------------------------
+def test_a_full_disk_mid_run_stops_resumably_and_the_rerun_finishes(tmp_path, sim):
+    pairs = make_cards(3000)
+    src = write_csv(tmp_path / "cards.csv", pairs)
+    s = sim(cards=fresh_cards(pairs))
+    args = ["run", str(src), "--base-url", s.url, "--rate", "unlimited", "--progress", "none"]
+
+    p = _run_with_file_limit(args, tmp_path, 2_000_000)   # the import fits; the run's commits do not
+    sent = s.stats()["requests"]
+    assert p.returncode == 3, p.stderr
+    assert 0 < sent < len(pairs), "the disk should fill up mid-run"
+    run_dir = next((tmp_path / "reports").glob("cards-*"))
+    assert f"{Path('reports') / run_dir.name / 'ledger.sqlite'} could not be written" in p.stderr
+    assert "free space on that disk" in p.stderr and "rerun the same command to resume" in p.stderr
+    assert "Traceback" not in p.stderr and "internal error" not in p.stderr
+
+    p = subprocess.run([sys.executable, "-m", "capbatch", *args], cwd=tmp_path, env=cli_env(), capture_output=True,
+                       text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert p.returncode == 0, p.stderr
+    assert s.card_ids() == dict(pairs)
+    assert max(s.stats()["puts_per_card"].values()) == 1   # rows in flight were read back, not sent twice
+    assert json.loads((run_dir / "summary.json").read_text())["counts"]["pending"] == 0
