@@ -26,6 +26,7 @@ from .api import (
     Outcome,
     is_known_code,
 )
+from .errors import LedgerError
 from .ledger import Ledger, RowResult, State, WorkRow, row_label
 
 log = logging.getLogger("capbatch.canary")
@@ -55,9 +56,24 @@ async def run_canary(engine: _Engine, k: int) -> int:
         return 0
     log.warning("canary: sending %d row(s) spread across the file one at a time, each read back, before "
                 "the pool opens (--canary 0 skips this)", len(rows))
+    unsent = {row.id for row in rows}
+    try:
+        return await _send_one_by_one(engine, rows, unsent)
+    finally:
+        # A database ledger hands the canary its rows claimed: those it never sent (it stopped early, or
+        # was interrupted) go back to pending now, not when their lease runs out.
+        if unsent:
+            try:
+                engine.ledger.release(sorted(unsent))
+            except LedgerError:   # the ledger is gone: the error on its way out says so; the lease runs out
+                log.debug("could not release the canary's unsent rows", exc_info=True)
+
+
+async def _send_one_by_one(engine: _Engine, rows: list[WorkRow], unsent: set[int]) -> int:
     proven, no_echo, settled = 0, 0, 0
     failed: Counter[str] = Counter()
     for row in rows:
+        unsent.discard(row.id)
         result, ctx = await engine.settle_alone(row, confirm=True)
         if result is None or engine.abort_message:
             return settled or 1   # a fatal answer or Ctrl-C: the engine has already said why

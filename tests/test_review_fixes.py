@@ -68,3 +68,17 @@ def test_a_full_disk_mid_run_stops_resumably_and_the_rerun_finishes(tmp_path, si
     assert s.card_ids() == dict(pairs)
     assert max(s.stats()["puts_per_card"].values()) == 1   # rows in flight were read back, not sent twice
     assert json.loads((run_dir / "summary.json").read_text())["counts"]["pending"] == 0
+
+
+# ---- 4: the canary's claimed rows that it never sent go back --------------------------------------
+def test_rows_the_canary_claimed_but_never_sent_are_released(tmp_path, sim, run_cli, pg_url):
+    pairs = make_cards(30)
+    src = write_csv(tmp_path / "cards.csv", pairs)
+    s = sim(cards=fresh_cards(pairs), p_noop=1.0)         # every PUT answered 200, none applied
+    p = run_cli(*worker_args(src, s.url, pg_url, "canary", "--canary", "5"))
+    assert p.returncode == 3, p.stderr
+    assert "canary stopped the run" in p.stderr
+    assert s.stats()["puts_per_card"] == {pairs[0][0]: 1}    # it stopped at its first row
+    rows = dict(pg_fetch(pg_url, "SELECT state, count(*) FROM capbatch.rows GROUP BY state"))
+    assert rows == {"failed": 1, "pending": 29}, rows      # none left in flight under a dead lease
+    assert pg_fetch(pg_url, "SELECT count(*) FROM capbatch.rows WHERE owner IS NOT NULL") == [(0,)]
