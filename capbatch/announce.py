@@ -99,6 +99,15 @@ class Announcer:
         report = Path(str(summary.get("run_dir") or "")) / "report.html" if summary.get("run_dir") else None
         self._end(figures, exit_code, summary, None, str(report) if report else None)
 
+    def nothing_sent(self, message: str) -> None:
+        """The invocation ended at once by design (outside its windows with --window-exit): exit 0,
+        no run; the time of the last success stays that of the last run that settled its rows."""
+        if self.done:
+            return
+        self.done = True
+        figures = metrics.without_run(self.t.job, self.input_name, 0, self.last_success)
+        self._end(figures, 0, None, message, None)
+
     def failed(self, exc: BaseException) -> None:
         """The invocation ended without a summary: refused input or settings, a lost ledger, a crash."""
         if self.done:

@@ -552,9 +552,12 @@ def _run(s: Settings, source: Source, stop: StopSwitch | None, announcer: announ
     if s.window_exit and not schedule.is_open(clock.now()):
         now = clock.now()
         opens = schedule.next_open(now)
-        log.info("outside the sending windows %s (the next opens %s, in %s): --window-exit, nothing sent",
-                 schedule.describe(), schedule.local_hhmm(opens, now), human_duration(opens - now))
-        return {"stop": "outside window", "exit_code": report.EXIT_OK, "next_window_opens_at": report.iso(opens)}
+        message = (f"outside the sending windows {schedule.describe()} (the next opens "
+                   f"{schedule.local_hhmm(opens, now)}, in {human_duration(opens - now)}): --window-exit, nothing sent")
+        logging.getLogger("capbatch.summary").info("%s", message)   # shown with -q too
+        announcer.nothing_sent(message)   # the metrics file and the webhook hear of this night too
+        return Summary({"stop": "outside window", "message": message, "exit_code": report.EXIT_OK,
+                        "next_window_opens_at": report.iso(opens), "counts": {}, "run_dir": None})
     if not s.verify_tls:
         log.warning("TLS certificate verification is OFF (--no-verify-tls): use this only for a trusted test host")
     if s.run_dir:

@@ -14,7 +14,8 @@ class Summary(dict):  # type: ignore[type-arg]
     - ``exit_code``: 0 every row settled; 1 some rows failed or were rejected (the CLI's exit codes)
     - ``ok``: ``exit_code == 0``
     - ``counts``: rows per state (pending, in_flight, succeeded, failed, rejected, unchanged, duplicate)
-    - ``run_dir``: the run directory (a Path): rerun with it to resume; ``load_results(run_dir)``
+    - ``run_dir``: the run directory (a Path): rerun with it to resume; ``load_results(run_dir)``;
+      None when nothing ran (``stop`` "outside window": ``window_exit`` outside the windows)
     - ``to_dict()``: a plain, independent ``dict`` copy
 
     Other keys: ``input`` (name, sha256, rows, columns, mapping), ``failed_by_error_code``,
@@ -38,8 +39,9 @@ class Summary(dict):  # type: ignore[type-arg]
         return dict(self["counts"])
 
     @property
-    def run_dir(self) -> Path:
-        return Path(self["run_dir"])
+    def run_dir(self) -> Path | None:
+        """None when no run took place (``stop`` "outside window": --window-exit outside the windows)."""
+        return Path(self["run_dir"]) if self.get("run_dir") else None
 
     def to_dict(self) -> dict[str, Any]:
         return copy.deepcopy(dict(self))

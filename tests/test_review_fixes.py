@@ -82,3 +82,34 @@ def test_rows_the_canary_claimed_but_never_sent_are_released(tmp_path, sim, run_
     rows = dict(pg_fetch(pg_url, "SELECT state, count(*) FROM capbatch.rows GROUP BY state"))
     assert rows == {"failed": 1, "pending": 29}, rows      # none left in flight under a dead lease
     assert pg_fetch(pg_url, "SELECT count(*) FROM capbatch.rows WHERE owner IS NOT NULL") == [(0,)]
+
+
+# ---- 5: --window-exit outside the windows: announced, and a Summary for code ----------------------
+def _closed_window() -> str:
+    from datetime import datetime
+
+    hour = (datetime.now().hour + 2) % 24
+    return f"{hour:02d}:00-{hour:02d}:30"
+
+
+def test_window_exit_outside_the_windows_is_announced_and_returns_a_summary(tmp_path, sim, run_cli):
+    import capbatch
+
+    s = sim(auto_create=True)
+    src = write_csv(tmp_path / "cards.csv", make_cards(5))
+    metrics_file = tmp_path / "capbatch.prom"
+    p = run_cli("run", src, "--base-url", s.url, "--window", _closed_window(), "--window-exit", "-q",
+                "--quota-dir", tmp_path / "quota", "--job", "nightly", "--metrics-file", metrics_file, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert "outside the sending windows" in p.stderr and "--window-exit, nothing sent" in p.stderr   # even with -q
+    prom = metrics_file.read_text()
+    assert 'capbatch_exit_code{input="cards.csv",job="nightly"} 0.0' in prom, prom
+    assert s.stats()["requests"] == 0
+
+    summary = capbatch.run_backfill(src, base_url=s.url, windows=[_closed_window()], window_exit=True,
+                                    quota_dir="none", env={"CAPILLARY_USERNAME": "demo", "CAPILLARY_PASSWORD": "demo"},
+                                    reports_dir=tmp_path / "lib")
+    assert isinstance(summary, capbatch.Summary)
+    assert summary.exit_code == 0 and summary.ok and summary["stop"] == "outside window"
+    assert summary.counts == {} and summary.run_dir is None and summary["next_window_opens_at"]
+    assert s.stats()["requests"] == 0
