@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import os
@@ -476,7 +477,7 @@ def report_cmd(run_dir: Path | None, output_dir: Path | None, ledger: str | None
 
 @main.command("simulate")
 @click.option("--host", default="127.0.0.1", help="Address to listen on; loopback only (default 127.0.0.1).")
-@click.option("--port", default=8080, type=int, help="Port to listen on (default 8080).")
+@click.option("--port", default=8080, type=click.IntRange(0, 65535), help="Port to listen on (default 8080; 0 picks a free one).")
 @click.option("--cards", type=click.Path(path_type=Path, exists=True), help="CSV of seeded cards (cardNumber[,cardExternalId]).")
 @click.option("--auto-create", is_flag=True, help="Every card number exists.")
 @click.option("--latency", type=float, default=0.0, help="Seconds added to each answer (default 0).")
@@ -510,10 +511,25 @@ def simulate_cmd(**opts: Any) -> int:
     cards_path = opts.pop("cards")
     host, port = opts.pop("host"), opts.pop("port")
     opts["required_fields"] = list(opts["required_fields"])
-    cfg = SimConfig(cards=load_cards_csv(cards_path) if cards_path else {}, **opts)
     if not config.is_loopback(host):
         raise UsageError(f"the simulator only listens on loopback, not {host}", "use --host 127.0.0.1")
-    serve(cfg, host, port)
+    try:
+        cards = load_cards_csv(cards_path) if cards_path else {}
+    except (OSError, ValueError, csv.Error) as exc:
+        raise UsageError(f"--cards {cards_path} cannot be read ({exc})",
+                         "give a UTF-8 CSV with a cardNumber column (and optionally cardExternalId)") from exc
+    try:
+        cfg = SimConfig(cards=cards, **opts)
+        cfg.validate()
+    except ValueError as exc:
+        name, _, rest = str(exc).partition(" ")   # "p_500 must be between 0 and 1, ..." names the option
+        what = f"--{name.replace('_', '-')} {rest}" if name in opts else str(exc)
+        raise UsageError(f"simulator option out of range: {what}", "see `capbatch simulate --help`") from exc
+    try:
+        serve(cfg, host, port)
+    except OSError as exc:
+        raise UsageError(f"the simulator cannot listen on {host}:{port} ({exc.strerror or exc})",
+                         "choose another --port (0 picks a free one), or stop what holds this one") from exc
     return 0
 
 

@@ -113,3 +113,28 @@ def test_window_exit_outside_the_windows_is_announced_and_returns_a_summary(tmp_
     assert summary.exit_code == 0 and summary.ok and summary["stop"] == "outside window"
     assert summary.counts == {} and summary.run_dir is None and summary["next_window_opens_at"]
     assert s.stats()["requests"] == 0
+
+
+# ---- 6: the simulator command's errors are usage errors ------------------------------------------
+def test_simulate_refuses_a_bad_port_a_busy_port_and_a_bad_option_with_exit_2(tmp_path, run_cli):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        p = run_cli("simulate", "--port", str(port), timeout=30)
+    assert p.returncode == 2, p.stderr
+    assert f"the simulator cannot listen on 127.0.0.1:{port}" in p.stderr and "choose another --port" in p.stderr
+
+    p = run_cli("simulate", "--p-500", "2", timeout=30)
+    assert p.returncode == 2 and "--p-500 must be between 0 and 1, not 2.0" in p.stderr, p.stderr
+
+    p = run_cli("simulate", "--port", "99999", timeout=30)
+    assert p.returncode == 2 and "--port" in p.stderr, p.stderr
+
+    binary = tmp_path / "cards.csv"
+    binary.write_bytes(b"\xff\xfe\x00not text")
+    p = run_cli("simulate", "--cards", str(binary), "--port", "0", timeout=30)
+    assert p.returncode == 2 and f"--cards {binary} cannot be read" in p.stderr, p.stderr
+    assert "internal error" not in p.stderr
