@@ -587,6 +587,7 @@ def _run(s: Settings, source: Source, stop: StopSwitch | None, announcer: announ
             log.info("resuming: %s", report.status_line(ledger.counts()))
         announce_plan(plan, schedule)
         ledger.set_meta("settings", json.dumps(s.public_dict(), default=str))
+        ledger.set_meta("run_dir", str(run_dir.resolve()))   # status/report --ledger find the reports there
         if s.retry_failed:
             log.info("--retry-failed: %d failed rows go out again (rejected rows stay rejected)",
                      ledger.requeue_failed())

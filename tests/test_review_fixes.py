@@ -138,3 +138,25 @@ def test_simulate_refuses_a_bad_port_a_busy_port_and_a_bad_option_with_exit_2(tm
     p = run_cli("simulate", "--cards", str(binary), "--port", "0", timeout=30)
     assert p.returncode == 2 and f"--cards {binary} cannot be read" in p.stderr, p.stderr
     assert "internal error" not in p.stderr
+
+
+# ---- 7: status and report --ledger find the run directory the run used ---------------------------
+def test_status_and_report_with_the_ledger_alone_use_the_runs_own_directory(tmp_path, sim, run_cli, pg_url):
+    pairs = make_cards(12)
+    src = write_csv(tmp_path / "cards.csv", pairs)
+    s = sim(cards=fresh_cards(pairs))
+    run_dir = tmp_path / "elsewhere" / "tonight"
+    p = run_cli(*worker_args(src, s.url, pg_url, "nightly", "--rate", "unlimited", "--run-dir", str(run_dir)))
+    assert p.returncode == 0, p.stderr
+    (run_dir / "results.csv").unlink()
+
+    other_host = tmp_path / "other-host"            # another working directory: no reports dir of its own
+    other_host.mkdir()
+    st = run_cli("status", "--ledger", pg_url, "--job", "nightly", "--json", cwd=other_host)
+    assert st.returncode == 0, st.stderr
+    assert json.loads(st.stdout)["run_dir"] == str(run_dir.resolve())
+    rp = run_cli("report", "--ledger", pg_url, "--job", "nightly", cwd=other_host)
+    assert rp.returncode == 0, rp.stderr
+    assert f"reports rebuilt in {run_dir.resolve()}" in rp.stdout
+    assert len((run_dir / "results.csv").read_text().splitlines()) == 1 + len(pairs)
+    assert not (other_host / "reports").exists()

@@ -33,14 +33,16 @@ def open_for_reading(run_dir: Path | None, location: str | None, job: str | None
     """A ledger to read (status, reports, verify) and the run directory its reports belong in.
 
     With a database ``location`` the job's latest run is read, and its reports go to ``run_dir`` or,
-    without one, to ``reports_dir/<job>/<input>-<hash>`` as a run would have put them."""
+    without one, to the run directory the run recorded (else ``reports_dir/<job>/<input>-<hash>``, as a
+    run would have put them)."""
     if location:
         if not job:
             raise UsageError("a database ledger needs --job NAME", "name the job given to `capbatch run --job`")
         ledger = open_ledger(location, run_dir or reports_dir, job=job, readonly=True)
         if run_dir is None:
+            recorded = ledger.get_meta("run_dir")
             name, sha = ledger.get_meta("input_name") or "input", ledger.get_meta("input_sha256") or ""
-            run_dir = reports_dir / job / f"{Path(name).stem}-{sha[:12]}"
+            run_dir = Path(recorded) if recorded else reports_dir / job / f"{Path(name).stem}-{sha[:12]}"
         return ledger, run_dir
     if run_dir is None:
         raise UsageError("no run directory given", "pass RUN_DIR, or --ledger URL --job NAME for a database ledger")
