@@ -6,6 +6,7 @@ import csv
 import json
 import logging
 import os
+import re
 import sys
 import tempfile
 import time
@@ -82,13 +83,39 @@ def echo(text: str) -> None:
         _silence(sys.stdout)
 
 
+_SECRET_OPTION = re.compile(r"password|secret|token|key|auth", re.I)
+
+
+def redacted_argv(argv: list[str]) -> list[str]:
+    """The command line as a crash log may keep it: no values of secret-looking options, no webhook
+    paths, and no user, password or query of any URL (a --ledger URL may carry its password)."""
+    out: list[str] = []
+    option = ""
+    for arg in argv:
+        name, eq, value = arg.partition("=") if arg.startswith("--") else ("", "", arg)
+        if arg.startswith("-") and not eq:
+            out.append(arg)
+            option = arg
+            continue
+        key = name or option
+        if _SECRET_OPTION.search(key):
+            value = "***"
+        elif key == "--notify-url":
+            value = config.redact_webhook(value)
+        elif "://" in value:
+            value = config.redact_url(value)
+        out.append(f"{name}={value}" if eq else value)
+        option = ""
+    return out
+
+
 def _crash_log() -> str | None:
     """Write the current exception's traceback to a file of its own; return its path."""
     try:
         fd, path = tempfile.mkstemp(prefix=f"capbatch-internal-error-{time.strftime('%Y%m%d-%H%M%S')}-",
                                     suffix=".log")
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(f"capbatch {__version__}, python {sys.version.split()[0]}, argv {sys.argv[1:]}\n")
+            fh.write(f"capbatch {__version__}, python {sys.version.split()[0]}, argv {redacted_argv(sys.argv[1:])}\n")
             fh.write(traceback.format_exc())
         return path
     except OSError:

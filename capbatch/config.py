@@ -221,7 +221,7 @@ class Settings:
                 continue
             value = getattr(self, f.name)
             if f.name in ("base_url", "pushgateway") and value:
-                value = _redact_url(value)
+                value = redact_url(value)
             if f.name == "ledger" and value:
                 value = redact_password(value)
             if f.name == "notify_url" and value:
@@ -239,7 +239,8 @@ def redact_webhook(url: str) -> str:
     return f"{parts.scheme}://{parts.hostname or ''}/***"
 
 
-def _redact_url(url: str) -> str:
+def redact_url(url: str) -> str:
+    """A URL as it may be printed: no user, password or query."""
     parts = urlsplit(url)
     if parts.username or parts.password or parts.query:
         host = parts.hostname or ""

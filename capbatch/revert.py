@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from . import jobs, report, runner
+from . import announce, jobs, report, runner
 from .config import CLUSTERS, Settings, target_url
 from .engine import CHANGED_SINCE
 from .errors import Interrupted, LedgerError, RunAborted, UsageError
@@ -148,9 +148,12 @@ def _settle(s: Settings, ledger: Ledger, run_dir: Path, base_url: str) -> dict[s
         log.info("reverting %s against %s: %s", run_dir, base_url, report.status_line(ledger.counts()))
         result = runner.run_async(runner._run_engine(s, ledger, base_url))
     except BaseException as exc:
-        code = getattr(exc, "exit_code", report.EXIT_INTERRUPTED if isinstance(exc, KeyboardInterrupt)
-                       else report.EXIT_ABORTED)
-        ledger.end_invocation(invocation, code, "interrupted" if code == report.EXIT_INTERRUPTED else "error", 0)
+        code = announce.exit_code_of(exc)   # as the CLI exits: a bug is 70, not "aborted"
+        try:   # requests None: keep the figures recorded as the revert went
+            ledger.end_invocation(invocation, code, "interrupted" if code == report.EXIT_INTERRUPTED else "error",
+                                  None)
+        except LedgerError:   # the ledger that failed cannot take the end either; the first error says why
+            log.debug("could not record the end of the revert's invocation", exc_info=True)
         runner._detach(file_log)
         raise
     ledger.end_invocation(invocation, report.exit_code_for(ledger.counts(), result.stop), result.stop,

@@ -160,3 +160,25 @@ def test_status_and_report_with_the_ledger_alone_use_the_runs_own_directory(tmp_
     assert f"reports rebuilt in {run_dir.resolve()}" in rp.stdout
     assert len((run_dir / "results.csv").read_text().splitlines()) == 1 + len(pairs)
     assert not (other_host / "reports").exists()
+
+
+# ---- 8: the crash log keeps no secrets of the command line ---------------------------------------
+def test_the_crash_log_keeps_no_secret_of_the_command_line(monkeypatch):
+    from capbatch import cli
+
+    argv = ["run", "in.csv", "--ledger", "postgresql://ops:hunter2@db:5432/capbatch?sslpassword=s3",
+            "--notify-url=https://hooks.slack.com/services/T000/B000/XXXXSECRET",
+            "--pushgateway", "https://push:pgw-pass@push.example.com:9091", "--client-secret", "cs-value",
+            "--auth", "basic", "--base-url", "https://api.example.com", "--rate", "10/s"]
+    monkeypatch.setattr(sys, "argv", ["capbatch", *argv])
+    try:
+        raise RuntimeError("a bug")
+    except RuntimeError:
+        where = cli._crash_log()
+    assert where is not None
+    text = Path(where).read_text()
+    Path(where).unlink()
+    for secret in ("hunter2", "sslpassword=s3", "ops:", "XXXXSECRET", "T000", "pgw-pass", "cs-value", "basic"):
+        assert secret not in text, secret
+    assert "postgresql://***@db:5432/capbatch?***" in text and "--notify-url=https://hooks.slack.com/***" in text
+    assert "'https://api.example.com'" in text and "'10/s'" in text and "RuntimeError: a bug" in text
