@@ -187,6 +187,15 @@ def input_flags(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--external-id-pattern", help="Regex every external ID must match in full."),
         click.option("--strip-invisible/--no-strip-invisible", default=None, help="Strip zero-width/control characters instead of rejecting the row (default: reject)."),
         click.option("--reports-dir", type=click.Path(path_type=Path), help="Where run directories go (default ./reports)."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return general_flags(f)
+
+
+def general_flags(f: Callable[..., Any]) -> Callable[..., Any]:
+    """The settings file and how much is said: every command that runs something."""
+    options = [
         click.option("--config", "config_file", type=click.Path(path_type=Path), help="TOML settings file (default ./capbatch.toml if present)."),
         click.option("-q", "--quiet", is_flag=True, default=None, help="Only warnings, errors and the final summary line."),
         click.option("-v", "--verbose", count=True, help="Add debug lines (settings and where each came from, retries, notifications)."),
@@ -252,22 +261,37 @@ AUTH_HELP = "Which credentials to use when both Basic and OAuth pairs are in the
 TLS_HELP = "Turn TLS certificate verification off (trusted test hosts only; only this flag can do that)."
 
 
+def send_flags(f: Callable[..., Any]) -> Callable[..., Any]:
+    """Where and how a command sends (run, revert): the target, the pace, the retries, the progress."""
+    options = [
+        click.option("--cluster", type=click.Choice(sorted(config.CLUSTERS), case_sensitive=False),
+                     help=f"Capillary cluster: {config.CLUSTER_NAMES_HELP} (revert: default the run's own)."),
+        click.option("--base-url", help="API base URL instead of --cluster (a test cluster, a proxy, the simulator; "
+                                        "revert: default the run's own, another one is refused)."),
+        click.option("--rate", help=f"Request rate cap, e.g. 1000/min or 20/s; 'unlimited' for none (default {config.DEFAULT_RATE})."),
+        click.option("--read-rate", help="Separate cap for reads (GET) (default: reads share --rate)."),
+        click.option("--concurrency", type=int, help="Requests in flight at most (default 16)."),
+        click.option("--max-attempts", type=int, help="Attempts per request for transient errors (default 8)."),
+        click.option("--timeout", type=float, help="Seconds per request (default 30)."),
+        click.option("--outage-budget", type=float, help="Seconds the API may stay down before the run aborts (default 300)."),
+        click.option("--grace-period", type=float, help="Seconds in-flight requests get after Ctrl-C/SIGTERM (default 10)."),
+        click.option("--allow-http", is_flag=True, default=None, help="Allow plain http:// to a non-loopback host."),
+        click.option("--no-verify-tls", "no_verify_tls", is_flag=True, default=False, help=TLS_HELP),
+        click.option("--auth", type=click.Choice(config.AUTH_KINDS), help=AUTH_HELP),
+        click.option("--progress", type=click.Choice(config.PROGRESS_MODES), help="auto: a bar on a terminal, log lines otherwise; bar; lines; none (default auto)."),
+        click.option("--progress-interval", type=float, help="Seconds between progress lines when not on a terminal, and between --metrics-file updates (default 10)."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
 @main.command("run", epilog=EXIT_CODES_HELP)
 @click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
-@click.option("--cluster", type=click.Choice(sorted(config.CLUSTERS), case_sensitive=False),
-              help=f"Capillary cluster: {config.CLUSTER_NAMES_HELP}.")
-@click.option("--base-url", help="API base URL instead of --cluster (a test cluster, a proxy, the simulator).")
 @click.option("--run-dir", type=click.Path(path_type=Path), help="Run directory (default reports/<input>-<hash>).")
 @click.option("--mode", type=click.Choice(config.MODES), help="backfill (default): PUT every row; reconcile: read first, PUT only what differs.")
-@click.option("--rate", help=f"Request rate cap, e.g. 1000/min or 20/s; 'unlimited' for none (default {config.DEFAULT_RATE}).")
-@click.option("--read-rate", help="Separate cap for reads (GET) (default: reads share --rate).")
-@click.option("--concurrency", type=int, help="Requests in flight at most (default 16).")
-@click.option("--max-attempts", type=int, help="Attempts per request for transient errors (default 8).")
-@click.option("--timeout", type=float, help="Seconds per request (default 30).")
 @click.option("--resume-check", type=click.Choice(config.RESUME_CHECKS), help="Rows in flight when a run died: read the card first or resend (default read).")
 @click.option("--generate-missing/--no-generate-missing", default=None, help="Rows with an empty external ID get one from GET /v2/cardNumber (default: such rows are rejected).")
-@click.option("--outage-budget", type=float, help="Seconds the API may stay down before the run aborts (default 300).")
-@click.option("--grace-period", type=float, help="Seconds in-flight requests get after Ctrl-C/SIGTERM (default 10).")
 @click.option("--extra-field", "extra_fields", multiple=True, metavar="NAME=VALUE",
               help="Constant field added to every PUT (repeatable), e.g. statusLabel=Active; NAME:=JSON for a "
                    "number or object (seriesId:=3). Never cardNumber/cardExternalId.")
@@ -282,11 +306,6 @@ TLS_HELP = "Turn TLS certificate verification off (trusted test hosts only; only
               help="Stop (exit 3) when the first settled rows nearly all fail with one permanent code (default on).")
 @click.option("--tripwire-rate", type=float, help="Share of the sample one failure code must reach (default 0.9).")
 @click.option("--tripwire-rows", type=int, help="Settled rows the tripwire watches (default 50).")
-@click.option("--allow-http", is_flag=True, default=None, help="Allow plain http:// to a non-loopback host.")
-@click.option("--no-verify-tls", "no_verify_tls", is_flag=True, default=False, help=TLS_HELP)
-@click.option("--auth", type=click.Choice(config.AUTH_KINDS), help=AUTH_HELP)
-@click.option("--progress", type=click.Choice(config.PROGRESS_MODES), help="auto: a bar on a terminal, log lines otherwise; bar; lines; none (default auto).")
-@click.option("--progress-interval", type=float, help="Seconds between progress lines when not on a terminal, and between --metrics-file updates (default 10).")
 @click.option("--dry-run", is_flag=True, default=None, help="Validate only; send nothing.")
 @click.option("--check-remote", is_flag=True, default=None, help="With --dry-run: also read every card and report which do not exist and which already hold their ID.")
 @click.option("--job", help="Job name tying nightly runs together (state store beside the run directories).")
@@ -296,6 +315,7 @@ TLS_HELP = "Turn TLS certificate verification off (trusted test hosts only; only
 @click.option("--retry-failed", is_flag=True, default=None, help="Send the rows of this run that failed again (e.g. cards created since); rejected rows stay rejected.")
 @click.option("--record-previous/--no-record-previous", default=None, help="Read each card before writing it and record the ID it held, so `capbatch revert` can put it back (one read per row).")
 @click.option("--json", "json_out", is_flag=True, default=False, help="Print the summary as JSON on stdout.")
+@send_flags
 @plan_flags
 @quota_flags
 @outside_flags
@@ -425,26 +445,11 @@ def forget_cmd(job: str, cards: tuple[str, ...], ledger: str | None, reports_dir
 
 @main.command("revert", epilog=EXIT_CODES_HELP)
 @click.argument("run_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
-@click.option("--cluster", type=click.Choice(sorted(config.CLUSTERS), case_sensitive=False), help="Capillary cluster (default: the run's own target; another one is refused).")
-@click.option("--base-url", help="API base URL (default: the run's own target; another one is refused).")
-@click.option("--rate", help=f"Request rate cap, e.g. 1000/min (default {config.DEFAULT_RATE}).")
-@click.option("--read-rate", help="Separate cap for reads (GET) (default: reads share --rate).")
-@click.option("--concurrency", type=int, help="Requests in flight at most (default 16).")
-@click.option("--max-attempts", type=int, help="Attempts per request for transient errors (default 8).")
-@click.option("--timeout", type=float, help="Seconds per request (default 30).")
-@click.option("--outage-budget", type=float, help="Seconds the API may stay down before the revert aborts (default 300).")
-@click.option("--grace-period", type=float, help="Seconds in-flight requests get after Ctrl-C/SIGTERM (default 10).")
-@click.option("--allow-http", is_flag=True, default=None, help="Allow plain http:// to a non-loopback host.")
-@click.option("--no-verify-tls", "no_verify_tls", is_flag=True, default=False, help=TLS_HELP)
-@click.option("--auth", type=click.Choice(config.AUTH_KINDS), help=AUTH_HELP)
-@click.option("--progress", type=click.Choice(config.PROGRESS_MODES), help="auto: a bar on a terminal, log lines otherwise; bar; lines; none (default auto).")
-@click.option("--progress-interval", type=float, help="Seconds between progress lines when not on a terminal (default 10).")
 @click.option("--dry-run", is_flag=True, default=None, help="Write RUN_DIR/revert.dry-run.csv (what would be set back, what cannot be); send nothing.")
 @click.option("--retry-failed", is_flag=True, default=None, help="Send the rows whose revert failed again.")
 @click.option("--json", "json_out", is_flag=True, default=False, help="Print the summary as JSON on stdout.")
-@click.option("--config", "config_file", type=click.Path(path_type=Path), help="TOML settings file (default ./capbatch.toml if present).")
-@click.option("-q", "--quiet", is_flag=True, default=None, help="Only warnings, errors and the final summary line.")
-@click.option("-v", "--verbose", count=True, help="Add debug lines (settings and where each came from, retries, notifications).")
+@send_flags
+@general_flags
 @_guard
 def revert_cmd(run_dir: Path, no_verify_tls: bool, json_out: bool, **flags: Any) -> int:
     """Put back the external IDs the run in RUN_DIR replaced, where the card still holds the run's ID.

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import json
 import logging
 import time
@@ -85,7 +86,9 @@ def revert(s: Settings, run_dir: Path) -> dict[str, Any]:
         if not original.is_imported():
             raise LedgerError(f"the run in {run_dir} never finished reading its input: it wrote nothing",
                               "there is nothing to revert")
-        base_url = _target(s, original.get_meta_json("settings", {}))
+        run_settings = original.get_meta_json("settings", {})
+        base_url = _target(s, run_settings)
+        s = _with_run_fields(s, run_settings)
         runner._require_credentials(s)
         job, store = original.get_meta("job"), original.get_meta("job_store")
         if job and store:
@@ -122,6 +125,15 @@ def _target(s: Settings, run_settings: dict[str, Any]) -> str:
         raise UsageError(f"this run wrote to {run_target}, not {target}",
                          "revert against the same API: drop --cluster/--base-url to use the run's own")
     return target
+
+
+def _with_run_fields(s: Settings, run_settings: dict[str, Any]) -> Settings:
+    """The revert's PUTs carry the run's own --extra-field values: an org that needs statusLabel or
+    seriesId on an update needs them on the one that puts the old ID back too."""
+    fields = tuple((run_settings.get("extra_fields") or {}).items())
+    if fields:
+        log.info("reverting with the run's extra fields: %s", ", ".join(f"{k}={v!r}" for k, v in fields))
+    return dataclasses.replace(s, extra_fields=fields)
 
 
 def _import(original: Ledger, ledger: Ledger, run_dir: Path) -> None:

@@ -182,3 +182,37 @@ def test_the_crash_log_keeps_no_secret_of_the_command_line(monkeypatch):
         assert secret not in text, secret
     assert "postgresql://***@db:5432/capbatch?***" in text and "--notify-url=https://hooks.slack.com/***" in text
     assert "'https://api.example.com'" in text and "'10/s'" in text and "RuntimeError: a bug" in text
+
+
+# ---- 3: revert shares the run's options and sends the run's extra fields -------------------------
+def test_revert_sends_the_runs_extra_fields_and_takes_the_runs_options(tmp_path, sim, run_cli):
+    pairs = make_cards(5)
+    old = {c: f"OLD{i}" for i, (c, _) in enumerate(pairs)}
+    s = sim(cards=dict(old), required_fields=["statusLabel"])   # an org whose updates need statusLabel
+    src = write_csv(tmp_path / "cards.csv", pairs)
+    run_dir = tmp_path / "run"
+    p = run_cli("run", src, "--base-url", s.url, "--rate", "unlimited", "--run-dir", run_dir, "--record-previous",
+                "--extra-field", "statusLabel=Active")
+    assert p.returncode == 0, p.stderr
+    assert s.card_ids() == dict(pairs)
+    s.reset_stats()
+    p = run_cli("revert", run_dir, "--rate", "unlimited", "--outage-budget", "5", "--progress", "none", "-q")
+    assert p.returncode == 0, p.stderr
+    assert s.card_ids() == old
+    assert s.stats()["put_extra_fields"] == {"statusLabel": {'"Active"': len(pairs)}}   # (as JSON)
+    assert "reverting with the run's extra fields" not in p.stderr        # -q: quiet, as on run
+
+
+def test_run_and_revert_share_one_definition_of_their_common_options():
+    from capbatch import cli
+
+    def options(command):
+        return {p.name: p.to_info_dict() for p in command.params
+                if isinstance(p, __import__("click").Option)}
+
+    run, revert = options(cli.run_cmd), options(cli.revert_cmd)
+    common = set(run) & set(revert) - {"dry_run", "retry_failed", "json_out"}   # these say what they do per command
+    assert {"cluster", "base_url", "rate", "read_rate", "concurrency", "max_attempts", "timeout", "outage_budget",
+            "grace_period", "allow_http", "no_verify_tls", "auth", "progress", "progress_interval", "config_file",
+            "quiet", "verbose"} <= common
+    assert {name: run[name] for name in common} == {name: revert[name] for name in common}
