@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 from . import metrics, notify
 from .errors import CapbatchError, UsageError
+from .exitcodes import EXIT_INTERNAL, EXIT_INTERRUPTED
 
 if TYPE_CHECKING:
     from .engine import Counters
@@ -23,8 +24,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("capbatch.announce")
 
-EXIT_INTERNAL = 70
-EXIT_INTERRUPTED = 130
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from .api import (
 )
 from .errors import LedgerError
 from .ledger import Ledger, RowResult, State, WorkRow, row_label
+from .wording import plural
 
 log = logging.getLogger("capbatch.canary")
 
@@ -54,8 +55,8 @@ async def run_canary(engine: _Engine, k: int) -> int:
     rows = engine.ledger.spread_pending(k)
     if not rows:
         return 0
-    log.warning("canary: sending %d row(s) spread across the file one at a time, each read back, before "
-                "the pool opens (--canary 0 skips this)", len(rows))
+    log.warning("canary: sending %s spread across the file one at a time, each read back, before "
+                "the pool opens (--canary 0 skips this)", plural(len(rows), "row"))
     unsent = {row.id for row in rows}
     try:
         return await _send_one_by_one(engine, rows, unsent)

@@ -18,11 +18,11 @@ import click
 
 from . import __version__, config, report, runner
 from .errors import CapbatchError, UsageError
+from .exitcodes import EXIT_INTERNAL, EXIT_INTERRUPTED
 from .wording import plural
 
 log = logging.getLogger("capbatch")
 
-EXIT_INTERNAL = 70   # EX_SOFTWARE: a bug in capbatch, never a verdict on the input
 EXIT_CODES_HELP = """Exit codes: 0 every row settled successfully; 1 some rows failed or were rejected;
 2 usage, config or input-file error (nothing sent); 3 run stopped (credentials, unreachable target,
 outage, canary, tripwire), resumable by rerunning the same command; 70 internal error (a bug: the
@@ -134,7 +134,7 @@ def _guard(fn: Callable[..., int]) -> Callable[..., None]:
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
             _say("capbatch: interrupted; rerun the same command to resume" if is_run else "capbatch: interrupted")
-            sys.exit(report.EXIT_INTERRUPTED)
+            sys.exit(EXIT_INTERRUPTED)
         except BrokenPipeError:
             _silence(sys.stdout)
             sys.exit(0)
@@ -438,7 +438,7 @@ def forget_cmd(job: str, cards: tuple[str, ...], ledger: str | None, reports_dir
     else:
         with jobs.lock(reports_dir, jobs.check_name(job)):
             n = jobs.forget(None, reports_dir, job, cards)
-    what = f"{n} of the {len(cards)} cards given" if cards else f"all {n} confirmed pairs and its target"
+    what = f"{n} of the {plural(len(cards), 'card')} given" if cards else f"all {plural(n, 'confirmed pair')} and its target"
     click.echo(f"job {job}: forgot {what}; its next run with --skip-confirmed sends those rows again")
     return 0
 

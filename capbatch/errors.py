@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from .exitcodes import EXIT_ABORTED, EXIT_INTERRUPTED, EXIT_USAGE
+
 
 class CapbatchError(Exception):
     """Base of every error capbatch reports to a user. ``exit_code`` is what the CLI exits with."""
 
-    exit_code = 2
+    exit_code = EXIT_USAGE
 
     def __init__(self, message: str, hint: str | None = None) -> None:
         super().__init__(message)
@@ -36,7 +38,7 @@ class LedgerError(CapbatchError):
 class RunAborted(CapbatchError):
     """The run stopped because continuing would only burn rows (credentials, outage). Resumable."""
 
-    exit_code = 3
+    exit_code = EXIT_ABORTED
 
 
 class PlanError(CapbatchError):
@@ -46,16 +48,16 @@ class PlanError(CapbatchError):
 class Paused(CapbatchError):
     """The sending window closed and --window-exit asked the run to stop there. Resumable."""
 
-    exit_code = 3
+    exit_code = EXIT_ABORTED
 
 
 class Interrupted(CapbatchError):
     """The run was interrupted by a signal. Resumable."""
 
-    exit_code = 130
+    exit_code = EXIT_INTERRUPTED
 
 
 class LedgerLost(LedgerError):
     """The ledger (a database) went away mid-run: sending stopped; rerunning resumes."""
 
-    exit_code = 3
+    exit_code = EXIT_ABORTED

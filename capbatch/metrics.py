@@ -22,6 +22,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
+from .exitcodes import COMPLETED
 from .report import retry_totals
 
 if TYPE_CHECKING:
@@ -33,7 +34,7 @@ log = logging.getLogger("capbatch.metrics")
 PUSH_TIMEOUT = 10.0
 STATES = ("pending", "in_flight", "succeeded", "failed", "rejected", "unchanged", "duplicate")
 LAST_SUCCESS = "capbatch_last_success_timestamp_seconds"
-COMPLETED_EXIT_CODES = (0, 1)     # every row settled (1: some of them failed or were rejected)
+COMPLETED_EXIT_CODES = COMPLETED     # every row settled (1: some of them failed or were rejected)
 
 
 @dataclass(frozen=True)

@@ -16,13 +16,15 @@ from typing import Any, Mapping
 
 from . import __version__
 from .config import redact_webhook
+from .exitcodes import EXIT_ABORTED, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_ROWS_FAILED, EXIT_USAGE
 from .wording import plural
 
 log = logging.getLogger("capbatch.notify")
 
 TIMEOUT = 5.0
-OUTCOME = {0: "done", 1: "done, some rows failed or were rejected", 2: "refused (usage, config or input)",
-           3: "aborted (resumable)", 70: "internal error", 130: "interrupted (resumable)"}
+OUTCOME = {EXIT_OK: "done", EXIT_ROWS_FAILED: "done, some rows failed or were rejected",
+           EXIT_USAGE: "refused (usage, config or input)", EXIT_ABORTED: "aborted (resumable)",
+           EXIT_INTERNAL: "internal error", EXIT_INTERRUPTED: "interrupted (resumable)"}
 
 
 def message(*, job: str | None, input_name: str | None, exit_code: int, summary: Mapping[str, Any] | None,

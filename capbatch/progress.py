@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from tqdm import tqdm
 
 from .window import WindowGate, human_duration
+from .wording import plural
 
 if TYPE_CHECKING:
     from .engine import Counters
@@ -80,7 +81,7 @@ class Progress:
             self._bar = tqdm(total=counters.total, initial=counters.done_before, unit="row",
                              dynamic_ncols=True, file=sys.stderr, desc="capbatch", bar_format=BAR_FORMAT)
         elif self.mode == "lines":
-            log.info("sending %d rows (%d already settled)", remaining, counters.done_before)
+            log.info("sending %s (%d already settled)", plural(remaining, "row"), counters.done_before)
         self._last_line = time.monotonic()
         self.pace.add(0.0, 0)
         if self.mode != "none":

@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable
 
+from .exitcodes import EXIT_ABORTED, EXIT_INTERRUPTED, EXIT_OK, EXIT_ROWS_FAILED, EXIT_USAGE  # noqa: F401
 from .ledger import Ledger, State
 from .report_html import REPORT_HTML, write_html  # noqa: F401  (REPORT_HTML: re-exported name)
 from .source import REPORT_MARKER_COLUMN
@@ -33,7 +34,6 @@ FORMULA_TRIGGERS = ("=", "+", "-", "@", "\t", "\r")
 _QUOTED_TRIGGERS = tuple("'" + t for t in FORMULA_TRIGGERS)
 MARKER_COLUMN = REPORT_MARKER_COLUMN   # in every CSV report; tells the reader to undo neutralising
 
-EXIT_OK, EXIT_ROWS_FAILED, EXIT_USAGE, EXIT_ABORTED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 
 _RISKY_FIRST = frozenset("=+-@\t\r'")

@@ -30,11 +30,12 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from . import announce, jobs, report, runner
+from . import announce, exitcodes, jobs, report, runner
 from .config import CLUSTERS, Settings, target_url
 from .engine import CHANGED_SINCE
 from .errors import Interrupted, LedgerError, RunAborted, UsageError
 from .ledger import LEDGER_FILE, Ledger, State, row_label
+from .wording import plural
 
 log = logging.getLogger("capbatch")
 
@@ -162,7 +163,7 @@ def _settle(s: Settings, ledger: Ledger, run_dir: Path, base_url: str) -> dict[s
     except BaseException as exc:
         code = announce.exit_code_of(exc)   # as the CLI exits: a bug is 70, not "aborted"
         try:   # requests None: keep the figures recorded as the revert went
-            ledger.end_invocation(invocation, code, "interrupted" if code == report.EXIT_INTERRUPTED else "error",
+            ledger.end_invocation(invocation, code, "interrupted" if code == exitcodes.EXIT_INTERRUPTED else "error",
                                   None)
         except LedgerError:   # the ledger that failed cannot take the end either; the first error says why
             log.debug("could not record the end of the revert's invocation", exc_info=True)
@@ -203,15 +204,15 @@ def figures(ledger: Ledger, run_dir: Path, base_url: str | None) -> dict[str, An
 
 
 def _cards(n: int) -> str:
-    return f"{n} card" if n == 1 else f"{n} cards"
+    return plural(n, "card")
 
 
 def _log_summary(summary: dict[str, Any]) -> None:
     r = summary["revert"]
     log.info("revert done: %d restored, %d already held their previous ID, %d changed since (left alone), "
-             "%d not revertible, %d failed, %d pending — %d requests; reports in %s",
+             "%d not revertible, %d failed, %d pending — %s; reports in %s",
              r["restored"], r["already_restored"], r["changed_since"], sum(r["not_revertible"].values()),
-             r["failed"], r["pending"], summary["this_invocation"]["requests"], summary["run_dir"])
+             r["failed"], r["pending"], plural(summary["this_invocation"]["requests"], "request"), summary["run_dir"])
     for note in r["notes"]:
         log.warning("%s", note)
 
@@ -245,10 +246,10 @@ def preview(run_dir: Path) -> dict[str, Any]:
     finally:
         original.close()
     not_revertible = sum(counts[c] for c in NOT_REVERTIBLE)
-    log.info("revert preview (nothing sent): %d cards would be set back to their previous ID if they still hold "
+    log.info("revert preview (nothing sent): %s would be set back to their previous ID if they still hold "
              "the ID the run set; %d not revertible (%d had no ID before, %d previous ID unknown, "
-             "%d outcome unknown); details in %s", counts["revert"], not_revertible, counts[NO_PREVIOUS_ID],
+             "%d outcome unknown); details in %s", plural(counts["revert"], "card"), not_revertible, counts[NO_PREVIOUS_ID],
              counts[PREVIOUS_UNKNOWN], counts[OUTCOME_UNKNOWN], out)
     return {"dry_run": True, "of_run": str(run_dir), "would_revert": counts["revert"],
             "not_revertible": {c: counts[c] for c in NOT_REVERTIBLE}, "preview_csv": str(out),
-            "exit_code": report.EXIT_ROWS_FAILED if not_revertible else report.EXIT_OK}
+            "exit_code": exitcodes.EXIT_ROWS_FAILED if not_revertible else exitcodes.EXIT_OK}

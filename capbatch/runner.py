@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from . import announce, jobs, outputs, report
+from . import announce, exitcodes, jobs, outputs, report
 from .aio import run_async
 from .config import Settings, canary_rows, target_url
 from .errors import ConfigError, InputFileError, Interrupted, LedgerError, LedgerLost, Paused, RunAborted, UsageError
@@ -433,8 +433,8 @@ def write_run_reports(ledger: Ledger, run_dir: Path, result: EngineResult) -> Su
 def _rows_left(counts: dict[str, int]) -> str:
     left = counts["pending"] + counts["in_flight"]
     if not counts["in_flight"]:
-        return f"{left} rows left"
-    return (f"{left} rows left: {counts['pending']} pending, {counts['in_flight']} whose outcome is unknown "
+        return f"{plural(left, 'row')} left"
+    return (f"{plural(left, 'row')} left: {counts['pending']} pending, {counts['in_flight']} whose outcome is unknown "
             "(settled first by reading the card)")
 
 
@@ -452,7 +452,7 @@ def _log_summary(summary: dict[str, Any]) -> None:
         summary["run_dir"])
     if summary.get("warnings_by_code"):
         log.info("answers carried warnings: %s", ", ".join(
-            f"{code or '?'} {w['message']!r} on {w['rows']} rows" for code, w in summary["warnings_by_code"].items()))
+            f"{code or '?'} {w['message']!r} on {plural(w['rows'], 'row')}" for code, w in summary["warnings_by_code"].items()))
     job = (summary.get("settings") or {}).get("job")
     if (c["failed"] or c["rejected"]) and job:
         log.info("failed rows go out again with the next run of job %s (now: the same command with "
@@ -556,7 +556,7 @@ def _run(s: Settings, source: Source, stop: StopSwitch | None, announcer: announ
                    f"{schedule.local_hhmm(opens, now)}, in {human_duration(opens - now)}): --window-exit, nothing sent")
         logging.getLogger("capbatch.summary").info("%s", message)   # shown with -q too
         announcer.nothing_sent(message)   # the metrics file and the webhook hear of this night too
-        return Summary({"stop": "outside window", "message": message, "exit_code": report.EXIT_OK,
+        return Summary({"stop": "outside window", "message": message, "exit_code": exitcodes.EXIT_OK,
                         "next_window_opens_at": report.iso(opens), "counts": {}, "run_dir": None})
     if not s.verify_tls:
         log.warning("TLS certificate verification is OFF (--no-verify-tls): use this only for a trusted test host")
@@ -597,7 +597,8 @@ def _run(s: Settings, source: Source, stop: StopSwitch | None, announcer: announ
                 ledger.set_meta("job_store", str(jobs.store_path(s.reports_dir).resolve()))
         if s.job and s.skip_confirmed:
             skipped, audited = jobs.skip_confirmed(ledger, s.reports_dir, s.job, s.audit_fraction)
-            log.info("job %s: %d rows already confirmed by earlier runs, settled without a request", s.job, skipped)
+            log.info("job %s: %s already confirmed by earlier runs, settled without a request", s.job,
+                     plural(skipped, "row"))
             if s.audit_fraction:
                 log.info("job %s: rolling audit re-reads %d confirmed pairs this run (--audit-fraction %g)",
                          s.job, audited, s.audit_fraction)
@@ -610,7 +611,7 @@ def _run(s: Settings, source: Source, stop: StopSwitch | None, announcer: announ
     except BaseException as exc:
         code = announce.exit_code_of(exc)
         try:
-            ledger.end_invocation(invocation, code, "interrupted" if code == report.EXIT_INTERRUPTED else "error")
+            ledger.end_invocation(invocation, code, "interrupted" if code == exitcodes.EXIT_INTERRUPTED else "error")
         except LedgerError:   # the ledger that failed cannot take the end either; the first error says why
             log.debug("could not record the end of invocation %s", invocation, exc_info=True)
         _detach(file_log)
@@ -642,9 +643,9 @@ def _run(s: Settings, source: Source, stop: StopSwitch | None, announcer: announ
                          f"fix the cause, then rerun the same command to resume ({_rows_left(counts)})")
     if result.stop == "interrupted":
         raise Interrupted("run interrupted", "rerun the same command to resume where it stopped")
-    if result.stop == "paused" and exit_code == report.EXIT_ABORTED:
+    if result.stop == "paused" and exit_code == exitcodes.EXIT_ABORTED:
         raise Paused(result.message or "the sending window closed",
-                     f"{counts['pending'] + counts['in_flight']} rows left: rerun the same command inside a "
+                     f"{plural(counts['pending'] + counts['in_flight'], 'row')} left: rerun the same command inside a "
                      "window to resume")
     return summary
 

@@ -216,3 +216,52 @@ def test_run_and_revert_share_one_definition_of_their_common_options():
             "grace_period", "allow_http", "no_verify_tls", "auth", "progress", "progress_interval", "config_file",
             "quiet", "verbose"} <= common
     assert {name: run[name] for name in common} == {name: revert[name] for name in common}
+
+
+# ---- 9: structure and wording --------------------------------------------------------------------
+PACKAGE = Path(__file__).resolve().parent.parent / "capbatch"
+
+
+def test_exit_codes_are_defined_once_and_the_stop_errors_are_public():
+    import re
+
+    import capbatch
+    from capbatch import exitcodes, report
+
+    defined = {str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")
+               if re.search(r"^\s*(EXIT_\w+|exit_code)\s*=\s*\d", p.read_text(), re.M)}
+    assert defined == {"exitcodes.py"}
+    assert report.EXIT_ABORTED is exitcodes.EXIT_ABORTED == capbatch.Paused.exit_code == capbatch.LedgerLost.exit_code
+    assert {"Paused", "LedgerLost", "PlanError"} <= set(capbatch.__all__)
+    assert capbatch.PlanError.exit_code == exitcodes.EXIT_USAGE
+
+
+def test_job_memory_sql_lives_behind_the_ledger_interface():
+    from capbatch.ledger import Ledger, JobStore
+    from capbatch.ledger.base import Ledger as Base
+
+    jobs_source = (PACKAGE / "jobs.py").read_text()
+    assert not any(word in jobs_source for word in ("sqlite3", "SELECT ", "INSERT ", "UPDATE ", "DELETE "))
+    assert "import_expecting" in vars(Base) and Ledger is Base
+    assert {"bind_target", "settle_confirmed", "remember", "forget", "forget_pairs", "describe",
+            "history"} <= JobStore.__abstractmethods__
+
+
+def test_one_canary_row_is_one_row_and_notes_quote_values_not_words(tmp_path, sim, run_cli):
+    from conftest import read_csv
+
+    pairs = make_cards(4)
+    s = sim(cards={c: f"OLD{i}" for i, (c, _) in enumerate(pairs)})
+    src = write_csv(tmp_path / "cards.csv", pairs)
+    run_dir = tmp_path / "run"
+    p = run_cli("run", src, "--base-url", s.url, "--rate", "unlimited", "--run-dir", run_dir, "--record-previous",
+                "--canary", "1")
+    assert p.returncode == 0, p.stderr
+    assert "canary: sending 1 row spread across the file" in p.stderr
+    s.update(cards={pairs[0][0]: None})                  # someone cleared this card since
+    p = run_cli("revert", run_dir, "--rate", "unlimited")
+    assert p.returncode == 1, p.stderr
+    failure = read_csv(run_dir / "revert" / "failures.csv")[0]
+    assert failure["capbatch_reason"] == (f"the card now holds no external ID, not {pairs[0][1]!r}: changed by "
+                                          "someone else since; left alone")
+    assert "1 card changed since the run" in p.stderr
