@@ -265,9 +265,9 @@ def send_flags(f: Callable[..., Any]) -> Callable[..., Any]:
     """Where and how a command sends (run, revert): the target, the pace, the retries, the progress."""
     options = [
         click.option("--cluster", type=click.Choice(sorted(config.CLUSTERS), case_sensitive=False),
-                     help=f"Capillary cluster: {config.CLUSTER_NAMES_HELP} (revert: default the run's own)."),
-        click.option("--base-url", help="API base URL instead of --cluster (a test cluster, a proxy, the simulator; "
-                                        "revert: default the run's own, another one is refused)."),
+                     help=f"Capillary cluster: {config.CLUSTER_NAMES_HELP}. revert: the run's own unless given; another is refused."),
+        click.option("--base-url", help="API base URL instead of --cluster (a test cluster, a proxy, the simulator). "
+                                        "revert: the run's own unless given; another is refused."),
         click.option("--rate", help=f"Request rate cap, e.g. 1000/min or 20/s; 'unlimited' for none (default {config.DEFAULT_RATE})."),
         click.option("--read-rate", help="Separate cap for reads (GET) (default: reads share --rate)."),
         click.option("--concurrency", type=int, help="Requests in flight at most (default 16)."),

@@ -161,6 +161,13 @@ def test_status_and_report_with_the_ledger_alone_use_the_runs_own_directory(tmp_
     assert len((run_dir / "results.csv").read_text().splitlines()) == 1 + len(pairs)
     assert not (other_host / "reports").exists()
 
+    alone = run_cli("status", "--ledger", pg_url, "--json", cwd=other_host)   # the database's only job
+    assert alone.returncode == 0 and json.loads(alone.stdout)["run_dir"] == str(run_dir.resolve()), alone.stderr
+    p = run_cli(*worker_args(src, s.url, pg_url, "weekly", "--rate", "unlimited", "--run-dir", str(tmp_path / "w")))
+    assert p.returncode == 0, p.stderr
+    two = run_cli("status", "--ledger", pg_url, cwd=other_host)
+    assert two.returncode == 2 and "it holds the jobs nightly, weekly" in two.stderr and "--job NAME" in two.stderr
+
 
 # ---- 8: the crash log keeps no secrets of the command line ---------------------------------------
 def test_the_crash_log_keeps_no_secret_of_the_command_line(monkeypatch):

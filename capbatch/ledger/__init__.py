@@ -36,8 +36,7 @@ def open_for_reading(run_dir: Path | None, location: str | None, job: str | None
     without one, to the run directory the run recorded (else ``reports_dir/<job>/<input>-<hash>``, as a
     run would have put them)."""
     if location:
-        if not job:
-            raise UsageError("a database ledger needs --job NAME", "name the job given to `capbatch run --job`")
+        job = job or _only_job(location)
         ledger = open_ledger(location, run_dir or reports_dir, job=job, readonly=True)
         if run_dir is None:
             recorded = ledger.get_meta("run_dir")
@@ -47,6 +46,18 @@ def open_for_reading(run_dir: Path | None, location: str | None, job: str | None
     if run_dir is None:
         raise UsageError("no run directory given", "pass RUN_DIR, or --ledger URL --job NAME for a database ledger")
     return SqliteLedger.open_readonly(run_dir), run_dir
+
+
+def _only_job(location: str) -> str:
+    """The job a database holds, when it holds one: ``--ledger URL`` alone is enough there."""
+    from .postgres import job_names
+
+    names = job_names(location)
+    if len(names) == 1:
+        return names[0]
+    held = f"it holds the jobs {', '.join(names)}" if names else "it holds no job yet"
+    raise UsageError(f"which job of the database ledger {redact_password(location)}? {held}",
+                     "name the job given to `capbatch run --job` with --job NAME")
 
 
 def open_ledger(location: str | None, run_dir: Path, *, job: str | None = None,

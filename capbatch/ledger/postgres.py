@@ -860,6 +860,20 @@ def _get_or_create_run(conn: psycopg.Connection[Any], url: str, job: str, sha: s
         raise _wrap_setup(exc, url) from exc
 
 
+def job_names(url: str) -> list[str]:
+    """The jobs that have runs in the database at ``url``, by name."""
+    check_url(url)
+    conn = _connect(url, readonly=True)
+    try:
+        if schema_version(conn) is None:
+            return []
+        return [row[0] for row in conn.execute("SELECT DISTINCT job FROM capbatch.runs ORDER BY job")]
+    except psycopg.Error as exc:
+        raise _wrap_setup(exc, url) from exc
+    finally:
+        conn.close()
+
+
 def _find_run(conn: psycopg.Connection[Any], url: str, job: str, sha: str | None) -> int:
     try:
         if schema_version(conn) is None:
