@@ -21,7 +21,7 @@ def _run_with_file_limit(args: list[str], cwd: Path, limit: int) -> subprocess.C
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
     return subprocess.run([sys.executable, "-m", "capbatch", *args], cwd=cwd, env=cli_env(), capture_output=True,
-                          text=True, timeout=120, stdin=subprocess.DEVNULL, preexec_fn=cap)
+                          text=True, timeout=120, stdin=subprocess.DEVNULL, preexec_fn=cap, check=False)
 
 
 # ---- 1: a database job's target is bound in the database ---------------------------------------------
@@ -63,7 +63,7 @@ def test_a_full_disk_mid_run_stops_resumably_and_the_rerun_finishes(tmp_path, si
     assert "Traceback" not in p.stderr and "internal error" not in p.stderr
 
     p = subprocess.run([sys.executable, "-m", "capbatch", *args], cwd=tmp_path, env=cli_env(), capture_output=True,
-                       text=True, timeout=120, stdin=subprocess.DEVNULL)
+                       text=True, timeout=120, stdin=subprocess.DEVNULL, check=False)
     assert p.returncode == 0, p.stderr
     assert s.card_ids() == dict(pairs)
     assert max(s.stats()["puts_per_card"].values()) == 1   # rows in flight were read back, not sent twice
@@ -244,7 +244,7 @@ def test_exit_codes_are_defined_once_and_the_stop_errors_are_public():
 
 
 def test_job_memory_sql_lives_behind_the_ledger_interface():
-    from capbatch.ledger import Ledger, JobStore
+    from capbatch.ledger import JobStore, Ledger
     from capbatch.ledger.base import Ledger as Base
 
     jobs_source = (PACKAGE / "jobs.py").read_text()

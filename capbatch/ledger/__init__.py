@@ -8,7 +8,6 @@ that several workers on several hosts share. The URL's scheme picks the backend.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from ..errors import LedgerError, UsageError
 
