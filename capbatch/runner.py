@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -28,11 +29,11 @@ from .aio import run_async
 from .config import Settings, canary_rows, target_url
 from .errors import ConfigError, InputFileError, Interrupted, LedgerError, Paused, RunAborted, UsageError
 from .ledger import LEDGER_FILE, Ledger, open_for_reading, open_ledger, row_label
-from .pacing import shared_pacers
+from .pacing import SharedQuota, quota_peers
 from .plan import Plan, PlanSettings, check_deadline, make_plan
 from .plan import actual as plan_actual
 from .plan import announce as announce_plan
-from .quota import QuotaKey, credential_fingerprint, live_peers
+from .quota import QuotaKey, credential_fingerprint
 from .source.frame import MemoryTable, is_dataframe, open_frame, open_records
 from .window import SYSTEM_CLOCK, Clock, Schedule, WindowGate, human_duration, parse_deadline, schedule_for
 from .rules import RuleSettings, check_row
@@ -352,15 +353,12 @@ async def _engine_session(s: Settings, ledger: Ledger, base_url: str, switch: St
 
     async with CapillaryClient(base_url, s.credentials, timeout=s.timeout, verify_tls=s.verify_tls,
                                max_connections=s.concurrency + 4, extra_fields=dict(s.extra_fields)) as client:
-        # One quota shared with every run on this key: a database ledger's own (any host), else the file
-        # one on this host (capbatch.quota). Sending windows: capbatch.window.
-        pacers = None
-        if ledger.shared_pacer(s.rate, base_url, s.credentials) is None:
-            pacer, read_pacer, backend = shared_pacers(s.rate, s.read_rate, target=base_url, credentials=s.credentials,
-                                                       quota_dir=s.quota_dir, priority=s.priority)
-            pacers = (pacer, read_pacer)
+        # One quota shared with every run on this key (capbatch.quota): in the ledger's database (any
+        # host) or in this host's quota files. Sending windows: capbatch.window.
+        quota = SharedQuota(s.rate, s.read_rate, target=base_url, credentials=s.credentials, quota_dir=s.quota_dir,
+                            priority=s.priority, database=ledger.quota_database(), run=_quota_run_tag(ledger, s.job))
         gate = WindowGate(schedule or Schedule(), clock)
-        engine = Engine(s, ledger, client, pacers=pacers, window=gate)
+        engine = Engine(s, ledger, client, pacers=quota.pacers, window=gate)
         if s.window_exit:
             gate.on_close = lambda: engine.request_pause(
                 f"the sending window closed ({gate.schedule.describe()}): --window-exit, stopping here")
@@ -387,10 +385,14 @@ async def _engine_session(s: Settings, ledger: Ledger, base_url: str, switch: St
                     ticker.cancel()
                     await asyncio.gather(ticker, return_exceptions=True)
                 await progress.stop()
-                if pacers is not None:
-                    for p in set(pacers):
-                        await p.close()
-                    backend.close()
+                await quota.close()
+
+
+def _quota_run_tag(ledger: Ledger, job: str | None) -> str:
+    """The run a process works on, as the shared quota knows it: the workers of one database job share
+    one tag (they are one run), separate runs never do. A hash: no path or URL in the quota state."""
+    ident = f"{ledger.location}\n{ledger.get_meta('input_sha256') or ''}\n{job or ''}"
+    return hashlib.sha256(ident.encode()).hexdigest()[:12]
 
 
 async def _every(interval: float, call: Callable[[Counters], None], counters: Counters) -> None:
@@ -656,7 +658,8 @@ def _plan_before_run(s: Settings, prepared: Prepared, schedule: Schedule | None 
     try:
         shared = 0
         if base_url and s.rate:
-            shared = live_peers(s.quota_dir, QuotaKey(base_url, credential_fingerprint(s.credentials)), s.rate, now)
+            shared = quota_peers(s.quota_dir, ledger.quota_database() or s.ledger,
+                                 QuotaKey(base_url, credential_fingerprint(s.credentials)), s.rate, _quota_run_tag(ledger, s.job))
         plan = make_plan(ledger.counts(), ledger.missing_external_ids(), plan_settings(s, now, base_url), schedule, now,
                          shared_with=shared)
     finally:
@@ -826,7 +829,7 @@ def check_remote(s: Settings, source: Source = None) -> dict[str, Any]:
             out = s.reports_dir / f"{_stem(s, source)}.check-remote.csv"
             v["plan"] = _plan_dict(s, prepared, base_url=base_url, source=source)
             v["input_sha256"] = prepared.sha256
-            counts = check_cards(s, base_url, targets, out)
+            counts = check_cards(s, base_url, targets, out, database=s.ledger)
         finally:
             prepared.ledger.close()
     log.info("remote check: %d already hold their target ID, %d would change, %d cards do not exist, "
@@ -853,16 +856,18 @@ def verify(s: Settings, target: Path | None) -> dict[str, Any]:
             out = target / "verify.csv"
             target.mkdir(parents=True, exist_ok=True)
             states: tuple[str, ...] = ("succeeded", "unchanged")
+            database = ledger.quota_database()     # the reads share the quota where the run kept it
         else:
             outputs.check_dir(s.reports_dir, "--reports-dir")
             tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="capbatch-verify-"))
             ledger = prepare(replace(s, input=target), run_dir=Path(tmp)).ledger
             out = s.reports_dir / f"{target.stem}.verify.csv"
             states = ("pending",)
+            database = s.ledger                    # ... or where a run of this input would
         stack.callback(ledger.close)
         targets = (Target(row_label(r["sheet"], r["row_number"]), r["card"], r["external_id"])
                    for r in ledger.rows_in_states(states))
-        counts = check_cards(s, base_url, targets, out)
+        counts = check_cards(s, base_url, targets, out, database=database)
     logging.getLogger("capbatch.summary").info(
         "verify: %d match, %d differ, %d cards missing, %d unreadable; details in %s",
         counts["match"], counts["differs"], counts["missing"], counts["error"], out)

@@ -90,7 +90,7 @@ async def test_one_runs_429s_pause_and_slow_every_run_on_the_key(tmp_path):
         a.answered(True, 0.4)                                   # systematic throttling, Retry-After 0.4 s
     await a.settle_reports()
     start = time.time()
-    for _ in range(b._limit + 1):                                # past the slots b had leased already
+    for _ in range(len(b._slots) + 1):                           # past the slots b had leased already
         await b.acquire()
     assert time.time() - start >= 0.3                            # b waited out a's Retry-After ...
     assert b.factor == pytest.approx(0.7) and a.throttle_events == 1   # ... and slowed down with it
