@@ -14,9 +14,10 @@ tests/perf/bench.py ``quota``):
   PostgreSQL ledger's database (every host), or this process's memory — a batch at a time (a couple
   of slots from a file, about a second of this run's sends from the database), so every run on one
   key paces against the same grid and takes turns fairly.
-- A thin guard on top keeps the exact promise for this process: it remembers the last R send times
-  and never lets an (R+1)-th send into any window of the quota's length plus the margin, so sends
-  bunched by an event-loop stall cannot eat into the margin the server's side of the path needs.
+- A thin guard on top keeps the exact promise for this process: it remembers when the last R sends
+  really left (their bytes written, :mod:`capbatch.departure`, not when the pacer let them go) and
+  never lets an (R+1)-th send into any window of the quota's length plus the margin, so sends
+  bunched or held back by a loaded machine cannot eat into the margin the network path needs.
 - A slot reached too late (an event-loop stall) while other runs share the grid is skipped rather
   than sent late, because a late send could crowd a window together with another run's slots.
 """
@@ -32,6 +33,7 @@ from collections import deque
 from pathlib import Path
 
 from .config import Credentials, Rate
+from .departure import Departure, expect
 from .quota import (
     HOST,
     MAX_PAUSE,
@@ -95,7 +97,7 @@ class Pacer:
         self._unreported: tuple[float | None, bool] | None = None
         self._fallback_warned = False
         self._granted = False
-        self._guard_sends: deque[float] = deque()
+        self._guard_sends: deque[Departure] = deque()
         # News from other members (a backend with long leases): slots given back, a pause.
         self._earlier = asyncio.Event()              # set when slots earlier than a sleeping one arrive
         self._refreshing: asyncio.Task[None] | None = None
@@ -176,15 +178,15 @@ class Pacer:
     async def _guard(self, now: float) -> None:
         cadence = self._cadence
         assert cadence is not None
-        sends = self._guard_sends
-        while sends and now - sends[0] >= self._guard_gap:
+        sends = self._guard_sends        # when the last sends left (updated as their bytes go out)
+        while sends and now - sends[0].at >= self._guard_gap:
             sends.popleft()
         while len(sends) >= cadence.count:
-            await asyncio.sleep(self._guard_gap - (now - sends[0]))
+            await asyncio.sleep(self._guard_gap - (now - sends[0].at))
             now = time.time()
-            while sends and now - sends[0] >= self._guard_gap:
+            while sends and now - sends[0].at >= self._guard_gap:
                 sends.popleft()
-        sends.append(now)
+        sends.append(expect(now))
         self._sends.append(now)
 
     async def _take_slot(self) -> float:

@@ -1,0 +1,55 @@
+"""When a paced request actually left: the pacer's guard counts sends at their departure.
+
+A request counts against the server's quota when it arrives there, and it leaves this process
+some time after the pacer let it go: a loaded machine can hold a task for tens of milliseconds
+between the pacer's "go" and the socket write. The pacer hands each send a note (:func:`expect`,
+in the sending task's context) and the HTTP client's trace hooks (:func:`trace_config`) write the
+time the request's bytes went out into it, so the guard never lets an (R+1)-th request out within
+the quota's window of the time the first of them really left.
+"""
+
+from __future__ import annotations
+
+import time
+from contextvars import ContextVar
+from typing import Any
+
+import aiohttp
+
+
+class Departure:
+    """One send: when the pacer let it go, then when its last bytes were written."""
+
+    __slots__ = ("at",)
+
+    def __init__(self, at: float) -> None:
+        self.at = at
+
+    def left(self, at: float) -> None:
+        if at > self.at:
+            self.at = at
+
+
+_CURRENT: ContextVar[Departure | None] = ContextVar("capbatch_departure", default=None)
+
+
+def expect(at: float) -> Departure:
+    """A note for the request this task is about to send (released by the pacer at ``at``)."""
+    note = Departure(at)
+    _CURRENT.set(note)
+    return note
+
+
+async def _written(session: Any, context: Any, params: Any) -> None:
+    note = _CURRENT.get()
+    if note is not None:
+        note.left(time.time())
+
+
+def trace_config() -> aiohttp.TraceConfig:
+    """Hooks for an ``aiohttp.ClientSession``: stamp the current task's note when its request's
+    headers and body are written."""
+    trace = aiohttp.TraceConfig()
+    trace.on_request_headers_sent.append(_written)
+    trace.on_request_chunk_sent.append(_written)
+    return trace
