@@ -562,6 +562,9 @@ def _run(s: Settings, source: Source, stop: StopSwitch | None, announcer: announ
     prepared = prepare(s, source=source)
     ledger, run_dir = prepared.ledger, prepared.run_dir
     try:
+        # The plan counts what is left once --retry-failed and --skip-confirmed have had their say;
+        # a --deadline-strict refusal after them sends nothing and leaves the ledger resumable.
+        _settle_before_plan(s, ledger)
         plan = _plan_before_run(s, prepared, schedule, clock, base_url)
     except BaseException:
         ledger.close()
@@ -578,18 +581,9 @@ def _run(s: Settings, source: Source, stop: StopSwitch | None, announcer: announ
             log.info("resuming: %s", report.status_line(ledger.counts()))
         announce_plan(plan, schedule)
         ledger.set_meta("settings", json.dumps(s.public_dict(), default=str))
-        if s.retry_failed:
-            log.info("--retry-failed: %d failed rows go out again (rejected rows stay rejected)",
-                     ledger.requeue_failed())
         if s.job:
             ledger.set_meta("job", s.job)
             ledger.set_meta("job_store", str(jobs.store_path(s.reports_dir).resolve()))
-        if s.job and s.skip_confirmed:
-            skipped, audited = jobs.skip_confirmed(ledger, jobs.store_path(s.reports_dir), s.job, s.audit_fraction)
-            log.info("job %s: %d rows already confirmed by earlier runs, settled without a request", s.job, skipped)
-            if s.audit_fraction:
-                log.info("job %s: rolling audit re-reads %d confirmed pairs this run (--audit-fraction %g)",
-                         s.job, audited, s.audit_fraction)
         if switch.pressed:
             raise Interrupted("run stopped before the first request", "rerun the same command to resume")
         log.info("target %s, auth %s, rate %s, concurrency %d", base_url, s.credentials.kind,
@@ -628,6 +622,20 @@ def _run(s: Settings, source: Source, stop: StopSwitch | None, announcer: announ
     return summary
 
 
+def _settle_before_plan(s: Settings, ledger: Ledger, scratch: bool = False) -> None:
+    """--retry-failed and --skip-confirmed change which rows are left to send: apply them first.
+    ``scratch``: validate's throw-away copy (what a run would skip, said quietly)."""
+    say = log.debug if scratch else log.info
+    if s.retry_failed and not scratch:
+        say("--retry-failed: %d failed rows go out again (rejected rows stay rejected)", ledger.requeue_failed())
+    if s.job and s.skip_confirmed:
+        skipped, audited = jobs.skip_confirmed(ledger, jobs.store_path(s.reports_dir), s.job, s.audit_fraction)
+        say("job %s: %d rows already confirmed by earlier runs, settled without a request", s.job, skipped)
+        if s.audit_fraction:
+            say("job %s: rolling audit re-reads %d confirmed pairs this run (--audit-fraction %g)",
+                s.job, audited, s.audit_fraction)
+
+
 # ---- the plan (capbatch.plan) -----------------------------------------------------------------------
 def plan_settings(s: Settings, now: float, base_url: str | None = None) -> PlanSettings:
     """What the plan needs beyond the ledger's counts (``base_url``: the target, when known)."""
@@ -638,6 +646,7 @@ def plan_settings(s: Settings, now: float, base_url: str | None = None) -> PlanS
             base_url = None
     return PlanSettings(mode=s.mode, resume_check=s.resume_check, generate_missing=s.generate_missing,
                         rate=s.rate, read_rate=s.read_rate, read_back=s.read_back,
+                        record_previous=s.record_previous and s.mode != "reconcile", retry_failed=s.retry_failed,
                         canary_reads=canary_rows(s, base_url) if base_url else (s.canary or 0),
                         deadline=parse_deadline(s.deadline, now, schedule_for((), s.timezone).tz)
                         if s.deadline else None, deadline_text=s.deadline)
@@ -655,13 +664,16 @@ def _plan_before_run(s: Settings, prepared: Prepared, schedule: Schedule | None 
     now = clock.now()
     existing = _existing_ledger(s, prepared, source) if temporary else None
     ledger = existing or prepared.ledger
+    if temporary and existing is None and ledger.backend == "sqlite":
+        _settle_before_plan(s, ledger, scratch=True)     # what --skip-confirmed would leave to send
     try:
         shared = 0
         if base_url and s.rate:
             shared = quota_peers(s.quota_dir, ledger.quota_database() or s.ledger,
                                  QuotaKey(base_url, credential_fingerprint(s.credentials)), s.rate, _quota_run_tag(ledger, s.job))
+        audit = ledger.audit_counts()
         plan = make_plan(ledger.counts(), ledger.missing_external_ids(), plan_settings(s, now, base_url), schedule, now,
-                         shared_with=shared)
+                         shared_with=shared, audit=audit.get("pending", 0) + audit.get("in_flight", 0))
     finally:
         if existing is not None:
             existing.close()
@@ -824,8 +836,9 @@ def check_remote(s: Settings, source: Source = None) -> dict[str, Any]:
         try:
             v = validation_report(prepared.ledger)
             log_validation(prepared.notes, v)
+            # Every valid card, also those the plan counts as settled by --skip-confirmed ("unchanged").
             targets = (Target(row_label(r["sheet"], r["row_number"]), r["card"], r["external_id"])
-                       for r in prepared.ledger.rows_in_states(("pending",)))
+                       for r in prepared.ledger.rows_in_states(("pending", "unchanged")))
             out = s.reports_dir / f"{_stem(s, source)}.check-remote.csv"
             v["plan"] = _plan_dict(s, prepared, base_url=base_url, source=source)
             v["input_sha256"] = prepared.sha256
