@@ -125,8 +125,8 @@ class Pacer:
         # weight. It holds at most two leases' worth unreached, so its turns on the grid (and what a
         # killed run leaves unused) stay in proportion to its --priority, however many runs share it.
         weights = self.priority + sum(p.weight for p in self.peers)
-        self._block = max(1, round(lease_seconds / interval * self.priority / weights))
-        self._limit = 2 * max(self._block, self.priority)
+        self._block = max(self.priority, round(lease_seconds / interval * self.priority / weights))
+        self._limit = 2 * self._block
         self._late_limit = self._cadence.margin * 0.75
         self._guard_gap = self._cadence.window + self._cadence.margin
 
@@ -200,7 +200,7 @@ class Pacer:
                     return slot
                 free = self._limit - len(self._sleeping)
                 if free >= self._block:
-                    await self._lease(free)
+                    await self._lease(self._block)     # a share at a time: the others' turns come between
                     continue
                 await self._wait_changed()
 

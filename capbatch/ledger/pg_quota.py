@@ -12,8 +12,8 @@ so the change is atomic.
 
 Time is the database's: the rules run on its clock, so hosts whose clocks disagree still share one
 grid. Each worker measures the offset between its clock and the database's (the sample with the
-shortest round trip of the last minute; its error is at most half that round trip) and converts the
-slots it is given to its own clock. A lease covers about a second of the worker's own sends
+shortest round trip of the last minute; its error is at most half that round trip, so an offset
+within that bound counts as none) and converts the slots it is given to its own clock. A lease covers about a second of the worker's own sends
 (``lease_seconds``), so each worker touches the database about once a second, not per request.
 
 News travels at once: a change the other workers should act on before their next lease — slots
@@ -132,7 +132,12 @@ class PostgresQuotaBackend:
         """The database's clock minus this host's, from the shortest recent round trip."""
         horizon = time.time() - OFFSET_KEEP
         recent = [s for s in self._samples if s[0] >= horizon] or list(self._samples)
-        return min(recent, key=lambda s: s[1])[2] if recent else 0.0
+        if not recent:
+            return 0.0
+        _, rtt, offset = min(recent, key=lambda s: s[1])
+        # Within half the round trip the offset cannot be told from none (the same clock, or hosts
+        # kept in step by NTP): then none is exact, where the noisy estimate would eat into the margin.
+        return 0.0 if abs(offset) <= rtt / 2 else offset
 
     async def _calibrate(self, conn: psycopg.AsyncConnection[Any], samples: int) -> None:
         for _ in range(samples):
