@@ -18,12 +18,14 @@ import aiohttp
 
 
 class Departure:
-    """One send: when the pacer let it go, then when its last bytes were written."""
+    """One send: when the pacer let it go, then when its last bytes were written; ``slot``: the
+    grid slot it was given (None without one)."""
 
-    __slots__ = ("at",)
+    __slots__ = ("at", "released", "slot")
 
-    def __init__(self, at: float) -> None:
-        self.at = at
+    def __init__(self, at: float, slot: float | None = None) -> None:
+        self.at = self.released = at
+        self.slot = slot
 
     def left(self, at: float) -> None:
         if at > self.at:
@@ -33,9 +35,9 @@ class Departure:
 _CURRENT: ContextVar[Departure | None] = ContextVar("capbatch_departure", default=None)
 
 
-def expect(at: float) -> Departure:
+def expect(at: float, slot: float | None = None) -> Departure:
     """A note for the request this task is about to send (released by the pacer at ``at``)."""
-    note = Departure(at)
+    note = Departure(at, slot)
     _CURRENT.set(note)
     return note
 

@@ -98,6 +98,9 @@ class Pacer:
         self._fallback_warned = False
         self._granted = False
         self._guard_sends: deque[Departure] = deque()
+        self._in_transit: deque[Departure] = deque()   # shared-grid sends whose lateness is not judged yet
+        self._late_reporting = False
+        self.late_sends = 0
         # News from other members (a backend with long leases): slots given back, a pause.
         self._earlier = asyncio.Event()              # set when slots earlier than a sleeping one arrive
         self._refreshing: asyncio.Task[None] | None = None
@@ -151,7 +154,7 @@ class Pacer:
             if self.peers and now - slot > self._late_limit:
                 self.dropped_slots += 1          # too late to keep the shared grid's promise
                 continue
-            await self._guard(now)
+            await self._guard(now, slot)
             return
 
     async def _sleep_until(self, slot: float) -> float:
@@ -175,9 +178,10 @@ class Pacer:
                 bisect.insort(self._slots, slot)
                 slot = earlier
 
-    async def _guard(self, now: float) -> None:
+    async def _guard(self, now: float, slot: float | None = None) -> None:
         cadence = self._cadence
         assert cadence is not None
+        self._check_departures(now)
         sends = self._guard_sends        # when the last sends left (updated as their bytes go out)
         while sends and now - sends[0].at >= self._guard_gap:
             sends.popleft()
@@ -186,8 +190,38 @@ class Pacer:
             now = time.time()
             while sends and now - sends[0].at >= self._guard_gap:
                 sends.popleft()
-        sends.append(expect(now))
+        note = expect(now, slot)
+        sends.append(note)
+        if self.peers and slot is not None:
+            self._in_transit.append(note)
         self._sends.append(now)
+
+    def _check_departures(self, now: float) -> None:
+        """Sends on a shared grid that left later than the margin allows (a loaded host holds them
+        between the slot and the socket) widen the shared margin at once, for every member: a late
+        send of one run could otherwise crowd a window with another run's slots."""
+        worst = 0.0
+        transit = self._in_transit
+        while transit and now - transit[0].released > 0.25:       # their bytes are out by now
+            note = transit.popleft()
+            if note.slot is not None:
+                worst = max(worst, note.at - note.slot)
+        if worst > self._late_limit and not self._late_reporting and self._member is not None:
+            self.late_sends += 1
+            self._late_reporting = True
+            task = asyncio.get_running_loop().create_task(self._report_late(worst))
+            self._reports.add(task)
+            task.add_done_callback(self._reports.discard)
+
+    async def _report_late(self, lateness: float) -> None:
+        assert self._backend is not None and self._member is not None
+        try:
+            await self._backend.late(self.key, self._member, time.time(), lateness)
+            log.debug("sends left up to %.0f ms after their slots: the shared margin widens", lateness * 1000)
+        except (QuotaUnavailable, OSError) as exc:
+            log.debug("could not widen the shared margin (%s)", exc)
+        finally:
+            self._late_reporting = False
 
     async def _take_slot(self) -> float:
         # One worker at a time (FIFO) looks for a slot; the others queue on the lock instead of all

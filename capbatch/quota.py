@@ -40,6 +40,7 @@ once, here, whatever keeps the state::
         lease_seconds: float        # how much sending time one lease should cover (batching)
         async def lease(self, key, member, count, now, spare_only=False) -> Grant
         async def throttled(self, key, member, now, retry_after, slow_down) -> bool
+        async def late(self, key, member, now, lateness) -> None   # sends left late: widen the margin
         async def leave(self, key, member, unused_slots, now) -> None
         def describe(self) -> str   # where the state lives, for messages
         async def close(self) -> None   # release files / connections
@@ -367,6 +368,18 @@ def report_throttle(state: QuotaState, member: Member, now: float, retry_after: 
     return True
 
 
+def report_late(state: QuotaState, member: Member, now: float, lateness: float) -> None:
+    """A member's sends left ``lateness`` seconds after their slots (a loaded host): widen the shared
+    margin at once so that it covers that — a send may leave up to 3/4 of the margin late — rather
+    than wait for the 429s it could cause (narrowed again like a 429's, step by step)."""
+    _touch(state, member, now)
+    cadence = Cadence.of(agreed_rate(state, member.rate))
+    needed = min(JITTER_MAX * cadence.window, max(0.0, lateness / 0.75 - cadence.margin))
+    if needed > state.jitter:
+        state.jitter = needed
+        state.jitter_at = now
+
+
 def leave(state: QuotaState, member: Member, unused: tuple[float, ...], now: float) -> None:
     """The member stops: forget it, and give back the slots it will not use."""
     state.members.pop(member.id, None)
@@ -382,6 +395,8 @@ class QuotaBackend(Protocol):
 
     async def throttled(self, key: QuotaKey, member: Member, now: float, retry_after: float | None,
                         slow_down: bool) -> bool: ...
+
+    async def late(self, key: QuotaKey, member: Member, now: float, lateness: float) -> None: ...
 
     async def leave(self, key: QuotaKey, member: Member, unused: tuple[float, ...], now: float) -> None: ...
 
@@ -408,6 +423,9 @@ class MemoryQuotaBackend:
     async def throttled(self, key: QuotaKey, member: Member, now: float, retry_after: float | None,
                         slow_down: bool) -> bool:
         return report_throttle(self._state(key), member, now, retry_after, slow_down)
+
+    async def late(self, key: QuotaKey, member: Member, now: float, lateness: float) -> None:
+        report_late(self._state(key), member, now, lateness)
 
     async def leave(self, key: QuotaKey, member: Member, unused: tuple[float, ...], now: float) -> None:
         leave(self._state(key), member, unused, now)
@@ -521,6 +539,9 @@ class FileQuotaBackend:
     async def throttled(self, key: QuotaKey, member: Member, now: float, retry_after: float | None,
                         slow_down: bool) -> bool:
         return await self._apply(key, lambda s: report_throttle(s, member, now, retry_after, slow_down))
+
+    async def late(self, key: QuotaKey, member: Member, now: float, lateness: float) -> None:
+        await self._apply(key, lambda s: report_late(s, member, now, lateness))
 
     async def leave(self, key: QuotaKey, member: Member, unused: tuple[float, ...], now: float) -> None:
         await self._apply(key, lambda s: leave(s, member, unused, now))

@@ -43,6 +43,7 @@ import argparse
 import asyncio
 import base64
 import binascii
+import bisect
 import csv
 import dataclasses
 import hashlib
@@ -590,14 +591,17 @@ class Simulator:
         True = accepted (and recorded)."""
         w1 = self._win1
         w60 = self._win60
-        # Counted in the order handled: one that overtook another on its way in counts as its peer.
-        now = max(arrived, w60[-1]) if w60 else arrived
+        # Judged as a gateway would on its arrival: by what arrived in the window before it (a request
+        # handled after one that arrived later goes in its place, not at the end).
+        now = arrived
         cut = now - 1.0
         while w1 and w1[0] <= cut:
             w1.popleft()
         cut = now - 60.0
         while w60 and w60[0] <= cut:
             w60.popleft()
+        in1 = bisect.bisect_right(w1, now)
+        in60 = bisect.bisect_right(w60, now)
         if self._limited:
             cfg = self.config
             rps = cfg.rate_per_second
@@ -614,15 +618,15 @@ class Simulator:
                     return False
                 self._fixed_sec_n += 1
                 self._fixed_min_n += 1
-            elif (rps and len(w1) >= rps) or (rpm and len(w60) >= rpm):
+            elif (rps and in1 >= rps) or (rpm and in60 >= rpm):
                 return False
-        w1.append(now)
-        w60.append(now)
+        w1.insert(in1, now)
+        w60.insert(in60, now)
         self._accepted += 1
-        if len(w1) > self._peak_1:
-            self._peak_1 = len(w1)
-        if len(w60) > self._peak_60:
-            self._peak_60 = len(w60)
+        if in1 + 1 > self._peak_1:
+            self._peak_1 = in1 + 1
+        if in60 + 1 > self._peak_60:
+            self._peak_60 = in60 + 1
         return True
 
     def _fault(self, status: int) -> web.Response:

@@ -52,6 +52,7 @@ from ..quota import (
     lease_slots,
     leave,
     other_runs,
+    report_late,
     report_throttle,
 )
 from .base import redact_password
@@ -201,6 +202,9 @@ class PostgresQuotaBackend:
                         slow_down: bool) -> bool:
         return bool(await self._apply(
             key, lambda s, db_now, live: report_throttle(s, self._me(member), db_now, retry_after, slow_down)))
+
+    async def late(self, key: QuotaKey, member: Member, now: float, lateness: float) -> None:
+        await self._apply(key, lambda s, db_now, live: report_late(s, self._me(member), db_now, lateness))
 
     async def leave(self, key: QuotaKey, member: Member, unused: tuple[float, ...], now: float) -> None:
         offset = self.offset          # this host's slots -> the database's clock
