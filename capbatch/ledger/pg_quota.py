@@ -32,6 +32,7 @@ share the quota. A database that cannot be used raises :class:`~capbatch.quota.Q
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
@@ -269,18 +270,11 @@ class PostgresQuotaBackend:
             self._listener.cancel()
             await asyncio.gather(self._listener, return_exceptions=True)
             self._listener = None
-        if self._listen_conn is not None:
-            try:
-                await self._listen_conn.close()
-            except psycopg.Error:
-                pass
-            self._listen_conn = None
-        if self._conn is not None:
-            try:
-                await self._conn.close()
-            except psycopg.Error:
-                pass
-            self._conn = None
+        conns, self._listen_conn, self._conn = (self._listen_conn, self._conn), None, None
+        for conn in conns:
+            if conn is not None:
+                with contextlib.suppress(psycopg.Error):
+                    await conn.close()
 
 
 def _news(before: tuple[set[float], float, float], state: QuotaState) -> bool:
