@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import logging
 import random
 import time
@@ -190,11 +191,37 @@ class Pacer:
             now = time.time()
             while sends and now - sends[0].at >= self._guard_gap:
                 sends.popleft()
-        note = expect(now, slot)
+        note = expect(now, slot, self._recheck if self.peers and slot is not None else None)
         sends.append(note)
         if self.peers and slot is not None:
             self._in_transit.append(note)
         self._sends.append(now)
+
+    async def _recheck(self, note: Departure) -> None:
+        """The request has its connection (a new one may have taken a while on a loaded host): if it
+        would now leave later than the margin allows after its slot on a shared grid, it takes the
+        grid's next slot instead — a late send could crowd a window with another run's slots."""
+        if note.slot is None or time.time() - note.slot <= self._late_limit:
+            return
+        backend, member = self._backend, self._member
+        if backend is None or member is None:
+            return
+        try:
+            grant = await backend.lease(self.key, member, 1, time.time())
+        except (QuotaUnavailable, OSError):
+            return                               # the next regular lease says why
+        self._apply(grant)
+        if not grant.slots:
+            return
+        self.dropped_slots += 1
+        for queue in (self._guard_sends, self._in_transit):
+            with contextlib.suppress(ValueError):
+                queue.remove(note)
+        slot = grant.slots[0]
+        wait = max(slot, self._pause_until) - time.time()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        await self._guard(time.time(), slot)
 
     def _check_departures(self, now: float) -> None:
         """Sends on a shared grid that left later than the margin allows (a loaded host holds them
