@@ -283,6 +283,14 @@ class Pacer:
             self._notify()
 
     def _add_slots(self, slots: tuple[float, ...]) -> None:
+        # Slots already past when the lease comes back (a slow round trip to the shared state) are
+        # not this run's to catch up on: sent at once, as a burst, they would crowd a window with the
+        # slots of runs that leased after them, known to this run yet or not.
+        if self._cadence is not None and slots and slots[0] < time.time() - self._late_limit:
+            horizon = time.time() - self._late_limit
+            kept = tuple(s for s in slots if s >= horizon)
+            self.dropped_slots += len(slots) - len(kept)
+            slots = kept
         if not slots:
             return
         if self._slots and slots[0] < self._slots[-1]:       # given-back slots among them: keep order
