@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import time
 from contextvars import ContextVar
-from typing import Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
-import aiohttp
+if TYPE_CHECKING:
+    import aiohttp
 
 
 class Departure:
@@ -62,6 +63,8 @@ async def _connected(session: Any, context: Any, params: Any) -> None:
 def trace_config() -> aiohttp.TraceConfig:
     """Hooks for an ``aiohttp.ClientSession``: the pacer's last look once the request has its
     connection; stamp the current task's note when its request's headers and body are written."""
+    import aiohttp      # here: importing the pacer (the CLI does) must not load the HTTP client
+
     trace = aiohttp.TraceConfig()
     trace.on_connection_create_end.append(_connected)
     trace.on_connection_reuseconn.append(_connected)
