@@ -21,6 +21,7 @@ from typing import Any, Mapping
 import aiohttp
 
 from .config import Credentials
+from .departure import trace_config
 from .errors import ConfigError
 
 USER_AGENT = "capbatch/0.1"
@@ -210,6 +211,7 @@ class CapillaryClient:
             headers["Authorization"] = self._basic   # set once: aiohttp merges per-call headers each time
         self._session = aiohttp.ClientSession(
             connector=connector, timeout=self._timeout, headers=headers, json_serialize=json.dumps,
+            trace_configs=[trace_config()],     # when each paced request really left (capbatch.departure)
         )
         return self
 

@@ -362,6 +362,8 @@ def validate_cmd(input_path: Path, output: Path | None, json_out: bool, **flags:
 @click.option("--base-url", help="API base URL instead of --cluster (a test cluster, a proxy, the simulator).")
 @click.option("--rate", help=f"Read rate cap, e.g. 1000/min; 'unlimited' for none (default {config.DEFAULT_RATE}).")
 @click.option("--concurrency", type=int, help="Reads in flight at most (default 16).")
+@click.option("--quota-dir", type=click.Path(path_type=Path), help="Where runs on this host share each API key's quota; the reads take turns on it (default: the user state dir; 'none' paces alone).")
+@click.option("--priority", type=int, help="The reads' share of a quota shared with runs on the key (default 1).")
 @click.option("--allow-http", is_flag=True, default=None, help="Allow plain http:// to a non-loopback host.")
 @click.option("--no-verify-tls", "no_verify_tls", is_flag=True, default=False, help=TLS_HELP)
 @click.option("--auth", type=click.Choice(config.AUTH_KINDS), help=AUTH_HELP)

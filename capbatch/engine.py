@@ -180,12 +180,10 @@ class Engine:
         self.s = settings
         self.ledger = ledger
         self.client = client
-        if pacers is not None:      # (PUT pacer, read pacer): sharing the key's quota with other runs on this host
+        if pacers is not None:      # (PUT pacer, read pacer) on the quota shared with other runs (pacing.SharedQuota)
             self.pacer, self.read_pacer = pacers
-        else:
-            # A database ledger shares one quota among all workers on any host; else this process paces alone.
-            self.pacer = (ledger.shared_pacer(settings.rate, client.base_url, settings.credentials)
-                          or Pacer(settings.rate))
+        else:                       # this process paces alone
+            self.pacer = Pacer(settings.rate)
             self.read_pacer = Pacer(settings.read_rate) if settings.read_rate else self.pacer
         self.window = window or WindowGate(Schedule())   # sending windows (--window); always open by default
         self.pause_message: str | None = None

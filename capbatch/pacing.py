@@ -10,11 +10,14 @@ tests/perf/bench.py ``quota``):
   ``(window + margin) / R`` apart, so no window of the quota's length can hold more than R of them
   even when a send leaves up to ``margin`` late (8 ms, or 0.2 % of the window if larger). That is
   99.2 % of a per-second quota and 99.8 % of a per-minute one, sustained, with no bursts.
-- Slots are leased from a shared state (a file per API key, or this process's memory), a couple
-  at a time, so every run on one key paces against the same grid and takes turns fairly.
-- A thin guard on top keeps the exact promise for this process: it remembers the last R send times
-  and never lets an (R+1)-th send into any window of the quota's length plus the margin, so sends
-  bunched by an event-loop stall cannot eat into the margin the server's side of the path needs.
+- Slots are leased from a shared state — a file per API key on this host, a row per key in a
+  PostgreSQL ledger's database (every host), or this process's memory — a batch at a time (a couple
+  of slots from a file, about a second of this run's sends from the database), so every run on one
+  key paces against the same grid and takes turns fairly.
+- A thin guard on top keeps the exact promise for this process: it remembers when the last R sends
+  really left (their bytes written, :mod:`capbatch.departure`, not when the pacer let them go) and
+  never lets an (R+1)-th send into any window of the quota's length plus the margin, so sends
+  bunched or held back by a loaded machine cannot eat into the margin the network path needs.
 - A slot reached too late (an event-loop stall) while other runs share the grid is skipped rather
   than sent late, because a late send could crowd a window together with another run's slots.
 """
@@ -22,6 +25,8 @@ tests/perf/bench.py ``quota``):
 from __future__ import annotations
 
 import asyncio
+import bisect
+import contextlib
 import logging
 import random
 import time
@@ -29,7 +34,9 @@ from collections import deque
 from pathlib import Path
 
 from .config import Credentials, Rate
+from .departure import Departure, expect
 from .quota import (
+    HOST,
     MAX_PAUSE,
     Cadence,
     Grant,
@@ -38,8 +45,9 @@ from .quota import (
     Peer,
     QuotaBackend,
     QuotaKey,
-    QuotaLockTimeout,
+    QuotaUnavailable,
     credential_fingerprint,
+    live_peers,
     open_backend,
 )
 
@@ -64,12 +72,13 @@ class Pacer:
     THRESHOLD = 0.20
 
     def __init__(self, rate: Rate | None, backend: QuotaBackend | None = None, key: QuotaKey | None = None,
-                 priority: int = 1) -> None:
+                 priority: int = 1, run: str = "") -> None:
         self.rate = rate
         self.priority = max(1, int(priority))
+        self.run = run
         self.key = key or QuotaKey("this process", "", "requests")
         self._backend: QuotaBackend | None = (backend or MemoryQuotaBackend()) if rate else None
-        self._member: Member | None = Member.new(rate, self.priority) if rate else None
+        self._member: Member | None = Member.new(rate, self.priority, run) if rate else None
         self.agreed: Rate | None = rate
         self.factor = 1.0
         self.peers: tuple[Peer, ...] = ()
@@ -88,7 +97,17 @@ class Pacer:
         self._reports: set[asyncio.Task[None]] = set()
         self._unreported: tuple[float | None, bool] | None = None
         self._fallback_warned = False
-        self._guard_sends: deque[float] = deque()
+        self._granted = False
+        self._guard_sends: deque[Departure] = deque()
+        self._in_transit: deque[Departure] = deque()   # shared-grid sends whose lateness is not judged yet
+        self._late_reporting = False
+        self.late_sends = 0
+        # News from other members (a backend with long leases): slots given back, a pause.
+        self._earlier = asyncio.Event()              # set when slots earlier than a sleeping one arrive
+        self._refreshing: asyncio.Task[None] | None = None
+        self._refresh_again = False
+        self._watching = False
+        self._closed = False
         self._set_cadence(rate)
 
     # ---- figures -----------------------------------------------------------------------------
@@ -106,8 +125,12 @@ class Pacer:
         self._cadence = Cadence.of(rate, jitter)
         interval = self._cadence.interval / max(self.factor, 0.05)
         lease_seconds = getattr(self._backend, "lease_seconds", 0.02)
-        self._block = max(1, round(lease_seconds / interval))
-        self._limit = 2 * self._block * self.priority
+        # A lease covers about ``lease_seconds`` of this run's own sends: its share of the grid by
+        # weight. It holds at most two leases' worth unreached, so its turns on the grid (and what a
+        # killed run leaves unused) stay in proportion to its --priority, however many runs share it.
+        weights = self.priority + sum(p.weight for p in self.peers)
+        self._block = max(self.priority, round(lease_seconds / interval * self.priority / weights))
+        self._limit = 2 * self._block
         self._late_limit = self._cadence.margin * 0.75
         self._guard_gap = self._cadence.window + self._cadence.margin
 
@@ -121,9 +144,7 @@ class Pacer:
                 return
             slot = await self._take_slot()
             try:
-                wait = slot - time.time()
-                if wait > 0:
-                    await asyncio.sleep(wait)
+                slot = await self._sleep_until(slot)
             finally:
                 self._sleeping.discard(slot)
                 self._notify()
@@ -134,22 +155,100 @@ class Pacer:
             if self.peers and now - slot > self._late_limit:
                 self.dropped_slots += 1          # too late to keep the shared grid's promise
                 continue
-            await self._guard(now)
+            await self._guard(now, slot)
             return
 
-    async def _guard(self, now: float) -> None:
+    async def _sleep_until(self, slot: float) -> float:
+        """Sleep until ``slot``; when slots given back by another member arrive meanwhile, trade it for
+        an earlier one. Returns the slot slept for."""
+        while True:
+            wait = slot - time.time()
+            if wait <= 0:
+                return slot
+            if not self._watching:
+                await asyncio.sleep(wait)
+                return slot
+            try:
+                await asyncio.wait_for(self._earlier.wait(), wait)
+            except TimeoutError:
+                return slot
+            if self._slots and self._slots[0] < slot:
+                earlier = self._slots.popleft()
+                self._sleeping.discard(slot)
+                self._sleeping.add(earlier)
+                bisect.insort(self._slots, slot)
+                slot = earlier
+
+    async def _guard(self, now: float, slot: float | None = None) -> None:
         cadence = self._cadence
         assert cadence is not None
-        sends = self._guard_sends
-        while sends and now - sends[0] >= self._guard_gap:
+        self._check_departures(now)
+        sends = self._guard_sends        # when the last sends left (updated as their bytes go out)
+        while sends and now - sends[0].at >= self._guard_gap:
             sends.popleft()
         while len(sends) >= cadence.count:
-            await asyncio.sleep(self._guard_gap - (now - sends[0]))
+            await asyncio.sleep(self._guard_gap - (now - sends[0].at))
             now = time.time()
-            while sends and now - sends[0] >= self._guard_gap:
+            while sends and now - sends[0].at >= self._guard_gap:
                 sends.popleft()
-        sends.append(now)
+        note = expect(now, slot, self._recheck if self.peers and slot is not None else None)
+        sends.append(note)
+        if self.peers and slot is not None:
+            self._in_transit.append(note)
         self._sends.append(now)
+
+    async def _recheck(self, note: Departure) -> None:
+        """The request has its connection (a new one may have taken a while on a loaded host): if it
+        would now leave later than the margin allows after its slot on a shared grid, it takes the
+        grid's next slot instead — a late send could crowd a window with another run's slots."""
+        if note.slot is None or time.time() - note.slot <= self._late_limit:
+            return
+        backend, member = self._backend, self._member
+        if backend is None or member is None:
+            return
+        try:
+            grant = await backend.lease(self.key, member, 1, time.time())
+        except (QuotaUnavailable, OSError):
+            return                               # the next regular lease says why
+        self._apply(grant)
+        if not grant.slots:
+            return
+        self.dropped_slots += 1
+        for queue in (self._guard_sends, self._in_transit):
+            with contextlib.suppress(ValueError):
+                queue.remove(note)
+        slot = grant.slots[0]
+        wait = max(slot, self._pause_until) - time.time()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        await self._guard(time.time(), slot)
+
+    def _check_departures(self, now: float) -> None:
+        """Sends on a shared grid that left later than the margin allows (a loaded host holds them
+        between the slot and the socket) widen the shared margin at once, for every member: a late
+        send of one run could otherwise crowd a window with another run's slots."""
+        worst = 0.0
+        transit = self._in_transit
+        while transit and now - transit[0].released > 0.25:       # their bytes are out by now
+            note = transit.popleft()
+            if note.slot is not None:
+                worst = max(worst, note.at - note.slot)
+        if worst > self._late_limit and not self._late_reporting and self._member is not None:
+            self.late_sends += 1
+            self._late_reporting = True
+            task = asyncio.get_running_loop().create_task(self._report_late(worst))
+            self._reports.add(task)
+            task.add_done_callback(self._reports.discard)
+
+    async def _report_late(self, lateness: float) -> None:
+        assert self._backend is not None and self._member is not None
+        try:
+            await self._backend.late(self.key, self._member, time.time(), lateness)
+            log.debug("sends left up to %.0f ms after their slots: the shared margin widens", lateness * 1000)
+        except (QuotaUnavailable, OSError) as exc:
+            log.debug("could not widen the shared margin (%s)", exc)
+        finally:
+            self._late_reporting = False
 
     async def _take_slot(self) -> float:
         # One worker at a time (FIFO) looks for a slot; the others queue on the lock instead of all
@@ -162,26 +261,85 @@ class Pacer:
                     return slot
                 free = self._limit - len(self._sleeping)
                 if free >= self._block:
-                    await self._lease(free)
+                    await self._lease(self._block)     # a share at a time: the others' turns come between
                     continue
                 await self._wait_changed()
 
     async def _lease(self, count: int) -> None:
         assert self._backend is not None and self._member is not None
         try:
+            if not self._granted and getattr(self._backend, "lease_seconds", 0.02) > 0.1:
+                count = 1          # a long lease: first learn who else shares the grid, then lease a share
             try:
                 grant = await self._backend.lease(self.key, self._member, count, time.time())
-            except (QuotaLockTimeout, OSError) as exc:
+            except (QuotaUnavailable, OSError) as exc:
                 self._go_alone(exc)
                 grant = await self._backend.lease(self.key, self._member, count, time.time())
+            self._granted = True
             self._apply(grant)
-            self._slots.extend(grant.slots)
+            self._add_slots(grant.slots)
+            self._watch()
         finally:
             self._notify()
 
+    def _add_slots(self, slots: tuple[float, ...]) -> None:
+        # Slots already past when the lease comes back (a slow round trip to the shared state) are
+        # not this run's to catch up on: sent at once, as a burst, they would crowd a window with the
+        # slots of runs that leased after them, known to this run yet or not.
+        if self._cadence is not None and slots and slots[0] < time.time() - self._late_limit:
+            horizon = time.time() - self._late_limit
+            kept = tuple(s for s in slots if s >= horizon)
+            self.dropped_slots += len(slots) - len(kept)
+            slots = kept
+        if not slots:
+            return
+        if self._slots and slots[0] < self._slots[-1]:       # given-back slots among them: keep order
+            self._slots = deque(sorted([*self._slots, *slots]))
+        else:
+            self._slots.extend(slots)
+        if self._sleeping and slots[0] < max(self._sleeping):
+            earlier, self._earlier = self._earlier, asyncio.Event()
+            earlier.set()                                      # sleepers trade for the earlier slots
+
+    def _watch(self) -> None:
+        watch = getattr(self._backend, "watch", None)
+        if watch is not None and not self._watching:
+            watch(self.key, self._on_notice)
+            self._watching = True
+
+    def _on_notice(self) -> None:
+        """Another member gave slots back, or the quota was paused or slowed: lease now (spare only)."""
+        if self._member is None or self._backend is None or self._closed:
+            return
+        if self._refreshing is not None:
+            self._refresh_again = True
+            return
+        self._refreshing = asyncio.get_running_loop().create_task(self._refresh())
+
+    async def _refresh(self) -> None:
+        try:
+            while True:
+                self._refresh_again = False
+                backend, member = self._backend, self._member
+                if backend is None or member is None:
+                    return
+                try:
+                    grant = await backend.lease(self.key, member, self._block, time.time(), spare_only=True)
+                except (QuotaUnavailable, OSError):
+                    return                       # the next regular lease says why
+                self._apply(grant)
+                self._add_slots(grant.slots)
+                self._notify()
+                if not self._refresh_again:
+                    return
+        finally:
+            self._refreshing = None
+
     def _go_alone(self, exc: BaseException) -> None:
         if not self._fallback_warned:
-            log.warning("the shared quota state is unusable (%s): this run now paces itself alone", exc)
+            where = self._backend.describe() if self._backend is not None else "the shared quota"
+            log.warning("the shared quota state in %s is unusable (%s): this run now paces itself alone",
+                        where, exc)
             self._fallback_warned = True
         self._backend = MemoryQuotaBackend()
 
@@ -197,13 +355,21 @@ class Pacer:
     def _say_shared(self, grant: Grant) -> None:
         own = self.rate
         if grant.peers:
-            who = ", ".join(f"pid {p.pid} at {p.rate}" + (f" priority {p.weight}" if p.weight != 1 else "")
-                            for p in grant.peers[:5])
-            log.info("quota of %s shared with %d other run(s) on this API key (%s); turns are shared by "
-                     "--priority (this run %d)", self.key.target, len(grant.peers), who, self.priority)
+            who = ", ".join(f"pid {p.pid}" + (f" on {p.host}" if p.host != HOST else "") + f" at {p.rate}"
+                            + (f" priority {p.weight}" if p.weight != 1 else "") for p in grant.peers[:5])
+            workers = sum(1 for p in grant.peers if self.run and p.run == self.run)
+            others = len(grant.peers) - workers
+            with_whom = " and ".join(x for x in (
+                f"{others} other run(s) on this API key" if others else "",
+                f"{workers} other worker(s) of this run" if workers else "") if x)
+            log.info("quota of %s shared with %s (%s); turns are shared by --priority (this one %d)",
+                     self.key.target, with_whom, who, self.priority)
         if own is not None and grant.rate.per_second < own.per_second:
-            log.warning("another run on this API key gave --rate %s: the lower rate holds for every run on "
-                        "the key, this one too (asked for %s)", grant.rate, own)
+            lowest = min(grant.peers, key=lambda p: p.rate.per_second, default=None)
+            who = ("another worker of this job" if lowest is not None and self.run and lowest.run == self.run
+                   else "another run on this API key")
+            log.warning("%s gave --rate %s: the lower rate holds for every run on the key, this one too "
+                        "(asked for %s)", who, grant.rate, own)
         elif own is not None and any(p.rate.per_second > own.per_second for p in grant.peers):
             log.info("this run's --rate %s is lower than another run's on this API key: the lower rate "
                      "holds for all of them", own)
@@ -263,7 +429,7 @@ class Pacer:
 
     def rate_learned(self, rate: Rate) -> None:
         self._backend = MemoryQuotaBackend()
-        self._member = Member.new(rate, self.priority)
+        self._member = Member.new(rate, self.priority, self.run)
         self.agreed = rate
         self._set_cadence(rate)
 
@@ -271,7 +437,7 @@ class Pacer:
         assert self._backend is not None and self._member is not None
         try:
             lowered = await self._backend.throttled(self.key, self._member, now, retry_after, slow_down)
-        except (QuotaLockTimeout, OSError) as exc:
+        except (QuotaUnavailable, OSError) as exc:
             self._go_alone(exc)
             lowered = await self._backend.throttled(self.key, self._member, now, retry_after, slow_down)
         if lowered:
@@ -284,7 +450,10 @@ class Pacer:
             await asyncio.gather(*list(self._reports), return_exceptions=True)
 
     async def close(self) -> None:
-        """Leave the shared quota: unused leased slots go back if nobody leased after them."""
+        """Leave the shared quota: unused leased slots go back to the other members."""
+        self._closed = True
+        if self._refreshing is not None:
+            await asyncio.gather(self._refreshing, return_exceptions=True)
         await self.settle_reports()
         if self._backend is None or self._member is None:
             return
@@ -292,7 +461,7 @@ class Pacer:
         self._slots.clear()
         try:
             await self._backend.leave(self.key, self._member, unused, time.time())
-        except (QuotaLockTimeout, OSError) as exc:
+        except (QuotaUnavailable, OSError) as exc:
             log.debug("could not leave the shared quota cleanly (%s); it forgets this run by itself", exc)
 
     def _observed_rate(self, now: float) -> float | None:
@@ -388,14 +557,52 @@ def backoff_delay(attempt: int, base: float = 0.5, cap: float = 30.0) -> float:
     return random.uniform(0, min(cap, base * (2 ** max(0, attempt - 1))))
 
 
-def shared_pacers(rate: Rate | None, read_rate: Rate | None, *, target: str, credentials: Credentials,
-                  quota_dir: Path | None, priority: int = 1) -> tuple[Pacer, Pacer, QuotaBackend]:
-    """The (PUT, read) pacers of a run, pacing on the quota it shares with every run that sends to
-    ``target`` with the same credential. Reads share the PUT pacer unless ``read_rate`` is given,
-    in which case they have a quota (and a shared state) of their own."""
-    backend = open_backend(quota_dir)
-    fingerprint = credential_fingerprint(credentials)
-    pacer = Pacer(rate, backend, QuotaKey(target, fingerprint, "requests"), priority)
-    read_pacer = (Pacer(read_rate, backend, QuotaKey(target, fingerprint, "reads"), priority)
-                  if read_rate else pacer)
-    return pacer, read_pacer, backend
+def _alone(quota_dir: Path | None) -> bool:
+    return quota_dir is not None and str(quota_dir).lower() in ("none", "off")
+
+
+def open_quota_backend(quota_dir: Path | None, database: str | None = None) -> QuotaBackend:
+    """Where a run's quota is shared: the ledger database's ``capbatch.quota`` table when the run's
+    ledger is a database (every host), else the state files in ``quota_dir`` (this host);
+    ``--quota-dir none`` paces alone either way."""
+    if database and not _alone(quota_dir):
+        from .ledger.pg_quota import PostgresQuotaBackend   # the driver only when a database is used
+
+        return PostgresQuotaBackend(database)
+    return open_backend(quota_dir)
+
+
+def quota_peers(quota_dir: Path | None, database: str | None, key: QuotaKey, rate: Rate, run: str = "") -> int:
+    """How many other runs share ``key`` right now (for the plan; the other workers of ``run`` do not
+    count); 0 when that cannot be told. Reads only: nothing is created or changed."""
+    if database and not _alone(quota_dir):
+        from .ledger.pg_quota import live_members
+
+        return live_members(database, key, rate, run)
+    return live_peers(quota_dir, key, rate, time.time(), run)
+
+
+class SharedQuota:
+    """The (PUT, read) pacers of one process, pacing on the quota it shares with every run that
+    sends to ``target`` with the same credential (see :func:`open_quota_backend` for where). Reads
+    share the PUT pacer unless ``read_rate`` is given: then they have a quota (and a state) of their
+    own. :meth:`close` leaves the quota (unused slots go back) and releases the backend."""
+
+    def __init__(self, rate: Rate | None, read_rate: Rate | None, *, target: str, credentials: Credentials,
+                 quota_dir: Path | None, priority: int = 1, database: str | None = None, run: str = "") -> None:
+        self.backend = open_quota_backend(quota_dir, database)
+        fingerprint = credential_fingerprint(credentials)
+        self.pacer = Pacer(rate, self.backend, QuotaKey(target, fingerprint, "requests"), priority, run)
+        self.read_pacer = (Pacer(read_rate, self.backend, QuotaKey(target, fingerprint, "reads"), priority, run)
+                           if read_rate else self.pacer)
+
+    @property
+    def pacers(self) -> tuple[Pacer, Pacer]:
+        return self.pacer, self.read_pacer
+
+    async def close(self) -> None:
+        try:
+            for pacer in dict.fromkeys(self.pacers):
+                await pacer.close()
+        finally:
+            await self.backend.close()

@@ -8,8 +8,12 @@ sending windows when there are any ("the ETA counts only window time").
 Requests per row:
 - every row to send gets one PUT (an upper bound in reconcile mode and for rows whose read on
   resume shows the PUT had already landed — "~" in the message);
-- reconcile reads every card first (one GET each);
-- rows in flight when an earlier run stopped are read first (``--resume-check read``);
+- reconcile and ``--record-previous`` read every card first (one GET each);
+- otherwise the rows of the job's rolling audit (``--audit-fraction``) are read first — and only
+  put when the card drifted, so their PUTs are an upper bound too — and so are rows in flight
+  when an earlier run stopped (``--resume-check read``);
+- ``--retry-failed`` sends the failed rows again: they count as rows to send (the plan is made
+  after ``--skip-confirmed`` settled what earlier runs confirmed, so those do not count);
 - ``--generate-missing`` asks GET /v2/cardNumber once per row without an external ID;
 - the canary (``--canary K``) reads back each of the K rows it settles before the pool opens, and
   ``--read-back`` reads every card after its PUT.
@@ -43,6 +47,8 @@ class PlanSettings:
     read_rate: Rate | None = None
     canary_reads: int = 0          # hook for issue 11's --canary K: reads before the pool starts
     read_back: bool = False        # hook for issue 11's --read-back: one GET after every PUT
+    record_previous: bool = False  # --record-previous: one GET before every PUT
+    retry_failed: bool = False     # --retry-failed: the failed rows go out again
     deadline: float | None = None  # epoch seconds
     deadline_text: str | None = None
 
@@ -82,7 +88,7 @@ class Plan:
         """'1,234,567 rows → ~1,240,000 requests at 1,000/min: about 20 h 40 min'."""
         rows = f"{self.rows_to_send:,} row{'s' if self.rows_to_send != 1 else ''}"
         approx = "~" if self.requests_expected >= 10_000 or self.read_detail.get("resume") \
-            or self.read_detail.get("reconcile") else ""
+            or self.read_detail.get("reconcile") or self.read_detail.get("audit") else ""
         requests = f"{approx}{_round_sig(self.requests_expected):,} request{'s' if self.requests_expected != 1 else ''}"
         if not self.rows_to_send:
             return "nothing left to send"
@@ -122,13 +128,18 @@ def format_rate(rate: Rate) -> str:
 
 
 def make_plan(counts: dict[str, int], missing_external_ids: int, ps: PlanSettings, schedule: Schedule,
-              now: float, shared_with: int = 0) -> Plan:
-    """The plan for the rows a ledger still holds (``counts`` = Ledger.counts())."""
+              now: float, shared_with: int = 0, audit: int = 0) -> Plan:
+    """The plan for the rows a ledger still holds (``counts`` = Ledger.counts(); ``audit``: rows of
+    the rolling audit among them, not settled yet)."""
     unknown = int(counts.get("in_flight", 0))
-    rows = int(counts.get("pending", 0)) + unknown
+    retried = int(counts.get("failed", 0)) if ps.retry_failed else 0
+    rows = int(counts.get("pending", 0)) + unknown + retried
+    reads_all = ps.mode == "reconcile" or ps.record_previous      # every row is read before its PUT
     reads = {
         "reconcile": rows if ps.mode == "reconcile" else 0,
-        "resume": unknown if ps.mode != "reconcile" and ps.resume_check == "read" else 0,
+        "record_previous": rows if ps.record_previous and ps.mode != "reconcile" else 0,
+        "audit": min(audit, rows) if not reads_all else 0,
+        "resume": unknown if not reads_all and ps.resume_check == "read" else 0,
         "generate_missing": missing_external_ids if ps.generate_missing else 0,
         "read_back": rows if ps.read_back else 0,
         "canary": min(ps.canary_reads, rows) if rows else 0,

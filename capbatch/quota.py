@@ -33,26 +33,34 @@ blocks the others (its unused leased slots, at most a few, pass unused).
 The backend interface
 ---------------------
 A backend stores one :class:`QuotaState` per :class:`QuotaKey` and applies the pure rules below
-(:func:`lease_slots`, :func:`report_throttle`, :func:`leave`) to it atomically::
+(:func:`lease_slots`, :func:`report_throttle`, :func:`leave`) to it atomically — the rules exist
+once, here, whatever keeps the state::
 
     class QuotaBackend(Protocol):
         lease_seconds: float        # how much sending time one lease should cover (batching)
-        async def lease(self, key, member, count, now) -> Grant
+        async def lease(self, key, member, count, now, spare_only=False) -> Grant
         async def throttled(self, key, member, now, retry_after, slow_down) -> bool
+        async def late(self, key, member, now, lateness) -> None   # sends left late: widen the margin
         async def leave(self, key, member, unused_slots, now) -> None
         def describe(self) -> str   # where the state lives, for messages
-        def close(self) -> None     # release files / connections
+        async def close(self) -> None   # release files / connections
 
-``now`` and every slot are wall-clock epoch seconds (``time.time()``), comparable between
-processes. :class:`FileQuotaBackend` keeps the state as a small JSON file per key in a user-level
-state directory, read-modify-written under ``fcntl.flock`` (released by the kernel when a process
-dies, so a lock can never go stale); :class:`MemoryQuotaBackend` keeps it in the process (one run
-alone, and tests). A database backend keeps the same state in one row per key, updated in one
-transaction (``SELECT ... FOR UPDATE``, apply the rule, ``UPDATE``), and sets ``lease_seconds`` to
-about a second so each worker process leases a second's worth of slots per round trip. Across
-hosts the slots are compared on each host's own clock, so the hosts' clocks must be synchronised
-(NTP): any skew between them eats into the margin; members on other hosts are not pid-checked and
-expire by ``MEMBER_TTL`` alone.
+``now`` and every slot are wall-clock epoch seconds of this host (``time.time()``). A backend that
+cannot be used raises :class:`QuotaUnavailable` (the pacer then paces alone and says so). A backend
+whose leases are long may also offer ``watch(key, callback)``: it calls ``callback()`` when another
+member changed something the others should act on at once (slots given back, a pause, a lower rate
+factor), and the pacer leases again — spare slots only — instead of waiting for its next lease.
+
+- :class:`FileQuotaBackend` keeps the state as a small JSON file per key in a user-level state
+  directory, read-modify-written under ``fcntl.flock`` (released by the kernel when a process dies,
+  so a lock can never go stale): every run on this host shares it.
+- :class:`MemoryQuotaBackend` keeps it in the process (one run alone, and tests).
+- ``capbatch.ledger.pg_quota.PostgresQuotaBackend`` keeps it in one row per key of the ledger
+  database (``capbatch.quota``), changed in one transaction (``SELECT ... FOR UPDATE``, the rule,
+  ``UPDATE``) on the *database's* clock, which it converts to this host's for the slots it returns;
+  its ``lease_seconds`` is a second, so a worker touches the database about once a second. Every
+  worker of every job on that database, on any host, shares it. Members on other hosts are not
+  pid-checked: they expire by ``MEMBER_TTL`` alone.
 """
 
 from __future__ import annotations
@@ -70,7 +78,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Iterable, Protocol
 
 from .config import Credentials, Rate
 
@@ -90,6 +98,7 @@ INCREASE_EVERY = 2.0     # seconds without throttling between additive increases
 INCREASE_STEP = 0.05     # fraction of the rate regained per step
 MAX_PAUSE = 300.0        # a Retry-After is honoured up to five minutes
 MEMBER_TTL = 10.0        # a member that has not leased for this long (and longer than 3 slots) is gone
+MAX_SPARE = 4096         # given-back slots kept at most (a few seconds' worth at any real quota)
 STALE_STATE_DAYS = 30    # state files untouched this long are removed when the directory is opened
 LOCK_PATIENCE = 5.0      # seconds to wait for the state lock before pacing alone (a stopped process)
 
@@ -159,10 +168,12 @@ class Member:
     weight: int = 1
     pid: int = field(default_factory=os.getpid)
     host: str = HOST
+    run: str = ""               # which run (job and input) it works on: workers of one job share it
+    session: int = 0            # the backend's handle on its connection, if it can tell that is alive
 
     @classmethod
-    def new(cls, rate: Rate, weight: int = 1) -> Member:
-        return cls(f"{HOST}:{os.getpid()}:{os.urandom(4).hex()}", rate, max(1, int(weight)))
+    def new(cls, rate: Rate, weight: int = 1, run: str = "") -> Member:
+        return cls(f"{HOST}:{os.getpid()}:{os.urandom(4).hex()}", rate, max(1, int(weight)), run=run)
 
 
 @dataclass
@@ -174,6 +185,9 @@ class MemberState:
     period: float
     seen: float
     joined: float
+    run: str = ""
+    session: int = 0
+    held: list[float] = field(default_factory=list)   # slots leased to it and not yet reached
 
     @property
     def rate(self) -> Rate:
@@ -190,6 +204,8 @@ class QuotaState:
     jitter_at: float = 0.0          # when it last changed
     throttle_events: int = 0
     last_member: str = ""           # who leased the grid's last slots (only they can give them back)
+    last_start: float = 0.0         # where that last lease began on the grid
+    spare: list[float] = field(default_factory=list)   # slots given back (a run that left or died mid-turn)
     members: dict[str, MemberState] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -202,7 +218,8 @@ class QuotaState:
                    changed_at=float(data.get("changed_at", 0.0)), pause_until=float(data.get("pause_until", 0.0)),
                    jitter=float(data.get("jitter", 0.0)), jitter_at=float(data.get("jitter_at", 0.0)),
                    throttle_events=int(data.get("throttle_events", 0)),
-                   last_member=str(data.get("last_member", "")), members=members)
+                   last_member=str(data.get("last_member", "")), last_start=float(data.get("last_start", 0.0)),
+                   spare=[float(x) for x in data.get("spare") or ()], members=members)
 
 
 @dataclass(frozen=True)
@@ -211,6 +228,8 @@ class Peer:
     host: str
     rate: Rate
     weight: int
+    run: str = ""
+    session: int = 0
 
 
 @dataclass(frozen=True)
@@ -232,9 +251,12 @@ def agreed_rate(state: QuotaState, fallback: Rate) -> Rate:
     return min(rates, key=lambda r: (r.per_second, r.period))
 
 
-def _alive(m: MemberState, now: float, cadence_interval: float) -> bool:
-    if now - m.seen > max(MEMBER_TTL, 3 * cadence_interval):
+def _alive(m: MemberState, now: float, cadence_interval: float, sessions: frozenset[int] | None) -> bool:
+    # Silence counts from its last lease, or from the last slot it holds (waiting out a long pause).
+    if now - max(m.seen, max(m.held, default=0.0)) > max(MEMBER_TTL, 3 * cadence_interval):
         return False
+    if sessions is not None and m.session and m.session not in sessions:
+        return False                # its connection to the shared state is gone: it died, on whatever host
     if m.host == HOST and m.pid != os.getpid():
         try:
             os.kill(m.pid, 0)
@@ -245,10 +267,26 @@ def _alive(m: MemberState, now: float, cadence_interval: float) -> bool:
     return True
 
 
-def prune(state: QuotaState, now: float, fallback: Rate) -> None:
+def prune(state: QuotaState, now: float, fallback: Rate, sessions: frozenset[int] | None = None) -> None:
+    """Drop members that are gone; the slots they held and had not reached go to the next lease.
+    ``sessions``: the backend's live connection handles, where it can tell (a database)."""
     interval = Cadence.of(agreed_rate(state, fallback)).interval
-    for member_id in [k for k, m in state.members.items() if not _alive(m, now, interval)]:
-        del state.members[member_id]
+    for member_id in [k for k, m in state.members.items() if not _alive(m, now, interval, sessions)]:
+        gone = state.members.pop(member_id)
+        _give_back(state, member_id, gone.held, now)
+
+
+def _give_back(state: QuotaState, member_id: str, slots: Iterable[float], now: float) -> None:
+    """Slots a member will not use: the tail of the grid rewinds if it leased last, the rest are spare."""
+    unused = sorted(s for s in slots if s >= now)
+    if state.last_member == member_id:
+        tail = [s for s in unused if s >= state.last_start]
+        if tail:
+            state.tat = max(now, tail[0])
+            unused = unused[: len(unused) - len(tail)]
+        state.last_member = ""
+    if unused:
+        state.spare = sorted([*state.spare, *unused])[-MAX_SPARE:]
 
 
 def _recover(state: QuotaState, now: float) -> None:
@@ -265,32 +303,44 @@ def _relax(state: QuotaState, now: float, cadence: Cadence) -> None:
         state.jitter_at += steps * JITTER_DECAY
 
 
-def _touch(state: QuotaState, member: Member, now: float) -> None:
+def _touch(state: QuotaState, member: Member, now: float) -> MemberState:
     known = state.members.get(member.id)
     if known is None:
-        state.members[member.id] = MemberState(member.pid, member.host, member.weight, member.rate.requests,
-                                               member.rate.period, now, now)
-    else:
-        known.seen = now
+        known = state.members[member.id] = MemberState(member.pid, member.host, member.weight, member.rate.requests,
+                                                       member.rate.period, now, now, member.run, member.session)
+    known.seen = now
+    known.session = member.session
+    return known
 
 
-def lease_slots(state: QuotaState, member: Member, count: int, now: float) -> Grant:
-    """Give ``member`` the next ``count`` slots of the grid (never in the past, never in a pause)."""
-    _touch(state, member, now)
-    prune(state, now, member.rate)
+def lease_slots(state: QuotaState, member: Member, count: int, now: float,
+                sessions: frozenset[int] | None = None, spare_only: bool = False) -> Grant:
+    """Give ``member`` the next ``count`` slots (never in the past, never in a pause): spare slots
+    first — given back by a run that left or died holding them — then the grid's next ones (not
+    with ``spare_only``: a member told that slots were given back takes just those)."""
+    me = _touch(state, member, now)
+    prune(state, now, member.rate, sessions)
     _recover(state, now)
     rate = agreed_rate(state, member.rate)
     _relax(state, now, Cadence.of(rate))
     interval = Cadence.of(rate, state.jitter).interval / max(state.factor, MIN_FACTOR)
     if state.tat > now + MAX_PAUSE + 60 + count * interval:
         state.tat = now                 # a clock stepped backwards: do not wait for it
+        state.spare = []
     state.pause_until = min(state.pause_until, now + MAX_PAUSE)
-    start = max(state.tat, now, state.pause_until)
-    slots = tuple(start + i * interval for i in range(max(0, count)))
-    if slots:
-        state.tat = start + len(slots) * interval
+    floor = max(now, state.pause_until)
+    spare = [s for s in state.spare if s >= floor]
+    taken, state.spare = spare[: max(0, count)], spare[max(0, count):]
+    start = max(state.tat, floor)
+    fresh = [] if spare_only else [start + i * interval for i in range(max(0, count) - len(taken))]
+    if fresh:
+        state.tat = start + len(fresh) * interval
         state.last_member = member.id
-    peers = tuple(Peer(m.pid, m.host, m.rate, m.weight) for k, m in state.members.items() if k != member.id)
+        state.last_start = start
+    slots = tuple(taken + fresh)
+    me.held = [h for h in me.held if h >= now][-MAX_SPARE:] + list(slots)
+    peers = tuple(Peer(m.pid, m.host, m.rate, m.weight, m.run, m.session)
+                  for k, m in state.members.items() if k != member.id)
     return Grant(slots, rate, state.jitter, state.factor, state.pause_until, peers)
 
 
@@ -318,29 +368,41 @@ def report_throttle(state: QuotaState, member: Member, now: float, retry_after: 
     return True
 
 
+def report_late(state: QuotaState, member: Member, now: float, lateness: float) -> None:
+    """A member's sends left ``lateness`` seconds after their slots (a loaded host): widen the shared
+    margin at once so that it covers that — a send may leave up to 3/4 of the margin late — rather
+    than wait for the 429s it could cause (narrowed again like a 429's, step by step)."""
+    _touch(state, member, now)
+    cadence = Cadence.of(agreed_rate(state, member.rate))
+    needed = min(JITTER_MAX * cadence.window, max(0.0, lateness / 0.75 - cadence.margin))
+    if needed > state.jitter:
+        state.jitter = needed
+        state.jitter_at = now
+
+
 def leave(state: QuotaState, member: Member, unused: tuple[float, ...], now: float) -> None:
-    """The member stops: forget it, and give back its unused slots if nobody leased after them."""
+    """The member stops: forget it, and give back the slots it will not use."""
     state.members.pop(member.id, None)
-    if unused and state.last_member == member.id:
-        state.tat = max(now, min(unused))
-    if state.last_member == member.id:
-        state.last_member = ""
+    _give_back(state, member.id, unused, now)
 
 
 # ---- backends ----------------------------------------------------------------------------------
 class QuotaBackend(Protocol):
     lease_seconds: float
 
-    async def lease(self, key: QuotaKey, member: Member, count: int, now: float) -> Grant: ...
+    async def lease(self, key: QuotaKey, member: Member, count: int, now: float,
+                    spare_only: bool = False) -> Grant: ...
 
     async def throttled(self, key: QuotaKey, member: Member, now: float, retry_after: float | None,
                         slow_down: bool) -> bool: ...
+
+    async def late(self, key: QuotaKey, member: Member, now: float, lateness: float) -> None: ...
 
     async def leave(self, key: QuotaKey, member: Member, unused: tuple[float, ...], now: float) -> None: ...
 
     def describe(self) -> str: ...
 
-    def close(self) -> None: ...
+    async def close(self) -> None: ...
 
 
 class MemoryQuotaBackend:
@@ -354,12 +416,16 @@ class MemoryQuotaBackend:
     def _state(self, key: QuotaKey) -> QuotaState:
         return self.states.setdefault(key, QuotaState())
 
-    async def lease(self, key: QuotaKey, member: Member, count: int, now: float) -> Grant:
-        return lease_slots(self._state(key), member, count, now)
+    async def lease(self, key: QuotaKey, member: Member, count: int, now: float,
+                    spare_only: bool = False) -> Grant:
+        return lease_slots(self._state(key), member, count, now, spare_only=spare_only)
 
     async def throttled(self, key: QuotaKey, member: Member, now: float, retry_after: float | None,
                         slow_down: bool) -> bool:
         return report_throttle(self._state(key), member, now, retry_after, slow_down)
+
+    async def late(self, key: QuotaKey, member: Member, now: float, lateness: float) -> None:
+        report_late(self._state(key), member, now, lateness)
 
     async def leave(self, key: QuotaKey, member: Member, unused: tuple[float, ...], now: float) -> None:
         leave(self._state(key), member, unused, now)
@@ -367,11 +433,15 @@ class MemoryQuotaBackend:
     def describe(self) -> str:
         return "this process only"
 
-    def close(self) -> None:
+    async def close(self) -> None:
         self.states.clear()
 
 
-class QuotaLockTimeout(Exception):
+class QuotaUnavailable(Exception):
+    """The shared state cannot be used (locked too long, unreachable, refused): pace alone."""
+
+
+class QuotaLockTimeout(QuotaUnavailable):
     """The state file stayed locked (a process stopped while holding it, e.g. with Ctrl-Z)."""
 
 
@@ -462,12 +532,16 @@ class FileQuotaBackend:
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
 
-    async def lease(self, key: QuotaKey, member: Member, count: int, now: float) -> Grant:
-        return await self._apply(key, lambda s: lease_slots(s, member, count, now))
+    async def lease(self, key: QuotaKey, member: Member, count: int, now: float,
+                    spare_only: bool = False) -> Grant:
+        return await self._apply(key, lambda s: lease_slots(s, member, count, now, spare_only=spare_only))
 
     async def throttled(self, key: QuotaKey, member: Member, now: float, retry_after: float | None,
                         slow_down: bool) -> bool:
         return await self._apply(key, lambda s: report_throttle(s, member, now, retry_after, slow_down))
+
+    async def late(self, key: QuotaKey, member: Member, now: float, lateness: float) -> None:
+        await self._apply(key, lambda s: report_late(s, member, now, lateness))
 
     async def leave(self, key: QuotaKey, member: Member, unused: tuple[float, ...], now: float) -> None:
         await self._apply(key, lambda s: leave(s, member, unused, now))
@@ -476,7 +550,7 @@ class FileQuotaBackend:
         """The state as stored (for status and tests); no lock, no change."""
         return self._load(key, self._fd(key))
 
-    def close(self) -> None:
+    async def close(self) -> None:
         for fd in self._fds.values():
             try:
                 os.close(fd)
@@ -507,8 +581,14 @@ def open_backend(directory: Path | None) -> QuotaBackend:
         return MemoryQuotaBackend()
 
 
-def live_peers(directory: Path | None, key: QuotaKey, rate: Rate, now: float) -> int:
-    """How many runs share ``key`` right now, read from its state file (nothing is created or changed)."""
+def other_runs(state: QuotaState, now: float, rate: Rate, run: str = "") -> int:
+    """Live runs in ``state`` other than ``run`` (the workers of one job count as one run)."""
+    prune(state, now, rate)
+    return len({m.run or member_id for member_id, m in state.members.items() if not run or m.run != run})
+
+
+def live_peers(directory: Path | None, key: QuotaKey, rate: Rate, now: float, run: str = "") -> int:
+    """How many other runs share ``key`` right now, read from its state file (nothing is created or changed)."""
     if directory is not None and str(directory).lower() in ("none", "off"):
         return 0
     path = (Path(directory) if directory is not None else default_quota_dir()) / f"{key.name}.json"
@@ -517,5 +597,4 @@ def live_peers(directory: Path | None, key: QuotaKey, rate: Rate, now: float) ->
         state = QuotaState.from_json(data["state"]) if data.get("key") == key.name else QuotaState()
     except (OSError, ValueError, KeyError, TypeError):
         return 0
-    prune(state, now, rate)
-    return len(state.members)
+    return other_runs(state, now, rate, run)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -28,11 +29,11 @@ from .aio import run_async
 from .config import Settings, canary_rows, target_url
 from .errors import ConfigError, InputFileError, Interrupted, LedgerError, LedgerLost, Paused, RunAborted, UsageError
 from .ledger import LEDGER_FILE, Ledger, open_for_reading, open_ledger, row_label
-from .pacing import shared_pacers
+from .pacing import SharedQuota, quota_peers
 from .plan import Plan, PlanSettings, check_deadline, make_plan
 from .plan import actual as plan_actual
 from .plan import announce as announce_plan
-from .quota import QuotaKey, credential_fingerprint, live_peers
+from .quota import QuotaKey, credential_fingerprint
 from .source.frame import MemoryTable, is_dataframe, open_frame, open_records
 from .window import SYSTEM_CLOCK, Clock, Schedule, WindowGate, human_duration, parse_deadline, schedule_for
 from .rules import RuleSettings, check_row
@@ -352,15 +353,12 @@ async def _engine_session(s: Settings, ledger: Ledger, base_url: str, switch: St
 
     async with CapillaryClient(base_url, s.credentials, timeout=s.timeout, verify_tls=s.verify_tls,
                                max_connections=s.concurrency + 4, extra_fields=dict(s.extra_fields)) as client:
-        # One quota shared with every run on this key: a database ledger's own (any host), else the file
-        # one on this host (capbatch.quota). Sending windows: capbatch.window.
-        pacers = None
-        if ledger.shared_pacer(s.rate, base_url, s.credentials) is None:
-            pacer, read_pacer, backend = shared_pacers(s.rate, s.read_rate, target=base_url, credentials=s.credentials,
-                                                       quota_dir=s.quota_dir, priority=s.priority)
-            pacers = (pacer, read_pacer)
+        # One quota shared with every run on this key (capbatch.quota): in the ledger's database (any
+        # host) or in this host's quota files. Sending windows: capbatch.window.
+        quota = SharedQuota(s.rate, s.read_rate, target=base_url, credentials=s.credentials, quota_dir=s.quota_dir,
+                            priority=s.priority, database=ledger.quota_database(), run=_quota_run_tag(ledger, s.job))
         gate = WindowGate(schedule or Schedule(), clock)
-        engine = Engine(s, ledger, client, pacers=pacers, window=gate)
+        engine = Engine(s, ledger, client, pacers=quota.pacers, window=gate)
         if s.window_exit:
             gate.on_close = lambda: engine.request_pause(
                 f"the sending window closed ({gate.schedule.describe()}): --window-exit, stopping here")
@@ -387,10 +385,14 @@ async def _engine_session(s: Settings, ledger: Ledger, base_url: str, switch: St
                     ticker.cancel()
                     await asyncio.gather(ticker, return_exceptions=True)
                 await progress.stop()
-                if pacers is not None:
-                    for p in set(pacers):
-                        await p.close()
-                    backend.close()
+                await quota.close()
+
+
+def _quota_run_tag(ledger: Ledger, job: str | None) -> str:
+    """The run a process works on, as the shared quota knows it: the workers of one database job share
+    one tag (they are one run), separate runs never do. A hash: no path or URL in the quota state."""
+    ident = f"{ledger.location}\n{ledger.get_meta('input_sha256') or ''}\n{job or ''}"
+    return hashlib.sha256(ident.encode()).hexdigest()[:12]
 
 
 async def _every(interval: float, call: Callable[[Counters], None], counters: Counters) -> None:
@@ -571,6 +573,9 @@ def _run(s: Settings, source: Source, stop: StopSwitch | None, announcer: announ
     prepared = prepare(s, source=source)
     ledger, run_dir = prepared.ledger, prepared.run_dir
     try:
+        # The plan counts what is left once --retry-failed and --skip-confirmed have had their say;
+        # a --deadline-strict refusal after them sends nothing and leaves the ledger resumable.
+        _settle_before_plan(s, ledger)
         plan = _plan_before_run(s, prepared, schedule, clock, base_url)
     except BaseException:
         ledger.close()
@@ -588,20 +593,10 @@ def _run(s: Settings, source: Source, stop: StopSwitch | None, announcer: announ
         announce_plan(plan, schedule)
         ledger.set_meta("settings", json.dumps(s.public_dict(), default=str))
         ledger.set_meta("run_dir", str(run_dir.resolve()))   # status/report --ledger find the reports there
-        if s.retry_failed:
-            log.info("--retry-failed: %d failed rows go out again (rejected rows stay rejected)",
-                     ledger.requeue_failed())
         if s.job:
             ledger.set_meta("job", s.job)
             if not s.ledger:   # a database job's memory is in the database
                 ledger.set_meta("job_store", str(jobs.store_path(s.reports_dir).resolve()))
-        if s.job and s.skip_confirmed:
-            skipped, audited = jobs.skip_confirmed(ledger, s.reports_dir, s.job, s.audit_fraction)
-            log.info("job %s: %s already confirmed by earlier runs, settled without a request", s.job,
-                     plural(skipped, "row"))
-            if s.audit_fraction:
-                log.info("job %s: rolling audit re-reads %d confirmed pairs this run (--audit-fraction %g)",
-                         s.job, audited, s.audit_fraction)
         if switch.pressed:
             raise Interrupted("run stopped before the first request", "rerun the same command to resume")
         log.info("target %s, auth %s, rate %s, concurrency %d", base_url, s.credentials.kind,
@@ -650,6 +645,21 @@ def _run(s: Settings, source: Source, stop: StopSwitch | None, announcer: announ
     return summary
 
 
+def _settle_before_plan(s: Settings, ledger: Ledger, scratch: bool = False) -> None:
+    """--retry-failed and --skip-confirmed change which rows are left to send: apply them first.
+    ``scratch``: validate's throw-away copy (what a run would skip, said quietly)."""
+    say = log.debug if scratch else log.info
+    if s.retry_failed and not scratch:
+        say("--retry-failed: %d failed rows go out again (rejected rows stay rejected)", ledger.requeue_failed())
+    if s.job and s.skip_confirmed:
+        skipped, audited = jobs.skip_confirmed(ledger, s.reports_dir, s.job, s.audit_fraction)
+        say("job %s: %s already confirmed by earlier runs, settled without a request", s.job,
+            plural(skipped, "row"))
+        if s.audit_fraction:
+            say("job %s: rolling audit re-reads %d confirmed pairs this run (--audit-fraction %g)",
+                s.job, audited, s.audit_fraction)
+
+
 # ---- the plan (capbatch.plan) -----------------------------------------------------------------------
 def plan_settings(s: Settings, now: float, base_url: str | None = None) -> PlanSettings:
     """What the plan needs beyond the ledger's counts (``base_url``: the target, when known)."""
@@ -660,6 +670,7 @@ def plan_settings(s: Settings, now: float, base_url: str | None = None) -> PlanS
             base_url = None
     return PlanSettings(mode=s.mode, resume_check=s.resume_check, generate_missing=s.generate_missing,
                         rate=s.rate, read_rate=s.read_rate, read_back=s.read_back,
+                        record_previous=s.record_previous and s.mode != "reconcile", retry_failed=s.retry_failed,
                         canary_reads=canary_rows(s, base_url) if base_url else (s.canary or 0),
                         deadline=parse_deadline(s.deadline, now, schedule_for((), s.timezone).tz)
                         if s.deadline else None, deadline_text=s.deadline)
@@ -677,12 +688,16 @@ def _plan_before_run(s: Settings, prepared: Prepared, schedule: Schedule | None 
     now = clock.now()
     existing = _existing_ledger(s, prepared, source) if temporary else None
     ledger = existing or prepared.ledger
+    if temporary and existing is None and ledger.backend == "sqlite":
+        _settle_before_plan(s, ledger, scratch=True)     # what --skip-confirmed would leave to send
     try:
         shared = 0
         if base_url and s.rate:
-            shared = live_peers(s.quota_dir, QuotaKey(base_url, credential_fingerprint(s.credentials)), s.rate, now)
+            shared = quota_peers(s.quota_dir, ledger.quota_database() or s.ledger,
+                                 QuotaKey(base_url, credential_fingerprint(s.credentials)), s.rate, _quota_run_tag(ledger, s.job))
+        audit = ledger.audit_counts()
         plan = make_plan(ledger.counts(), ledger.missing_external_ids(), plan_settings(s, now, base_url), schedule, now,
-                         shared_with=shared)
+                         shared_with=shared, audit=audit.get("pending", 0) + audit.get("in_flight", 0))
     finally:
         if existing is not None:
             existing.close()
@@ -845,12 +860,13 @@ def check_remote(s: Settings, source: Source = None) -> dict[str, Any]:
         try:
             v = validation_report(prepared.ledger)
             log_validation(prepared.notes, v)
+            # Every valid card, also those the plan counts as settled by --skip-confirmed ("unchanged").
             targets = (Target(row_label(r["sheet"], r["row_number"]), r["card"], r["external_id"])
-                       for r in prepared.ledger.rows_in_states(("pending",)))
+                       for r in prepared.ledger.rows_in_states(("pending", "unchanged")))
             out = s.reports_dir / f"{_stem(s, source)}.check-remote.csv"
             v["plan"] = _plan_dict(s, prepared, base_url=base_url, source=source)
             v["input_sha256"] = prepared.sha256
-            counts = check_cards(s, base_url, targets, out)
+            counts = check_cards(s, base_url, targets, out, database=s.ledger)
         finally:
             prepared.ledger.close()
     log.info("remote check: %d already hold their target ID, %d would change, %d cards do not exist, "
@@ -877,16 +893,18 @@ def verify(s: Settings, target: Path | None) -> dict[str, Any]:
             out = target / "verify.csv"
             target.mkdir(parents=True, exist_ok=True)
             states: tuple[str, ...] = ("succeeded", "unchanged")
+            database = ledger.quota_database()     # the reads share the quota where the run kept it
         else:
             outputs.check_dir(s.reports_dir, "--reports-dir")
             tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="capbatch-verify-"))
             ledger = prepare(replace(s, input=target), run_dir=Path(tmp)).ledger
             out = s.reports_dir / f"{target.stem}.verify.csv"
             states = ("pending",)
+            database = s.ledger                    # ... or where a run of this input would
         stack.callback(ledger.close)
         targets = (Target(row_label(r["sheet"], r["row_number"]), r["card"], r["external_id"])
                    for r in ledger.rows_in_states(states))
-        counts = check_cards(s, base_url, targets, out)
+        counts = check_cards(s, base_url, targets, out, database=database)
     logging.getLogger("capbatch.summary").info(
         "verify: %d match, %d differ, %d cards missing, %d unreadable; details in %s",
         counts["match"], counts["differs"], counts["missing"], counts["error"], out)

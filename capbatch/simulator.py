@@ -12,6 +12,12 @@ plus fault injection (latency, 500/503/429, dropped and hung connections, outage
 an exact sliding-window (or fixed calendar-window) rate limiter, and admin routes that are
 neither authenticated, rate limited nor counted.
 
+The rate limiter counts each request at the time it *arrived* — the kernel's receive timestamp of
+its bytes (``SO_TIMESTAMP``, plain HTTP on Linux), as a gateway in front of the real API stamps it —
+not when this server's event loop got round to it: on a loaded machine that is tens of
+milliseconds later, and varies, which would make a client that keeps the quota exactly look like
+it broke it.
+
 By default it behaves as the public documentation describes. Modes make it behave the ways the
 documentation leaves open or the real service might (``capillary-api.md``, "What the documentation
 leaves open"), so capbatch's checks can be tested: business errors as HTTP 500 (``errors_status``)
@@ -37,6 +43,7 @@ import argparse
 import asyncio
 import base64
 import binascii
+import bisect
 import csv
 import dataclasses
 import hashlib
@@ -46,6 +53,8 @@ import random
 import re
 import secrets
 import signal
+import socket
+import struct
 import sys
 import threading
 import time
@@ -55,6 +64,64 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 from aiohttp import web
+
+# Kernel receive timestamps (Linux: SO_TIMESTAMP = SCM_TIMESTAMP = 29, a struct timeval).
+_SO_TIMESTAMP = getattr(socket, "SO_TIMESTAMP", 29 if sys.platform.startswith("linux") else None)
+_TIMEVAL = struct.Struct("@ll")
+
+
+class _ArrivalSocket:
+    """The server side of one connection, read with ``recvmsg`` so that each read also yields the
+    kernel's arrival time of the bytes (``arrived``, epoch seconds). Everything else is the socket's."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self.arrived: float | None = None
+
+    def _stamp(self, ancdata: list[tuple[int, int, bytes]]) -> None:
+        for level, kind, data in ancdata:
+            if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMP and len(data) >= _TIMEVAL.size:
+                sec, usec = _TIMEVAL.unpack_from(data)
+                self.arrived = sec + usec / 1e6
+
+    def recv(self, size: int, flags: int = 0) -> bytes:
+        data, ancdata, _, _ = self._sock.recvmsg(size, socket.CMSG_SPACE(_TIMEVAL.size), flags)
+        self._stamp(ancdata)
+        return data
+
+    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
+        view = memoryview(buffer)
+        n, ancdata, _, _ = self._sock.recvmsg_into([view[:nbytes] if nbytes else view],
+                                                   socket.CMSG_SPACE(_TIMEVAL.size), flags)
+        self._stamp(ancdata)
+        return n
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+def _stamp_arrivals(transport: Any) -> None:
+    """Make a plain TCP connection's transport read through :class:`_ArrivalSocket` (where the
+    platform has kernel timestamps; TLS connections keep the time the handler runs)."""
+    sock = getattr(transport, "_sock", None)
+    if _SO_TIMESTAMP is None or not isinstance(sock, socket.socket) or sock.type != socket.SOCK_STREAM:
+        return
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMP, 1)
+    except OSError:
+        return
+    transport._sock = _ArrivalSocket(sock)
+
+
+def _arrival(request: web.Request, now: float) -> float:
+    """When ``request`` arrived, on the monotonic clock ``now`` was read from (``now`` if unknown)."""
+    sock = getattr(request.transport, "_sock", None)
+    arrived = getattr(sock, "arrived", None)
+    if arrived is None:
+        return now
+    ago = time.time() - arrived
+    return now - ago if 0 <= ago < 5.0 else now
+
 
 __all__ = ["SimConfig", "Simulator", "SimulatorThread", "serve", "load_cards_csv", "main"]
 
@@ -368,6 +435,14 @@ class Simulator:
             self.app, access_log=None, handle_signals=False, shutdown_timeout=1.0
         )
         await runner.setup()
+        manager = runner.server
+        made = manager.connection_made
+
+        def connection_made(handler: Any, transport: Any) -> None:
+            _stamp_arrivals(transport)      # the rate limiter counts requests when they arrived
+            made(handler, transport)
+
+        manager.connection_made = connection_made  # type: ignore[method-assign]
         site = web.TCPSite(runner, host, port, reuse_address=True, ssl_context=ssl_context)
         try:
             await site.start()
@@ -497,7 +572,7 @@ class Simulator:
                 return self._fault(503)
             if cfg.p_429 and rnd() < cfg.p_429:
                 return _json_response(_BODY_429, 429, self._h429)
-        if not self._admit():
+        if not self._admit(_arrival(request, time.monotonic())):
             self._rejected_429 += 1
             return _json_response(_BODY_429, 429, self._h429)
         if self._delayed:
@@ -511,23 +586,28 @@ class Simulator:
                 await asyncio.sleep(delay)
         return await handler(request)
 
-    def _admit(self) -> bool:
-        """Rate limiter + peak accounting. True = accepted (and recorded)."""
-        now = time.monotonic()
+    def _admit(self, arrived: float) -> bool:
+        """Rate limiter + peak accounting of a request that arrived at ``arrived`` (monotonic).
+        True = accepted (and recorded)."""
         w1 = self._win1
         w60 = self._win60
+        # Judged as a gateway would on its arrival: by what arrived in the window before it (a request
+        # handled after one that arrived later goes in its place, not at the end).
+        now = arrived
         cut = now - 1.0
         while w1 and w1[0] <= cut:
             w1.popleft()
         cut = now - 60.0
         while w60 and w60[0] <= cut:
             w60.popleft()
+        in1 = bisect.bisect_right(w1, now)
+        in60 = bisect.bisect_right(w60, now)
         if self._limited:
             cfg = self.config
             rps = cfg.rate_per_second
             rpm = cfg.rate_per_minute
             if self._fixed:
-                wall = time.time()
+                wall = time.time() - (time.monotonic() - now)
                 sec = int(wall)
                 if sec != self._fixed_sec:
                     self._fixed_sec, self._fixed_sec_n = sec, 0
@@ -538,15 +618,15 @@ class Simulator:
                     return False
                 self._fixed_sec_n += 1
                 self._fixed_min_n += 1
-            elif (rps and len(w1) >= rps) or (rpm and len(w60) >= rpm):
+            elif (rps and in1 >= rps) or (rpm and in60 >= rpm):
                 return False
-        w1.append(now)
-        w60.append(now)
+        w1.insert(in1, now)
+        w60.insert(in60, now)
         self._accepted += 1
-        if len(w1) > self._peak_1:
-            self._peak_1 = len(w1)
-        if len(w60) > self._peak_60:
-            self._peak_60 = len(w60)
+        if in1 + 1 > self._peak_1:
+            self._peak_1 = in1 + 1
+        if in60 + 1 > self._peak_60:
+            self._peak_60 = in60 + 1
         return True
 
     def _fault(self, status: int) -> web.Response:

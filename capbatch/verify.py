@@ -1,7 +1,9 @@
 """Read-only checks against the API: ``capbatch verify`` and ``run --dry-run --check-remote``.
 
 Every card is read (``GET /v2/card``) through the same pacer and retry rules as a run, and compared
-with the external ID it should carry. Nothing is written to the API or to any ledger.
+with the external ID it should carry. Nothing is written to the API or to any ledger. The reads take
+their turns on the quota shared with every run on the key (capbatch.quota: this host's quota files,
+or the ledger database's), so a verify beside a nightly run on the same key keeps both within it.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from .aio import run_async
 from .api import CARD_NOT_FOUND, CapillaryClient, Kind, Outcome
 from .config import Settings
 from .errors import ConfigError
-from .pacing import Pacer, backoff_delay
+from .pacing import Pacer, SharedQuota, backoff_delay
 from .report import atomic_write, neutralise
 
 log = logging.getLogger("capbatch.verify")
@@ -64,11 +66,20 @@ async def _read_one(client: CapillaryClient, pacer: Pacer, target: Target, max_a
     return Check(target, "error", None, f"{outcome.error_code}: {outcome.error_message}")
 
 
-async def _check_all(s: Settings, base_url: str, targets: Iterable[Target], sink: Callable[[Check], None]) -> None:
+async def _check_all(s: Settings, base_url: str, targets: Iterable[Target], sink: Callable[[Check], None],
+                     database: str | None) -> None:
     """Read in pages (memory stays flat), handing each page's checks to ``sink`` in input order."""
-    pacer = Pacer(s.read_rate or s.rate)
-    sem = asyncio.Semaphore(s.concurrency)
+    quota = SharedQuota(s.rate, s.read_rate, target=base_url, credentials=s.credentials, quota_dir=s.quota_dir,
+                        priority=s.priority, database=database)
+    try:
+        await _read_pages(s, base_url, targets, sink, quota.read_pacer)
+    finally:
+        await quota.close()
 
+
+async def _read_pages(s: Settings, base_url: str, targets: Iterable[Target], sink: Callable[[Check], None],
+                      pacer: Pacer) -> None:
+    sem = asyncio.Semaphore(s.concurrency)
     async with CapillaryClient(base_url, s.credentials, timeout=s.timeout, verify_tls=s.verify_tls,
                                max_connections=s.concurrency + 4) as client:
 
@@ -88,8 +99,10 @@ async def _check_all(s: Settings, base_url: str, targets: Iterable[Target], sink
                 sink(check)
 
 
-def check_cards(s: Settings, base_url: str, targets: Iterable[Target], out_csv: Path) -> dict[str, int]:
-    """Read every target card; write ``out_csv`` (row, card, intended, actual, status, message)."""
+def check_cards(s: Settings, base_url: str, targets: Iterable[Target], out_csv: Path,
+                database: str | None = None) -> dict[str, int]:
+    """Read every target card; write ``out_csv`` (row, card, intended, actual, status, message).
+    ``database``: the ledger database whose quota the reads share; None: this host's quota files."""
     counts = {"match": 0, "differs": 0, "missing": 0, "error": 0}
 
     def write(fh: Any) -> None:
@@ -105,7 +118,7 @@ def check_cards(s: Settings, base_url: str, targets: Iterable[Target], out_csv: 
                 log.warning("row %s: card %s %s (intended %s, found %s)%s", c.target.label, c.target.card,
                             c.status, c.target.intended, found, f" {c.message}" if c.message else "")
 
-        run_async(_check_all(s, base_url, targets, sink))
+        run_async(_check_all(s, base_url, targets, sink, database))
 
     atomic_write(out_csv, write)
     return counts

@@ -121,7 +121,7 @@ def test_retry_failed_resends_only_the_failed_rows(tmp_path, sim, run_cli):
     s.update(cards={c: None for c, _ in pairs[6:]})                  # the cards are created since
     p = run_cli(*args, "--retry-failed")
     assert p.returncode == 1, p.stderr                               # the rejected row stays rejected
-    assert "2 failed rows go out again" in p.stderr
+    assert "2 failed rows go out again" in p.stderr and "plan: 2 rows → 2 requests" in p.stderr
     assert s.stats()["puts_per_card"] == {c: (2 if i >= 6 else 1) for i, (c, _) in enumerate(pairs)}
     rows = ledger_rows(run_dir)
     assert [r["state"] for r in rows] == ["succeeded"] * 8 + ["rejected"]

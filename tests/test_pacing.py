@@ -100,3 +100,25 @@ def test_backoff_is_full_jitter_and_capped():
 async def test_a_fractional_quota_is_respected():
     times = await _send_times(Pacer(Rate(3, 2.0)), 5, workers=4)     # 1.5/s: 3 in any 2 s window
     assert max_in_window(times, 2.0) <= 3
+
+
+async def test_the_guard_counts_a_send_when_it_left_not_when_the_pacer_let_it_go(sim):
+    """A loaded host can hold a request between the pacer's go and the socket: the guard spaces the
+    (R+1)-th send a window after the first one *left*. The client's trace hooks write that time."""
+    from capbatch.api import CapillaryClient
+    from capbatch.config import Credentials
+    from capbatch.departure import _CURRENT
+
+    s = sim(cards={"0011": None}, rate_per_second=3)
+    pacer = Pacer(Rate(3, 1.0))
+    async with CapillaryClient(s.url, Credentials(username="demo", password="demo")) as client:
+        await pacer.acquire()
+        note = _CURRENT.get()
+        assert note is not None and note.at == note.released
+        assert (await client.get_card("0011")).ok
+        assert note.at > note.released                       # the hook stamped when the bytes left
+        note.left(note.released + 0.3)                        # as if the host held it 0.3 s first
+        start = note.released
+        for _ in range(3):
+            await pacer.acquire()
+        assert time.time() - start >= 0.3 + 1.0               # a window after it left, not after its go

@@ -27,7 +27,8 @@ COUNTS = {"pending": 1_234_000, "in_flight": 567, "succeeded": 10, "rejected": 3
 def test_the_issues_example_one_request_per_row_plus_the_reads():
     plan = make_plan(COUNTS, 0, PlanSettings(rate=Rate(1000, 60)), Schedule(), at("2026-03-02T08:00"))
     assert plan.rows_to_send == 1_234_567
-    assert plan.read_detail == {"reconcile": 0, "resume": 567, "generate_missing": 0, "read_back": 0, "canary": 0}
+    assert plan.read_detail == {"reconcile": 0, "record_previous": 0, "audit": 0, "resume": 567, "generate_missing": 0,
+                                "read_back": 0, "canary": 0}
     assert plan.requests_expected == 1_234_567 + 567
     assert plan.rate_per_second == pytest.approx(1000 / 60)
     assert plan.eta_seconds == pytest.approx(plan.requests_expected / (1000 / 60))
@@ -38,13 +39,24 @@ def test_reads_for_reconcile_generate_missing_and_the_canary_and_a_separate_read
     ps = PlanSettings(mode="reconcile", generate_missing=True, canary_reads=5, read_back=True, rate=Rate(100, 1.0),
                       read_rate=Rate(50, 1.0))
     plan = make_plan({"pending": 1000, "in_flight": 0}, 40, ps, Schedule(), 0.0)
-    assert plan.read_detail == {"reconcile": 1000, "resume": 0, "generate_missing": 40, "read_back": 1000,
-                                "canary": 5}
+    assert plan.read_detail == {"reconcile": 1000, "record_previous": 0, "audit": 0, "resume": 0,
+                                "generate_missing": 40, "read_back": 1000, "canary": 5}
     assert plan.puts == 1000 and plan.requests_expected == 3045
     assert plan.send_seconds == pytest.approx(2045 / 50)          # the read quota is the slower one
     resend = make_plan({"pending": 10, "in_flight": 4}, 0, PlanSettings(resume_check="resend", rate=Rate(1, 1.0)),
                        Schedule(), 0.0)
     assert resend.requests_expected == 14 and resend.read_detail["resume"] == 0
+
+
+def test_reads_for_the_audit_record_previous_and_the_rows_retry_failed_sends_again():
+    counts = {"pending": 100, "in_flight": 4, "failed": 7, "rejected": 2, "unchanged": 900}
+    audit = make_plan(counts, 0, PlanSettings(rate=Rate(10, 1.0)), Schedule(), 0.0, audit=25)
+    assert (audit.rows_to_send, audit.puts, audit.reads) == (104, 104, 29)         # 25 audit + 4 resume reads
+    assert audit.read_detail["audit"] == 25 and audit.line().startswith("104 rows → ~133 requests")
+    retry = make_plan(counts, 0, PlanSettings(rate=Rate(10, 1.0), retry_failed=True, record_previous=True),
+                      Schedule(), 0.0, audit=25)
+    assert (retry.rows_to_send, retry.puts, retry.reads) == (111, 111, 111)        # one read before each PUT
+    assert retry.read_detail["record_previous"] == 111 and retry.read_detail["audit"] == retry.read_detail["resume"] == 0
 
 
 def test_the_eta_counts_only_window_time_and_the_deadline_is_judged_on_it():
@@ -93,6 +105,23 @@ def test_a_dry_run_writes_the_plan_to_summary_json(tmp_path, run_cli):
     assert plan["read_detail"]["canary"] == 5
     assert plan["send_seconds"] == 120.5 and plan["eta_seconds"] >= 120.5   # plus any wait for 01:00 UTC
     assert plan["windows"] == "01:00-02:00 (UTC)"
+
+
+def test_the_plan_counts_what_skip_confirmed_leaves_and_the_audits_reads(tmp_path, sim, run_cli):
+    pairs, new = make_cards(20), make_cards(3, start=500)
+    s = sim(cards={c: None for c, _ in pairs + new})
+    src = write_csv(tmp_path / "export.csv", pairs)
+    job = ("--base-url", s.url, "--rate", "100/s", "--job", "j", "--reports-dir", tmp_path / "r",
+           "--quota-dir", tmp_path / "quota")
+    assert run_cli("run", src, *job).returncode == 0
+    more = write_csv(tmp_path / "export2.csv", pairs + new)             # 3 new pairs since
+    dry = run_cli("run", more, *job, "--skip-confirmed", "--audit-fraction", "0.25", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "plan: 8 rows → ~13 requests at 100/s" in dry.stderr      # 3 new + 5 audited (+5 reads)
+    p = run_cli("run", more, *job, "--skip-confirmed", "--audit-fraction", "0.25")
+    assert p.returncode == 0, p.stderr
+    assert "plan: 8 rows → ~13 requests at 100/s" in p.stderr
+    assert s.stats()["requests"] == 20 + 3 + 5                        # 3 PUTs and the audit's 5 reads
 
 
 def test_a_run_records_its_plan_beside_the_actual_figures(tmp_path, sim, run_cli):

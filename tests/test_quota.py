@@ -90,7 +90,7 @@ async def test_one_runs_429s_pause_and_slow_every_run_on_the_key(tmp_path):
         a.answered(True, 0.4)                                   # systematic throttling, Retry-After 0.4 s
     await a.settle_reports()
     start = time.time()
-    for _ in range(b._limit + 1):                                # past the slots b had leased already
+    for _ in range(len(b._slots) + 1):                           # past the slots b had leased already
         await b.acquire()
     assert time.time() - start >= 0.3                            # b waited out a's Retry-After ...
     assert b.factor == pytest.approx(0.7) and a.throttle_events == 1   # ... and slowed down with it
@@ -194,3 +194,24 @@ def test_a_killed_run_leaves_the_shared_quota_usable(tmp_path, sim):
     assert "shared with" not in p.stderr
     assert s.stats()["rate_limited"] == 0
     assert json.loads(state_file.read_text())["state"]["members"] == {}   # dead entry gone, b left cleanly
+
+
+def test_a_remote_check_beside_a_run_on_the_key_reads_on_the_same_quota(tmp_path, sim):
+    """`run --dry-run --check-remote` (like `verify`) takes its reads' turns on the quota the run on
+    that key paces on: together they keep the server's strict per-second limit."""
+    # 19 of the server's 20/s, as above: across processes the margin must cover this machine's jitter.
+    # Without sharing: 2 x 19/s into 20/s.
+    s = sim(auto_create=True, latency=0.01, rate_per_second=20)
+    quota_dir = tmp_path / "quota"
+    src = write_csv(tmp_path / "cards.csv", make_cards(70))
+    run = popen_cli(*_run_args(src, s.url, tmp_path / "run", quota_dir, "19/s"), cwd=tmp_path)
+    time.sleep(0.5)
+    other = write_csv(tmp_path / "other.csv", make_cards(50, start=5000))
+    check = popen_cli("run", other, "--dry-run", "--check-remote", "--base-url", s.url, "--rate", "19/s",
+                      "--quota-dir", quota_dir, "--reports-dir", tmp_path / "reports", cwd=tmp_path)
+    outs = [p.communicate(timeout=60)[0] for p in (run, check)]
+    assert [run.returncode, check.returncode] == [0, 0], outs
+    st = s.stats()
+    assert st["by_route"]["GET /v2/card"] == 50 and st["by_route"]["PUT /v2/card"] == 70, st
+    assert st["rate_limited"] == 0 and st["peak_per_second"] <= 20, st
+    assert "shared with 1 other run" in outs[1], outs[1]

@@ -442,3 +442,24 @@ def test_module_entry_point_serves_until_sigterm(tmp_path):
         proc.stderr.close()
     assert proc.returncode == 0, err
     assert "demo-key" in out
+
+
+async def test_the_rate_limit_counts_a_request_when_it_arrived_not_when_the_server_got_to_it():
+    """A gateway stamps a request on arrival. The simulator's loop can be late (a loaded machine):
+    a request it handles late still counts at its arrival (kernel receive time), so the next one,
+    a full window after it, is accepted — stamped when handled, it would look 0.6 s apart: a 429."""
+    card = "0012345678"
+    with SimulatorThread(SimConfig(cards={card: None}, rate_per_second=1)) as thread:
+        async with aiohttp.ClientSession(base_url=thread.url) as session:
+            assert (await put(session, card, "WARM"))[0] == 200          # the connection is open
+            await asyncio.sleep(1.1)
+            assert thread._loop is not None
+            thread._loop.call_soon_threadsafe(time.sleep, 0.4)            # the server stalls ...
+            await asyncio.sleep(0.05)
+            sent = time.monotonic()
+            first = await put(session, card, "A")                         # ... while A arrives
+            assert first[0] == 200 and time.monotonic() - sent >= 0.3     # A was handled late
+            await asyncio.sleep(max(0.0, sent + 1.05 - time.monotonic()))
+            assert (await put(session, card, "B"))[0] == 200              # B: 1.05 s after A arrived
+            assert (await put(session, card, "C"))[0] == 429              # the limit still holds
+            assert thread.sim.stats()["peak_per_second"] == 1

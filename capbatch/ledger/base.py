@@ -313,9 +313,9 @@ class Ledger(ABC):
     def invocations(self) -> list[dict[str, Any]]:
         """Every invocation, oldest first (see :func:`shape_invocation`)."""
 
-    def shared_pacer(self, rate: Any, base_url: str, credentials: Any) -> Any:
-        """A pacer that shares ``rate`` with every worker sending to ``base_url`` with ``credentials``'
-        account (a database ledger), or None: the engine paces this process alone."""
+    def quota_database(self) -> str | None:
+        """The database whose quota table runs on this ledger share (capbatch.ledger.pg_quota), or
+        None: they share the quota files of this host (capbatch.quota)."""
         return None
 
     # ---- job memory ----------------------------------------------------------------------------

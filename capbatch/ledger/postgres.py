@@ -42,7 +42,7 @@ log = logging.getLogger("capbatch.ledger")
 # The driver logs what it ignores while tearing down a lost connection; our own error says it all.
 logging.getLogger("psycopg").addHandler(logging.NullHandler())
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 LEASE_SECONDS = 30.0            # a worker that has not renewed its lease for this long is dead
 RENEW_EVERY = 5.0               # seconds between lease renewals
 UNKNOWN_CHECK_EVERY = 2.0       # seconds between looks for rows a dead worker left in flight
@@ -165,6 +165,18 @@ _MIGRATIONS: list[str] = [
         job text PRIMARY KEY,
         target text NOT NULL,
         created_at double precision NOT NULL
+    );
+    """,
+    # version 3: the quota row holds capbatch.quota's whole state (grid, back-off, learned margin,
+    # members with their rate and priority): one design for the file and the database
+    """
+    DROP TABLE capbatch.quota;
+    CREATE TABLE capbatch.quota (
+        key text PRIMARY KEY,                -- hash of (API base URL, account identity, lane): no secret
+        target text NOT NULL,                -- the API base URL
+        lane text NOT NULL,                  -- "requests", or "reads" with --read-rate
+        state jsonb NOT NULL DEFAULT '{}',   -- capbatch.quota.QuotaState (capbatch/ledger/pg_quota.py)
+        updated_at timestamptz NOT NULL DEFAULT now()
     );
     """,
 ]
@@ -590,12 +602,8 @@ class PostgresLedger(Ledger):
         return PostgresJobStore(self.url, self.conn, owned=False, wrap=self._wrap)
 
     # ---- the shared quota ----------------------------------------------------------------------
-    def shared_pacer(self, rate: Any, base_url: str, credentials: Any) -> Any:
-        if rate is None:
-            return None
-        from .pg_quota import SharedPacer, quota_key
-
-        return SharedPacer(self._execute, quota_key(base_url, credentials), rate)
+    def quota_database(self) -> str | None:
+        return self.url
 
     # ---- invocations ---------------------------------------------------------------------------
     def start_invocation(self) -> int:
@@ -774,13 +782,28 @@ def _run_of(ledger: Ledger, store: PostgresJobStore) -> int:
 
 
 # ---- connecting, migrating, finding the run --------------------------------------------------------
-def _connect(url: str, readonly: bool) -> psycopg.Connection[Any]:
+def connect_options(url: str, application_name: str = "capbatch") -> dict[str, Any]:
+    """The options every capbatch connection to ``url`` uses (ledger and quota alike)."""
     info = psycopg.conninfo.conninfo_to_dict(url)
-    extra: dict[str, Any] = {"application_name": "capbatch"}
+    extra: dict[str, Any] = {"application_name": application_name}
     if "connect_timeout" not in info and not os.environ.get("PGCONNECT_TIMEOUT"):
         extra["connect_timeout"] = CONNECT_TIMEOUT
     # Keepalives: a database host that vanishes is noticed within about a minute, not hours.
     extra.update(keepalives=1, keepalives_idle=15, keepalives_interval=5, keepalives_count=3)
+    return extra
+
+
+def ensure_schema(url: str) -> None:
+    """Create or upgrade capbatch's schema in ``url`` (as the first run would), then disconnect."""
+    conn = _connect(url, readonly=False)
+    try:
+        _migrate(conn, url)
+    finally:
+        conn.close()
+
+
+def _connect(url: str, readonly: bool) -> psycopg.Connection[Any]:
+    extra = connect_options(url)
     try:
         conn = psycopg.connect(url, autocommit=True, **extra)
         if readonly:

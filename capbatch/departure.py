@@ -1,0 +1,73 @@
+"""When a paced request actually left: the pacer's guard counts sends at their departure.
+
+A request counts against the server's quota when it arrives there, and it leaves this process
+some time after the pacer let it go: a loaded machine can hold a task for tens of milliseconds
+between the pacer's "go" and the socket write. The pacer hands each send a note (:func:`expect`,
+in the sending task's context) and the HTTP client's trace hooks (:func:`trace_config`) write the
+time the request's bytes went out into it, so the guard never lets an (R+1)-th request out within
+the quota's window of the time the first of them really left.
+"""
+
+from __future__ import annotations
+
+import time
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
+
+if TYPE_CHECKING:
+    import aiohttp
+
+
+class Departure:
+    """One send: when the pacer let it go, then when its last bytes were written; ``slot``: the
+    grid slot it was given (None without one); ``recheck``: what to await once the request has its
+    connection, just before its bytes go out (the pacer's last look at how late it is)."""
+
+    __slots__ = ("at", "released", "slot", "recheck")
+
+    def __init__(self, at: float, slot: float | None = None,
+                 recheck: Callable[[Departure], Awaitable[None]] | None = None) -> None:
+        self.at = self.released = at
+        self.slot = slot
+        self.recheck = recheck
+
+    def left(self, at: float) -> None:
+        if at > self.at:
+            self.at = at
+
+
+_CURRENT: ContextVar[Departure | None] = ContextVar("capbatch_departure", default=None)
+
+
+def expect(at: float, slot: float | None = None,
+           recheck: Callable[[Departure], Awaitable[None]] | None = None) -> Departure:
+    """A note for the request this task is about to send (released by the pacer at ``at``)."""
+    note = Departure(at, slot, recheck)
+    _CURRENT.set(note)
+    return note
+
+
+async def _written(session: Any, context: Any, params: Any) -> None:
+    note = _CURRENT.get()
+    if note is not None:
+        note.left(time.time())
+
+
+async def _connected(session: Any, context: Any, params: Any) -> None:
+    note = _CURRENT.get()
+    if note is not None and note.recheck is not None:
+        recheck, note.recheck = note.recheck, None
+        await recheck(note)
+
+
+def trace_config() -> aiohttp.TraceConfig:
+    """Hooks for an ``aiohttp.ClientSession``: the pacer's last look once the request has its
+    connection; stamp the current task's note when its request's headers and body are written."""
+    import aiohttp      # here: importing the pacer (the CLI does) must not load the HTTP client
+
+    trace = aiohttp.TraceConfig()
+    trace.on_connection_create_end.append(_connected)
+    trace.on_connection_reuseconn.append(_connected)
+    trace.on_request_headers_sent.append(_written)
+    trace.on_request_chunk_sent.append(_written)
+    return trace
