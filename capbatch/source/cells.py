@@ -37,6 +37,7 @@ __all__ = [
     "CellRejected",
     "NumberDisplay",
     "clean_text",
+    "plain_texts",
     "display_text",
     "problem_code",
     "render_format",
@@ -97,6 +98,23 @@ def _invisible_chars(value: str) -> list[str]:
         return _ASCII_CONTROL.findall(value)
     cat = unicodedata.category
     return [c for c in value if cat(c) in _INVISIBLE_CATEGORIES]
+
+
+# The longest placeholder made only of letters and digits ('null', 'none'): a longer alphanumeric text
+# is never one.
+_LONGEST_ALNUM_PLACEHOLDER = max(len(p) for p in PLACEHOLDERS if p.isalnum())
+
+
+def plain_texts(texts: list[str]) -> bool:
+    """True when :func:`clean_text` returns every one of ``texts`` as it is, with no rule applying:
+    each is non-empty ASCII letters and digits (nothing to trim, unwrap or refuse) and no placeholder.
+    Checked with a few C-level passes over the whole list: the common case of a batch of rows."""
+    joined = "".join(texts)
+    if not (joined.isascii() and joined.isalnum()):
+        return False
+    shortest = min(map(len, texts))
+    return shortest > 0 and (shortest > _LONGEST_ALNUM_PLACEHOLDER
+                             or PLACEHOLDERS.isdisjoint(map(str.casefold, texts)))
 
 
 def clean_text(raw: str, label: str, strip_invisible: bool = False) -> str:

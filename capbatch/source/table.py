@@ -13,7 +13,7 @@ from capbatch.errors import InputFileError, UsageError
 from .census import Census
 from .delimited import DelimitedReader, open_delimited
 from .headers import column_note
-from .model import REPORT_COLUMN_PREFIX, REPORT_MARKER_COLUMN, InputOptions, SourceRow
+from .model import REPORT_COLUMN_PREFIX, REPORT_MARKER_COLUMN, InputOptions, RowBatch, SourceRow
 from .sniff import decide_format
 from .workbook import open_workbook
 
@@ -57,24 +57,33 @@ class InputTable:
         return list(self.sheets) if len(self.sheets) > 1 else self.sheet
 
     def rows(self) -> Iterator[SourceRow]:
-        rows: Iterator[SourceRow] = self._reader.rows()
-        skip = self._skip
-        if skip:
-            rows = (r for r in rows if (r.sheet, r.row_number) not in skip)
-        keep, restore = self._keep, self._restore
-        if keep is not None:
-            rows = (_report_row(r, keep, restore) for r in rows)
-        return rows
+        for batch in self.batches():
+            yield from batch.rows()
+
+    def batches(self) -> Iterator[RowBatch]:
+        """The data rows, a batch at a time (see :class:`RowBatch`); each call restarts."""
+        skip, keep, restore = self._skip, self._keep, self._restore
+        for batch in self._reader.batches():
+            if skip:
+                sheet = batch.sheet
+                kept = [i for i, n in enumerate(batch.row_numbers) if (sheet, n) not in skip]
+                if len(kept) < len(batch):
+                    batch = batch.select(kept)
+            if keep is not None:
+                batch = _report_batch(batch, keep, restore)
+            if len(batch):
+                yield batch
 
 
-def _report_row(row: SourceRow, keep: list[int], restore: bool) -> SourceRow:
-    values = row.values
+def _report_batch(batch: RowBatch, keep: list[int], restore: bool) -> RowBatch:
+    """A capbatch report read back: the user's columns only, neutralised text cells restored."""
+    values = [tuple(v[i] for i in keep) for v in batch.values]
+    cards, exts = batch.cards, batch.external_ids
     if restore:
-        return SourceRow(row.sheet, row.row_number, tuple(_restore(values[i]) for i in keep),
-                         _restore(row.card), _restore(row.external_id), row.card_problem,
-                         row.external_id_problem)
-    return SourceRow(row.sheet, row.row_number, tuple(values[i] for i in keep), row.card,
-                     row.external_id, row.card_problem, row.external_id_problem)
+        values = [tuple(map(_restore, v)) for v in values]
+        cards, exts = list(map(_restore, cards)), list(map(_restore, exts))
+    return RowBatch(batch.sheet, batch.row_numbers, values, cards, exts, batch.card_problems,
+                    batch.external_id_problems)
 
 
 def _finish(table: InputTable, header: list[str], ci: int, ei: int, censuses: list[Census]) -> None:

@@ -26,7 +26,7 @@ from ._xlsx import XlsxEngine
 from .cells import GENERAL, UNREADABLE_FORMAT, display_text, workbook_key
 from .census import Census
 from .headers import HeaderEcho, normalize_header, resolve_columns
-from .model import CARD_FIELD, EXTERNAL_ID_FIELD, SHEET_ALL, InputOptions, SourceRow
+from .model import CARD_FIELD, EXTERNAL_ID_FIELD, SHEET_ALL, InputOptions, RowBatch, SourceRow, batches_of
 from .sniff import ODS_EXTS, XLS_EXTS, XLSX_EXTS, encrypted_error
 
 _ENGINES = {"xlsx": XlsxEngine, "xls": XlsEngine, "ods": OdsEngine}
@@ -274,6 +274,9 @@ class WorkbookReader:
     def rows(self) -> Iterator[SourceRow]:
         for plan in self.plans:
             yield from self._sheet_rows(plan)
+
+    def batches(self) -> Iterator[RowBatch]:
+        return batches_of(self.rows())
 
     def _sheet_rows(self, plan: SheetPlan) -> Iterator[SourceRow]:
         book = self.book
