@@ -72,8 +72,10 @@ def input_options(s: Settings) -> InputOptions:
                         delimiter=s.delimiter, encoding=s.encoding, sheet=s.sheet, header_row=s.header_row)
 
 
-def read_input(source: Source, options: InputOptions) -> Input:
-    """Open a file path, a DataFrame or an iterable of pairs/mappings. Raises InputFileError/UsageError."""
+def read_input(source: Source, options: InputOptions, survey: bool = True) -> Input:
+    """Open a file path, a DataFrame or an iterable of pairs/mappings. Raises InputFileError/UsageError.
+    ``survey=False``: a file's structural pass is left to the first reading of its rows (see
+    open_input): for a caller that loads every row into a ledger it throws away on an error."""
     if source is None:
         raise UsageError("no input given", "capbatch run INPUT.csv|INPUT.xlsx (from code: run_backfill(source))")
     if isinstance(source, (str, os.PathLike)):
@@ -84,7 +86,7 @@ def read_input(source: Source, options: InputOptions) -> Input:
         if path.is_dir():
             raise InputFileError(f"{path} is a directory, not a spreadsheet",
                                  "pass a .csv, .tsv, .txt, .xlsx or .xls file")
-        table = open_input(path, options)
+        table = open_input(path, options, survey)
         return Input(table, file_sha256(path), path.name, path)
     if is_dataframe(source):
         memory = open_frame(source, options)
@@ -225,10 +227,12 @@ def prepare(s: Settings, run_dir: Path | None = None, source: Source = None,
 
 
 def _prepare(s: Settings, run_dir: Path | None, source: Source, problems_only: bool) -> Prepared:
-    inp = read_input(s.input if source is None else source, input_options(s))
+    scratch = run_dir is not None
+    # A scratch ledger (validate, checks) is thrown away on an error: the file is parsed once, its
+    # structural checks made while its rows are loaded.
+    inp = read_input(s.input if source is None else source, input_options(s), survey=not scratch)
     rules = rule_settings(s)
     explicit = run_dir is not None or s.run_dir is not None
-    scratch = run_dir is not None
     run_dir = Path(run_dir or s.run_dir or default_run_dir(s.reports_dir, inp, s.job, s.retry_failed))
     hint = _changed_input_hint(s, "file" if inp.path else "data") if explicit else "use a new --run-dir"
     # A run directory given by the caller is a scratch ledger (validate, checks): never the database.

@@ -35,6 +35,10 @@ class Census:
         self._wrapped = 0
         self._wrapped_labels: list[str] = []
 
+    def fresh(self) -> Census:
+        """A census of the same header that has seen nothing yet."""
+        return Census(self._echo, self._file)
+
     def see(self, sheet: str | None, row_number: int, card: str, ext: str) -> bool:
         """True when the row is data; False for a repeated header (rows() skips it)."""
         if card and not card[0].isdigit():  # a card number that starts with a digit is no header

@@ -71,8 +71,10 @@ def _candidates(options: InputOptions) -> list[str]:
     return [delim]
 
 
-def open_delimited(path: Path, options: InputOptions, notes: list[str]) -> tuple[Layout, Census]:
-    """Decide encoding, delimiter and columns, then check the whole file's structure."""
+def open_delimited(path: Path, options: InputOptions, notes: list[str],
+                   survey: bool = True) -> tuple[Layout, Census]:
+    """Decide encoding, delimiter and columns, then check the whole file's structure (``survey``;
+    else the census is returned unfed, for the reader's first pass)."""
     enc = choose_encoding(path, options, notes)
     sample = _read_sample(path, enc)
     complete = len(sample) < _SAMPLE_CHARS
@@ -109,7 +111,8 @@ def open_delimited(path: Path, options: InputOptions, notes: list[str]) -> tuple
     how = "given with --delimiter" if options.delimiter is not None else "detected"
     notes.append(f"delimiter: {DELIMITER_NAMES.get(delim, repr(delim))} ({how})")
     census = Census(HeaderEcho(header, res[0], res[1], options), path.name)
-    _check_structure(path, layout, census, notes)
+    if survey:
+        _check_structure(path, layout, census, notes)
     return layout, census
 
 
@@ -123,17 +126,24 @@ def _check_structure(path: Path, layout: Layout, census: Census, notes: list[str
     except csv.Error:
         _raise_quoting_error(path, layout)
         raise
-    if multiline:
-        rows = ", ".join(str(r) for r in multiline)
-        notes.append(
-            f"some cells contain line breaks inside quotes (rows {rows}"
-            f"{', ...' if len(multiline) == 5 else ''}); each such record counts as one row"
-        )
+    notes.extend(_multiline_note(multiline))
 
 
-def _spans_lines(rec: list[str]) -> bool:
-    """A record read from more than one line: only a quoted cell can hold a line break."""
-    return any("\n" in c or "\r" in c for c in rec)
+def _multiline_note(multiline: list[int]) -> list[str]:
+    if not multiline:
+        return []
+    rows = ", ".join(str(r) for r in multiline)
+    return [f"some cells contain line breaks inside quotes (rows {rows}"
+            f"{', ...' if len(multiline) == 5 else ''}); each such record counts as one row"]
+
+
+def _note_multiline(multiline: list[int], first: int, recs: list[list[str]], header_row: int) -> None:
+    """Add the first rows below the header that were read from more than one line (up to 5): only a
+    quoted cell can hold a line break. Called for a batch that took more lines than records."""
+    if len(multiline) < 5:
+        multiline += [n for n, rec in enumerate(recs, first)
+                      if n > header_row and any("\n" in c or "\r" in c for c in rec)]
+        del multiline[5:]
 
 
 def _survey(path: Path, layout: Layout, census: Census) -> list[int]:
@@ -150,17 +160,17 @@ def _survey(path: Path, layout: Layout, census: Census) -> list[int]:
         while recs := list(islice(reader, BATCH_ROWS)):
             first = rn + 1
             rn += len(recs)
-            if reader.line_num - last_line > len(recs) and len(multiline) < 5:
-                multiline += [n for n, rec in enumerate(recs, first) if n > hr and _spans_lines(rec)]
-                del multiline[5:]
+            if reader.line_num - last_line > len(recs):
+                _note_multiline(multiline, first, recs, hr)
             last_line = reader.line_num
             if first <= hr:
                 recs = recs[hr - first + 1:]
                 first = hr + 1
-            if all(map(any, recs)) and min(map(len, recs), default=0) > keys:
-                census.see_batch(None, range(first, first + len(recs)), list(map(card_of, recs)),
-                                 list(map(ext_of, recs)))
-                continue
+            if min(map(len, recs), default=0) > keys:
+                cards = list(map(card_of, recs))
+                if all(cards) or all(map(any, recs)):  # no blank record
+                    census.see_batch(None, range(first, first + len(recs)), cards, list(map(ext_of, recs)))
+                    continue
             for n, rec in enumerate(recs, first):
                 if any(rec):
                     k = len(rec)
@@ -197,41 +207,56 @@ class DelimitedReader:
     def __init__(self, path: Path, layout: Layout) -> None:
         self.path = path
         self.layout = layout
+        self._multiline: list[int] = []
 
     def rows(self) -> Iterator[SourceRow]:
         for batch in self.batches():
             yield from batch.rows()
 
-    def batches(self) -> Iterator[RowBatch]:
+    def structure_notes(self) -> list[str]:
+        """After batches(structure=True): what the structural pass has to say."""
+        return _multiline_note(self._multiline)
+
+    def batches(self, structure: bool = False) -> Iterator[RowBatch]:
+        """``structure``: this is the file's structural pass (open_input(survey=False)): broken
+        quoting is reported as such, and the rows read from several lines are noted."""
         lay = self.layout
         width = len(lay.header)
         ci, ei = lay.card_idx, lay.ext_idx
         card_of, ext_of = itemgetter(ci), itemgetter(ei)
         header_row = lay.header_row
+        self._multiline = []
         try:
             with open(self.path, "rb") as raw:
                 text = io.TextIOWrapper(raw, encoding=lay.encoding, errors="strict", newline="")
                 reader = csv.reader(text, delimiter=lay.delimiter, strict=True)
-                rn = 0
+                rn = last_line = 0
                 while recs := list(islice(reader, BATCH_ROWS)):
                     first = rn + 1
                     rn += len(recs)
+                    if structure and reader.line_num - last_line > len(recs):
+                        _note_multiline(self._multiline, first, recs, header_row)
+                    last_line = reader.line_num
                     if first <= header_row:
                         recs = recs[header_row - first + 1:]
                         first = header_row + 1
                         if not recs:
                             continue
-                    if all(map(any, recs)) and set(map(len, recs)) == {width}:  # the common case
-                        yield RowBatch(None, range(first, rn + 1), recs, list(map(card_of, recs)),
-                                       list(map(ext_of, recs)), {}, {})
-                    else:
-                        yield self._uneven(first, recs)
+                    if set(map(len, recs)) == {width}:  # the common case: complete records ...
+                        cards = list(map(card_of, recs))
+                        if all(cards) or all(map(any, recs)):  # ... none of them blank
+                            yield RowBatch(None, range(first, rn + 1), recs, cards, list(map(ext_of, recs)),
+                                           {}, {})
+                            continue
+                    yield self._uneven(first, recs)
         except UnicodeDecodeError as e:  # the file changed since open_input validated it
             raise InputFileError(
                 f"{self.path.name}: cannot be decoded as {lay.encoding} ({e.reason})",
                 "the file changed while it was being read; run again on a stable copy",
             ) from e
         except csv.Error as e:
+            if structure:
+                _raise_quoting_error(self.path, lay)
             raise InputFileError(
                 f"{self.path.name}: malformed quoting: {e}",
                 "the file changed while it was being read; run again on a stable copy",

@@ -275,8 +275,11 @@ class WorkbookReader:
         for plan in self.plans:
             yield from self._sheet_rows(plan)
 
-    def batches(self) -> Iterator[RowBatch]:
+    def batches(self, structure: bool = False) -> Iterator[RowBatch]:
         return batches_of(self.rows())
+
+    def structure_notes(self) -> list[str]:
+        return []
 
     def _sheet_rows(self, plan: SheetPlan) -> Iterator[SourceRow]:
         book = self.book
