@@ -110,7 +110,7 @@ def plain_texts(texts: list[str]) -> bool:
     each is non-empty ASCII letters and digits (nothing to trim, unwrap or refuse) and no placeholder.
     Checked with a few C-level passes over the whole list: the common case of a batch of rows."""
     joined = "".join(texts)
-    if not (joined.isascii() and joined.isalnum()):
+    if not (joined.isascii() and joined.encode("ascii").isalnum()):  # bytes: a table lookup per byte
         return False
     shortest = min(map(len, texts))
     return shortest > 0 and (shortest > _LONGEST_ALNUM_PLACEHOLDER

@@ -72,7 +72,8 @@ class Census:
         """see() for consecutive non-blank rows. A row whose card number is empty or starts with a digit
         and that holds no ``="`` is plain data: it is only counted (see() would do no more)."""
         look: set[int] = set()
-        if not "".join(cards).isdigit():
+        joined = "".join(cards)
+        if not (joined.encode("ascii").isdigit() if joined.isascii() else joined.isdigit()):
             look.update(i for i, c in enumerate(cards) if c and not c[0].isdigit())
         for column in (cards, exts):
             if '="' in "\n".join(column):  # the separator keeps a match inside one cell
