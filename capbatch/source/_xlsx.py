@@ -296,6 +296,15 @@ class XlsxFacts:
             return UNREADABLE_FORMAT
         return self._styles.display(xfs[at])
 
+    def display_range(self, first0: int, last0: int, col: int) -> NumberDisplay | None:
+        """The one display of column ``col``'s numeric cells in rows ``first0..last0`` (0-based), or
+        None when their style changes within those rows."""
+        starts, xfs = self._runs.get(col, ((), ()))
+        at = bisect.bisect_right(starts, first0) - 1
+        if at < 0 or bisect.bisect_right(starts, last0) - 1 != at:
+            return None
+        return self._styles.display(xfs[at])
+
 
 class XlsxEngine:
     """Per workbook: whether numbers need the sheet pass at all, and the per-sheet facts."""

@@ -23,9 +23,12 @@ from __future__ import annotations
 
 import datetime as _dt
 import functools
+import operator
 import re
 import unicodedata
+from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import repeat
 
 from .model import CellProblem, show
 
@@ -39,6 +42,8 @@ __all__ = [
     "clean_text",
     "plain_texts",
     "display_text",
+    "display_texts",
+    "render_whole_numbers",
     "problem_code",
     "render_format",
     "unwrap_formula_text",
@@ -341,6 +346,47 @@ def _render_number(v: float, label: str, display: NumberDisplay) -> tuple[str, C
         "excel_number_format",
         f"the {label} cell holds the number {plain} but displays it as {show(shown)}{how}, which "
         f"is not a {label}; {_AS_TEXT_FIX}")
+
+
+def display_texts(values: Sequence[object]) -> Sequence[str]:
+    """:func:`display_text` of each of a column's ``values``: C-level for a column of text only, one
+    comprehension for a column of numbers only, else cell by cell."""
+    kinds = set(map(type, values))
+    if kinds <= {str}:
+        return values  # type: ignore[return-value]
+    if kinds == {float}:
+        return [str(int(v)) if v.is_integer() and -_EXACT <= v <= _EXACT else repr(v)
+                for v in values]  # type: ignore[attr-defined]
+    return list(map(display_text, values))
+
+
+_EXACT = 2**53
+
+
+def render_whole_numbers(values: Sequence[object], display: NumberDisplay) -> list[str] | None:
+    """The texts :func:`workbook_key` gives, without a problem, for a column of numbers shown with one
+    ``display``: each positive whole number below 10**15 rendered by a plain-digits format (General,
+    @, 0, zero padding). None when any value or the format needs :func:`workbook_key` cell by cell."""
+    if display.code is None or not values or not set(map(type, values)) <= {int, float}:
+        return None
+    sections = _compiled_format(display.code)
+    section = sections[0]
+    if section is None:
+        return None
+    minus, zeros, grouped, dec, general = section
+    if minus or grouped or dec:
+        return None
+    try:
+        whole = list(map(int, values))
+    except (OverflowError, ValueError):  # inf, nan
+        return None
+    if (not all(map(operator.eq, whole, values)) or min(whole) <= 0
+            or max(whole) >= 10**MAX_EXACT_DIGITS):
+        return None  # a fraction, zero or a negative number, too many digits: cell by cell
+    texts = list(map(str, whole))
+    if zeros and not general:
+        texts = list(map(str.zfill, texts, repeat(zeros)))
+    return texts
 
 
 def workbook_key(
