@@ -66,8 +66,9 @@ class KeyHashes:
         return len(self.cards)
 
     def add(self, cards: Iterable[str], external_ids: Iterable[str]) -> None:
-        self.cards.extend(map(hash, cards))
-        self.external_ids.extend(map(hash, external_ids))
+        # array.extend(list) copies in one call; from an iterator it appends item by item
+        self.cards.extend(array("q", list(map(hash, cards))))
+        self.external_ids.extend(array("q", list(map(hash, external_ids))))
 
     def suspects(self) -> list[int]:
         """Ledger ids (1-based) of the rows sharing a card or an external ID hash with another row."""

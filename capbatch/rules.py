@@ -146,11 +146,11 @@ def _clean_block(cards: list[str], exts: list[str], settings: RuleSettings) -> b
     """True only when check_row would accept every one of these rows with its texts unchanged: the
     cell rules cannot apply (:func:`plain_texts`) and the row rules below hold for all of them. It
     may say False for clean rows (they are then checked one by one), never True for another verdict."""
-    if not (plain_texts(cards) and plain_texts(exts)):
-        return False
     card_lengths = list(map(len, cards))
     ext_lengths = list(map(len, exts))
     longest_ext, shortest_ext = max(ext_lengths), min(ext_lengths)
+    if not (plain_texts(cards, min(card_lengths)) and plain_texts(exts, shortest_ext)):
+        return False
     if max(card_lengths) > settings.max_card_length or longest_ext > settings.max_external_id_length:
         return False
     exact = settings.external_id_length

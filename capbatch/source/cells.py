@@ -110,14 +110,16 @@ def _invisible_chars(value: str) -> list[str]:
 _LONGEST_ALNUM_PLACEHOLDER = max(len(p) for p in PLACEHOLDERS if p.isalnum())
 
 
-def plain_texts(texts: list[str]) -> bool:
+def plain_texts(texts: list[str], shortest: int | None = None) -> bool:
     """True when :func:`clean_text` returns every one of ``texts`` as it is, with no rule applying:
     each is non-empty ASCII letters and digits (nothing to trim, unwrap or refuse) and no placeholder.
-    Checked with a few C-level passes over the whole list: the common case of a batch of rows."""
+    Checked with a few C-level passes over the whole list: the common case of a batch of rows.
+    ``shortest``: the length of the shortest text, when the caller knows it."""
     joined = "".join(texts)
     if not (joined.isascii() and joined.encode("ascii").isalnum()):  # bytes: a table lookup per byte
         return False
-    shortest = min(map(len, texts))
+    if shortest is None:
+        shortest = min(map(len, texts))
     return shortest > 0 and (shortest > _LONGEST_ALNUM_PLACEHOLDER
                              or PLACEHOLDERS.isdisjoint(map(str.casefold, texts)))
 
