@@ -95,12 +95,23 @@ class Workbook:
             raise _calamine_error(path, e) from e
         self.names = [m.name for m in self.metas]
         self.engine = _ENGINES[fmt](path)
+        self._kept: tuple[str, Any] | None = None
 
-    def load(self, name: str) -> Any:
+    def load(self, name: str, keep: bool = False) -> Any:
+        """The sheet, loaded whole by calamine. ``keep``: hold on to it for the next load of the same
+        sheet (planning keeps the sheet read first: a sheet costs seconds to load). At most one sheet is
+        kept, and it is let go before another is loaded."""
+        kept, self._kept = self._kept, None
+        if kept is not None and kept[0] == name:
+            return kept[1]
+        del kept
         try:
-            return self._book.get_sheet_by_name(name)
+            sheet = self._book.get_sheet_by_name(name)
         except Exception as e:
             raise _calamine_error(self.path, e) from e
+        if keep:
+            self._kept = (name, sheet)
+        return sheet
 
     def is_worksheet(self, i: int) -> bool:
         return "WorkSheet" in str(self.metas[i].typ)
@@ -156,7 +167,7 @@ def _plan(book: Workbook, i: int, options: InputOptions, survey: bool = True) ->
     """The sheet's plan when its header row carries the required columns, else why not."""
     name = book.names[i]
     hr = options.header_row
-    sheet = book.load(name)
+    sheet = book.load(name, keep=True)
     header = _header_of(sheet, hr)
     if header is None:
         return InputFileError(
@@ -213,10 +224,9 @@ def choose_sheets(book: Workbook, options: InputOptions, notes: list[str]) -> li
     plans: list[SheetPlan] = []
     tried: list[str] = []
     first_error: InputFileError | None = None
-    for i in range(len(book.names)):
-        if not book.is_worksheet(i):
-            continue
-        plan = _plan(book, i, options)
+    # Planned last to first, so that the sheet kept loaded (see Workbook.load) is the one read first.
+    planned = [(i, _plan(book, i, options)) for i in reversed(range(len(book.names))) if book.is_worksheet(i)]
+    for i, plan in reversed(planned):
         if isinstance(plan, InputFileError):
             first_error = first_error or plan
             header = getattr(plan, "header", None)
