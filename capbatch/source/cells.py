@@ -357,6 +357,10 @@ def display_texts(values: Sequence[object]) -> Sequence[str]:
     if kinds <= {str}:
         return values  # type: ignore[return-value]
     if kinds == {float}:
+        if -_EXACT <= min(values) and max(values) <= _EXACT and 0.0 not in values:  # type: ignore[type-var]
+            # repr ends in '.0' exactly for the whole numbers (below 1e16), shown without it; with
+            # zero (-0.0 shows as 0) and beyond 2**53 cell by cell
+            return ("\n".join(map(repr, values)) + "\n").replace(".0\n", "\n").split("\n")[:-1]
         return [str(int(v)) if v.is_integer() and -_EXACT <= v <= _EXACT else repr(v)
                 for v in values]  # type: ignore[attr-defined]
     return list(map(display_text, values))

@@ -360,8 +360,8 @@ class _SheetReader:
         exts = self._plain_keys(columns[plan.ext_idx], self.key_cols[1], first, last, blank_ok=True)
         if exts is None:
             return None
-        columns = [display_texts(c) for c in columns]
-        columns[plan.card_idx], columns[plan.ext_idx] = cards, exts
+        keys = {plan.card_idx: cards, plan.ext_idx: exts}
+        columns = [keys[j] if j in keys else display_texts(c) for j, c in enumerate(columns)]
         return RowBatch(plan.name, range(first + 1, last + 2), list(zip(*columns)), list(cards), list(exts),
                         {}, {})
 
