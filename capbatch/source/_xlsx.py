@@ -199,6 +199,17 @@ _V_TEXT = re.compile(rb"<(?:[\w.-]+:)?v>([^<]*)<")
 _ROW_END = re.compile(rb"</(?:[\w.-]+:)?row>")
 
 
+def _last_row_end(buf: bytes) -> int | None:
+    """Where the chunk's last complete row ends (after its end tag), or None."""
+    at = buf.rfind(b"</row>")
+    if at >= 0 and buf.find(b":row>", at) < 0:  # the usual unprefixed tag, and no prefixed one after it
+        return at + len(b"</row>")
+    cut = None
+    for cut in _ROW_END.finditer(buf, max(0, len(buf) - (1 << 20))):
+        pass
+    return cut.end() if cut is not None else None
+
+
 class _NoReferences(Exception):
     """Some cell tags carry no r reference: the sheet needs the expat pass."""
 
@@ -233,14 +244,12 @@ class _TagScan:
                 if not chunk:
                     self._feed(buf)
                     return True
-                cut = None
-                for cut in _ROW_END.finditer(buf, max(0, len(buf) - (1 << 20))):
-                    pass
-                if cut is None:
+                end = _last_row_end(buf)
+                if end is None:
                     carry = buf  # no complete row yet: read on
                     continue
-                self._feed(buf[: cut.end()])
-                carry = buf[cut.end():]
+                self._feed(buf[:end])
+                carry = buf[end:]
         except _NoReferences:
             return False
 

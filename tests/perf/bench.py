@@ -637,7 +637,7 @@ def scenario_read(workdir: Path, quick: bool, args: argparse.Namespace, kind: st
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import bench_read
 
-    for row in bench_read.scenario_rows(kind, workdir, quick, Child, Sim, run_capbatch):
+    for row in bench_read.scenario_rows(kind, workdir, quick, Child, Sim):
         record(**row)
         _print_last(1)
 
