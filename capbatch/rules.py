@@ -8,16 +8,20 @@ module adds the row's rules: both values present, lengths, the org's pattern. Cr
 
 from __future__ import annotations
 
+import bisect
 import functools
+import operator
 import re
 from dataclasses import dataclass
 
 from capbatch.errors import UsageError
 from capbatch.source import SourceRow
-from capbatch.source.cells import PLACEHOLDERS, TRIMMED, CellRejected, clean_text, problem_code
+from capbatch.source.cells import PLACEHOLDERS, TRIMMED, CellRejected, clean_text, plain_texts, problem_code
+from capbatch.source.model import RowBatch
 from capbatch.source.model import show
 
-__all__ = ["CARD_LENGTH", "PLACEHOLDERS", "RuleSettings", "Verdict", "check_row", "compile_settings"]
+__all__ = ["CARD_LENGTH", "PLACEHOLDERS", "CheckedBatch", "RuleSettings", "Verdict", "check_batch", "check_row",
+           "compile_settings"]
 
 
 @dataclass(frozen=True)
@@ -98,13 +102,77 @@ class _Reject(Exception):
 
 def check_row(row: SourceRow, settings: RuleSettings = RuleSettings()) -> Verdict:
     """The verdict for one row: cleaned values, or the first reason (card first) to reject."""
-    card = row.card
-    ext = row.external_id
+    return _verdict(row.card, row.external_id, row.card_problem, row.external_id_problem, settings)
+
+
+BLOCK_ROWS = 256  # a batch that is not clean as a whole is looked at in blocks of this many rows
+
+
+@dataclass(slots=True)
+class CheckedBatch:
+    """The verdicts of a batch, column by column: the texts to send, and the rejected rows."""
+
+    cards: list[str]
+    external_ids: list[str]
+    rejected: dict[int, Verdict]  # position in the batch -> its verdict (reason_code set)
+
+
+def check_batch(batch: RowBatch, settings: RuleSettings = RuleSettings()) -> CheckedBatch:
+    """check_row for every row of ``batch``. A block of rows that :func:`_clean_block` proves clean
+    is kept as it is; the other blocks go through check_row's rules row by row."""
+    cards, exts = batch.cards, batch.external_ids
+    n = len(cards)
+    problems = sorted({*batch.card_problems, *batch.external_id_problems})
+    if not problems and _clean_block(cards, exts, settings):
+        return CheckedBatch(cards, exts, {})
+    out_cards, out_exts = list(cards), list(exts)
+    rejected: dict[int, Verdict] = {}
+    cp, ep = batch.card_problems, batch.external_id_problems
+    for start in range(0, n, BLOCK_ROWS):
+        end = min(n, start + BLOCK_ROWS)
+        at = bisect.bisect_left(problems, start)
+        if (at == len(problems) or problems[at] >= end) and _clean_block(cards[start:end], exts[start:end],
+                                                                           settings):
+            continue
+        for i in range(start, end):
+            v = _verdict(cards[i], exts[i], cp.get(i), ep.get(i), settings)
+            out_cards[i], out_exts[i] = v.card, v.external_id
+            if v.reason_code is not None:
+                rejected[i] = v
+    return CheckedBatch(out_cards, out_exts, rejected)
+
+
+def _clean_block(cards: list[str], exts: list[str], settings: RuleSettings) -> bool:
+    """True only when check_row would accept every one of these rows with its texts unchanged: the
+    cell rules cannot apply (:func:`plain_texts`) and the row rules below hold for all of them. It
+    may say False for clean rows (they are then checked one by one), never True for another verdict."""
+    card_lengths = list(map(len, cards))
+    ext_lengths = list(map(len, exts))
+    longest_ext, shortest_ext = max(ext_lengths), min(ext_lengths)
+    if not (plain_texts(cards, min(card_lengths)) and plain_texts(exts, shortest_ext)):
+        return False
+    if max(card_lengths) > settings.max_card_length or longest_ext > settings.max_external_id_length:
+        return False
+    exact = settings.external_id_length
+    if exact is not None and not shortest_ext == longest_ext == exact:
+        return False
+    minimum = settings.external_id_min_length
+    if minimum == CARD_LENGTH:
+        if not all(map(operator.le, card_lengths, ext_lengths)):
+            return False
+    elif minimum is not None and shortest_ext < minimum:  # type: ignore[operator]
+        return False
+    pattern = settings.external_id_pattern
+    return pattern is None or all(map(_compiled(pattern).fullmatch, exts))
+
+
+def _verdict(card: str, ext: str, card_problem: str | None, ext_problem: str | None,
+             settings: RuleSettings) -> Verdict:
     at = "card"  # the column a CellRejected is about
     try:
-        if row.card_problem:
-            code = problem_code(row.card_problem)
-            raise _Reject(code, row.card_problem, None if code == "extra_cells" else "card")
+        if card_problem:
+            code = problem_code(card_problem)
+            raise _Reject(code, card_problem, None if code == "extra_cells" else "card")
         card = clean_text(card, "card number", settings.strip_invisible)
         if not card:
             raise _Reject(
@@ -120,10 +188,8 @@ def check_row(row: SourceRow, settings: RuleSettings = RuleSettings()) -> Verdic
                 "as the card number",
                 "card",
             )
-        if row.external_id_problem:
-            raise _Reject(
-                problem_code(row.external_id_problem), row.external_id_problem, "external_id"
-            )
+        if ext_problem:
+            raise _Reject(problem_code(ext_problem), ext_problem, "external_id")
         at = "external_id"
         ext = clean_text(ext, "external id", settings.strip_invisible)
         if not ext:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from . import announce, exitcodes, jobs, outputs, report
+from . import announce, exitcodes, intake, jobs, outputs, report
 from .aio import run_async
 from .config import Settings, canary_rows, target_url
 from .errors import ConfigError, InputFileError, Interrupted, LedgerError, LedgerLost, Paused, RunAborted, UsageError
@@ -36,7 +36,7 @@ from .plan import announce as announce_plan
 from .quota import QuotaKey, credential_fingerprint
 from .source.frame import MemoryTable, is_dataframe, open_frame, open_records
 from .window import SYSTEM_CLOCK, Clock, Schedule, WindowGate, human_duration, parse_deadline, schedule_for
-from .rules import RuleSettings, check_row
+from .rules import RuleSettings
 from .source import InputOptions, InputTable, file_sha256, open_input
 from .summary import Summary
 from .wording import plural
@@ -73,8 +73,10 @@ def input_options(s: Settings) -> InputOptions:
                         delimiter=s.delimiter, encoding=s.encoding, sheet=s.sheet, header_row=s.header_row)
 
 
-def read_input(source: Source, options: InputOptions) -> Input:
-    """Open a file path, a DataFrame or an iterable of pairs/mappings. Raises InputFileError/UsageError."""
+def read_input(source: Source, options: InputOptions, survey: bool = True) -> Input:
+    """Open a file path, a DataFrame or an iterable of pairs/mappings. Raises InputFileError/UsageError.
+    ``survey=False``: a file's structural pass is left to the first reading of its rows (see
+    open_input): for a caller that loads every row into a ledger it throws away on an error."""
     if source is None:
         raise UsageError("no input given", "capbatch run INPUT.csv|INPUT.xlsx (from code: run_backfill(source))")
     if isinstance(source, (str, os.PathLike)):
@@ -85,7 +87,7 @@ def read_input(source: Source, options: InputOptions) -> Input:
         if path.is_dir():
             raise InputFileError(f"{path} is a directory, not a spreadsheet",
                                  "pass a .csv, .tsv, .txt, .xlsx or .xls file")
-        table = open_input(path, options)
+        table = open_input(path, options, survey)
         return Input(table, file_sha256(path), path.name, path)
     if is_dataframe(source):
         memory = open_frame(source, options)
@@ -123,11 +125,7 @@ def rule_settings(s: Settings) -> RuleSettings:
 
 def checked_rows(table: InputTable | MemoryTable, rules: RuleSettings) -> Iterator[tuple[Any, ...]]:
     """Every input row with its verdict, as the ledger stores it."""
-    dumps = json.JSONEncoder(ensure_ascii=False).encode   # one encoder, not one per row
-    for row in table.rows():
-        v = check_row(row, rules)
-        yield (row.sheet, row.row_number, dumps(row.values), v.card, v.external_id,
-               "rejected" if v.reason_code else "pending", v.reason_code, v.reason, v.column)
+    return intake.ledger_rows(table, rules)
 
 
 def validation_fingerprint(inp: Input, header_row: int, rules: RuleSettings) -> dict[str, Any]:
@@ -156,19 +154,25 @@ def default_run_dir(reports_dir: Path, inp: Input, job: str | None = None, lates
 
 
 def load_ledger(run_dir: Path, inp: Input, rules: RuleSettings, fingerprint: dict[str, Any],
-                changed_hint: str, location: str | None = None, job: str | None = None) -> tuple[Ledger, bool]:
+                changed_hint: str, location: str | None = None, job: str | None = None,
+                problems_only: bool = False) -> tuple[Ledger, bool, int]:
     """Open (or create) the run's ledger; import and check the rows the first time. Returns
-    (ledger, freshly_imported). Resuming with other content or other validation settings, or a run
-    that was reverted, is refused; ``changed_hint`` is what to say when the content changed.
-    ``location``: a database URL (with ``job``) instead of the run directory's SQLite file."""
+    (ledger, freshly_imported, valid rows left out). Resuming with other content or other validation
+    settings, or a run that was reverted, is refused; ``changed_hint`` is what to say when the content
+    changed. ``location``: a database URL (with ``job``) instead of the run directory's SQLite file.
+    ``problems_only``: validate's scratch ledger, which holds only the rows a validation reports
+    (see intake.load_for_validation); the valid rows it leaves out are counted."""
     ledger = open_ledger(location, run_dir, job=job, input_sha256=inp.sha256)
+    left_out = 0
     try:
         if ledger.is_imported():
             _check_same_run(ledger, run_dir, inp, fingerprint, changed_hint)
-            return ledger, False
+            return ledger, False, 0
         ledger.reset_import()
-        ledger.import_rows(checked_rows(inp.table, rules))
-        ledger.apply_cross_row_rules(allow_empty_external_id=rules.allow_missing_external_id)
+        if problems_only:
+            left_out = intake.load_for_validation(ledger, inp.table, rules)
+        else:
+            intake.load_rows(ledger, inp.table, rules)
         ledger.set_meta("input_name", inp.name)
         ledger.set_meta("input_path", str(inp.path.resolve()) if inp.path else "")
         ledger.set_meta("input_sha256", inp.sha256)
@@ -181,7 +185,7 @@ def load_ledger(run_dir: Path, inp: Input, rules: RuleSettings, fingerprint: dic
     except BaseException:
         ledger.close()
         raise
-    return ledger, True
+    return ledger, True, left_out
 
 
 def _check_same_run(ledger: Ledger, run_dir: Path, inp: Input, fingerprint: dict[str, Any],
@@ -212,21 +216,31 @@ class Prepared:
     sha256: str
     notes: list[str] = field(default_factory=list)
     freshly_imported: bool = False
+    left_out: int = 0   # valid rows a problems-only ledger does not hold (validate)
 
 
-def prepare(s: Settings, run_dir: Path | None = None, source: Source = None) -> Prepared:
-    """Stages 1-3: read ``source`` (default ``s.input``), check every row, load the run's ledger."""
-    inp = read_input(s.input if source is None else source, input_options(s))
+def prepare(s: Settings, run_dir: Path | None = None, source: Source = None,
+            problems_only: bool = False) -> Prepared:
+    """Stages 1-3: read ``source`` (default ``s.input``), check every row, load the run's ledger
+    (``problems_only``: a scratch ledger of the rows a validation reports, see load_ledger)."""
+    with intake.bulk():
+        return _prepare(s, run_dir, source, problems_only)
+
+
+def _prepare(s: Settings, run_dir: Path | None, source: Source, problems_only: bool) -> Prepared:
+    scratch = run_dir is not None
+    # A scratch ledger (validate, checks) is thrown away on an error: the file is parsed once, its
+    # structural checks made while its rows are loaded.
+    inp = read_input(s.input if source is None else source, input_options(s), survey=not scratch)
     rules = rule_settings(s)
     explicit = run_dir is not None or s.run_dir is not None
-    scratch = run_dir is not None
     run_dir = Path(run_dir or s.run_dir or default_run_dir(s.reports_dir, inp, s.job, s.retry_failed))
     hint = _changed_input_hint(s, "file" if inp.path else "data") if explicit else "use a new --run-dir"
     # A run directory given by the caller is a scratch ledger (validate, checks): never the database.
     location = None if scratch else s.ledger
-    ledger, fresh = load_ledger(run_dir, inp, rules, validation_fingerprint(inp, s.header_row, rules), hint,
-                                location, s.job)
-    return Prepared(ledger, run_dir, inp.table, inp.sha256, list(inp.table.notes), fresh)
+    ledger, fresh, left_out = load_ledger(run_dir, inp, rules, validation_fingerprint(inp, s.header_row, rules),
+                                          hint, location, s.job, problems_only=problems_only and scratch)
+    return Prepared(ledger, run_dir, inp.table, inp.sha256, list(inp.table.notes), fresh, left_out)
 
 
 def _changed_input_hint(s: Settings, what: str = "file") -> str:
@@ -239,8 +253,9 @@ def _changed_input_hint(s: Settings, what: str = "file") -> str:
             f"the pairs already confirmed (README: Nightly jobs). To resume that run, restore the original {what}")
 
 
-def validation_report(ledger: Ledger) -> dict[str, Any]:
+def validation_report(ledger: Ledger, left_out: int = 0) -> dict[str, Any]:
     counts = ledger.counts()
+    counts["pending"] += left_out   # valid rows a problems-only ledger does not hold
     by_reason: Counter[str] = Counter()
     first: list[dict[str, Any]] = []
     for r in ledger.rows_in_states(("rejected", "duplicate")):
@@ -696,7 +711,10 @@ def _plan_before_run(s: Settings, prepared: Prepared, schedule: Schedule | None 
             shared = quota_peers(s.quota_dir, ledger.quota_database() or s.ledger,
                                  QuotaKey(base_url, credential_fingerprint(s.credentials)), s.rate, _quota_run_tag(ledger, s.job))
         audit = ledger.audit_counts()
-        plan = make_plan(ledger.counts(), ledger.missing_external_ids(), plan_settings(s, now, base_url), schedule, now,
+        counts = ledger.counts()
+        if existing is None:
+            counts["pending"] += prepared.left_out   # valid rows a problems-only ledger does not hold
+        plan = make_plan(counts, ledger.missing_external_ids(), plan_settings(s, now, base_url), schedule, now,
                          shared_with=shared, audit=audit.get("pending", 0) + audit.get("in_flight", 0))
     finally:
         if existing is not None:
@@ -765,9 +783,9 @@ def validate(s: Settings, output: Path | None = None, source: Source = None) -> 
     ``exit_code`` in the result: 0 all valid, 1 some rows rejected (file-level problems raise).
     """
     with tempfile.TemporaryDirectory(prefix="capbatch-validate-") as tmp:
-        prepared = prepare(s, run_dir=Path(tmp), source=source)
+        prepared = prepare(s, run_dir=Path(tmp), source=source, problems_only=True)
         try:
-            v = validation_report(prepared.ledger)
+            v = validation_report(prepared.ledger, prepared.left_out)
             out = output or (s.reports_dir / f"{_stem(s, source)}.validation.csv")
             try:
                 _write_validation_csv(prepared.ledger, out)

@@ -187,17 +187,21 @@ class Ledger(ABC):
         """Drop a half-finished import (the process died while loading the file)."""
 
     @abstractmethod
-    def import_rows(self, rows: Iterable[tuple[Any, ...]], batch: int = 20000) -> int:
+    def import_rows(self, rows: Iterable[tuple[Any, ...]], batch: int = 20000, numbered: bool = False) -> int:
         """Insert (sheet, row_number, original_json, card, external_id, state, reason_code, reason,
-        problem_column) tuples, in input order."""
+        problem_column) tuples, in input order; ``numbered``: each tuple starts with the row's id (its
+        1-based place in the input), for a ledger that holds some rows only (validate's)."""
 
     @abstractmethod
-    def apply_cross_row_rules(self, allow_empty_external_id: bool = False) -> None:
+    def apply_cross_row_rules(self, allow_empty_external_id: bool = False,
+                              only: Sequence[int] | None = None) -> None:
         """Duplicates and conflicts among the valid rows, done in the database so memory stays flat.
 
         The same card with different external IDs, or the same external ID on different cards, is a
         conflict: every row involved is rejected, naming the others. The same pair twice is sent once;
-        the later rows become ``duplicate`` of the first.
+        the later rows become ``duplicate`` of the first. ``only``: the ids of the rows that can be
+        involved (every other row's card number and external ID occur once in the input), when the
+        caller knows them; None looks at every row.
         """
 
     @abstractmethod

@@ -362,7 +362,7 @@ class PostgresLedger(Ledger):
     def reset_import(self) -> None:
         self._execute("DELETE FROM capbatch.rows WHERE run_id=%s", (self.run_id,))
 
-    def import_rows(self, rows: Iterable[tuple[Any, ...]], batch: int = 20000) -> int:
+    def import_rows(self, rows: Iterable[tuple[Any, ...]], batch: int = 20000, numbered: bool = False) -> int:
         count = 0
         self._check()
         try:
@@ -370,12 +370,15 @@ class PostgresLedger(Ledger):
                 with cur.copy("COPY capbatch.rows (run_id, id, sheet, row_number, original, card, external_id, "
                               "state, reason_code, reason, problem_column) FROM STDIN") as copy:
                     for count, row in enumerate(rows, 1):
-                        copy.write_row((self.run_id, count, *row))
+                        copy.write_row((self.run_id, *row) if numbered else (self.run_id, count, *row))
         except psycopg.Error as exc:
             raise self._wrap(exc) from exc
         return count
 
-    def apply_cross_row_rules(self, allow_empty_external_id: bool = False) -> None:
+    def apply_cross_row_rules(self, allow_empty_external_id: bool = False,
+                              only: Sequence[int] | None = None) -> None:
+        if only is not None and not only:
+            return  # every card number and external ID occurs once: nothing to do
         empty_ok = "AND external_id <> ''" if allow_empty_external_id else ""
         run = f"run_id = {int(self.run_id)}"
         label = "coalesce(sheet || '!', '') || row_number"

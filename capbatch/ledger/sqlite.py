@@ -14,6 +14,7 @@ import os
 import sqlite3
 import time
 import urllib.parse
+from itertools import islice
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
@@ -248,9 +249,11 @@ class SqliteLedger(Ledger):
     def reset_import(self) -> None:
         self._exec("DELETE FROM rows")
 
-    def import_rows(self, rows: Iterable[tuple[Any, ...]], batch: int = 20000) -> int:
-        sql = ("INSERT INTO rows(sheet, row_number, original, card, external_id, state, reason_code, reason, "
-               "problem_column) VALUES (?,?,?,?,?,?,?,?,?)")
+    def import_rows(self, rows: Iterable[tuple[Any, ...]], batch: int = 20000, numbered: bool = False) -> int:
+        columns = "sheet, row_number, original, card, external_id, state, reason_code, reason, problem_column"
+        if numbered:
+            columns = "id, " + columns
+        sql = f"INSERT INTO rows({columns}) VALUES ({', '.join('?' * (columns.count(',') + 1))})"
         # A bulk load: build the state index once at the end, and skip fsyncs (an import that dies
         # half-way is redone from scratch, see reset_import).
         self._exec("DROP INDEX IF EXISTS rows_by_state")
@@ -262,24 +265,30 @@ class SqliteLedger(Ledger):
             self._exec("CREATE INDEX IF NOT EXISTS rows_by_state ON rows(state, id)")
         return count
 
-    def apply_cross_row_rules(self, allow_empty_external_id: bool = False) -> None:
+    def apply_cross_row_rules(self, allow_empty_external_id: bool = False,
+                              only: Sequence[int] | None = None) -> None:
+        if only is not None and not only:
+            return  # every card number and external ID occurs once: nothing to do
         empty_ok = "AND external_id <> ''" if allow_empty_external_id else ""
+        # ``only``: the rows that can be involved, in a temporary table the queries below are limited to
+        among = "AND id IN (SELECT id FROM temp.suspects)" if only is not None else ""
+        rows_among = "AND rows.id IN (SELECT id FROM temp.suspects)" if only is not None else ""
         script = f"""
         DROP TABLE IF EXISTS temp.card_conflicts; DROP TABLE IF EXISTS temp.ext_conflicts;
         DROP TABLE IF EXISTS temp.first_of_pair;
         CREATE TEMP TABLE card_conflicts AS
             SELECT card, group_concat(label, ', ') AS labels, count(*) AS n FROM (
                 SELECT card, coalesce(sheet || '!', '') || row_number AS label FROM rows
-                WHERE state='pending' AND card IN (
-                    SELECT card FROM rows WHERE state='pending' GROUP BY card
+                WHERE state='pending' {among} AND card IN (
+                    SELECT card FROM rows WHERE state='pending' {among} GROUP BY card
                     HAVING count(DISTINCT external_id) > 1)
                 ORDER BY id)
             GROUP BY card;
         CREATE TEMP TABLE ext_conflicts AS
             SELECT external_id, group_concat(label, ', ') AS labels, count(*) AS n FROM (
                 SELECT external_id, coalesce(sheet || '!', '') || row_number AS label FROM rows
-                WHERE state='pending' {empty_ok} AND external_id IN (
-                    SELECT external_id FROM rows WHERE state='pending' {empty_ok} GROUP BY external_id
+                WHERE state='pending' {empty_ok} {among} AND external_id IN (
+                    SELECT external_id FROM rows WHERE state='pending' {empty_ok} {among} GROUP BY external_id
                     HAVING count(DISTINCT card) > 1)
                 ORDER BY id)
             GROUP BY external_id;
@@ -287,13 +296,14 @@ class SqliteLedger(Ledger):
         UPDATE rows SET state='rejected', reason_code='conflict_card', problem_column='card',
             reason='card ' || rows.card || ' appears with different external IDs in rows ' || c.labels
                    || ': keep one external ID per card and rerun'
-            FROM temp.card_conflicts AS c WHERE rows.card = c.card AND rows.state='pending';
+            FROM temp.card_conflicts AS c WHERE rows.card = c.card AND rows.state='pending' {rows_among};
         UPDATE rows SET state='rejected', reason_code='conflict_external_id', problem_column='external_id',
             reason='external ID ' || rows.external_id || ' is given to different cards in rows ' || c.labels
                    || ': external IDs are unique across cards; keep one card per external ID and rerun'
-            FROM temp.ext_conflicts AS c WHERE rows.external_id = c.external_id AND rows.state='pending';
+            FROM temp.ext_conflicts AS c WHERE rows.external_id = c.external_id AND rows.state='pending'
+            {rows_among};
         CREATE TEMP TABLE first_of_pair AS
-            SELECT card, external_id, min(id) AS first_id FROM rows WHERE state='pending'
+            SELECT card, external_id, min(id) AS first_id FROM rows WHERE state='pending' {among}
             GROUP BY card, external_id HAVING count(*) > 1;
         UPDATE rows SET state='duplicate', reason_code='duplicate', problem_column='card', duplicate_of=f.first_id,
             reason='same card and external ID as row '
@@ -301,11 +311,16 @@ class SqliteLedger(Ledger):
                    || ': sent once for both'
             FROM temp.first_of_pair AS f
             WHERE rows.card=f.card AND rows.external_id=f.external_id AND rows.id<>f.first_id
-              AND rows.state='pending';
+              AND rows.state='pending' {rows_among};
         COMMIT;
         DROP TABLE temp.card_conflicts; DROP TABLE temp.ext_conflicts; DROP TABLE temp.first_of_pair;
+        DROP TABLE IF EXISTS temp.suspects;
         """
         try:
+            if only is not None:
+                self.conn.execute("DROP TABLE IF EXISTS temp.suspects")
+                self.conn.execute("CREATE TEMP TABLE suspects (id INTEGER PRIMARY KEY)")
+                self.conn.executemany("INSERT INTO temp.suspects(id) VALUES (?)", ((i,) for i in only))
             self.conn.executescript(script)
         except sqlite3.Error as exc:
             if self.conn.in_transaction:
@@ -418,14 +433,8 @@ class SqliteLedger(Ledger):
 
     def _insert_chunks(self, sql: str, rows: Iterable[tuple[Any, ...]], batch: int) -> int:
         count = 0
-        chunk: list[tuple[Any, ...]] = []
-        for row in rows:
-            chunk.append(row)
-            if len(chunk) >= batch:
-                self._many(sql, chunk)
-                count += len(chunk)
-                chunk.clear()
-        if chunk:
+        it = iter(rows)
+        while chunk := list(islice(it, batch)):
             self._many(sql, chunk)
             count += len(chunk)
         return count

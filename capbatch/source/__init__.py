@@ -28,6 +28,7 @@ from .model import (
     SHEET_ALL,
     CellProblem,
     InputOptions,
+    RowBatch,
     SourceRow,
 )
 from .sniff import file_sha256
@@ -43,6 +44,7 @@ __all__ = [
     "CellProblem",
     "InputOptions",
     "InputTable",
+    "RowBatch",
     "SourceRow",
     "file_sha256",
     "normalize_header",

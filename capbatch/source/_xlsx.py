@@ -18,6 +18,7 @@ from __future__ import annotations
 import bisect
 import re
 import zipfile
+from operator import itemgetter
 from pathlib import Path
 from typing import IO
 from xml.etree import ElementTree
@@ -198,6 +199,17 @@ _V_TEXT = re.compile(rb"<(?:[\w.-]+:)?v>([^<]*)<")
 _ROW_END = re.compile(rb"</(?:[\w.-]+:)?row>")
 
 
+def _last_row_end(buf: bytes) -> int | None:
+    """Where the chunk's last complete row ends (after its end tag), or None."""
+    at = buf.rfind(b"</row>")
+    if at >= 0 and buf.find(b":row>", at) < 0:  # the usual unprefixed tag, and no prefixed one after it
+        return at + len(b"</row>")
+    cut = None
+    for cut in _ROW_END.finditer(buf, max(0, len(buf) - (1 << 20))):
+        pass
+    return cut.end() if cut is not None else None
+
+
 class _NoReferences(Exception):
     """Some cell tags carry no r reference: the sheet needs the expat pass."""
 
@@ -218,6 +230,9 @@ class _TagScan:
                 rb"(?=(?:[^>]*?\bs=\"(\d+)\")?)(?=(?:[^>]*?\bt=\"(\w+)\")?)[^>]*?(/?)>")
         self._fast = re.compile(rb"<c r=\"(" + alt + rb")(\d+)\"" + rest)
         self._general = re.compile(rb"<(?:[\w.-]+:)?c\s(?=[^>]*?\br=\"(" + alt + rb")(\d+)\")" + rest)
+        # The key columns' cells with their s and t attributes in the usual order (r, s, t); the last
+        # group is anything else the tag holds (then the chunk takes the general path).
+        self._strict = re.compile(rb"<c r=\"(" + alt + rb")(\d+)\"(?: s=\"(\d+)\")?(?: t=\"(\w+)\")?([^>]*)>")
 
     def run(self, fh: IO[bytes]) -> bool:
         """Scan the sheet; False when its cells carry no r reference (use the expat pass)."""
@@ -229,25 +244,28 @@ class _TagScan:
                 if not chunk:
                     self._feed(buf)
                     return True
-                cut = None
-                for cut in _ROW_END.finditer(buf, max(0, len(buf) - (1 << 20))):
-                    pass
-                if cut is None:
+                end = _last_row_end(buf)
+                if end is None:
                     carry = buf  # no complete row yet: read on
                     continue
-                self._feed(buf[: cut.end()])
-                carry = buf[cut.end():]
+                self._feed(buf[:end])
+                carry = buf[end:]
         except _NoReferences:
             return False
 
     def _feed(self, buf: bytes) -> None:
-        if (buf.count(b"<c ") == buf.count(b'<c r="') and b"<c>" not in buf and b":c " not in buf
-                and b":c>" not in buf):
+        prefixed = b":" in buf  # a single byte: memchr; the 2-3 byte searches only when it is there
+        if (buf.count(b"<c ") == buf.count(b'<c r="') and b"<c>" not in buf
+                and not (prefixed and (b":c " in buf or b":c>" in buf))):
             tag = self._fast  # every cell tag of this chunk has the fast form
         elif len(_ANY_CELL.findall(buf)) == len(_REF_ATTR.findall(buf)):
             tag = self._general
         else:
             raise _NoReferences
+        # '<' is always markup, so '<f' is a formula (or another f... element: then the general path)
+        if tag is self._fast and b't="e"' not in buf and b"<f" not in buf and not (prefixed and b":f" in buf) \
+                and self._styles_only(buf):
+            return
         runs, special, col_of = self.runs, self.special, self._col_of
         for m in tag.finditer(buf):
             letters, digits, xf, t, empty = m.groups()
@@ -272,6 +290,31 @@ class _TagScan:
                     special[(row0, col)] = ("formula", "")
 
 
+    def _styles_only(self, buf: bytes) -> bool:
+        """_feed for a chunk that holds no error cell and no formula, when every key column cell's tag
+        has the usual attribute order: only the style runs are needed, from one findall (C-level),
+        walked cell by cell only where a style changes. False: not such a chunk."""
+        found = self._strict.findall(buf)  # (column letters, row digits, s, t, the rest of the tag)
+        if not found:
+            return True
+        if not set(map(itemgetter(4), found)) <= {b"", b"/"}:
+            return False
+        numeric_types = {b"", b"n"}
+        kinds = set(zip(map(itemgetter(0), found), map(itemgetter(2), found), map(itemgetter(3), found)))
+        current = {letters: xfs[-1] if xfs else None
+                   for letters, (_starts, xfs) in ((k, self.runs[c]) for k, c in self._col_of.items())}
+        if all(current[letters] == int(xf or 0) for letters, xf, t in kinds if t in numeric_types):
+            return True  # every column's current style run goes on through this chunk
+        for letters, digits, xf, t, _rest in found:
+            if t in numeric_types:
+                starts, xfs = self.runs[self._col_of[letters]]
+                style = int(xf or 0)
+                if not xfs or xfs[-1] != style:
+                    starts.append(int(digits) - 1)
+                    xfs.append(style)
+        return True
+
+
 class XlsxFacts:
     """Number formats and error/formula cells of one sheet's key columns."""
 
@@ -294,6 +337,15 @@ class XlsxFacts:
         at = bisect.bisect_right(starts, row0) - 1
         if at < 0:
             return UNREADABLE_FORMAT
+        return self._styles.display(xfs[at])
+
+    def display_range(self, first0: int, last0: int, col: int) -> NumberDisplay | None:
+        """The one display of column ``col``'s numeric cells in rows ``first0..last0`` (0-based), or
+        None when their style changes within those rows."""
+        starts, xfs = self._runs.get(col, ((), ()))
+        at = bisect.bisect_right(starts, first0) - 1
+        if at < 0 or bisect.bisect_right(starts, last0) - 1 != at:
+            return None
         return self._styles.display(xfs[at])
 
 

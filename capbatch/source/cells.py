@@ -23,9 +23,12 @@ from __future__ import annotations
 
 import datetime as _dt
 import functools
+import operator
 import re
 import unicodedata
+from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import repeat
 
 from .model import CellProblem, show
 
@@ -37,7 +40,10 @@ __all__ = [
     "CellRejected",
     "NumberDisplay",
     "clean_text",
+    "plain_texts",
     "display_text",
+    "display_texts",
+    "render_whole_numbers",
     "problem_code",
     "render_format",
     "unwrap_formula_text",
@@ -97,6 +103,25 @@ def _invisible_chars(value: str) -> list[str]:
         return _ASCII_CONTROL.findall(value)
     cat = unicodedata.category
     return [c for c in value if cat(c) in _INVISIBLE_CATEGORIES]
+
+
+# The longest placeholder made only of letters and digits ('null', 'none'): a longer alphanumeric text
+# is never one.
+_LONGEST_ALNUM_PLACEHOLDER = max(len(p) for p in PLACEHOLDERS if p.isalnum())
+
+
+def plain_texts(texts: list[str], shortest: int | None = None) -> bool:
+    """True when :func:`clean_text` returns every one of ``texts`` as it is, with no rule applying:
+    each is non-empty ASCII letters and digits (nothing to trim, unwrap or refuse) and no placeholder.
+    Checked with a few C-level passes over the whole list: the common case of a batch of rows.
+    ``shortest``: the length of the shortest text, when the caller knows it."""
+    joined = "".join(texts)
+    if not (joined.isascii() and joined.encode("ascii").isalnum()):  # bytes: a table lookup per byte
+        return False
+    if shortest is None:
+        shortest = min(map(len, texts))
+    return shortest > 0 and (shortest > _LONGEST_ALNUM_PLACEHOLDER
+                             or PLACEHOLDERS.isdisjoint(map(str.casefold, texts)))
 
 
 def clean_text(raw: str, label: str, strip_invisible: bool = False) -> str:
@@ -323,6 +348,51 @@ def _render_number(v: float, label: str, display: NumberDisplay) -> tuple[str, C
         "excel_number_format",
         f"the {label} cell holds the number {plain} but displays it as {show(shown)}{how}, which "
         f"is not a {label}; {_AS_TEXT_FIX}")
+
+
+def display_texts(values: Sequence[object]) -> Sequence[str]:
+    """:func:`display_text` of each of a column's ``values``: C-level for a column of text only, one
+    comprehension for a column of numbers only, else cell by cell."""
+    kinds = set(map(type, values))
+    if kinds <= {str}:
+        return values  # type: ignore[return-value]
+    if kinds == {float}:
+        if -_EXACT <= min(values) and max(values) <= _EXACT and 0.0 not in values:  # type: ignore[type-var]
+            # repr ends in '.0' exactly for the whole numbers (below 1e16), shown without it; with
+            # zero (-0.0 shows as 0) and beyond 2**53 cell by cell
+            return ("\n".join(map(repr, values)) + "\n").replace(".0\n", "\n").split("\n")[:-1]
+        return [str(int(v)) if v.is_integer() and -_EXACT <= v <= _EXACT else repr(v)
+                for v in values]  # type: ignore[attr-defined]
+    return list(map(display_text, values))
+
+
+_EXACT = 2**53
+
+
+def render_whole_numbers(values: Sequence[object], display: NumberDisplay) -> list[str] | None:
+    """The texts :func:`workbook_key` gives, without a problem, for a column of numbers shown with one
+    ``display``: each positive whole number below 10**15 rendered by a plain-digits format (General,
+    @, 0, zero padding). None when any value or the format needs :func:`workbook_key` cell by cell."""
+    if display.code is None or not values or not set(map(type, values)) <= {int, float}:
+        return None
+    sections = _compiled_format(display.code)
+    section = sections[0]
+    if section is None:
+        return None
+    minus, zeros, grouped, dec, general = section
+    if minus or grouped or dec:
+        return None
+    try:
+        whole = list(map(int, values))
+    except (OverflowError, ValueError):  # inf, nan
+        return None
+    if (not all(map(operator.eq, whole, values)) or min(whole) <= 0
+            or max(whole) >= 10**MAX_EXACT_DIGITS):
+        return None  # a fraction, zero or a negative number, too many digits: cell by cell
+    texts = list(map(str, whole))
+    if zeros and not general:
+        texts = list(map(str.zfill, texts, repeat(zeros)))
+    return texts
 
 
 def workbook_key(

@@ -3,6 +3,8 @@ count the data rows, find rows that repeat the header, and collect what the note
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from capbatch.errors import InputFileError
 
 from .cells import TRIMMED, unwrap_formula_text
@@ -33,6 +35,10 @@ class Census:
         self._wrapped = 0
         self._wrapped_labels: list[str] = []
 
+    def fresh(self) -> Census:
+        """A census of the same header that has seen nothing yet."""
+        return Census(self._echo, self._file)
+
     def see(self, sheet: str | None, row_number: int, card: str, ext: str) -> bool:
         """True when the row is data; False for a repeated header (rows() skips it)."""
         if card and not card[0].isdigit():  # a card number that starts with a digit is no header
@@ -60,6 +66,21 @@ class Census:
             if len(self._wrapped_labels) < _LISTED:
                 self._wrapped_labels.append(_label(sheet, row_number))
         return True
+
+    def see_batch(self, sheet: str | None, row_numbers: Sequence[int], cards: list[str],
+                  exts: list[str]) -> None:
+        """see() for consecutive non-blank rows. A row whose card number is empty or starts with a digit
+        and that holds no ``="`` is plain data: it is only counted (see() would do no more)."""
+        look: set[int] = set()
+        joined = "".join(cards)
+        if not (joined.encode("ascii").isdigit() if joined.isascii() else joined.isdigit()):
+            look.update(i for i, c in enumerate(cards) if c and not c[0].isdigit())
+        for column in (cards, exts):
+            if '="' in "\n".join(column):  # the separator keeps a match inside one cell
+                look.update(i for i, v in enumerate(column) if '="' in v)
+        self.count += len(cards) - len(look)
+        for i in sorted(look):
+            self.see(sheet, row_numbers[i], cards[i], exts[i])
 
     def notes(self) -> list[str]:
         out = []

@@ -19,7 +19,7 @@ from typing import Any
 from capbatch.errors import InputFileError, UsageError
 
 from .headers import resolve_columns
-from .model import CARD_FIELD, EXTERNAL_ID_FIELD, CellProblem, InputOptions, SourceRow
+from .model import CARD_FIELD, EXTERNAL_ID_FIELD, CellProblem, InputOptions, RowBatch, SourceRow
 
 __all__ = ["MemoryTable", "is_dataframe", "open_frame", "open_records"]
 
@@ -88,11 +88,18 @@ class MemoryTable:
         return "dataframe" if self.format == "dataframe" else "records"
 
     def rows(self) -> Iterator[SourceRow]:
+        for batch in self.batches():
+            yield from batch.rows()
+
+    def batches(self, size: int = 10_000) -> Iterator[RowBatch]:
         ci, ei = self._card_idx, self._ext_idx
         card_problems, ext_problems = self._problems
-        for i, (label, values) in enumerate(zip(self._labels, zip(*self._texts))):
-            yield SourceRow(None, label, values, values[ci], values[ei], card_problems.get(i),
-                            ext_problems.get(i))
+        for start in range(0, self.row_count, size):
+            end = min(self.row_count, start + size)
+            columns = [texts[start:end] for texts in self._texts]
+            yield RowBatch(None, self._labels[start:end], list(zip(*columns)), columns[ci], columns[ei],
+                           {i - start: p for i, p in card_problems.items() if start <= i < end},
+                           {i - start: p for i, p in ext_problems.items() if start <= i < end})
 
     def sha256(self) -> str:
         """A fingerprint of the content (column names, row labels, every cell's text and which key cells

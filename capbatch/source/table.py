@@ -13,7 +13,7 @@ from capbatch.errors import InputFileError, UsageError
 from .census import Census
 from .delimited import DelimitedReader, open_delimited
 from .headers import column_note
-from .model import REPORT_COLUMN_PREFIX, REPORT_MARKER_COLUMN, InputOptions, SourceRow
+from .model import REPORT_COLUMN_PREFIX, REPORT_MARKER_COLUMN, InputOptions, RowBatch, SourceRow
 from .sniff import decide_format
 from .workbook import open_workbook
 
@@ -44,6 +44,8 @@ class InputTable:
         self._skip: set[tuple[str | None, int]] = set()
         self._keep: list[int] | None = None  # column indexes kept (a capbatch report)
         self._restore = False  # undo the formula-injection neutralising of a text report
+        self._unsurveyed: Census | None = None  # open_input(survey=False): the pass rows() makes first
+        self._notes_at = 0  # where the structural pass's notes go
 
     def __repr__(self) -> str:
         return (
@@ -57,33 +59,55 @@ class InputTable:
         return list(self.sheets) if len(self.sheets) > 1 else self.sheet
 
     def rows(self) -> Iterator[SourceRow]:
-        rows: Iterator[SourceRow] = self._reader.rows()
-        skip = self._skip
-        if skip:
-            rows = (r for r in rows if (r.sheet, r.row_number) not in skip)
-        keep, restore = self._keep, self._restore
-        if keep is not None:
-            rows = (_report_row(r, keep, restore) for r in rows)
-        return rows
+        for batch in self.batches():
+            yield from batch.rows()
+
+    def batches(self) -> Iterator[RowBatch]:
+        """The data rows, a batch at a time (see :class:`RowBatch`); each call restarts."""
+        if self._unsurveyed is None:
+            yield from self._filtered(self._reader.batches(), None)
+            return
+        # open_input(survey=False): this pass is also the structural one (see open_input)
+        census = self._unsurveyed.fresh()
+        yield from self._filtered(self._reader.batches(structure=True), census)
+        self._unsurveyed = None
+        self.notes[self._notes_at:self._notes_at] = self._reader.structure_notes()
+        _counted(self, [census])
+
+    def _filtered(self, batches: Iterator[RowBatch], census: Census | None) -> Iterator[RowBatch]:
+        skip, keep, restore = self._skip, self._keep, self._restore
+        for batch in batches:
+            if census is not None:
+                census.see_batch(batch.sheet, batch.row_numbers, batch.cards, batch.external_ids)
+                skip = census.skip
+            if skip:
+                sheet = batch.sheet
+                kept = [i for i, n in enumerate(batch.row_numbers) if (sheet, n) not in skip]
+                if len(kept) < len(batch):
+                    batch = batch.select(kept)
+            if keep is not None:
+                batch = _report_batch(batch, keep, restore)
+            if len(batch):
+                yield batch
 
 
-def _report_row(row: SourceRow, keep: list[int], restore: bool) -> SourceRow:
-    values = row.values
+def _report_batch(batch: RowBatch, keep: list[int], restore: bool) -> RowBatch:
+    """A capbatch report read back: the user's columns only, neutralised text cells restored."""
+    values = [tuple(v[i] for i in keep) for v in batch.values]
+    cards, exts = batch.cards, batch.external_ids
     if restore:
-        return SourceRow(row.sheet, row.row_number, tuple(_restore(values[i]) for i in keep),
-                         _restore(row.card), _restore(row.external_id), row.card_problem,
-                         row.external_id_problem)
-    return SourceRow(row.sheet, row.row_number, tuple(values[i] for i in keep), row.card,
-                     row.external_id, row.card_problem, row.external_id_problem)
+        values = [tuple(map(_restore, v)) for v in values]
+        cards, exts = list(map(_restore, cards)), list(map(_restore, exts))
+    return RowBatch(batch.sheet, batch.row_numbers, values, cards, exts, batch.card_problems,
+                    batch.external_id_problems)
 
 
-def _finish(table: InputTable, header: list[str], ci: int, ei: int, censuses: list[Census]) -> None:
+def _finish(table: InputTable, header: list[str], ci: int, ei: int, censuses: list[Census] | None) -> None:
+    """What the header decides; then what the structural pass found (``censuses``), unless that pass
+    is still to come (open_input(survey=False))."""
     table.card_column, table.external_id_column = header[ci], header[ei]
     table.notes.insert(0, column_note(table.card_column, table.external_id_column))
-    for census in censuses:
-        table._skip |= census.skip
-        table.notes.extend(census.notes())
-    table.row_count = sum(c.count for c in censuses)
+    table._notes_at = len(table.notes)
     if REPORT_MARKER_COLUMN in header:
         table._keep = [i for i, c in enumerate(header) if not c.startswith(REPORT_COLUMN_PREFIX)]
         table._restore = table.format == "csv"
@@ -96,6 +120,18 @@ def _finish(table: InputTable, header: list[str], ci: int, ei: int, censuses: li
                if table._restore else ""))
     else:
         table.columns = list(header)
+    if censuses is not None:
+        _counted(table, censuses)
+
+
+def _counted(table: InputTable, censuses: list[Census]) -> None:
+    """The structural pass is done: repeated headers to skip, its notes, the row count."""
+    for census in censuses:
+        table._skip |= census.skip
+        notes = census.notes()
+        table.notes[table._notes_at:table._notes_at] = notes
+        table._notes_at += len(notes)
+    table.row_count = sum(c.count for c in censuses)
     if table.row_count == 0:
         where = f"sheet {table.sheet!r} of {table.path.name}" if table.sheet else table.path.name
         raise InputFileError(
@@ -105,8 +141,14 @@ def _finish(table: InputTable, header: list[str], ci: int, ei: int, censuses: li
         )
 
 
-def open_input(path: str | Path, options: InputOptions = InputOptions()) -> InputTable:
-    """Open and validate an input file. Raises InputFileError for file-level problems."""
+def open_input(path: str | Path, options: InputOptions = InputOptions(), survey: bool = True) -> InputTable:
+    """Open and validate an input file. Raises InputFileError for file-level problems.
+
+    ``survey=False``, for a caller that reads every row before it acts on any (into a ledger it can
+    throw away): a delimited file's structural pass (quoting, repeated headers, the row count) is made
+    by the first complete iteration of rows()/batches() instead of here, so the file is parsed once.
+    The errors that pass finds are raised from that iteration; ``row_count`` and ``notes`` are
+    complete after it. Workbooks are surveyed here either way."""
     p = Path(path)
     if not isinstance(options.header_row, int) or options.header_row < 1:
         raise UsageError(
@@ -122,10 +164,12 @@ def open_input(path: str | Path, options: InputOptions = InputOptions()) -> Inpu
         table = InputTable(p, fmt)
         table.notes.extend(notes)
         if fmt == "csv":
-            layout, census = open_delimited(p, options, table.notes)
+            layout, census = open_delimited(p, options, table.notes, survey)
             table.encoding, table.delimiter = layout.encoding, layout.delimiter
             table._reader = DelimitedReader(p, layout)
-            _finish(table, layout.header, layout.card_idx, layout.ext_idx, [census])
+            if not survey:
+                table._unsurveyed = census
+            _finish(table, layout.header, layout.card_idx, layout.ext_idx, [census] if survey else None)
         else:
             reader, plans = open_workbook(p, fmt, options, table.notes)
             table._reader = reader

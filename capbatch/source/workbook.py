@@ -13,8 +13,11 @@ at a time and released before the next, so ``--sheet all`` never holds two sheet
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import islice
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +26,14 @@ from capbatch.errors import InputFileError
 from ._ods import OdsEngine
 from ._xls import XlsEngine
 from ._xlsx import XlsxEngine
-from .cells import GENERAL, UNREADABLE_FORMAT, display_text, workbook_key
+from .cells import (GENERAL, UNREADABLE_FORMAT, display_text, display_texts, render_whole_numbers,
+                    workbook_key)
 from .census import Census
 from .headers import HeaderEcho, normalize_header, resolve_columns
-from .model import CARD_FIELD, EXTERNAL_ID_FIELD, SHEET_ALL, InputOptions, SourceRow
+from .model import CARD_FIELD, EXTERNAL_ID_FIELD, SHEET_ALL, InputOptions, RowBatch, SourceRow, batches_of
 from .sniff import ODS_EXTS, XLS_EXTS, XLSX_EXTS, encrypted_error
+
+BATCH_ROWS = 10_000  # rows taken from calamine at a time
 
 _ENGINES = {"xlsx": XlsxEngine, "xls": XlsEngine, "ods": OdsEngine}
 _NATIVE_EXTS = {"xlsx": XLSX_EXTS, "xls": XLS_EXTS, "ods": ODS_EXTS}
@@ -89,12 +95,23 @@ class Workbook:
             raise _calamine_error(path, e) from e
         self.names = [m.name for m in self.metas]
         self.engine = _ENGINES[fmt](path)
+        self._kept: tuple[str, Any] | None = None
 
-    def load(self, name: str) -> Any:
+    def load(self, name: str, keep: bool = False) -> Any:
+        """The sheet, loaded whole by calamine. ``keep``: hold on to it for the next load of the same
+        sheet (planning keeps the sheet read first: a sheet costs seconds to load). At most one sheet is
+        kept, and it is let go before another is loaded."""
+        kept, self._kept = self._kept, None
+        if kept is not None and kept[0] == name:
+            return kept[1]
+        del kept
         try:
-            return self._book.get_sheet_by_name(name)
+            sheet = self._book.get_sheet_by_name(name)
         except Exception as e:
             raise _calamine_error(self.path, e) from e
+        if keep:
+            self._kept = (name, sheet)
+        return sheet
 
     def is_worksheet(self, i: int) -> bool:
         return "WorkSheet" in str(self.metas[i].typ)
@@ -116,26 +133,41 @@ def _header_of(sheet: Any, header_row: int) -> list[str] | None:
 
 
 def _survey(sheet: Any, plan: SheetPlan, header_row: int) -> None:
-    """Count the sheet's data rows through the census (repeated headers, notes)."""
+    """Count the sheet's data rows through the census (repeated headers, notes), a batch at a time."""
     width = len(plan.header)
     ci, ei = plan.card_idx, plan.ext_idx
-    see = plan.census.see
-    for i, raw in enumerate(sheet.iter_rows()):
-        if i < header_row:
+    census = plan.census
+    rows = sheet.iter_rows()
+    deque(islice(rows, header_row), maxlen=0)
+    i = header_row  # 0-based index of the chunk's first row
+    while chunk := list(islice(rows, BATCH_ROWS)):
+        first, i = i, i + len(chunk)
+        cards = list(map(itemgetter(ci), chunk)) if min(map(len, chunk)) >= width else None
+        if cards is not None and "" not in cards:  # the common case: no blank row
+            exts = list(map(itemgetter(ei), chunk))
+            census.see_batch(plan.name, range(first + 1, i + 1), _texts_only(cards), _texts_only(exts))
             continue
-        cells = raw[:width]
-        if any(v != "" for v in cells):
-            n = len(cells)
-            card = cells[ci] if ci < n else ""
-            ext = cells[ei] if ei < n else ""
-            see(plan.name, i + 1, card if type(card) is str else "", ext if type(ext) is str else "")
+        for n, raw in enumerate(chunk, first + 1):
+            cells = raw[:width]
+            if any(v != "" for v in cells):
+                k = len(cells)
+                card = cells[ci] if ci < k else ""
+                ext = cells[ei] if ei < k else ""
+                census.see(plan.name, n, card if type(card) is str else "", ext if type(ext) is str else "")
+
+
+def _texts_only(values: list[Any]) -> list[str]:
+    """Each value that is text; '' for a typed cell (what the census is fed)."""
+    if set(map(type, values)) <= {str}:
+        return values
+    return [v if type(v) is str else "" for v in values]
 
 
 def _plan(book: Workbook, i: int, options: InputOptions, survey: bool = True) -> SheetPlan | InputFileError:
     """The sheet's plan when its header row carries the required columns, else why not."""
     name = book.names[i]
     hr = options.header_row
-    sheet = book.load(name)
+    sheet = book.load(name, keep=True)
     header = _header_of(sheet, hr)
     if header is None:
         return InputFileError(
@@ -192,10 +224,9 @@ def choose_sheets(book: Workbook, options: InputOptions, notes: list[str]) -> li
     plans: list[SheetPlan] = []
     tried: list[str] = []
     first_error: InputFileError | None = None
-    for i in range(len(book.names)):
-        if not book.is_worksheet(i):
-            continue
-        plan = _plan(book, i, options)
+    # Planned last to first, so that the sheet kept loaded (see Workbook.load) is the one read first.
+    planned = [(i, _plan(book, i, options)) for i in reversed(range(len(book.names))) if book.is_worksheet(i)]
+    for i, plan in reversed(planned):
         if isinstance(plan, InputFileError):
             first_error = first_error or plan
             header = getattr(plan, "header", None)
@@ -264,7 +295,7 @@ def _same_columns(file: str, plans: list[SheetPlan]) -> None:
 
 
 class WorkbookReader:
-    """rows(): the chosen sheets' data rows, one sheet in memory at a time."""
+    """batches(): the chosen sheets' data rows, one sheet in memory at a time."""
 
     def __init__(self, book: Workbook, plans: list[SheetPlan], header_row: int) -> None:
         self.book = book
@@ -272,25 +303,98 @@ class WorkbookReader:
         self.header_row = header_row
 
     def rows(self) -> Iterator[SourceRow]:
+        for batch in self.batches():
+            yield from batch.rows()
+
+    def batches(self, structure: bool = False) -> Iterator[RowBatch]:
         for plan in self.plans:
-            yield from self._sheet_rows(plan)
+            yield from _SheetReader(self.book, plan).batches(self.header_row)
 
-    def _sheet_rows(self, plan: SheetPlan) -> Iterator[SourceRow]:
-        book = self.book
-        engine = book.engine
-        sheet = book.load(plan.name)
-        width = len(plan.header)
+    def structure_notes(self) -> list[str]:
+        return []
+
+
+class _SheetReader:
+    """One sheet's data rows as batches. A batch whose key cells are all plain (text, or whole numbers
+    under one plain-digits format) is built column by column; any other goes row by row through
+    :func:`workbook_key`."""
+
+    def __init__(self, book: Workbook, plan: SheetPlan) -> None:
+        self.book = book
+        self.plan = plan
+        self.width = len(plan.header)
+        self.key_cols = (plan.col0 + plan.card_idx, plan.col0 + plan.ext_idx)
+        self._facts: Any = None
+        self._loaded = False
+
+    def facts(self) -> Any:
+        if not self._loaded:
+            self._facts = self.book.engine.facts(self.plan.name, set(self.key_cols))
+            self._loaded = True
+        return self._facts
+
+    def batches(self, header_row: int) -> Iterator[RowBatch]:
+        sheet = self.book.load(self.plan.name)
+        rows = sheet.iter_rows()
+        deque(islice(rows, header_row), maxlen=0)
+        first = header_row  # 0-based index of the chunk's first row
+        while chunk := list(islice(rows, BATCH_ROWS)):
+            batch = self._by_column(chunk, first)
+            if batch is None:
+                batch = next(batches_of(self._by_row(chunk, first), size=len(chunk)), None)
+            if batch is not None and len(batch):
+                yield batch
+            first += len(chunk)
+        del sheet
+
+    def _by_column(self, chunk: list[list[Any]], first: int) -> RowBatch | None:
+        """The chunk as a batch built column by column, or None when a key cell needs a closer look."""
+        plan, width = self.plan, self.width
+        if min(map(len, chunk)) < width:
+            return None
+        last = first + len(chunk) - 1
+        columns = list(islice(zip(*chunk), width))
+        cards = self._plain_keys(columns[plan.card_idx], self.key_cols[0], first, last, blank_ok=False)
+        if cards is None:
+            return None
+        exts = self._plain_keys(columns[plan.ext_idx], self.key_cols[1], first, last, blank_ok=True)
+        if exts is None:
+            return None
+        keys = {plan.card_idx: cards, plan.ext_idx: exts}
+        columns = [keys[j] if j in keys else display_texts(c) for j, c in enumerate(columns)]
+        return RowBatch(plan.name, range(first + 1, last + 2), list(zip(*columns)), list(cards), list(exts),
+                        {}, {})
+
+    def _plain_keys(self, values: tuple[Any, ...], col: int, first: int, last: int,
+                    blank_ok: bool) -> Any:
+        """The key texts of a column when none has a problem and none needs a cell-level fact (an empty
+        cell is allowed with ``blank_ok`` when the file says it holds no error or formula); else None."""
+        kinds = set(map(type, values))
+        if kinds <= {str}:
+            if "" not in values:
+                return values
+            if not blank_ok:
+                return None
+            facts = self.facts()
+            if facts and any(facts.special((first + i, col)) is not None
+                             for i, v in enumerate(values) if not v):
+                return None
+            return values
+        if not kinds <= {int, float}:
+            return None
+        if self.book.engine.numbers_plain:
+            return render_whole_numbers(values, GENERAL)
+        facts = self.facts()
+        display_range = getattr(facts, "display_range", None)
+        shown = display_range(first, last, col) if display_range else None
+        return render_whole_numbers(values, shown) if shown is not None else None
+
+    def _by_row(self, chunk: list[list[Any]], first: int) -> Iterator[SourceRow]:
+        plan, width = self.plan, self.width
+        engine = self.book.engine
         ci, ei = plan.card_idx, plan.ext_idx
-        key_cols = (plan.col0 + ci, plan.col0 + ei)
-        facts: Any = None
-        loaded = False
-
-        def get_facts() -> Any:
-            nonlocal facts, loaded
-            if not loaded:
-                facts = engine.facts(plan.name, set(key_cols))
-                loaded = True
-            return facts
+        key_cols = self.key_cols
+        get_facts = self.facts
 
         def key(v: Any, label: str, row0: int, col: int) -> tuple[str, Any]:
             if type(v) is str:
@@ -306,11 +410,8 @@ class WorkbookReader:
             return workbook_key(v, label, f.display(row0, col) if f else UNREADABLE_FORMAT)
 
         name = plan.name
-        hr = self.header_row
         text = display_text
-        for i, raw in enumerate(sheet.iter_rows()):
-            if i < hr:
-                continue
+        for i, raw in enumerate(chunk, first):
             cells = raw[:width]
             if len(cells) < width:
                 cells = list(cells) + [""] * (width - len(cells))
@@ -329,7 +430,6 @@ class WorkbookReader:
             values[ci] = card
             values[ei] = ext
             yield SourceRow(name, i + 1, tuple(values), card, ext, card_problem, ext_problem)
-        del sheet
 
 
 def open_workbook(path: Path, fmt: str, options: InputOptions, notes: list[str]) -> tuple[WorkbookReader, list[SheetPlan]]:

@@ -21,6 +21,10 @@ Scenarios
   resume   1,000,000-row ledger with 999,000 settled: time to first request (seen by the
            simulator) < 3 s, and the remaining 1,000 rows at full speed (20 ms latency).
   scale    zero latency, 100k and 1M rows end to end: peak RSS must not grow with rows (< 400 MB).
+  read     `capbatch validate` of a 100k and a 1M-row CSV (quick: 100k) against the bare stdlib csv
+           parse of the same file; target 1M rows <= 3 s.
+  xlsx     `capbatch validate` and `run` of a 1.2M-row two-sheet .xlsx with --sheet all (quick:
+           2x50k) against calamine alone: peak RSS < 400 MB, seconds per million rows.
 """
 
 from __future__ import annotations
@@ -628,9 +632,23 @@ def scenario_scale(workdir: Path, quick: bool, args: argparse.Namespace) -> None
         _print_last(2 if bare else 1)
 
 
+# ---- read / xlsx (issue 16 items 4 and 1): the rows come from bench_read.py -----------------------
+def scenario_read(workdir: Path, quick: bool, args: argparse.Namespace, kind: str = "read") -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import bench_read
+
+    for row in bench_read.scenario_rows(kind, workdir, quick, Child, Sim):
+        record(**row)
+        _print_last(1)
+
+
+def scenario_xlsx(workdir: Path, quick: bool, args: argparse.Namespace) -> None:
+    scenario_read(workdir, quick, args, kind="xlsx")
+
+
 SCENARIOS: dict[str, Callable[[Path, bool, argparse.Namespace], None]] = {
     "latency": scenario_latency, "cpu": scenario_cpu, "quota": scenario_quota,
-    "resume": scenario_resume, "scale": scenario_scale,
+    "resume": scenario_resume, "scale": scenario_scale, "read": scenario_read, "xlsx": scenario_xlsx,
 }
 
 

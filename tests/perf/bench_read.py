@@ -1,5 +1,7 @@
 """Benchmark: open_input + rows() + check_row over generated files.
 
+Also the `read` and `xlsx` scenarios of tests/perf/bench.py (scenario_rows: the CLI end to end).
+
 Not collected by pytest. Run:  python tests/perf/bench_read.py [--keep DIR] [--root TREE] [--big 1]
 Each case runs in a fresh subprocess so the peak RSS figures are separate. ``cpu s`` (user + system
 time of the child) is the figure to compare on a busy machine; wall time moves with the load.
@@ -11,11 +13,14 @@ so a change can be compared with its base on the same files in the same minutes.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -87,6 +92,90 @@ def run_case(path: str, root: str) -> dict:
         "peak_rss_mb": round(peak / 1024, 1),
         "rss_before_mb": round(base / 1024, 1),
     }
+
+
+# ---- bench.py's `read` and `xlsx` scenarios ----------------------------------------------------
+_BARE_CSV = ("import csv, io, sys\n"
+             "from itertools import islice\n"
+             "with open(sys.argv[1], 'rb') as raw:\n"
+             "    r = csv.reader(io.TextIOWrapper(raw, encoding='utf-8', newline=''), strict=True)\n"
+             "    n = 0\n"
+             "    while recs := list(islice(r, 10_000)): n += len(recs)\n")
+_BARE_XLSX = ("import sys, python_calamine as pc\n"
+              "book = pc.CalamineWorkbook.from_path(sys.argv[1])\n"
+              "for name in book.sheet_names:\n"
+              "    sheet = book.get_sheet_by_name(name)\n"
+              "    n = sum(1 for _ in sheet.iter_rows())\n"
+              "    del sheet\n")
+
+
+def scenario_rows(kind: str, workdir: Path, quick: bool, child: Any, sim: Any) -> Iterator[dict]:
+    """Rows for bench.py's table (``child``, ``sim``: bench.py's Child and Sim). ``read``: `capbatch validate` of a CSV (100k; 1M unless quick) against the bare
+    stdlib csv parse of the same file. ``xlsx``: `capbatch validate` and `capbatch run` (simulator, zero
+    latency, unlimited rate) of a two-sheet workbook read with --sheet all (2x600k; quick 2x50k)
+    against calamine loading and iterating its sheets alone. ratio = bare seconds / capbatch seconds."""
+    d = workdir / "read"
+    d.mkdir(parents=True, exist_ok=True)
+    if kind == "read":
+        cases = [(n, d / f"{n // 1000}k.csv", lambda p, n=n: gen_csv(p, n), _BARE_CSV, [])
+                 for n in ([100_000] if quick else [100_000, 1_000_000])]
+    else:
+        per = 50_000 if quick else 600_000
+        cases = [(2 * per, d / f"2x{per // 1000}k.xlsx", lambda p: gen_xlsx_numbers(p, per, 2), _BARE_XLSX,
+                  ["--sheet", "all"])]
+    py = sys.executable
+    for n, path, gen, bare_code, extra in cases:
+        if not path.exists():
+            gen(path)
+        label = f"{kind} {path.name}"
+        bare = child([py, "-c", bare_code, str(path)], d / f"{path.stem}-bare.log", d)
+        bare.wait(timeout=3600)
+        yield _row(f"{label} [bare parse]", n, bare, None, "")
+        v = child([py, "-m", "capbatch", "validate", str(path), *extra, "-o", str(d / f"{path.stem}.validation.csv")],
+                  d / f"{path.stem}-validate.log", d)
+        v.wait(timeout=3600)
+        yield _row(f"{label} validate", n, v, bare, f"{v.wall / n * 1e6:.2f} s per million rows wall, "
+                   f"{v.cpu / n * 1e6:.2f} CPU-s per million rows")
+        if kind == "xlsx":
+            s = sim(d, path.stem, latency=0.0)
+            run_dir = d / f"run-{path.stem}"
+            shutil.rmtree(run_dir, ignore_errors=True)
+            try:  # bench.py's run_capbatch command, with the input options
+                r = child([py, "-m", "capbatch", "run", str(path), *extra, "--base-url", s.url, "--rate", "unlimited",
+                           "--concurrency", "64", "--progress", "none", "-q", "--run-dir", str(run_dir)],
+                          d / f"{path.stem}-run.log", d)
+                r.wait(timeout=7200)
+            finally:
+                stats = s.stop()
+            if stats.get("puts_total") != n:
+                r.rc = r.rc or -2
+                print(f"!! the simulator saw {stats.get('puts_total')} PUTs for {n} rows", flush=True)
+            loaded = _imported_at(run_dir) - r.started
+            shutil.rmtree(run_dir, ignore_errors=True)
+            yield _row(f"{label} run", n, r, None, f"{r.wall / n * 1e6:.2f} s per million rows end to end "
+                       f"(read, check, load, send, reports); start -> rows loaded in the ledger {loaded:.2f} s "
+                       f"({loaded / n * 1e6:.2f} s per million rows)")
+
+
+def _imported_at(run_dir: Path) -> float:
+    import sqlite3
+
+    conn = sqlite3.connect(f"file:{run_dir / 'ledger.sqlite'}?mode=ro", uri=True)
+    try:
+        row = conn.execute("SELECT value FROM meta WHERE key='imported_at'").fetchone()
+    finally:
+        conn.close()
+    return float(row[0]) if row else float("nan")
+
+
+def _row(name: str, n: int, c: Any, bare: Any, note: str) -> dict:
+    rc = c.rc if c.rc is not None else -1
+    if rc != 0:
+        note = f"exit {rc}; log {c.log}. " + note
+    return {"scenario": name, "rows": n, "seconds": c.wall, "rows_s": n / c.wall if c.wall else None,
+            "ratio": bare.wall / c.wall if bare is not None and c.wall else None, "send_rate": None,
+            "send_ratio": None, "n429": 0, "cpu_per_1k": c.cpu / n * 1000, "rss": c.maxrss_mb,
+            "sim_cpu_util": None, "rc": rc, "note": note}
 
 
 def main() -> None:
