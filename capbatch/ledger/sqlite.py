@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from ..errors import LedgerError
-from .base import Ledger, RowResult, WorkRow, shape_invocation, warnings_json
+from .base import Ledger, RowResult, State, WorkRow, shape_invocation, warnings_json
 
 SCHEMA_VERSION = 5
 LEDGER_FILE = "ledger.sqlite"
@@ -123,6 +123,7 @@ class SqliteLedger(Ledger):
         self._unknown: list[WorkRow] | None = None   # claim(): rows in flight when this process began
         self._after = 0                               # claim(): pending rows are taken in id order
         self._invocation: int | None = None   # this process's row in `runs` (a writer only)
+        self._counts: tuple[Any, dict[str, int]] | None = None   # counts(): (rows' change state, counts)
 
     # ---- opening -------------------------------------------------------------------------------
     @classmethod
@@ -456,6 +457,25 @@ class SqliteLedger(Ledger):
         except sqlite3.Error as exc:
             raise _wrap(exc, self.path) from exc
         yield from cur
+
+    def counts(self) -> dict[str, int]:
+        """Rows per state. Counting a million rows takes a tenth of a second, and a run asks several
+        times before anything changed: the answer is kept while no row changes (every update bumps
+        row_changes; an import changes the highest id and imported_at)."""
+        try:
+            key = (self.get_meta("imported_at"), self.last_id(),
+                   tuple(self.conn.execute("SELECT total(rev), count(*) FROM row_changes").fetchone()))
+        except sqlite3.OperationalError:
+            key = None    # a ledger older than row_changes (read-only): count every time
+        if key is not None and self._counts is not None and self._counts[0] == key:
+            return dict(self._counts[1])
+        states = [s.value for s in State]
+        # one index range per state: about twice as fast as GROUP BY over the whole index
+        row = self._fetch("SELECT " + ", ".join("(SELECT count(*) FROM rows WHERE state=?)" for _ in states),
+                          states)[0]
+        out = {state: int(n) for state, n in zip(states, row)}
+        self._counts = (key, out) if key is not None else None
+        return dict(out)
 
     def change_mark(self) -> Any:
         """Each chunk's revision now, as [[chunk, rev], ...]; None for a ledger older than row_changes

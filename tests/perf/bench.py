@@ -311,15 +311,22 @@ def capbatch_row(name: str, child: Child, sim_stats: dict[str, Any], run_dir: Pa
     send = max(ph["last_settle"] - ph["first_settle"], 1e-9)
     send_rate = (ph["settled_here"] - 1) / send if ph["settled_here"] > 1 else 0.0
     rate = n_send / child.wall
+    startup = startup_seconds()
+    # reading + validating + loading the rows: process start to the import's end, less start-up
+    read = ph["imported_at"] - child.started - startup if ph["imported_at"] > child.started else None
     row = {
         "scenario": name, "rows": n_send, "seconds": child.wall, "rows_s": rate,
         "ratio": (rate / (bare["rows"] / bare["wall"])) if bare else None,
+        "read_s": read,
+        "ratio_no_read": (n_send / (child.wall - read) / (bare["rows"] / bare["wall"])) if bare and read else None,
         "send_rate": send_rate,
         "send_ratio": (send_rate / bare["send_rate"]) if bare else None,
         "n429": sim_stats["by_status"].get("429", 0),
         "cpu_per_1k": child.cpu / n_send * 1000, "rss": child.maxrss_mb, "rc": child.rc,
         "sim_cpu_util": sim_stats["sim_cpu"] / child.wall,
         "phases": {
+            "start-up (interpreter + imports)": startup,
+            "read+validate+load": read,
             "start->imported": ph["imported_at"] - child.started if ph["imported_at"] > child.started else None,
             "start->invocation": ph["inv_start"] - child.started,
             "invocation->first settle": ph["first_settle"] - ph["inv_start"],
@@ -333,6 +340,24 @@ def capbatch_row(name: str, child: Child, sim_stats: dict[str, Any], run_dir: Pa
     if extra:
         row.update(extra)
     return record(**row)
+
+
+_STARTUP: list[float] = []
+
+
+def startup_seconds() -> float:
+    """Interpreter start and the imports a run needs (median of 3, measured once per invocation)."""
+    if not _STARTUP:
+        times = []
+        for _ in range(3):
+            t = time.monotonic()
+            subprocess.run([PY, "-c", "import capbatch.cli, capbatch.runner, capbatch.engine, capbatch.api, "
+                                      "capbatch.report"], check=True, env=child_env())
+            times.append(time.monotonic() - t)
+        _STARTUP.append(sorted(times)[1])
+        NOTES.append(f"start-up (python -c 'import capbatch.cli, .runner, .engine, .api, .report'): "
+                     f"{', '.join(f'{x:.2f}' for x in times)} s, median {_STARTUP[0]:.2f} s")
+    return _STARTUP[0]
 
 
 def bare_row(name: str, b: dict[str, Any]) -> dict[str, Any]:
@@ -674,13 +699,14 @@ def _f(v: Any, fmt: str) -> str:
     return format(v, fmt)
 
 
-HEADER = (f"{'scenario':<34} {'rows':>9} {'seconds':>8} {'rows/s':>8} {'ratio':>6} {'send/s':>8} "
+HEADER = (f"{'scenario':<34} {'rows':>9} {'seconds':>8} {'rows/s':>8} {'ratio':>6} {'-read':>6} {'send/s':>8} "
           f"{'s.ratio':>7} {'429s':>5} {'CPUs/1k':>8} {'RSS MB':>7} {'simCPU':>6} {'rc':>4} {'load':>5}")
 
 
 def _line(r: dict[str, Any]) -> str:
     return (f"{r['scenario']:<34} {r['rows']:>9} {_f(r['seconds'], '8.2f')} {_f(r['rows_s'], '8.1f')} "
-            f"{_f(r['ratio'], '6.3f')} {_f(r['send_rate'], '8.1f')} {_f(r['send_ratio'], '7.3f')} "
+            f"{_f(r['ratio'], '6.3f')} {_f(r.get('ratio_no_read'), '6.3f')} {_f(r['send_rate'], '8.1f')} "
+            f"{_f(r['send_ratio'], '7.3f')} "
             f"{r['n429']:>5} {_f(r['cpu_per_1k'], '8.3f')} {_f(r['rss'], '7.1f')} "
             f"{_f(r['sim_cpu_util'], '6.2f')} {r['rc']:>4} {_f(r.get('load'), '5.2f')}")
 
@@ -699,7 +725,9 @@ def print_table() -> None:
     print(f"capbatch benchmark  {dt.datetime.now().isoformat(timespec='seconds')}  cores={os.cpu_count()}  "
           f"python {sys.version.split()[0]}  concurrency={CONCURRENCY}")
     print("rows/s and ratio: end to end (process start to exit, incl. import and reports for capbatch; "
-          "process start to exit for bare). send/s, s.ratio: first->last settled row only.")
+          "process start to exit for bare). -read: the same ratio without capbatch's reading + validating + "
+          "loading of the rows (process start to the import's end, less the start-up). send/s, s.ratio: "
+          "first->last settled row only.")
     print("quota rows: rows = accepted requests in the window, ratio = achieved/R, s.ratio = steady-state/R. "
           "simCPU = simulator CPU-s per wall-s (1.0 = simulator saturated one core). "
           "load = 1-min load average after the measurement (other tenants share this machine).")
