@@ -38,7 +38,7 @@ FAILURES_CSV = "failures.csv"
 FAILURES_XLSX = "failures.xlsx"
 INDEX_FILE = ".reports-index.json"
 # Bump when the bytes a row turns into change (or what the index keeps): older indexes then rebuild.
-FORMAT = 1
+FORMAT = 2
 
 BOM = "\ufeff".encode()   # the CSV reports open in Excel as UTF-8
 FORMULA_TRIGGERS = ("=", "+", "-", "@", "\t", "\r")
@@ -330,11 +330,13 @@ def _header_bytes(header: list[str]) -> bytes:
 
 
 def _stat(path: Path) -> list[int] | None:
+    """What tells one version of a report file from another: a rewrite renames a new file (a new inode)
+    over it, so even a rewrite of the same size within one clock tick shows."""
     try:
         st = path.stat()
     except OSError:
         return None
-    return [st.st_size, st.st_mtime_ns]
+    return [st.st_size, st.st_mtime_ns, st.st_ino]
 
 
 class _Index:
@@ -382,6 +384,7 @@ class _Sink:
         self.atomic = not self.path.exists() or self.path.is_file()
         self.tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp") if self.atomic else self.path
         self.fh: Any = None
+        self.written: list[int] | None = None   # _stat of the file this sink put in place
 
     def open(self) -> Any:
         self.fh = open(self.tmp, "wb")
@@ -390,6 +393,9 @@ class _Sink:
     def finish(self) -> None:
         self.fh.close()
         if self.atomic:
+            # taken before the rename: another process (`capbatch report` during a run) may replace
+            # the file right after, and the index must not describe that one with our offsets
+            self.written = _stat(self.tmp)
             os.replace(self.tmp, self.path)
 
     def abandon(self) -> None:
@@ -448,13 +454,14 @@ class RowReports:
     index with :meth:`commit` once every report beside the files is in place."""
 
     def __init__(self, out_dir: Path, data: dict[str, Any] | None, figures: Figures, failures_changed: bool,
-                 rewritten: int, chunks: int) -> None:
+                 rewritten: int, chunks: int, written: dict[str, list[int] | None] | None = None) -> None:
         self.figures = figures
         self.failures_changed = failures_changed   # failures.csv's content is not what it was
         self.rewritten = rewritten                 # chunks formatted from the ledger ...
         self.chunks = chunks                       # ... of this many
         self._out_dir = out_dir
         self._data = data
+        self._written = written or {}              # the CSV files as this write put them in place
 
     def xlsx_current(self) -> bool:
         """Whether failures.xlsx still holds what failures.csv holds (then it need not be rewritten)."""
@@ -468,8 +475,9 @@ class RowReports:
         if self._data is None:
             path.unlink(missing_ok=True)
             return
-        self._data["files"] = {name: _stat(self._out_dir / name)
-                               for name in (RESULTS_CSV, FAILURES_CSV, FAILURES_XLSX)}
+        self._data["files"] = {RESULTS_CSV: self._written.get(RESULTS_CSV),
+                               FAILURES_CSV: self._written.get(FAILURES_CSV),
+                               FAILURES_XLSX: _stat(self._out_dir / FAILURES_XLSX)}
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         try:
             tmp.write_text(json.dumps(self._data, separators=(",", ":")), encoding="utf-8")
@@ -545,4 +553,5 @@ def write_row_reports(ledger: Ledger, out_dir: Path) -> RowReports:
     if atomic and mark is not None:
         data = {"format": FORMAT, "chunk_bits": CHUNK_BITS, "identity": identity, "columns": columns,
                 "last_id": last_id, "mark": mark, "chunks": entries}
-    return RowReports(out_dir, data, total, failures_changed, rewritten, len(entries))
+    written = {RESULTS_CSV: sinks[0].written, FAILURES_CSV: sinks[1].written}
+    return RowReports(out_dir, data, total, failures_changed, rewritten, len(entries), written)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import sqlite3
 from pathlib import Path
 from typing import Any, Callable
@@ -13,8 +14,8 @@ import pytest
 
 from capbatch.ledger import CHUNK_BITS, Ledger, RowResult, State, open_ledger
 from capbatch.report import write_reports
-from capbatch.report_rows import INDEX_FILE
-from conftest import make_cards, read_csv, write_csv
+from capbatch.report_rows import INDEX_FILE, write_row_reports
+from conftest import ledger_query, make_cards, popen_cli, read_csv, write_csv
 
 SHA = "b" * 64
 CHUNK = 1 << CHUNK_BITS
@@ -149,6 +150,36 @@ def test_anything_that_does_not_match_the_index_rebuilds_everything(ledger, tmp_
     assert counting.rows == []
 
 
+def test_a_write_killed_before_its_index_or_raced_by_another_writer_leaves_nothing_stale(ledger, tmp_path):
+    """A process killed after it replaced the CSV files but before it saved the index; and two writers
+    (a run and `capbatch report` on its directory) whose files and indexes interleave."""
+    _import(ledger)
+    run_dir = tmp_path / "run"
+    _settle(ledger, range(1, CHUNK + 10), 1_700_000_000.0)
+    write_reports(ledger, run_dir)
+    counting = Counting(ledger)
+
+    _settle(ledger, range(CHUNK + 10, CHUNK + 20), 1_700_000_100.0)
+    write_row_reports(ledger, run_dir)            # killed here: the files are new, the index is not
+    _settle(ledger, range(CHUNK + 20, CHUNK + 30), 1_700_000_200.0)
+    counting.rows.clear()
+    write_reports(ledger, run_dir)
+    assert len(counting.rows) == N                # the index no longer describes the files: all again
+    _same_as_full_rebuild(ledger, run_dir, tmp_path)
+
+    # writer A formats, writer B (after a change in the first chunk) replaces A's files and saves its
+    # index, then A saves its own: A's offsets must not be taken for a description of B's files
+    a = write_row_reports(ledger, run_dir)
+    assert ledger.requeue_failed() > 0            # failed rows of chunks 0 and 1 go back to pending
+    write_reports(ledger, run_dir)
+    a.commit()
+    _settle(ledger, range(2 * CHUNK, 2 * CHUNK + 5), 1_700_000_300.0)
+    counting.rows.clear()
+    write_reports(ledger, run_dir)
+    assert len(counting.rows) == N
+    _same_as_full_rebuild(ledger, run_dir, tmp_path)
+
+
 def test_a_ledger_that_does_not_track_changes_is_reported_in_full(tmp_path):
     """A ledger of an older schema, read without upgrading it (capbatch report on a read-only copy)."""
     with Ledger.open(tmp_path / "run") as led:
@@ -165,30 +196,72 @@ def test_a_ledger_that_does_not_track_changes_is_reported_in_full(tmp_path):
         _same_as_full_rebuild(old, tmp_path / "run", tmp_path, tmp_path / "out")
 
 
-def test_a_resumed_run_writes_the_reports_a_rebuild_writes(tmp_path, sim, run_cli):
-    """Through the CLI: a first run where the last 200 cards do not exist yet (3010), then
-    --retry-failed once they do; the run's reports equal `capbatch report --output-dir`'s."""
+def _cli_counts(backend: str, run_dir: Path, pg_url: str | None) -> dict[str, int]:
+    if backend == "sqlite":
+        try:
+            return dict(ledger_query(run_dir, "SELECT state, count(*) FROM rows GROUP BY state"))
+        except sqlite3.Error:
+            return {}
+    from test_workers import pg_counts
+
+    return pg_counts(pg_url, "cards")
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_kill_9_between_the_ledger_and_the_reports_leaves_no_stale_report(backend, tmp_path, sim, run_cli, request):
+    """Through the CLI, several resumes: a first run where some cards of the first chunk do not exist
+    yet; --retry-failed killed with -9 after the ledger recorded part of it (the reports on disk are
+    then the first run's); `capbatch report` into the run directory; the resume to the end. Each time
+    the reports equal `capbatch report --output-dir` (a rebuild from scratch) byte for byte, and the
+    last chunk, which never changed, was copied."""
+    from test_resilience import finish, wait_until
+
     pairs = make_cards(CHUNK + 300)
-    s = sim(cards={c: None for c, _ in pairs[:-200]})
+    late = [i for i in range(CHUNK) if i % 20 == 0]     # 205 rows of the first chunk
+    s = sim(cards={c: None for i, (c, _) in enumerate(pairs) if i not in set(late)})
     src = write_csv(tmp_path / "cards.csv", pairs)
     run_dir = tmp_path / "run"
-    first = run_cli("run", src, "--base-url", s.url, "--rate", "unlimited", "--run-dir", run_dir)
+    pg_url = request.getfixturevalue("pg_url") if backend == "postgresql" else None
+    where = ["--run-dir", run_dir] + (["--ledger", pg_url, "--job", "cards"] if pg_url else [])
+    args = ["run", src, "--base-url", s.url, "--progress", "none", *where]
+
+    def same_as_rebuild(label: str) -> None:
+        rebuilt = tmp_path / f"rebuilt-{label}"
+        p = run_cli("report", run_dir, "--output-dir", rebuilt, *where[2:])
+        assert p.returncode == 0, p.stderr
+        for name in ("results.csv", "failures.csv"):
+            assert (run_dir / name).read_bytes() == (rebuilt / name).read_bytes(), (label, name)
+        ours, theirs = (json.loads((d / "summary.json").read_text()) for d in (run_dir, rebuilt))
+        ours.pop("this_invocation", None)
+        assert ours == theirs, label
+
+    first = run_cli(*args, "--rate", "unlimited")
     assert first.returncode == 1, first.stderr
-    assert len(read_csv(run_dir / "failures.csv")) == 200
+    assert len(read_csv(run_dir / "failures.csv")) == len(late)
     index = json.loads((run_dir / INDEX_FILE).read_text())
-    s.update(cards={c: None for c, _ in pairs[-200:]})
-    again = run_cli("run", src, "--base-url", s.url, "--rate", "unlimited", "--run-dir", run_dir, "--retry-failed")
-    assert again.returncode == 0, again.stderr
-    assert s.card_ids() == dict(pairs)
-    after = json.loads((run_dir / INDEX_FILE).read_text())
-    assert after["chunks"][0] == index["chunks"][0]          # the first chunk was copied, not rebuilt
-    assert after["chunks"][1] != index["chunks"][1]
-    rebuilt = tmp_path / "rebuilt"
-    p = run_cli("report", run_dir, "--output-dir", rebuilt)
+
+    s.update(cards={pairs[i][0]: None for i in late}, latency=0.02)
+    proc = popen_cli(*map(str, args), "--retry-failed", "--rate", "unlimited", "--concurrency", "2", cwd=tmp_path)
+    reached = wait_until(lambda: _cli_counts(backend, run_dir, pg_url).get("succeeded", 0) >= len(pairs) - 190,
+                         proc, step=0.005)
+    assert reached and proc.poll() is None, "the resume ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    finish(proc)
+    assert len(read_csv(run_dir / "failures.csv")) == len(late)      # what the killed run left: stale
+    p = run_cli("report", run_dir, *where[2:])                      # rewritten in place, from the index
     assert p.returncode == 0, p.stderr
-    for name in ("results.csv", "failures.csv"):
-        assert (run_dir / name).read_bytes() == (rebuilt / name).read_bytes(), name
-    ours, theirs = (json.loads((d / "summary.json").read_text()) for d in (run_dir, rebuilt))
-    assert ours.pop("this_invocation")["requests"] == 200
-    assert ours == theirs
-    assert read_csv(run_dir / "failures.csv") == []
+    states = [r["capbatch_state"] for r in read_csv(run_dir / "results.csv")]
+    assert read_csv(run_dir / "failures.csv") == []     # --retry-failed put them back to pending
+    assert 0 < states.count("pending") + states.count("in_flight") <= 190, states.count("pending")
+    same_as_rebuild("after-kill")
+
+    s.update(latency=0.0)
+    again = run_cli(*args, "--retry-failed", "--rate", "unlimited")
+    assert again.returncode == 0, again.stderr
+    assert s.card_ids() == dict(pairs) and read_csv(run_dir / "failures.csv") == []
+    same_as_rebuild("resumed")
+    after = json.loads((run_dir / INDEX_FILE).read_text())
+    assert [c[0] for c in after["chunks"]] == [0, 1]
+    assert after["chunks"][0] != index["chunks"][0]
+    number, _, lines, _, failure_lines, figures = after["chunks"][1]
+    assert [lines, failure_lines, figures] == [index["chunks"][1][i] for i in (2, 4, 5)]  # copied, unchanged
