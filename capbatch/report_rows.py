@@ -330,13 +330,13 @@ def _header_bytes(header: list[str]) -> bytes:
 
 
 def _stat(path: Path) -> list[int] | None:
-    """What tells one version of a report file from another: a rewrite renames a new file (a new inode)
-    over it, so even a rewrite of the same size within one clock tick shows."""
+    """What tells one version of a report file from another. Not the inode: a run directory copied
+    with its times kept (cp -p, rsync -a, a restored backup) keeps its index."""
     try:
         st = path.stat()
     except OSError:
         return None
-    return [st.st_size, st.st_mtime_ns, st.st_ino]
+    return [st.st_size, st.st_mtime_ns]
 
 
 class _Index:
