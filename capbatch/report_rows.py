@@ -3,10 +3,12 @@
 The ledger tracks its rows in chunks of 4,096 ids and tells which chunks changed since a mark it gave
 earlier (``Ledger.change_mark`` / ``changed_chunks``). Beside the reports an index
 (``.reports-index.json``) keeps that mark and, per chunk, where its lines sit in results.csv and
-failures.csv and its figures (rows per state, error codes, warnings, latencies...). Writing the
-reports again copies the bytes of the unchanged chunks from the previous files and formats only the
-rows of the changed ones; the summary's figures are the sums over the chunks. A resumed run of a
-million rows that settles the last thousand rewrites one or two chunks.
+failures.csv and its figures (rows per state, error codes, warnings, latencies...), and their total.
+Writing the reports again copies the bytes of the unchanged chunks from the previous files and formats
+only the rows of the changed ones; the total loses the changed chunks' old figures and gains their new
+ones (an unchanged chunk's figures are kept as JSON text, never parsed: a million rows' latencies are
+megabytes of it). A resumed run of a million rows that settles the last thousand rewrites one or two
+chunks.
 
 Anything that does not match rebuilds everything (which gives the same bytes): no index, another
 ledger or another import, a report file edited or replaced since, a ledger that does not track
@@ -38,7 +40,7 @@ FAILURES_CSV = "failures.csv"
 FAILURES_XLSX = "failures.xlsx"
 INDEX_FILE = ".reports-index.json"
 # Bump when the bytes a row turns into change (or what the index keeps): older indexes then rebuild.
-FORMAT = 2
+FORMAT = 3
 
 BOM = "\ufeff".encode()   # the CSV reports open in Excel as UTF-8
 FORMULA_TRIGGERS = ("=", "+", "-", "@", "\t", "\r")
@@ -106,7 +108,26 @@ class Figures:
         self.drifted += other.drifted
         self.generated += other.generated
         self.with_warnings += other.with_warnings
-        for code, (rows, message) in other.warnings.items():
+        self.add_warnings(other.warnings)
+
+    def subtract(self, other: "Figures") -> None:
+        """Take away a chunk's figures that :meth:`add` added (not its warnings: the greatest message
+        cannot be taken away; the caller sums the chunks' warnings afresh)."""
+        for mine, theirs in ((self.states, other.states), (self.failed_by, other.failed_by),
+                             (self.rejected_by, other.rejected_by), (self.audit, other.audit),
+                             (self.latency, other.latency), (self.buckets, other.buckets)):
+            for key, n in theirs.items():
+                left = mine.get(key, 0) - n
+                if left:
+                    mine[key] = left
+                else:
+                    mine.pop(key, None)
+        self.drifted -= other.drifted
+        self.generated -= other.generated
+        self.with_warnings -= other.with_warnings
+
+    def add_warnings(self, warnings: dict[str, list[Any]]) -> None:
+        for code, (rows, message) in warnings.items():
             have = self.warnings.get(code)
             if have is None:
                 self.warnings[code] = [rows, message]
@@ -345,7 +366,9 @@ class _Index:
     def __init__(self, data: dict[str, Any]) -> None:
         self.mark = data["mark"]
         self.files: dict[str, list[int] | None] = data["files"]
-        self.chunks: list[list[Any]] = data["chunks"]   # [number, res_at, res_len, fail_at, fail_len, figures]
+        # [number, res_at, res_len, fail_at, fail_len, figures as JSON text, warnings]
+        self.chunks: list[list[Any]] = data["chunks"]
+        self.total = Figures.from_json(data["total"])
 
     @classmethod
     def load(cls, out_dir: Path, identity: str, columns: list[str], last_id: int) -> "_Index | None":
@@ -502,7 +525,7 @@ def write_row_reports(ledger: Ledger, out_dir: Path) -> RowReports:
     changed = ledger.changed_chunks(index.mark) if index is not None else None
     if index is not None and changed is not None and not changed <= {c[0] for c in index.chunks}:
         changed = None             # rows the index never saw: start afresh
-    total = Figures()
+    total = index.total if changed is not None and index is not None else Figures()
     entries: list[list[Any]] = []
     failures_changed = changed is None
     rewritten = 0
@@ -514,7 +537,7 @@ def write_row_reports(ledger: Ledger, out_dir: Path) -> RowReports:
         def put(chunk: Chunk) -> None:
             nonlocal rewritten
             entries.append([chunk.number, res.tell(), len(chunk.results), fail.tell(), len(chunk.failures),
-                            chunk.figures.to_json()])
+                            json.dumps(chunk.figures.to_json(), separators=(",", ":")), chunk.figures.warnings])
             res.write(chunk.results)
             fail.write(chunk.failures)
             total.add(chunk.figures)
@@ -528,13 +551,13 @@ def write_row_reports(ledger: Ledger, out_dir: Path) -> RowReports:
             fresh = _formatted(ledger, _ranges(changed), width)
             upcoming = next(fresh, None)
             with open(sinks[0].path, "rb") as old_res, open(sinks[1].path, "rb") as old_fail:
-                for number, res_at, res_len, fail_at, fail_len, figures in index.chunks:
+                for number, res_at, res_len, fail_at, fail_len, figures, warnings in index.chunks:
                     if number not in changed:
-                        entries.append([number, res.tell(), res_len, fail.tell(), fail_len, figures])
+                        entries.append([number, res.tell(), res_len, fail.tell(), fail_len, figures, warnings])
                         _copy(old_res, res, res_at, res_len)
                         _copy(old_fail, fail, fail_at, fail_len)
-                        total.add(Figures.from_json(figures))
                         continue
+                    total.subtract(Figures.from_json(json.loads(figures)))   # added back below if it has rows
                     if upcoming is None or upcoming.number != number:
                         failures_changed = failures_changed or fail_len > 0   # no rows left in it
                         continue
@@ -543,6 +566,9 @@ def write_row_reports(ledger: Ledger, out_dir: Path) -> RowReports:
                         failures_changed = old_fail.read(fail_len) != upcoming.failures
                     put(upcoming)
                     upcoming = next(fresh, None)
+        total.warnings = {}
+        for entry in entries:
+            total.add_warnings(entry[6])
         for sink in sinks:
             sink.finish()
     except BaseException:
@@ -552,6 +578,6 @@ def write_row_reports(ledger: Ledger, out_dir: Path) -> RowReports:
     data = None
     if atomic and mark is not None:
         data = {"format": FORMAT, "chunk_bits": CHUNK_BITS, "identity": identity, "columns": columns,
-                "last_id": last_id, "mark": mark, "chunks": entries}
+                "last_id": last_id, "mark": mark, "chunks": entries, "total": total.to_json()}
     written = {RESULTS_CSV: sinks[0].written, FAILURES_CSV: sinks[1].written}
     return RowReports(out_dir, data, total, failures_changed, rewritten, len(entries), written)

@@ -263,5 +263,5 @@ def test_kill_9_between_the_ledger_and_the_reports_leaves_no_stale_report(backen
     after = json.loads((run_dir / INDEX_FILE).read_text())
     assert [c[0] for c in after["chunks"]] == [0, 1]
     assert after["chunks"][0] != index["chunks"][0]
-    number, _, lines, _, failure_lines, figures = after["chunks"][1]
+    number, _, lines, _, failure_lines, figures, _ = after["chunks"][1]
     assert [lines, failure_lines, figures] == [index["chunks"][1][i] for i in (2, 4, 5)]  # copied, unchanged

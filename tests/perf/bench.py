@@ -568,7 +568,7 @@ def build_resume_template(workdir: Path, total: int, left: int) -> tuple[Path, P
     """A run directory as an interrupted run leaves it: ``total - left`` rows settled, and the reports
     that run wrote at its end (so a resume can rewrite only what it changes)."""
     csv_path = make_csv(workdir, total)
-    template = workdir / f"resume-template-{total}-{left}-v2"
+    template = workdir / f"resume-template-{total}-{left}-v3"
     if (template / "ledger.sqlite").exists() and (template / "READY").exists():
         return csv_path, template
     fresh_dir(template)
@@ -584,7 +584,10 @@ def build_resume_template(workdir: Path, total: int, left: int) -> tuple[Path, P
     now = time.time() - 3600
     conn.execute("BEGIN IMMEDIATE")
     conn.execute("UPDATE rows SET state='succeeded', attempts=1, http_status=200, card_id=id, "
-                 "customer_id=100000+id, latency_ms=20.0, settled_at=? + id * 0.0001 "
+                 # latencies spread as a real run's are (10,000 distinct values at 0.01 ms): the
+                 # reports index keeps them per chunk, so identical ones would flatter a resume
+                 "customer_id=100000+id, latency_ms=15.0 + ((id * 7919) % 10000) / 100.0, "
+                 "settled_at=? + id * 0.0001 "
                  "WHERE id <= ? AND state='pending'", (now, total - left))
     conn.execute("INSERT INTO runs(pid, started_at, ended_at, exit_code, outcome, requests) "
                  "VALUES (1, ?, ?, 130, 'interrupted', ?)", (now, now + 1000, total - left))
