@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
-from . import metrics, notify
 from .errors import CapbatchError, UsageError
 from .exitcodes import EXIT_INTERNAL, EXIT_INTERRUPTED
 
 if TYPE_CHECKING:
+    from . import metrics
     from .engine import Counters
     from .ledger import Ledger
 
@@ -47,6 +47,13 @@ def exit_code_of(exc: BaseException) -> int:
     return EXIT_INTERNAL
 
 
+def _metrics() -> Any:
+    """capbatch.metrics (prometheus_client, ~0.1 s of imports) only when a run announces anything."""
+    from . import metrics
+
+    return metrics
+
+
 class Announcer:
     def __init__(self, targets: Targets, input_name: str = "") -> None:
         self.t = targets
@@ -54,7 +61,7 @@ class Announcer:
         self.live: metrics.LiveFigures | None = None
         self.counters: Counters | None = None
         self.done = False
-        self.last_success = metrics.previous_last_success(targets.metrics_file, targets.job) \
+        self.last_success = _metrics().previous_last_success(targets.metrics_file, targets.job) \
             if targets.metrics_file else None
 
     # ---- while running -------------------------------------------------------------------------
@@ -66,6 +73,7 @@ class Announcer:
         if path.suffix != ".prom":
             log.warning("--metrics-file %s: node_exporter's textfile collector reads only *.prom files", path)
         try:
+            metrics = _metrics()
             metrics.write_textfile(path, metrics.Figures(job=metrics.job_label(self.t.job), input=self.input_name,
                                                          last_success=self.last_success))
         except OSError as exc:
@@ -76,11 +84,13 @@ class Announcer:
     def attach(self, ledger: Ledger) -> None:
         """The run's ledger is open: from now on the figures are the run's totals."""
         self.input_name = ledger.get_meta("input_name") or self.input_name
+        if not self.t:
+            return             # nothing to announce: no figures to keep
+        metrics = _metrics()
         self.last_success = max(filter(None, [self.last_success,
                                               metrics.previous_last_success(None, self.t.job, ledger)]),
                                 default=None)
-        if self.t:
-            self.live = metrics.LiveFigures(ledger, self.t.job, self.last_success)
+        self.live = metrics.LiveFigures(ledger, self.t.job, self.last_success)
 
     def tick(self, counters: Counters) -> None:
         """Every --progress-interval while the engine runs (on the event loop: small and quick)."""
@@ -94,7 +104,9 @@ class Announcer:
         if self.done:
             return
         self.done = True
-        figures = metrics.figures_from_summary(summary, self.t.job, exit_code, self.last_success)
+        if not self.t:
+            return
+        figures = _metrics().figures_from_summary(summary, self.t.job, exit_code, self.last_success)
         report = Path(str(summary.get("run_dir") or "")) / "report.html" if summary.get("run_dir") else None
         self._end(figures, exit_code, summary, None, str(report) if report else None)
 
@@ -112,6 +124,9 @@ class Announcer:
         if self.done:
             return
         self.done = True
+        if not self.t:
+            return
+        metrics = _metrics()
         code = exit_code_of(exc)
         if self.live is not None:
             figures = metrics.ended(self.live.figures(self.counters), code)
@@ -126,12 +141,14 @@ class Announcer:
             self._write(figures)
         if self.t.pushgateway:
             try:
-                metrics.push(self.t.pushgateway, figures)
+                _metrics().push(self.t.pushgateway, figures)
                 log.debug("metrics pushed to the Pushgateway (job %s)", figures.job)
             except Exception as exc:  # noqa: BLE001 - a monitoring hiccup must not fail the run
                 log.warning("pushing metrics to the Pushgateway failed (%s); the run's result is unaffected",
                             _reason(exc))
         if self.t.notify_url:
+            from . import notify   # urllib.request: only to notify
+
             text = notify.message(job=self.t.job, input_name=self.input_name or None, exit_code=exit_code,
                                   summary=summary, error=error, report_path=report_path)
             notify.send(self.t.notify_url, text)
@@ -139,7 +156,7 @@ class Announcer:
     def _write(self, figures: metrics.Figures) -> None:
         assert self.t.metrics_file is not None
         try:
-            metrics.write_textfile(self.t.metrics_file, figures)
+            _metrics().write_textfile(self.t.metrics_file, figures)
         except OSError as exc:
             log.warning("--metrics-file %s could not be written (%s)", self.t.metrics_file, exc.strerror or exc)
 

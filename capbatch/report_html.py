@@ -424,8 +424,9 @@ def latency_histogram(ledger: Ledger) -> list[tuple[int, int]]:
     return ledger.latency_histogram()
 
 
-def _latency(ledger: Ledger, summary: dict[str, Any]) -> str:
-    hist = latency_histogram(ledger)
+def _latency(ledger: Ledger, summary: dict[str, Any], hist: list[tuple[int, int]] | None = None) -> str:
+    if hist is None:
+        hist = latency_histogram(ledger)
     if not hist:
         return '<p class="empty">No request latencies have been recorded yet.</p>'
     counts = [0] * len(_EDGES)   # last bucket: >= the last edge
@@ -577,7 +578,9 @@ def _warnings(summary: dict[str, Any], total: int) -> str:
 
 
 # ---- the page ---------------------------------------------------------------------------------
-def render(ledger: Ledger, run_dir: Path, summary: dict[str, Any]) -> str:
+def render(ledger: Ledger, run_dir: Path, summary: dict[str, Any],
+           latency_buckets: list[tuple[int, int]] | None = None) -> str:
+    """The page; ``latency_buckets``: the latency histogram when the caller has it (else read here)."""
     invocations = ledger.invocations()
     counts = summary.get("counts") or {}
     total = int(sum(int(v) for v in counts.values()))
@@ -591,7 +594,7 @@ def render(ledger: Ledger, run_dir: Path, summary: dict[str, Any]) -> str:
         f'<section id="headline">{_headline(summary)}</section>',
         f'<section id="input"><h2>Input</h2>{_input_section(ledger, summary, run_dir)}</section>',
         f'<section id="timeline"><h2>Throughput and errors over time</h2>{_timeline(ledger)}</section>',
-        f'<section id="latency"><h2>Latency</h2>{_latency(ledger, summary)}</section>',
+        f'<section id="latency"><h2>Latency</h2>{_latency(ledger, summary, latency_buckets)}</section>',
         f'<section id="failed"><h2>Failed rows by error code ({num(failed_n)})</h2>'
         f'{_breakdown(ledger, "failed", "error_code", "error_message", total)}</section>',
         f'<section id="rejected"><h2>Rejected rows by reason ({num(rejected_n)})</h2>'
@@ -613,11 +616,12 @@ def render(ledger: Ledger, run_dir: Path, summary: dict[str, Any]) -> str:
             f"<body><main>{''.join(sections)}</main></body></html>\n")
 
 
-def write_html(ledger: Ledger, run_dir: Path, summary: dict[str, Any]) -> Path:
+def write_html(ledger: Ledger, run_dir: Path, summary: dict[str, Any],
+               latency_buckets: list[tuple[int, int]] | None = None) -> Path:
     """Write run_dir/report.html atomically (temporary file + os.replace). Returns its path."""
     run_dir = Path(run_dir)
     path = run_dir / REPORT_HTML
-    text = render(ledger, run_dir, summary)
+    text = render(ledger, run_dir, summary, latency_buckets)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "w", encoding="utf-8", newline="\n") as fh:

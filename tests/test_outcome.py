@@ -313,8 +313,8 @@ def test_a_ledger_from_before_the_warnings_column_is_read_and_upgraded(tmp_path)
         ledger.import_rows([(None, 2, '["1","A"]', "1", "A", "pending", None, None, None)])
         ledger.set_meta("columns", '["cardNumber", "cardExternalId"]')
     conn = sqlite3.connect(tmp_path / "ledger.sqlite")
-    conn.executescript(f"ALTER TABLE rows DROP COLUMN warnings; "
-                       f"UPDATE meta SET value='{SCHEMA_VERSION - 1}' WHERE key='schema_version';")
+    conn.executescript("ALTER TABLE rows DROP COLUMN warnings; "
+                       "UPDATE meta SET value='3' WHERE key='schema_version';")   # 3 -> 4 added warnings
     conn.close()
     with Ledger.open_readonly(tmp_path) as old:          # reports still work on the old file, read-only
         assert old.warning_counts() == {} and old.rows_with_warnings() == 0

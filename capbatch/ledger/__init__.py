@@ -14,6 +14,7 @@ from ..errors import LedgerError, UsageError
 from .base import (SETTLED_OK, JobStore, Ledger, RowResult, State, WorkRow, is_database_url,  # noqa: F401
                    redact_password, row_label)
 from .jobstore import STORE_FILE, SqliteJobStore
+from .base import CHUNK_BITS, REPORT_COLUMNS  # noqa: F401
 from .sqlite import LEDGER_FILE, LOCK_FILE, SCHEMA_VERSION, SqliteLedger, _take_lock  # noqa: F401
 
 

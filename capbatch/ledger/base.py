@@ -43,6 +43,12 @@ MESSAGE_COLUMNS = frozenset({"error_message", "reason"})
 RESULT_COLUMNS = ("row_number", "sheet", "original", "state", "attempts", "http_status", "error_code",
                   "error_message", "reason_code", "reason", "note", "external_id", "previous_external_id",
                   "generated", "card_id", "customer_id", "settled_at", "warnings")
+# What the reports read of each row (:meth:`Ledger.report_rows`): the id, results.csv's columns, and
+# what the summary adds up.
+REPORT_COLUMNS = ("id", *RESULT_COLUMNS, "latency_ms", "audit")
+# Changes are tracked per chunk of 4,096 consecutive row ids (chunk = id >> CHUNK_BITS): the reports
+# rewrite only the chunks that changed since they were last written.
+CHUNK_BITS = 12
 
 
 @dataclass(frozen=True, slots=True)
@@ -371,6 +377,42 @@ class Ledger(ABC):
     def has_column(self, name: str) -> bool:
         """Whether the rows table has this column (a read-only ledger of an older schema may lack it)."""
         return True
+
+    # ---- what changed, for reports that rewrite only that --------------------------------------
+    def identity(self) -> str:
+        """Names this ledger's rows as imported: another ledger, or the same one imported again,
+        gives another identity (a report index of the old one is then worthless)."""
+        return f"{self.backend}|{self.get_meta('input_sha256')}|{self.get_meta('imported_at')}"
+
+    def change_mark(self) -> Any:
+        """Where the ledger's changes stand now, as a JSON value to hand back to :meth:`changed_chunks`
+        later; None when this ledger does not track changes. Take it *before* reading the rows it
+        covers: a change made meanwhile then counts as made after it."""
+        return None
+
+    def changed_chunks(self, since: Any) -> set[int] | None:
+        """Chunks (row id >> CHUNK_BITS) with a row changed after ``since`` (an earlier
+        :meth:`change_mark`); None when that cannot be told (every chunk counts as changed)."""
+        return None
+
+    def last_id(self) -> int:
+        """The highest row id (0 for no rows)."""
+        return int(self._fetch(f"SELECT coalesce(max(id), 0) FROM {self._rows} WHERE {self._mine}")[0][0])
+
+    def report_rows(self, first_id: int | None = None, last_id: int | None = None) -> Iterator[tuple[Any, ...]]:
+        """Rows as tuples of :data:`REPORT_COLUMNS` in id order, all or those with ids in
+        [first_id, last_id]. On a ledger of an older schema the missing columns read as NULL/0."""
+        defaults = {"warnings": "NULL", "audit": "0"}
+        columns = [c if c not in defaults or self.has_column(c) else defaults[c] for c in REPORT_COLUMNS]
+        where, params = "", []
+        if first_id is not None:
+            where += " AND id >= ?"
+            params.append(first_id)
+        if last_id is not None:
+            where += " AND id <= ?"
+            params.append(last_id)
+        return self._stream(f"SELECT {', '.join(columns)} FROM {self._rows} WHERE {self._mine}{where} ORDER BY id",
+                            params)
 
     @abstractmethod
     def warning_counts(self) -> dict[str, dict[str, Any]]:

@@ -42,7 +42,7 @@ log = logging.getLogger("capbatch.ledger")
 # The driver logs what it ignores while tearing down a lost connection; our own error says it all.
 logging.getLogger("psycopg").addHandler(logging.NullHandler())
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 LEASE_SECONDS = 30.0            # a worker that has not renewed its lease for this long is dead
 RENEW_EVERY = 5.0               # seconds between lease renewals
 UNKNOWN_CHECK_EVERY = 2.0       # seconds between looks for rows a dead worker left in flight
@@ -178,6 +178,25 @@ _MIGRATIONS: list[str] = [
         state jsonb NOT NULL DEFAULT '{}',   -- capbatch.quota.QuotaState (capbatch/ledger/pg_quota.py)
         updated_at timestamptz NOT NULL DEFAULT now()
     );
+    """,
+    # version 4: which rows changed, for reports that rewrite only that. Every statement that updates
+    # rows logs the chunks it touched (chunk = id >> 12, see base.CHUNK_BITS) with its transaction id;
+    # a reader that noted the oldest transaction still running when it last read asks for the chunks
+    # logged since (append-only: workers never wait on each other for it).
+    """
+    CREATE TABLE capbatch.row_changes (
+        run_id bigint NOT NULL REFERENCES capbatch.runs ON DELETE CASCADE,
+        chunk integer NOT NULL,
+        xid bigint NOT NULL DEFAULT txid_current()
+    );
+    CREATE INDEX row_changes_by_run ON capbatch.row_changes (run_id, xid);
+    CREATE FUNCTION capbatch.note_row_changes() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        INSERT INTO capbatch.row_changes (run_id, chunk) SELECT DISTINCT run_id, id >> 12 FROM changed;
+        RETURN NULL;
+    END $$;
+    CREATE TRIGGER rows_changed AFTER UPDATE ON capbatch.rows REFERENCING NEW TABLE AS changed
+        FOR EACH STATEMENT EXECUTE FUNCTION capbatch.note_row_changes();
     """,
 ]
 
@@ -525,6 +544,17 @@ class PostgresLedger(Ledger):
             "jsonb_array_elements(r.warnings::jsonb) AS w WHERE r.run_id=%s AND r.warnings IS NOT NULL "
             "GROUP BY 1 ORDER BY 2 DESC, 1", (self.run_id,)).fetchall()
         return {str(code or ""): {"rows": int(n), "message": message or ""} for code, n, message in rows}
+
+    def change_mark(self) -> Any:
+        """The oldest transaction still running: every change by an older one is visible now."""
+        return int(self._execute("SELECT txid_snapshot_xmin(txid_current_snapshot())").fetchone()[0])
+
+    def changed_chunks(self, since: Any) -> set[int] | None:
+        if not isinstance(since, int) or isinstance(since, bool):
+            return None
+        rows = self._execute("SELECT DISTINCT chunk FROM capbatch.row_changes WHERE run_id=%s AND xid >= %s",
+                             (self.run_id, since)).fetchall()
+        return {int(chunk) for (chunk,) in rows}
 
     def mark_in_flight(self, ids: Sequence[int]) -> None:
         self.record((), None, ids)

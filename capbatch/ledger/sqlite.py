@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from ..errors import LedgerError, LedgerLost
-from .base import Ledger, RowResult, WorkRow, shape_invocation, warnings_json
+from .base import Ledger, RowResult, State, WorkRow, shape_invocation, warnings_json
 from .jobstore import STORE_FILE, SqliteJobStore
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 LEDGER_FILE = "ledger.sqlite"
 LOCK_FILE = ".lock"
 
@@ -75,6 +75,12 @@ CREATE TABLE IF NOT EXISTS runs (
     last_seen_at REAL,                 -- last commit of this invocation: its duration if it was killed
     requests_by_status TEXT            -- JSON {"2xx": n, "4xx": n, "5xx": n, "none": n}
 );
+-- Which rows changed: every update of a row bumps its chunk's revision (chunk = id >> 12, see
+-- base.CHUNK_BITS), so the reports rewrite only the chunks that changed since they were written.
+CREATE TABLE IF NOT EXISTS row_changes (chunk INTEGER PRIMARY KEY, rev INTEGER NOT NULL);
+CREATE TRIGGER IF NOT EXISTS rows_changed AFTER UPDATE ON rows BEGIN
+    INSERT INTO row_changes(chunk, rev) VALUES (NEW.id >> 12, 1) ON CONFLICT(chunk) DO UPDATE SET rev = rev + 1;
+END;
 """
 
 # Each entry upgrades a ledger from version (index + 1) to (index + 2).
@@ -85,6 +91,7 @@ _MIGRATIONS: list[str] = [
     # 2 -> 3: invocation figures recorded as the run goes (right after a kill -9)
     "ALTER TABLE runs ADD COLUMN last_seen_at REAL; ALTER TABLE runs ADD COLUMN requests_by_status TEXT;",
     "ALTER TABLE rows ADD COLUMN warnings TEXT;",   # 3 -> 4: warnings carried by the API's answers
+    "",   # 4 -> 5: row_changes and its trigger (created by _SCHEMA itself on every open)
 ]
 
 
@@ -127,6 +134,7 @@ class SqliteLedger(Ledger):
         self._unknown: list[WorkRow] | None = None   # claim(): rows in flight when this process began
         self._after = 0                               # claim(): pending rows are taken in id order
         self._invocation: int | None = None   # this process's row in `runs` (a writer only)
+        self._counts: tuple[Any, dict[str, int]] | None = None   # counts(): (rows' change state, counts)
 
     # ---- opening -------------------------------------------------------------------------------
     @classmethod
@@ -479,6 +487,44 @@ class SqliteLedger(Ledger):
         except sqlite3.Error as exc:
             raise _wrap(exc, self.path) from exc
         yield from cur
+
+    def counts(self) -> dict[str, int]:
+        """Rows per state. Counting a million rows takes a tenth of a second, and a run asks several
+        times before anything changed: the answer is kept while no row changes (every update bumps
+        row_changes; an import changes the highest id and imported_at)."""
+        try:
+            key = (self.get_meta("imported_at"), self.last_id(),
+                   tuple(self.conn.execute("SELECT total(rev), count(*) FROM row_changes").fetchone()))
+        except sqlite3.OperationalError:
+            key = None    # a ledger older than row_changes (read-only): count every time
+        if key is not None and self._counts is not None and self._counts[0] == key:
+            return dict(self._counts[1])
+        states = [s.value for s in State]
+        # one index range per state: about twice as fast as GROUP BY over the whole index
+        row = self._fetch("SELECT " + ", ".join("(SELECT count(*) FROM rows WHERE state=?)" for _ in states),
+                          states)[0]
+        out = {state: int(n) for state, n in zip(states, row)}
+        self._counts = (key, out) if key is not None else None
+        return dict(out)
+
+    def change_mark(self) -> Any:
+        """Each chunk's revision now, as [[chunk, rev], ...]; None for a ledger older than row_changes
+        (opened read-only, so not upgraded)."""
+        try:
+            return [list(r) for r in self.conn.execute("SELECT chunk, rev FROM row_changes ORDER BY chunk")]
+        except sqlite3.OperationalError:
+            return None
+
+    def changed_chunks(self, since: Any) -> set[int] | None:
+        now = self.change_mark()
+        if now is None or not isinstance(since, list):
+            return None
+        try:
+            before = {int(chunk): int(rev) for chunk, rev in since}
+        except (TypeError, ValueError):
+            return None
+        after = {chunk: rev for chunk, rev in now}
+        return {chunk for chunk in before.keys() | after.keys() if before.get(chunk) != after.get(chunk)}
 
     def iter_rows(self) -> Iterator[Mapping[str, Any]]:
         return self.rows_in_states(None)

@@ -9,17 +9,21 @@ simulator in the same invocation. Per child process, wall time, CPU seconds and 
 os.wait4's rusage (exactly that child, not a delta of RUSAGE_CHILDREN).
 
 Scenarios
-  latency  20 ms latency, 64 in flight, 50k rows (quick: 10k): capbatch >= 0.9x bare.
-  cpu      zero latency, 50k rows end to end incl. import and reports: >= 0.6x bare; CPU-s/1k rows.
+  latency  20 ms latency, 64 in flight, 20k rows (quick: 10k), end to end: capbatch >= 0.95x bare.
+  cpu      zero latency, 50k rows end to end incl. import and reports: >= 0.8x bare; CPU-s/1k rows.
            --profile adds one extra cProfile'd capbatch run (not timed) and prints the hot spots.
+           Both: bare, capbatch, bare, capbatch, ... (--repeat pairs, default 3), medians reported; the
+           phases show start-up (interpreter + imports), reading + validating + loading the rows, the
+           sending and the reports apart, and "-read" is the ratio without the reading.
   quota    R = 600/min and 3,000/min against a simulator enforcing a strict sliding window: 60 s
            (R per any 60 s, --rate R/min; 3 min each) and 1 s (R/60 per any 1 s, --rate R/60/s, i.e.
            10/s and 50/s in the server's own unit; 60 s each), one run alone and two runs sharing the
            key (same credentials, same --quota-dir). Reports achieved/R (accepted over the whole span),
            steady/R (after the first 10 s), the simulator's busiest window, 429s and each run's share.
            Target: >= 0.99 R, zero 429s. --quick: 75 s / 20 s spans. --quota-windows 60s|1s picks one.
-  resume   1,000,000-row ledger with 999,000 settled: time to first request (seen by the
-           simulator) < 3 s, and the remaining 1,000 rows at full speed (20 ms latency).
+  resume   1,000,000-row ledger with 999,000 settled, and the reports its interrupted run wrote: the
+           last 1,000 rows (20 ms latency) end to end < 3 s, the reports' share shown apart, then a full
+           rebuild of the same reports (`capbatch report --output-dir`) timed and compared byte for byte.
   scale    zero latency, 100k and 1M rows end to end: peak RSS must not grow with rows (< 400 MB).
   read     `capbatch validate` of a 100k and a 1M-row CSV (quick: 100k) against the bare stdlib csv
            parse of the same file; target 1M rows <= 3 s.
@@ -315,15 +319,22 @@ def capbatch_row(name: str, child: Child, sim_stats: dict[str, Any], run_dir: Pa
     send = max(ph["last_settle"] - ph["first_settle"], 1e-9)
     send_rate = (ph["settled_here"] - 1) / send if ph["settled_here"] > 1 else 0.0
     rate = n_send / child.wall
+    startup = startup_seconds()
+    # reading + validating + loading the rows: process start to the import's end, less start-up
+    read = ph["imported_at"] - child.started - startup if ph["imported_at"] > child.started else None
     row = {
         "scenario": name, "rows": n_send, "seconds": child.wall, "rows_s": rate,
         "ratio": (rate / (bare["rows"] / bare["wall"])) if bare else None,
+        "read_s": read,
+        "ratio_no_read": (n_send / (child.wall - read) / (bare["rows"] / bare["wall"])) if bare and read else None,
         "send_rate": send_rate,
         "send_ratio": (send_rate / bare["send_rate"]) if bare else None,
         "n429": sim_stats["by_status"].get("429", 0),
         "cpu_per_1k": child.cpu / n_send * 1000, "rss": child.maxrss_mb, "rc": child.rc,
         "sim_cpu_util": sim_stats["sim_cpu"] / child.wall,
         "phases": {
+            "start-up (interpreter + imports)": startup,
+            "read+validate+load": read,
             "start->imported": ph["imported_at"] - child.started if ph["imported_at"] > child.started else None,
             "start->invocation": ph["inv_start"] - child.started,
             "invocation->first settle": ph["first_settle"] - ph["inv_start"],
@@ -337,6 +348,24 @@ def capbatch_row(name: str, child: Child, sim_stats: dict[str, Any], run_dir: Pa
     if extra:
         row.update(extra)
     return record(**row)
+
+
+_STARTUP: list[float] = []
+
+
+def startup_seconds() -> float:
+    """Interpreter start and the imports a run needs (median of 3, measured once per invocation)."""
+    if not _STARTUP:
+        times = []
+        for _ in range(3):
+            t = time.monotonic()
+            subprocess.run([PY, "-c", "import capbatch.cli, capbatch.runner, capbatch.engine, capbatch.api, "
+                                      "capbatch.report"], check=True, env=child_env())
+            times.append(time.monotonic() - t)
+        _STARTUP.append(sorted(times)[1])
+        NOTES.append(f"start-up (python -c 'import capbatch.cli, .runner, .engine, .api, .report'): "
+                     f"{', '.join(f'{x:.2f}' for x in times)} s, median {_STARTUP[0]:.2f} s")
+    return _STARTUP[0]
 
 
 def bare_row(name: str, b: dict[str, Any]) -> dict[str, Any]:
@@ -392,7 +421,7 @@ def fresh_dir(path: Path) -> Path:
 
 # ---- latency / cpu -----------------------------------------------------------------------------
 def scenario_latency(workdir: Path, quick: bool, args: argparse.Namespace) -> None:
-    throughput_scenario(workdir, "latency20ms", 10_000 if quick else 50_000, 0.02, args.repeat or (1 if quick else 3))
+    throughput_scenario(workdir, "latency20ms", 10_000 if quick else 20_000, 0.02, args.repeat or (1 if quick else 3))
 
 
 def scenario_cpu(workdir: Path, quick: bool, args: argparse.Namespace) -> None:
@@ -540,8 +569,10 @@ RESUME_LEFT = 1_000
 
 
 def build_resume_template(workdir: Path, total: int, left: int) -> tuple[Path, Path]:
+    """A run directory as an interrupted run leaves it: ``total - left`` rows settled, and the reports
+    that run wrote at its end (so a resume can rewrite only what it changes)."""
     csv_path = make_csv(workdir, total)
-    template = workdir / f"resume-template-{total}-{left}"
+    template = workdir / f"resume-template-{total}-{left}-v3"
     if (template / "ledger.sqlite").exists() and (template / "READY").exists():
         return csv_path, template
     fresh_dir(template)
@@ -557,7 +588,10 @@ def build_resume_template(workdir: Path, total: int, left: int) -> tuple[Path, P
     now = time.time() - 3600
     conn.execute("BEGIN IMMEDIATE")
     conn.execute("UPDATE rows SET state='succeeded', attempts=1, http_status=200, card_id=id, "
-                 "customer_id=100000+id, latency_ms=20.0, settled_at=? + id * 0.0001 "
+                 # latencies spread as a real run's are (10,000 distinct values at 0.01 ms): the
+                 # reports index keeps them per chunk, so identical ones would flatter a resume
+                 "customer_id=100000+id, latency_ms=15.0 + ((id * 7919) % 10000) / 100.0, "
+                 "settled_at=? + id * 0.0001 "
                  "WHERE id <= ? AND state='pending'", (now, total - left))
     conn.execute("INSERT INTO runs(pid, started_at, ended_at, exit_code, outcome, requests) "
                  "VALUES (1, ?, ?, 130, 'interrupted', ?)", (now, now + 1000, total - left))
@@ -566,10 +600,32 @@ def build_resume_template(workdir: Path, total: int, left: int) -> tuple[Path, P
     counts = dict(conn.execute("SELECT state, count(*) FROM rows GROUP BY state").fetchall())
     conn.close()
     (template / ".lock").unlink(missing_ok=True)
+    t_report = time.monotonic()
+    subprocess.run([PY, "-m", "capbatch", "report", str(template)], check=True, env=child_env(), cwd=workdir,
+                   stdout=subprocess.DEVNULL)
+    report_s = time.monotonic() - t_report
     (template / "READY").write_text(json.dumps(counts))
     NOTES.append(f"resume: built the {total}-row template ledger in {time.monotonic() - t:.1f} s "
-                 f"(import {import_s:.1f} s); counts {counts}")
+                 f"(import {import_s:.1f} s, the interrupted run's reports {report_s:.1f} s); counts {counts}")
     return csv_path, template
+
+
+def full_report_rebuild(workdir: Path, run_dir: Path) -> tuple[float, float, list[str]]:
+    """`capbatch report RUN_DIR --output-dir FRESH`: every report rebuilt from the ledger. Returns (wall s,
+    CPU s, the report files whose content differs from the run's own, timestamps aside)."""
+    out = fresh_dir(workdir / "resume-full-rebuild")
+    child = Child([PY, "-m", "capbatch", "report", str(run_dir), "--output-dir", str(out)],
+                  workdir / "resume-full-rebuild.log", workdir)
+    child.wait(timeout=3600)
+    differ = []
+    for name in ("results.csv", "failures.csv"):
+        if (out / name).read_bytes() != (run_dir / name).read_bytes():
+            differ.append(name)
+    ours, theirs = (json.loads((d / "summary.json").read_text()) for d in (run_dir, out))
+    ours.pop("this_invocation", None)       # the run's own summary says what this invocation did
+    if ours != theirs:
+        differ.append("summary.json")
+    return child.wall, child.cpu, differ
 
 
 def scenario_resume(workdir: Path, quick: bool, args: argparse.Namespace) -> None:
@@ -601,8 +657,14 @@ def scenario_resume(workdir: Path, quick: bool, args: argparse.Namespace) -> Non
         stats = sim.stop()
     ttfr = marks.get("first", float("nan")) - child.started
     row = capbatch_row(f"resume {total // 1000}k, {left} left", child, stats, run_dir, left, bare)
-    row["note"] = (f"time to first request (simulator side, 5 ms polling) {ttfr:.2f} s (target < 3 s); "
+    rebuild_wall, rebuild_cpu, differ = full_report_rebuild(workdir, run_dir)
+    row["reports_s"] = row["phases"]["engine end->exit (reports)"]
+    row["full_rebuild_s"] = rebuild_wall
+    row["note"] = (f"end to end {child.wall:.2f} s (target < 3 s), of which the reports {row['reports_s']:.2f} s; "
+                   f"time to first request (simulator side, 5 ms polling) {ttfr:.2f} s; "
                    f"first->last request {marks.get('last', float('nan')) - marks.get('first', float('nan')):.2f} s; "
+                   f"a full rebuild of the same reports (capbatch report --output-dir) {rebuild_wall:.2f} s "
+                   f"({rebuild_cpu:.2f} CPU-s), content {'identical' if not differ else 'DIFFERS: ' + ', '.join(differ)}; "
                    f"ledger pending/in_flight left: {row['counts'].get('pending', 0)}/"
                    f"{row['counts'].get('in_flight', 0)}")
     row["ttfr"] = ttfr
@@ -662,13 +724,14 @@ def _f(v: Any, fmt: str) -> str:
     return format(v, fmt)
 
 
-HEADER = (f"{'scenario':<34} {'rows':>9} {'seconds':>8} {'rows/s':>8} {'ratio':>6} {'send/s':>8} "
+HEADER = (f"{'scenario':<34} {'rows':>9} {'seconds':>8} {'rows/s':>8} {'ratio':>6} {'-read':>6} {'send/s':>8} "
           f"{'s.ratio':>7} {'429s':>5} {'CPUs/1k':>8} {'RSS MB':>7} {'simCPU':>6} {'rc':>4} {'load':>5}")
 
 
 def _line(r: dict[str, Any]) -> str:
     return (f"{r['scenario']:<34} {r['rows']:>9} {_f(r['seconds'], '8.2f')} {_f(r['rows_s'], '8.1f')} "
-            f"{_f(r['ratio'], '6.3f')} {_f(r['send_rate'], '8.1f')} {_f(r['send_ratio'], '7.3f')} "
+            f"{_f(r['ratio'], '6.3f')} {_f(r.get('ratio_no_read'), '6.3f')} {_f(r['send_rate'], '8.1f')} "
+            f"{_f(r['send_ratio'], '7.3f')} "
             f"{r['n429']:>5} {_f(r['cpu_per_1k'], '8.3f')} {_f(r['rss'], '7.1f')} "
             f"{_f(r['sim_cpu_util'], '6.2f')} {r['rc']:>4} {_f(r.get('load'), '5.2f')}")
 
@@ -687,7 +750,9 @@ def print_table() -> None:
     print(f"capbatch benchmark  {dt.datetime.now().isoformat(timespec='seconds')}  cores={os.cpu_count()}  "
           f"python {sys.version.split()[0]}  concurrency={CONCURRENCY}")
     print("rows/s and ratio: end to end (process start to exit, incl. import and reports for capbatch; "
-          "process start to exit for bare). send/s, s.ratio: first->last settled row only.")
+          "process start to exit for bare). -read: the same ratio without capbatch's reading + validating + "
+          "loading of the rows (process start to the import's end, less the start-up). send/s, s.ratio: "
+          "first->last settled row only.")
     print("quota rows: rows = accepted requests in the window, ratio = achieved/R, s.ratio = steady-state/R. "
           "simCPU = simulator CPU-s per wall-s (1.0 = simulator saturated one core). "
           "load = 1-min load average after the measurement (other tenants share this machine).")
@@ -708,6 +773,15 @@ def print_table() -> None:
         print("-" * len(QUOTA_HEADER))
         for q in QUOTA_RESULTS:
             print(_quota_line(q))
+
+
+def compile_package() -> None:
+    """Byte-compile capbatch once, as installing the package does: a source checkout run with
+    PYTHONDONTWRITEBYTECODE=1 (this machine's default) would otherwise compile every module at every
+    start, a cost the bare loop's site-packages imports never pay."""
+    import compileall
+
+    compileall.compile_dir(str(REPO / "capbatch"), quiet=1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -737,6 +811,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"unknown scenarios: {', '.join(unknown)}")
     args.workdir.mkdir(parents=True, exist_ok=True)
+    compile_package()
     print(HEADER, flush=True)
     for name in names:
         try:
