@@ -213,6 +213,11 @@ class CapillaryClient:
             connector=connector, timeout=self._timeout, headers=headers, json_serialize=json.dumps,
             trace_configs=[trace_config()],     # when each paced request really left (capbatch.departure)
         )
+        # aiohttp silently sends an idempotent request (PUT, GET) a second time when a reused
+        # keep-alive connection turns out closed: unpaced and uncounted. capbatch's own retry (paced,
+        # counted, in the ledger) handles the dropped connection instead. No public switch exists yet.
+        if hasattr(self._session, "_retry_connection"):
+            self._session._retry_connection = False
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -247,3 +247,50 @@ def test_external_id_min_length_setting_from_flag_env_and_file(tmp_path):
             config.resolve({"external_id_min_length": bad}, {})
     with pytest.raises(UsageError):
         config.resolve({"external_id_min_length": "10", "external_id_length": 8}, {})
+
+
+def test_a_text_formula_in_an_xls_saved_by_libreoffice_is_refused_not_sent_as_zero(tmp_path, sim, run_cli):
+    """LibreOffice keeps no text result for ="000104" in .xls: the cell reads as the number 0, which
+    would send card "0" (another customer's card, if it existed)."""
+    s = sim(auto_create=True)
+    run_dir = tmp_path / "run"
+    p = run(run_cli, s, FIXTURES / "text_formula.xls", run_dir)
+    assert p.returncode == 1, p.stderr
+    assert "0" not in s.stats()["puts_per_card"]
+    assert applied(s) == {"105": "EXT-A105"}                    # LibreOffice shows 000105 typed in CSV as 105
+    code, reason = rejected(run_dir)[2]
+    assert code == "excel_number" and "text formula" in reason and "Text" in reason
+
+
+def test_negative_whole_numbers_are_never_keys(tmp_path, sim, run_cli):
+    import openpyxl
+
+    wb = openpyxl.Workbook()
+    ws = wb.active
+    ws.append(["cardNumber", "cardExternalId"])
+    ws.append([-5, "NEG"])
+    ws.cell(2, 1).number_format = "0000"
+    ws.append(["000777", "OK"])
+    src = tmp_path / "neg.xlsx"
+    wb.save(src)
+    s = sim(auto_create=True)
+    run_dir = tmp_path / "run"
+    p = run(run_cli, s, src, run_dir)
+    assert p.returncode == 1, p.stderr
+    assert applied(s) == {"000777": "OK"}
+    assert rejected(run_dir)[2][0] == "excel_number" and "negative" in rejected(run_dir)[2][1]
+
+
+def test_a_value_starting_with_a_quote_and_a_trigger_survives_the_failures_round_trip(tmp_path, sim, run_cli):
+    src = tmp_path / "q.csv"
+    src.write_text("cardNumber,cardExternalId\n0000602,'-Q602\n0000602,'-Q602b\n0000603,'=Q603\n", encoding="utf-8")
+    s = sim(auto_create=True)
+    first = tmp_path / "run1"
+    p = run(run_cli, s, src, first)
+    assert p.returncode == 1, p.stderr                         # 0000602 conflicts with itself
+    lines = (first / "failures.csv").read_text(encoding="utf-8").splitlines()
+    fixed = tmp_path / "fixed.csv"
+    fixed.write_text("\n".join(line for line in lines if "Q602b" not in line) + "\n", encoding="utf-8")
+    p = run(run_cli, s, fixed, tmp_path / "run2")
+    assert p.returncode == 0, p.stderr
+    assert applied(s) == {"0000602": "'-Q602", "0000603": "'=Q603"}

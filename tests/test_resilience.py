@@ -244,6 +244,21 @@ def test_transient_faults_of_every_kind_end_with_every_row_succeeded(tmp_path, s
     print(f"\nfaults: {by_status}, {st['requests']} requests for {n} rows in {elapsed:.1f} s")
 
 
+def test_every_request_on_a_dropped_keep_alive_connection_is_paced_and_counted(tmp_path, sim, run_cli):
+    """aiohttp would resend an idempotent request on a closed keep-alive connection by itself:
+    unpaced and uncounted. Every request the server sees must be one capbatch sent and counted."""
+    n = 200
+    pairs, src = setup_input(tmp_path, n)
+    s = sim(cards=fresh_cards(pairs), p_drop=0.2, seed=20261203)
+    run_dir = tmp_path / "run"
+    p = run_cli(*run_args(src, s.url, run_dir, "--rate", "unlimited", "--timeout", "2"), timeout=90)
+    assert p.returncode == 0, p.stderr
+    assert_all_settled_once(run_dir, s, pairs)
+    st = s.stats()
+    assert st["by_status"].get("drop", 0) > 0, st["by_status"]
+    assert sum(r["attempts"] for r in ledger_rows(run_dir)) == st["requests"], (st["by_status"], st["requests"])
+
+
 # ---- 4. credentials -----------------------------------------------------------------------------------
 def test_wrong_password_aborts_at_once_with_nothing_failed(tmp_path, sim, run_cli):
     n, concurrency = 200, 16

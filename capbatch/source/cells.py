@@ -326,6 +326,14 @@ def _render_number(v: float, label: str, display: NumberDisplay) -> tuple[str, C
             f"{MAX_EXACT_DIGITS} significant digits, so the last digits may be wrong")
     n = int(v)
     plain = str(n)
+    if n <= 0:
+        # 0 is also what an .xls written by LibreOffice holds for a text formula's result (its cached
+        # text is lost), so a zero would send the text "0" where the sheet shows e.g. "000104"
+        why = ("a negative number" if n < 0 else
+               "zero (also how an .xls stores a text formula's result, such as =\"000104\")")
+        return plain, CellProblem(
+            "excel_number",
+            f"the {label} cell holds the number {plain}, {why}, which is not a {label}; {_AS_TEXT_FIX}")
     if display.shown is not None:  # OpenDocument: the file says what is displayed
         shown, how = display.shown, ""
     elif display.code is None:

@@ -17,7 +17,9 @@ from .model import REPORT_COLUMN_PREFIX, REPORT_MARKER_COLUMN, InputOptions, Row
 from .sniff import decide_format
 from .workbook import open_workbook
 
-_NEUTRALISED_PREFIXES = tuple("'" + c for c in ("=", "+", "-", "@", "\t", "\r"))
+_TRIGGERS = ("=", "+", "-", "@", "\t", "\r")
+# capbatch's reports prefix ' to a value starting with a trigger, or with ' and a trigger
+_NEUTRALISED_PREFIXES = tuple("'" + c for c in _TRIGGERS) + tuple("''" + c for c in _TRIGGERS)
 
 
 def _restore(value: str) -> str:
