@@ -783,7 +783,8 @@ def validate(s: Settings, output: Path | None = None, source: Source = None) -> 
     ``exit_code`` in the result: 0 all valid, 1 some rows rejected (file-level problems raise).
     """
     with tempfile.TemporaryDirectory(prefix="capbatch-validate-") as tmp:
-        prepared = prepare(s, run_dir=Path(tmp), source=source, problems_only=True)
+        # --skip-confirmed matches every valid row against the job's memory: the plan needs them all
+        prepared = prepare(s, run_dir=Path(tmp), source=source, problems_only=not (s.job and s.skip_confirmed))
         try:
             v = validation_report(prepared.ledger, prepared.left_out)
             out = output or (s.reports_dir / f"{_stem(s, source)}.validation.csv")
