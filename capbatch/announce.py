@@ -116,7 +116,9 @@ class Announcer:
         if self.done:
             return
         self.done = True
-        figures = metrics.without_run(self.t.job, self.input_name, 0, self.last_success)
+        if not self.t:
+            return
+        figures = _metrics().without_run(self.t.job, self.input_name, 0, self.last_success)
         self._end(figures, 0, None, message, None)
 
     def failed(self, exc: BaseException) -> None:

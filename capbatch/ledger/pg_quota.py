@@ -80,6 +80,9 @@ _NOTIFY = f"SELECT pg_notify('{CHANNEL}', %s)"
 _SWEEP = f"DELETE FROM capbatch.quota WHERE updated_at < now() - interval '{STALE_STATE_DAYS} days'"
 
 
+_HAS_QUOTA_STATE = ("SELECT EXISTS (SELECT 1 FROM information_schema.columns WHERE table_schema = 'capbatch' "
+                    "AND table_name = 'quota' AND column_name = 'state')")
+
 class PostgresQuotaBackend:
     """A :class:`capbatch.quota.QuotaBackend` on the ``capbatch.quota`` table of ``url``."""
 
@@ -112,7 +115,8 @@ class PostgresQuotaBackend:
         try:
             conn = await psycopg.AsyncConnection.connect(self.url, autocommit=True,
                                                          **connect_options(self.url, "capbatch quota"))
-            cur = await conn.execute("SELECT to_regclass('capbatch.quota') IS NOT NULL")
+            # the quota table of this design (schema 3); an older database is migrated first
+            cur = await conn.execute(_HAS_QUOTA_STATE)
             row = await cur.fetchone()
             if not (row and row[0]):
                 # A database no run has set up yet (a --check-remote before the first run): the
@@ -289,7 +293,7 @@ def live_members(url: str, key: QuotaKey, rate: Rate, run: str = "") -> int:
     try:
         options = {**connect_options(url, "capbatch quota"), "connect_timeout": PEEK_TIMEOUT}
         with psycopg.connect(url, autocommit=True, **options) as conn:
-            if not conn.execute("SELECT to_regclass('capbatch.quota') IS NOT NULL").fetchone()[0]:  # type: ignore[index]
+            if not conn.execute(_HAS_QUOTA_STATE).fetchone()[0]:  # type: ignore[index]
                 return 0
             row = conn.execute(f"SELECT state, ({_NOW}) FROM capbatch.quota WHERE key = %s",
                                (key.name,)).fetchone()

@@ -552,6 +552,8 @@ class PostgresLedger(Ledger):
     def changed_chunks(self, since: Any) -> set[int] | None:
         if not isinstance(since, int) or isinstance(since, bool):
             return None
+        if self._execute("SELECT to_regclass('capbatch.row_changes')").fetchone()[0] is None:
+            return None   # a read-only look at a database below schema 4: rewrite everything
         rows = self._execute("SELECT DISTINCT chunk FROM capbatch.row_changes WHERE run_id=%s AND xid >= %s",
                              (self.run_id, since)).fetchall()
         return {int(chunk) for (chunk,) in rows}
