@@ -78,10 +78,9 @@ _CREATE = ("INSERT INTO capbatch.quota (key, target, lane) VALUES (%s, %s, %s) "
 CHANNEL = "capbatch_quota"
 _NOTIFY = f"SELECT pg_notify('{CHANNEL}', %s)"
 _SWEEP = f"DELETE FROM capbatch.quota WHERE updated_at < now() - interval '{STALE_STATE_DAYS} days'"
-
-
 _HAS_QUOTA_STATE = ("SELECT EXISTS (SELECT 1 FROM information_schema.columns WHERE table_schema = 'capbatch' "
                     "AND table_name = 'quota' AND column_name = 'state')")
+
 
 class PostgresQuotaBackend:
     """A :class:`capbatch.quota.QuotaBackend` on the ``capbatch.quota`` table of ``url``."""
