@@ -207,7 +207,8 @@ def _cli_counts(backend: str, run_dir: Path, pg_url: str | None) -> dict[str, in
     return pg_counts(pg_url, "cards")
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+# the PostgreSQL case (~10 s) runs with -m slow; its change tracking is also checked in process above
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgresql", marks=pytest.mark.slow)])
 def test_kill_9_between_the_ledger_and_the_reports_leaves_no_stale_report(backend, tmp_path, sim, run_cli, request):
     """Through the CLI, several resumes: a first run where some cards of the first chunk do not exist
     yet; --retry-failed killed with -9 after the ledger recorded part of it (the reports on disk are

@@ -137,6 +137,9 @@ def _settled_rate(url: str, job: str) -> tuple[float, float]:
     return (sum(a for _, a in rows[1:])) / span, (len(rows) - 1) / span
 
 
+# ~20 s of three processes at exactly R over 1 s windows: in the slow run (python -m pytest -m slow);
+# on a loaded 2-core host a worker descheduled after its last check can still crowd one window.
+@pytest.mark.slow
 def test_three_workers_one_killed_and_restarted_share_the_job_and_the_quota(tmp_path, sim, pg_url):
     quota = 30                         # the simulator's strict quota: 30 requests in any 1 s
     n = 210                            # about 7 s of work at the quota
@@ -200,7 +203,8 @@ def test_status_report_history_verify_and_job_memory_read_the_database(tmp_path,
     summary = json.loads((out_dir / "summary.json").read_text())
     assert summary["counts"]["unchanged"] == 40 and summary["input"]["name"] == "tuesday.csv"
     notes = {r["capbatch_message"] for r in __import__("conftest").read_csv(out_dir / "results.csv")[:40]}
-    assert len(notes) == 1 and next(iter(notes)).startswith("confirmed by an earlier run of job cards on ")
+    # each pair keeps the time it was confirmed (the first run's rows may settle across a second's edge)
+    assert notes and all(n.startswith("confirmed by an earlier run of job cards on ") for n in notes), notes
 
     hist = run_cli("history", "--job", "cards", "--json", env=env)
     assert hist.returncode == 0, hist.stderr
