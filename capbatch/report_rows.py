@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from .ledger import CHUNK_BITS, Ledger, State
-from .source import REPORT_MARKER_COLUMN
+from .source.model import REPORT_MARKER_COLUMN, formula_like
 
 MARKER_COLUMN = REPORT_MARKER_COLUMN   # in every CSV report; tells the reader to undo neutralising
 
@@ -43,10 +43,6 @@ INDEX_FILE = ".reports-index.json"
 FORMAT = 3
 
 BOM = "\ufeff".encode()   # the CSV reports open in Excel as UTF-8
-FORMULA_TRIGGERS = ("=", "+", "-", "@", "\t", "\r")
-# A value that already starts with ' + trigger gets the prefix too, so the reader's "strip one
-# quote" restores it exactly.
-_QUOTED_TRIGGERS = tuple("'" + t for t in FORMULA_TRIGGERS)
 _RISKY_FIRST = frozenset("=+-@\t\r'")
 _FAILED = State.FAILED.value
 _REJECTED = State.REJECTED.value
@@ -56,7 +52,7 @@ _SUCCEEDED = State.SUCCEEDED.value
 def neutralise(value: Any) -> str:
     """OWASP CSV-injection defence: a leading ' makes the spreadsheet show the cell as text."""
     text = "" if value is None else value if type(value) is str else str(value)
-    if text[:1] in _RISKY_FIRST and (text.startswith(FORMULA_TRIGGERS) or text.startswith(_QUOTED_TRIGGERS)):
+    if text[:1] in _RISKY_FIRST and formula_like(text):
         return "'" + text
     return text
 

@@ -283,14 +283,15 @@ def test_negative_whole_numbers_are_never_keys(tmp_path, sim, run_cli):
 
 def test_a_value_starting_with_a_quote_and_a_trigger_survives_the_failures_round_trip(tmp_path, sim, run_cli):
     src = tmp_path / "q.csv"
-    src.write_text("cardNumber,cardExternalId\n0000602,'-Q602\n0000602,'-Q602b\n0000603,'=Q603\n", encoding="utf-8")
+    src.write_text("cardNumber,cardExternalId\n0000602,'-Q602\n0000602,'-Q602b\n0000603,'=Q603\n0000604,''+Q604\n0000604,''+Q604b\n", encoding="utf-8")
     s = sim(auto_create=True)
     first = tmp_path / "run1"
     p = run(run_cli, s, src, first)
-    assert p.returncode == 1, p.stderr                         # 0000602 conflicts with itself
+    assert p.returncode == 1, p.stderr                         # 0000602 and 0000604 conflict with themselves
+    assert applied(s) == {"0000603": "'=Q603"}
     lines = (first / "failures.csv").read_text(encoding="utf-8").splitlines()
     fixed = tmp_path / "fixed.csv"
-    fixed.write_text("\n".join(line for line in lines if "Q602b" not in line) + "\n", encoding="utf-8")
+    fixed.write_text("\n".join(line for line in lines if "Q602b" not in line and "Q604b" not in line) + "\n", encoding="utf-8")
     p = run(run_cli, s, fixed, tmp_path / "run2")
     assert p.returncode == 0, p.stderr
-    assert applied(s) == {"0000602": "'-Q602", "0000603": "'=Q603"}
+    assert applied(s) == {"0000602": "'-Q602", "0000603": "'=Q603", "0000604": "''+Q604"}

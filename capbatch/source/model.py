@@ -14,6 +14,13 @@ EXTERNAL_ID_FIELD = "cardExternalId"
 # against formula injection, which the reader undoes.
 REPORT_MARKER_COLUMN = "capbatch_row"
 REPORT_COLUMN_PREFIX = "capbatch_"
+# A text report prefixes ' to a cell that starts with one of these after any leading quotes, so a
+# spreadsheet shows it as text; the reader strips that one quote again (both through formula_like).
+FORMULA_TRIGGERS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def formula_like(text: str) -> bool:
+    return text.lstrip("'").startswith(FORMULA_TRIGGERS)
 
 SHEET_ALL = "all"  # --sheet all: every visible sheet that carries the required columns
 

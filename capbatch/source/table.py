@@ -13,17 +13,12 @@ from capbatch.errors import InputFileError, UsageError
 from .census import Census
 from .delimited import DelimitedReader, open_delimited
 from .headers import column_note
-from .model import REPORT_COLUMN_PREFIX, REPORT_MARKER_COLUMN, InputOptions, RowBatch, SourceRow
+from .model import REPORT_COLUMN_PREFIX, REPORT_MARKER_COLUMN, InputOptions, RowBatch, SourceRow, formula_like
 from .sniff import decide_format
 from .workbook import open_workbook
 
-_TRIGGERS = ("=", "+", "-", "@", "\t", "\r")
-# capbatch's reports prefix ' to a value starting with a trigger, or with ' and a trigger
-_NEUTRALISED_PREFIXES = tuple("'" + c for c in _TRIGGERS) + tuple("''" + c for c in _TRIGGERS)
-
-
 def _restore(value: str) -> str:
-    return value[1:] if value.startswith(_NEUTRALISED_PREFIXES) else value
+    return value[1:] if value[:1] == "'" and formula_like(value[1:]) else value
 
 
 class InputTable:
