@@ -78,3 +78,24 @@ def open_ledger(location: str | None, run_dir: Path, *, job: str | None = None,
             raise LedgerError(f"cannot create run directory {run_dir}: {exc.strerror}",
                               "choose a writable place with --run-dir or --reports-dir") from exc
     return PostgresLedger.open(location, job=job, input_sha256=input_sha256, readonly=readonly)
+
+
+def holds_import(location: str | None, run_dir: Path, job: str | None, input_sha256: str) -> bool:
+    """Whether the ledger a run of this input would open already holds the import of exactly this
+    content (a resume). Reads only: creates no run directory, file or database run; any problem
+    opening it says False (opening it for the run then reports that problem)."""
+    from ..errors import CapbatchError
+
+    if not location and not (run_dir / LEDGER_FILE).is_file():
+        return False
+    try:
+        ledger = open_ledger(location, run_dir, job=job, input_sha256=input_sha256, readonly=True)
+    except CapbatchError:
+        return False
+    try:
+        # imported_at is set once the whole input is in (an import killed half-way is redone)
+        return ledger.get_meta("input_sha256") == input_sha256 and ledger.get_meta("imported_at") is not None
+    except CapbatchError:
+        return False
+    finally:
+        ledger.close()
