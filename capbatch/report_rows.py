@@ -382,15 +382,6 @@ class _Index:
                 return None
         return index
 
-    @staticmethod
-    def recorded(out_dir: Path, name: str) -> list[int] | None:
-        """The size and time the index gives ``name`` (whether or not the index still matches)."""
-        try:
-            data = json.loads((out_dir / INDEX_FILE).read_text(encoding="utf-8"))
-            return data["files"][name]
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
-
 
 class _Sink:
     """A report file being written: a temporary file renamed over it at the end (readers never see
@@ -473,7 +464,8 @@ class RowReports:
     index with :meth:`commit` once every report beside the files is in place."""
 
     def __init__(self, out_dir: Path, data: dict[str, Any] | None, figures: Figures, failures_changed: bool,
-                 rewritten: int, chunks: int, written: dict[str, list[int] | None] | None = None) -> None:
+                 rewritten: int, chunks: int, written: dict[str, list[int] | None] | None = None,
+                 xlsx_recorded: list[int] | None = None) -> None:
         self.figures = figures
         self.failures_changed = failures_changed   # failures.csv's content is not what it was
         self.rewritten = rewritten                 # chunks formatted from the ledger ...
@@ -481,12 +473,13 @@ class RowReports:
         self._out_dir = out_dir
         self._data = data
         self._written = written or {}              # the CSV files as this write put them in place
+        self._xlsx_recorded = xlsx_recorded        # failures.xlsx as the index read before this write had it
 
     def xlsx_current(self) -> bool:
         """Whether failures.xlsx still holds what failures.csv holds (then it need not be rewritten)."""
         if self.failures_changed or self._data is None:
             return False
-        recorded = _Index.recorded(self._out_dir, FAILURES_XLSX)
+        recorded = self._xlsx_recorded
         return recorded is not None and _stat(self._out_dir / FAILURES_XLSX) == recorded
 
     def commit(self) -> None:
@@ -576,4 +569,5 @@ def write_row_reports(ledger: Ledger, out_dir: Path) -> RowReports:
         data = {"format": FORMAT, "chunk_bits": CHUNK_BITS, "identity": identity, "columns": columns,
                 "last_id": last_id, "mark": mark, "chunks": entries, "total": total.to_json()}
     written = {RESULTS_CSV: sinks[0].written, FAILURES_CSV: sinks[1].written}
-    return RowReports(out_dir, data, total, failures_changed, rewritten, len(entries), written)
+    xlsx = index.files.get(FAILURES_XLSX) if index is not None else None
+    return RowReports(out_dir, data, total, failures_changed, rewritten, len(entries), written, xlsx)

@@ -727,7 +727,7 @@ def _plan_before_run(s: Settings, prepared: Prepared, schedule: Schedule | None 
         if base_url and s.rate:
             shared = quota_peers(s.quota_dir, ledger.quota_database() or s.ledger,
                                  QuotaKey(base_url, credential_fingerprint(s.credentials)), s.rate, _quota_run_tag(ledger, s.job))
-        audit = ledger.audit_counts()
+        audit = ledger.audit_counts(("pending", "in_flight"))
         counts = ledger.counts()
         if existing is None:
             counts["pending"] += prepared.left_out   # valid rows a problems-only ledger does not hold

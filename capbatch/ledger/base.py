@@ -363,10 +363,12 @@ class Ledger(ABC):
         column = "reason_code" if state in (State.REJECTED, State.DUPLICATE) else "error_code"
         return dict(self.counts_by(column, (state.value,)))
 
-    def audit_counts(self) -> dict[str, int]:
-        """Rows picked for the rolling audit, by state ({} when none)."""
+    def audit_counts(self, states: Sequence[str] | None = None) -> dict[str, int]:
+        """Rows picked for the rolling audit, by state ({} when none); only ``states`` when given."""
+        among = f" AND state IN ({', '.join('?' * len(states))})" if states else ""
         return {state: int(n) for state, n in self._fetch(
-            f"SELECT state, count(*) FROM {self._rows} WHERE {self._mine} AND audit=1 GROUP BY state")}
+            f"SELECT state, count(*) FROM {self._rows} WHERE {self._mine} AND audit=1{among} GROUP BY state",
+            tuple(states or ()))}
 
     def result_rows(self) -> Iterator[tuple[Any, ...]]:
         """Every row as a tuple of :data:`RESULT_COLUMNS`, in input order (results.csv); ``warnings``

@@ -418,10 +418,13 @@ class SqliteLedger(Ledger):
             "error_code=NULL, error_message=NULL, http_status=NULL, settled_at=NULL WHERE state='failed'")
         return cur.rowcount
 
-    def audit_counts(self) -> dict[str, int]:
-        """Rows picked for the rolling audit, by state ({} when none, or a ledger older than the audit)."""
+    def audit_counts(self, states: Sequence[str] | None = None) -> dict[str, int]:
+        """Rows picked for the rolling audit, by state ({} when none, or a ledger older than the audit);
+        only ``states`` when given (then the state index finds them: no pass over a million rows)."""
+        among = f" AND state IN ({', '.join('?' * len(states))})" if states else ""
         try:
-            cur = self.conn.execute("SELECT state, count(*) FROM rows WHERE audit=1 GROUP BY state")
+            cur = self.conn.execute(f"SELECT state, count(*) FROM rows WHERE audit=1{among} GROUP BY state",
+                                    tuple(states or ()))
         except sqlite3.OperationalError:
             return {}
         return {state: n for state, n in cur}
