@@ -9,6 +9,7 @@ back to ``capbatch run`` sends the original values.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -197,11 +198,14 @@ def build_summary(ledger: Ledger, run_dir: Path, *, stop: str | None = None, mes
     return summary
 
 
-def write_reports(ledger: Ledger, run_dir: Path, out_dir: Path | None = None, **kwargs: Any) -> dict[str, Any]:
-    """(Re)build every report from the ledger, into ``out_dir`` (default: the run directory).
-    Returns the summary."""
+def write_reports(ledger: Ledger, run_dir: Path, out_dir: Path | None = None, ahead: Path | None = None,
+                  **kwargs: Any) -> dict[str, Any]:
+    """(Re)build every report from the ledger, into ``out_dir`` (default: the run directory); ``ahead``:
+    the copy of the row reports written while the run sent (report_ahead). Returns the summary."""
     out = run_dir if out_dir is None else out_dir
-    rows = write_row_reports(ledger, out)     # only the chunks of rows that changed since the last time
+    rows = write_row_reports(ledger, out, ahead)   # only the chunks of rows that changed since the last time
+    logging.getLogger("capbatch.report").debug("results.csv: %d of %d chunks of rows formatted", rows.rewritten,
+                                               rows.chunks)
     if not rows.xlsx_current():
         write_failures_xlsx(ledger, out)
     summary = build_summary(ledger, run_dir, figures=rows.figures, **kwargs)

@@ -499,9 +499,10 @@ class RowReports:
             raise
 
 
-def write_row_reports(ledger: Ledger, out_dir: Path) -> RowReports:
+def write_row_reports(ledger: Ledger, out_dir: Path, previous: Path | None = None) -> RowReports:
     """Write results.csv and failures.csv into ``out_dir``, copying what did not change since the
-    last write there. Returns the run's figures (the index is saved by ``RowReports.commit``)."""
+    last write there (or into ``previous``, when its index still describes its files: a copy written
+    ahead, see report_ahead). Returns the run's figures (the index is saved by ``RowReports.commit``)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     columns = ledger.get_meta_json("columns", [])
     width = len(columns)
@@ -510,7 +511,13 @@ def write_row_reports(ledger: Ledger, out_dir: Path) -> RowReports:
     last_id = ledger.last_id()
     sinks = _Sink(out_dir / RESULTS_CSV), _Sink(out_dir / FAILURES_CSV)
     atomic = all(s.atomic for s in sinks)
-    index = _Index.load(out_dir, identity, columns, last_id) if atomic and mark is not None else None
+    index = None
+    source = out_dir
+    if atomic and mark is not None:
+        if previous is not None:
+            index = _Index.load(previous, identity, columns, last_id)
+            source = previous if index is not None else out_dir
+        index = index or _Index.load(out_dir, identity, columns, last_id)
     changed = ledger.changed_chunks(index.mark) if index is not None else None
     if index is not None and changed is not None and not changed <= {c[0] for c in index.chunks}:
         changed = None             # rows the index never saw: start afresh
@@ -539,7 +546,7 @@ def write_row_reports(ledger: Ledger, out_dir: Path) -> RowReports:
             assert index is not None
             fresh = _formatted(ledger, _ranges(changed), width)
             upcoming = next(fresh, None)
-            with open(sinks[0].path, "rb") as old_res, open(sinks[1].path, "rb") as old_fail:
+            with open(source / RESULTS_CSV, "rb") as old_res, open(source / FAILURES_CSV, "rb") as old_fail:
                 for number, res_at, res_len, fail_at, fail_len, figures, warnings in index.chunks:
                     if number not in changed:
                         entries.append([number, res.tell(), res_len, fail.tell(), fail_len, figures, warnings])
@@ -569,5 +576,5 @@ def write_row_reports(ledger: Ledger, out_dir: Path) -> RowReports:
         data = {"format": FORMAT, "chunk_bits": CHUNK_BITS, "identity": identity, "columns": columns,
                 "last_id": last_id, "mark": mark, "chunks": entries, "total": total.to_json()}
     written = {RESULTS_CSV: sinks[0].written, FAILURES_CSV: sinks[1].written}
-    xlsx = index.files.get(FAILURES_XLSX) if index is not None else None
+    xlsx = index.files.get(FAILURES_XLSX) if index is not None and source == out_dir else None
     return RowReports(out_dir, data, total, failures_changed, rewritten, len(entries), written, xlsx)

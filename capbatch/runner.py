@@ -31,6 +31,7 @@ from .errors import ConfigError, InputFileError, Interrupted, LedgerError, Ledge
 from .ledger import LEDGER_FILE, Ledger, holds_import, open_for_reading, open_ledger, row_label
 from .pacing import SharedQuota, quota_peers
 from .plan import Plan, PlanSettings, check_deadline, make_plan
+from .report_ahead import ReportsAhead
 from .plan import actual as plan_actual
 from .plan import announce as announce_plan
 from .quota import QuotaKey, credential_fingerprint
@@ -453,9 +454,10 @@ def send_rows(s: Settings, ledger: Ledger, base_url: str, switch: StopSwitch,
 
 
 # ==== 5. reports =====================================================================================
-def write_run_reports(ledger: Ledger, run_dir: Path, result: EngineResult) -> Summary:
-    """Stage 5: results.csv, failures.csv, summary.json, report.html from the ledger."""
-    return Summary(report.write_reports(ledger, run_dir, stop=result.stop, message=result.message,
+def write_run_reports(ledger: Ledger, run_dir: Path, result: EngineResult, ahead: Path | None = None) -> Summary:
+    """Stage 5: results.csv, failures.csv, summary.json, report.html from the ledger (``ahead``: the
+    row reports written while the run sent, see report_ahead)."""
+    return Summary(report.write_reports(ledger, run_dir, ahead=ahead, stop=result.stop, message=result.message,
                                         extra={"this_invocation": {
                                             "requests": result.counters.requests,
                                             "retries": result.counters.retries,
@@ -634,7 +636,13 @@ def _run(s: Settings, source: Source, stop: StopSwitch | None, announcer: announ
         log.info("target %s, auth %s, rate %s, concurrency %d", base_url, s.credentials.kind,
                  s.rate or "unlimited", s.concurrency)
         announcer.attach(ledger)
-        result = send_rows(s, ledger, base_url, switch, announcer.tick, schedule, clock)
+        ahead = ReportsAhead.start(ledger, run_dir, plan.rows_to_send)
+        try:
+            result = send_rows(s, ledger, base_url, switch, announcer.tick, schedule, clock)
+        except BaseException:
+            if ahead is not None:
+                ahead.discard()
+            raise
     except BaseException as exc:
         code = announce.exit_code_of(exc)
         try:
@@ -652,13 +660,16 @@ def _run(s: Settings, source: Source, stop: StopSwitch | None, announcer: announ
         plan.to_dict(), result.counters.settled, result.counters.requests, time.time() - started_at,
         result.waiting_seconds)))
     try:
-        summary = write_run_reports(ledger, run_dir, result)
+        summary = write_run_reports(ledger, run_dir, result, ahead.stop() if ahead is not None else None)
     except OSError as exc:   # a full disk at the very end: every outcome is in the ledger already
         _detach(file_log)
         ledger.close()
         raise LedgerLost(f"the reports could not be written in {run_dir} ({exc.strerror or exc})",
                          f"free space there, then rerun the same command (or `capbatch report {run_dir}`): "
                          "the ledger has every outcome") from exc
+    finally:
+        if ahead is not None:
+            ahead.discard()
     if s.job:
         jobs.remember(ledger, s.reports_dir, s.job, run_dir, summary, started_at)
     _log_summary(summary)
