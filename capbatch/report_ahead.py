@@ -77,17 +77,27 @@ def main(argv: list[str]) -> int:
     staging = run_dir / STAGING_DIR
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # a Ctrl-C is the run's to handle; it stops us
     os.nice(10)
-    mark = None
+    done = 0
     while not _parent_gone(PASS_EVERY):
         ledger = SqliteLedger.open_readonly(run_dir)
         try:
-            now = ledger.change_mark()
-            if now != mark:
-                write_row_reports(ledger, staging).commit()
-                mark = now
+            # A pass once another chunk of rows is wholly settled: that chunk will not change again,
+            # while a pass over chunks still being sent is formatted again by the next one.
+            settled = _settled_chunks(ledger)
+            if settled > done:
+                # the first pass starts from the run directory's reports (a resumed run has them)
+                write_row_reports(ledger, staging, None if done else run_dir).commit()
+                done = settled
         finally:
             ledger.close()
     return 0
+
+
+def _settled_chunks(ledger: Ledger) -> int:
+    """How many chunks from the first one hold no row still to send (pending or in flight)."""
+    waiting = [row.id for row in ledger.pending_page(0, 1)] + [row.id for row in ledger.unknown_rows()[:1]]
+    first = min(waiting) if waiting else ledger.last_id() + 1
+    return first >> CHUNK_BITS
 
 
 if __name__ == "__main__":
