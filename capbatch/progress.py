@@ -15,12 +15,12 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING
 
-from tqdm import tqdm
-
 from .window import WindowGate, human_duration
 from .wording import plural
 
 if TYPE_CHECKING:
+    from tqdm import tqdm
+
     from .engine import Counters
 
 log = logging.getLogger("capbatch.progress")
@@ -78,6 +78,8 @@ class Progress:
         self._counters = counters
         remaining = counters.total - counters.done_before
         if self.mode == "bar":
+            from tqdm import tqdm   # here: a run off a terminal (cron, -q) never draws a bar
+
             self._bar = tqdm(total=counters.total, initial=counters.done_before, unit="row",
                              dynamic_ncols=True, file=sys.stderr, desc="capbatch", bar_format=BAR_FORMAT)
         elif self.mode == "lines":

@@ -24,7 +24,7 @@ from .ledger import CHUNK_BITS, Ledger
 
 STAGING_DIR = ".reports-ahead"
 # Below this many rows to send the end's own write costs less than starting a helper process.
-MIN_ROWS = 2 << CHUNK_BITS
+MIN_ROWS = 100_000
 PASS_EVERY = 1.0      # seconds between passes (a pass only when rows changed since the last one)
 
 
