@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 from capbatch.ledger import Ledger
 from capbatch.report import write_reports
 from capbatch.report_ahead import MIN_ROWS, STAGING_DIR, ReportsAhead
@@ -56,12 +58,13 @@ def test_the_end_formats_only_what_settled_after_the_helpers_last_pass(tmp_path)
         _same_as_full_rebuild(led, run_dir, tmp_path)
 
 
+@pytest.mark.slow   # MIN_ROWS (100,000) rows through the CLI: about a minute
 def test_a_run_with_a_helper_writes_the_reports_a_rebuild_gives_and_removes_its_copy(tmp_path, sim, run_cli):
     pairs = make_cards(MIN_ROWS + 500)
     s = sim(cards={c: None for c, _ in pairs[:-3]})       # the last three cards do not exist: failed rows
     src = write_csv(tmp_path / "cards.csv", pairs)
     run_dir = tmp_path / "run"
-    p = run_cli("run", src, "--base-url", s.url, "--rate", "unlimited", "--run-dir", run_dir, "-v")
+    p = run_cli("run", src, "--base-url", s.url, "--rate", "unlimited", "--run-dir", run_dir, "-v", timeout=900)
     assert p.returncode == 1, p.stderr[-2000:]
     assert "chunks of rows formatted" in p.stderr
     assert not (run_dir / STAGING_DIR).exists()
