@@ -58,7 +58,8 @@ def test_the_end_formats_only_what_settled_after_the_helpers_last_pass(tmp_path)
         _same_as_full_rebuild(led, run_dir, tmp_path)
 
 
-@pytest.mark.slow   # MIN_ROWS (100,000) rows through the CLI: about a minute
+@pytest.mark.slow   # MIN_ROWS (100,000) rows through the CLI: minutes on this machine
+@pytest.mark.timeout(900)
 def test_a_run_with_a_helper_writes_the_reports_a_rebuild_gives_and_removes_its_copy(tmp_path, sim, run_cli):
     pairs = make_cards(MIN_ROWS + 500)
     s = sim(cards={c: None for c, _ in pairs[:-3]})       # the last three cards do not exist: failed rows
