@@ -240,7 +240,7 @@ def _headline(summary: dict[str, Any]) -> str:
         ("Rejected", num(rejected), pct(rejected, total) or "invalid input", "warn" if rejected else ""),
         ("Pending", num(pending), "not settled yet" if pending else "", "warn" if pending else ""),
         ("Duration", e(duration(summary.get("duration_seconds"))),
-         f"{num(summary.get('invocations', 0))} invocation(s)", ""),
+         f"{num(summary.get('invocations', 0))} invocation{'' if summary.get('invocations', 0) == 1 else 's'}", ""),
         ("Throughput", f"{tput:,.0f}" if tput >= 100 else f"{tput:,.1f}", f"rows/s · {tput * 60:,.0f}/min", ""),
         ("Requests", num(summary.get("requests", 0)), "HTTP requests sent", ""),
         ("Retries", num(summary.get("retries", 0)), "transient errors retried", ""),

@@ -471,6 +471,9 @@ def _log_summary(summary: dict[str, Any]) -> None:
         log.info("answers carried warnings: %s", ", ".join(
             f"{code or '?'} {w['message']!r} on {plural(w['rows'], 'row')}" for code, w in summary["warnings_by_code"].items()))
     job = (summary.get("settings") or {}).get("job")
+    if summary["stop"] == "aborted":   # the canary, the tripwire, credentials, an outage: not the rows' fault
+        log.info("%s", abort_advice(c))
+        return
     if (c["failed"] or c["rejected"]) and job:
         log.info("failed rows go out again with the next run of job %s (now: the same command with "
                  "--retry-failed); rejected rows need a fixed export; details in %s",
@@ -481,6 +484,17 @@ def _log_summary(summary: dict[str, Any]) -> None:
     if c["failed"] or c["rejected"]:
         log.info("editing in Excel? use %s instead: every cell is text, so leading zeros survive the round "
                  "trip; feed it back the same way", Path(summary["run_dir"]) / report.FAILURES_XLSX)
+
+
+def abort_advice(counts: dict[str, int]) -> str:
+    """What an aborted run (exit 3: the canary, the tripwire, credentials, an outage) means and what to
+    do. Its failed rows show why it stopped; they are not input to fix in failures.csv."""
+    left = counts.get("pending", 0) + counts.get("in_flight", 0)
+    return (f"the run stopped early (exit 3) to spare the {plural(left, 'row')} not sent yet; the failed "
+            f"{'row shows' if counts.get('failed', 0) == 1 else 'rows show'} why, not input to fix. "
+            "Check what the reason above names: the API contract (what the org answers, the fields it needs: "
+            "--extra-field), the credentials, the target; then rerun the same command to resume "
+            "(add --retry-failed to send the failed rows again)")
 
 
 class _JsonFormatter(logging.Formatter):
@@ -650,7 +664,8 @@ def _run(s: Settings, source: Source, stop: StopSwitch | None, announcer: announ
     ledger.close()
     if result.stop == "aborted":
         raise RunAborted(f"run aborted: {result.message}",
-                         f"fix the cause, then rerun the same command to resume ({_rows_left(counts)})")
+                         "check the API contract, the credentials or the failure named above, then rerun the "
+                         f"same command to resume ({_rows_left(counts)})")
     if result.stop == "interrupted":
         raise Interrupted("run interrupted", "rerun the same command to resume where it stopped")
     if result.stop == "paused" and exit_code == exitcodes.EXIT_ABORTED:
