@@ -343,14 +343,27 @@ def run_cmd(input_path: Path, no_verify_tls: bool, json_out: bool, **flags: Any)
 @_guard
 def validate_cmd(input_path: Path, output: Path | None, json_out: bool, **flags: Any) -> int:
     """Check INPUT without any network: counts, first problems, and a validation CSV (exit 0/1/2)."""
-    if json_out and output is not None and str(output) == "-":
-        raise UsageError("--json and -o - would both write to stdout", "write the validation CSV to a file, or drop --json")
-    setup_logging(bool(flags.get("quiet")), flags.get("verbose") or 0)
-    settings = _settings(flags, input_path)
-    result = runner.validate(settings, output)
+    try:
+        if json_out and output is not None and str(output) == "-":
+            raise UsageError("--json and -o - would both write to stdout",
+                             "write the validation CSV to a file, or drop --json")
+        setup_logging(bool(flags.get("quiet")), flags.get("verbose") or 0)
+        settings = _settings(flags, input_path)
+        result = runner.validate(settings, output)
+    except CapbatchError as exc:
+        if json_out:   # a refusal is a verdict too: a script reads why on stdout, not only from stderr
+            echo(json.dumps(_refusal(exc, input_path), indent=2))
+        raise
     if json_out:
         echo(json.dumps(result, indent=2))
     return int(result["exit_code"])
+
+
+def _refusal(exc: CapbatchError, input_path: Path) -> dict[str, Any]:
+    """validate --json's answer when the input as a whole is refused (exit 2): the error and its fix,
+    and what the error knows beside them (a workbook's census of sheets)."""
+    return {"input": str(input_path), "exit_code": exc.exit_code, "refused": True, "error": exc.message,
+            "fix": exc.hint, **exc.details}
 
 
 @main.command("verify", epilog=EXIT_CODES_HELP)
