@@ -415,7 +415,8 @@ def history_cmd(job: str, ledger: str | None, reports_dir: Path | None, config_f
         where = redact_password(ledger)
     runs = jobs.history(ledger, reports_dir, jobs.check_name(job))
     if json_out:
-        echo(json.dumps([{**r, "started_at": report.iso(r.get("started_at")), "ended_at": report.iso(r.get("ended_at"))}
+        echo(json.dumps([{**r, "started_at": report.iso(r.get("started_at")),
+                          "ended_at": report.iso(r["ended_at"]) if r.get("ended_at") else None}
                          for r in runs], indent=2))
         return 0
     if not runs:
@@ -429,10 +430,28 @@ def history_cmd(job: str, ledger: str | None, reports_dir: Path | None, config_f
     for r in runs:
         c = r["counts"]
         began = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["started_at"] or 0))
+        if not r.get("recorded", True):   # no summary: killed, or an error before the end
+            echo(f"{began}  {_unrecorded_outcome(r)}  {r['requests'] or 0:>8} requests  "
+                 f"{_settled_text(r['settled'])}  {r['input_name']}  {r['run_dir']}")
+            continue
         echo(f"{began}  exit {r['exit_code']}  {r['requests'] or 0:>8} requests  "
                    f"succeeded={c.get('succeeded', 0)} unchanged={c.get('unchanged', 0)} "
                    f"failed={c.get('failed', 0)} rejected={c.get('rejected', 0)}  {r['input_name']}  {r['run_dir']}")
     return 0
+
+
+def _unrecorded_outcome(line: dict[str, Any]) -> str:
+    if line["outcome"] == "running":
+        return "still running (no summary yet)"
+    how = "interrupted (killed)" if line["outcome"] == "killed" else f"{line['outcome']}, exit {line['exit_code']}"
+    return f"ended without a summary: {how}"
+
+
+def _settled_text(settled: dict[str, int]) -> str:
+    """'settled 120 rows (succeeded=118 failed=2)' for the rows one invocation settled."""
+    total = sum(settled.values())
+    detail = " ".join(f"{state}={n}" for state, n in sorted(settled.items()))
+    return f"settled {plural(total, 'row')}" + (f" ({detail})" if detail else "")
 
 
 @main.command("forget")

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from .errors import LedgerError, UsageError
-from .ledger import STORE_FILE, Ledger, _take_lock, open_job_store
+from .ledger import LEDGER_FILE, STORE_FILE, Ledger, _take_lock, open_job_store
+from .ledger.sqlite import _writer_active
 
 
 def check_name(job: str) -> str:
@@ -136,6 +137,51 @@ def describe(location: str | None, reports_dir: Path, job: str) -> dict[str, Any
 
 
 def history(location: str | None, reports_dir: Path, job: str) -> list[dict[str, Any]]:
-    """The job's runs, oldest first."""
+    """The job's runs, oldest first: one line per invocation that wrote its summary (``recorded``),
+    and, from the run directories' ledgers, each that ended without one (killed with SIGKILL, a power
+    cut, an error before the end): its start, the requests and rows it settled, ``outcome`` "killed"
+    (or "running" while it still runs)."""
     with open_job_store(location, reports_dir, readonly=True) as store:
-        return store.history(job)
+        lines = [{**line, "recorded": True} for line in store.history(job)]
+    if location:          # a database job: its workers' lines are in the database
+        return lines
+    lines += _unrecorded(reports_dir, job, lines)
+    return sorted(lines, key=lambda line: line.get("started_at") or 0.0)
+
+
+def _unrecorded(reports_dir: Path, job: str, lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The invocations of the job's run directories that no line of the job store stands for."""
+    folder = job_dir(reports_dir, job)
+    candidates = sorted(folder.iterdir()) if folder.is_dir() else []
+    candidates += [Path(line["run_dir"]) for line in lines if line.get("run_dir")]
+    out: list[dict[str, Any]] = []
+    seen: set[Path] = set()
+    for run_dir in candidates:
+        where = run_dir.resolve()
+        if where in seen or not (run_dir / LEDGER_FILE).is_file():
+            continue
+        seen.add(where)
+        starts = [line["started_at"] for line in lines
+                  if line.get("started_at") and Path(line["run_dir"]).resolve() == where]
+        try:
+            ledger = Ledger.open_readonly(run_dir)
+        except LedgerError:
+            continue
+        with ledger:
+            if ledger.get_meta("job") not in (None, job):
+                continue
+            invocations = ledger.invocations()
+            for n, inv in enumerate(invocations, 1):
+                end = inv["ended_at"]
+                last = end or inv.get("last_seen_at") if n < len(invocations) else end
+                # the store's line starts just after its invocation did, and invocations never overlap
+                if any(inv["started_at"] <= t and (last is None or t <= last) for t in starts):
+                    continue
+                running = end is None and n == len(invocations) and _writer_active(run_dir)
+                outcome = "running" if running else ("killed" if end is None else inv.get("outcome") or "error")
+                out.append({"id": None, "run_dir": str(run_dir), "input_name": ledger.get_meta("input_name"),
+                            "started_at": inv["started_at"], "ended_at": end, "exit_code": inv.get("exit_code"),
+                            "counts": {}, "requests": inv.get("requests") or 0, "recorded": False,
+                            "outcome": outcome,
+                            "settled": ledger.settled_between(inv["started_at"], end or inv.get("last_seen_at"))})
+    return out
