@@ -250,6 +250,12 @@ def _headline(summary: dict[str, Any]) -> str:
          e(summary.get("stop") or ""),
          "info" if summary.get("stop") == "in progress" else ("good" if summary.get("exit_code") == 0 else "bad")),
     ]
+    audit = summary.get("audit")
+    if audit:   # the job's rolling audit: confirmed pairs re-read in this run (also counted as unchanged/succeeded)
+        cards.append(("Audit", num(int(audit["rows"]) - int(audit.get("pending", 0))),
+                      f"confirmed pairs re-read · {num(audit.get('drift_fixed', 0))} drifted, put back"
+                      + (f" · {num(audit['pending'])} to read" if audit.get("pending") else ""),
+                      "warn" if audit.get("drift_fixed") or audit.get("failed") else ""))
     out = ['<div class="grid">']
     for label, value, sub, cls in cards:
         out.append(f'<div class="card {cls}"><div class="l">{e(label)}</div><div class="v">{value}</div>'

@@ -436,15 +436,16 @@ def send_rows(s: Settings, ledger: Ledger, base_url: str, switch: StopSwitch,
 
 
 # ==== 5. reports =====================================================================================
-def write_run_reports(ledger: Ledger, run_dir: Path, result: EngineResult) -> Summary:
-    """Stage 5: results.csv, failures.csv, summary.json, report.html from the ledger."""
+def write_run_reports(ledger: Ledger, run_dir: Path, result: EngineResult, audit_read: int | None = None) -> Summary:
+    """Stage 5: results.csv, failures.csv, summary.json, report.html from the ledger. ``audit_read``:
+    the rolling audit's rows this invocation read (summary.json: this_invocation.audit_reads)."""
+    this_invocation = {"requests": result.counters.requests, "retries": result.counters.retries,
+                       "throttle_events": result.throttle_events, "outages": result.outages,
+                       "outage_seconds": round(result.outage_seconds, 3)}
+    if audit_read is not None and ledger.audit_counts():
+        this_invocation["audit_reads"] = audit_read
     return Summary(report.write_reports(ledger, run_dir, stop=result.stop, message=result.message,
-                                        extra={"this_invocation": {
-                                            "requests": result.counters.requests,
-                                            "retries": result.counters.retries,
-                                            "throttle_events": result.throttle_events,
-                                            "outages": result.outages,
-                                            "outage_seconds": round(result.outage_seconds, 3)}}))
+                                        extra={"this_invocation": this_invocation}))
 
 
 def _rows_left(counts: dict[str, int]) -> str:
@@ -465,7 +466,7 @@ def _log_summary(summary: dict[str, Any]) -> None:
         summary["stop"] if summary["stop"] in ("aborted", "interrupted") else "done",
         c["succeeded"], c["unchanged"], c["failed"], c["rejected"], plural(c["duplicate"], "duplicate"),
         c["pending"] + c["in_flight"], plural(requests, "request"), summary["throughput_rows_per_second"],
-        f"; audit: {audit['rows']} re-read, {audit['drift_fixed']} drifted and put back" if audit else "",
+        _audit_text(audit, summary["this_invocation"].get("audit_reads")) if audit else "",
         summary["run_dir"])
     if summary.get("warnings_by_code"):
         log.info("answers carried warnings: %s", ", ".join(
@@ -486,15 +487,24 @@ def _log_summary(summary: dict[str, Any]) -> None:
                  "trip; feed it back the same way", Path(summary["run_dir"]) / report.FAILURES_XLSX)
 
 
+def _audit_text(audit: dict[str, Any], read_now: int | None) -> str:
+    """'; audit: 18 re-read, 0 drifted and put back' (the run's), and what this invocation read of it
+    when that is not all of it (a resumed run, --retry-failed)."""
+    done = audit["rows"] - audit["pending"]
+    now = f" ({read_now} by this invocation)" if read_now is not None and read_now != done else ""
+    return f"; audit: {done} re-read{now}, {audit['drift_fixed']} drifted and put back"
+
+
 def abort_advice(counts: dict[str, int]) -> str:
     """What an aborted run (exit 3: the canary, the tripwire, credentials, an outage) means and what to
     do. Its failed rows show why it stopped; they are not input to fix in failures.csv."""
     left = counts.get("pending", 0) + counts.get("in_flight", 0)
-    return (f"the run stopped early (exit 3) to spare the {plural(left, 'row')} not sent yet; the failed "
-            f"{'row shows' if counts.get('failed', 0) == 1 else 'rows show'} why, not input to fix. "
+    failed = counts.get("failed", 0)
+    evidence = (f"; the failed {'row shows' if failed == 1 else 'rows show'} why, not input to fix" if failed else "")
+    return (f"the run stopped early (exit 3) to spare the {plural(left, 'row')} not sent yet{evidence}. "
             "Check what the reason above names: the API contract (what the org answers, the fields it needs: "
-            "--extra-field), the credentials, the target; then rerun the same command to resume "
-            "(add --retry-failed to send the failed rows again)")
+            "--extra-field), the credentials, the target; then rerun the same command to resume"
+            + (" (add --retry-failed to send the failed rows again)" if failed else ""))
 
 
 class _JsonFormatter(logging.Formatter):
@@ -613,6 +623,7 @@ def _run(s: Settings, source: Source, stop: StopSwitch | None, announcer: announ
     file_log = _attach_json_log(run_dir)
     invocation = ledger.start_invocation()
     started_at = time.time()
+    audit_before = audit_due(ledger)
     try:
         v = validation_report(ledger)
         log_validation(prepared.notes if prepared.freshly_imported else prepared.notes[:1], v)
@@ -649,7 +660,7 @@ def _run(s: Settings, source: Source, stop: StopSwitch | None, announcer: announ
         plan.to_dict(), result.counters.settled, result.counters.requests, time.time() - started_at,
         result.waiting_seconds)))
     try:
-        summary = write_run_reports(ledger, run_dir, result)
+        summary = write_run_reports(ledger, run_dir, result, audit_read=audit_before - audit_due(ledger))
     except OSError as exc:   # a full disk at the very end: every outcome is in the ledger already
         _detach(file_log)
         ledger.close()
@@ -686,8 +697,20 @@ def _settle_before_plan(s: Settings, ledger: Ledger, scratch: bool = False) -> N
         say("job %s: %s already confirmed by earlier runs, settled without a request", s.job,
             plural(skipped, "row"))
         if s.audit_fraction:
-            say("job %s: rolling audit re-reads %d confirmed pairs this run (--audit-fraction %g)",
-                s.job, audited, s.audit_fraction)
+            due = audit_due(ledger)
+            if due < audited:   # a resumed run or --retry-failed: its slice was picked (and read) before
+                say("job %s: rolling audit: this run's slice of %s was picked by an earlier invocation, "
+                    "%d already re-read; %d to re-read now (--audit-fraction %g)", s.job,
+                    plural(audited, "confirmed pair"), audited - due, due, s.audit_fraction)
+            else:
+                say("job %s: rolling audit re-reads %d confirmed pairs this run (--audit-fraction %g)",
+                    s.job, audited, s.audit_fraction)
+
+
+def audit_due(ledger: Ledger) -> int:
+    """Rows of the rolling audit not read yet (what this invocation's audit reads are counted from)."""
+    audit = ledger.audit_counts()
+    return audit.get("pending", 0) + audit.get("in_flight", 0)
 
 
 # ---- the plan (capbatch.plan) -----------------------------------------------------------------------
