@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from . import announce, exitcodes, intake, jobs, outputs, report
 from .aio import run_async
-from .config import Settings, canary_rows, target_url
+from .config import Credentials, Settings, canary_rows, target_url
 from .errors import ConfigError, InputFileError, Interrupted, LedgerError, LedgerLost, Paused, RunAborted, UsageError
 from .ledger import LEDGER_FILE, Ledger, open_for_reading, open_ledger, row_label
 from .pacing import SharedQuota, quota_peers
@@ -42,7 +42,8 @@ from .summary import Summary
 from .wording import plural
 
 if TYPE_CHECKING:  # the engine stage imports these when it runs: `capbatch --help` and `validate` need no HTTP stack
-    from .engine import Counters, Engine, EngineResult
+    from .engine import Counters, Engine, EngineResult, EngineSettings
+    from .verify import CheckSettings
 
 log = logging.getLogger("capbatch")
 
@@ -359,21 +360,68 @@ def _signals_press(switch: StopSwitch, loop: asyncio.AbstractEventLoop) -> Itera
             signal.signal(sig, old)
 
 
-async def _engine_session(s: Settings, ledger: Ledger, base_url: str, switch: StopSwitch,
+@dataclass(frozen=True)
+class SendSettings:
+    """What stage 4 (send_rows) uses of a run's settings: the engine's, and the client, quota,
+    progress and window settings around it. Build it with :func:`send_settings`."""
+
+    engine: EngineSettings
+    credentials: Credentials
+    timeout: float = 30.0
+    verify_tls: bool = True
+    extra_fields: tuple[tuple[str, Any], ...] = ()
+    quota_dir: Path | None = None
+    priority: int = 1
+    job: str | None = None
+    window_exit: bool = False
+    progress: str = "auto"
+    progress_interval: float = 10.0
+    quiet: bool = False
+
+
+def engine_settings(s: Settings, base_url: str) -> EngineSettings:
+    """What the engine needs (``base_url``: the target, which decides the canary's default)."""
+    from .engine import EngineSettings
+
+    return EngineSettings(rate=s.rate, read_rate=s.read_rate, concurrency=s.concurrency, max_attempts=s.max_attempts,
+                          outage_budget=s.outage_budget, grace_period=s.grace_period, mode=s.mode,
+                          resume_check=s.resume_check, record_previous=s.record_previous, read_back=s.read_back,
+                          canary=canary_rows(s, base_url), tripwire=s.tripwire, tripwire_rate=s.tripwire_rate,
+                          tripwire_rows=s.tripwire_rows, verbose=s.verbose)
+
+
+def send_settings(s: Settings, base_url: str) -> SendSettings:
+    return SendSettings(engine=engine_settings(s, base_url), credentials=s.credentials, timeout=s.timeout,
+                        verify_tls=s.verify_tls, extra_fields=tuple(dict(s.extra_fields).items()),
+                        quota_dir=s.quota_dir, priority=s.priority, job=s.job, window_exit=s.window_exit,
+                        progress=s.progress, progress_interval=s.progress_interval, quiet=s.quiet)
+
+
+def check_settings(s: Settings) -> CheckSettings:
+    """What the read-only checks (verify, --check-remote) need."""
+    from .verify import CheckSettings
+
+    return CheckSettings(credentials=s.credentials, rate=s.rate, read_rate=s.read_rate, concurrency=s.concurrency,
+                         max_attempts=s.max_attempts, timeout=s.timeout, verify_tls=s.verify_tls,
+                         quota_dir=s.quota_dir, priority=s.priority)
+
+
+async def _engine_session(s: SendSettings, ledger: Ledger, base_url: str, switch: StopSwitch,
                           on_tick: Callable[[Counters], None] | None = None, schedule: Schedule | None = None,
                           clock: Clock = SYSTEM_CLOCK) -> EngineResult:
     from .api import CapillaryClient
     from .engine import Engine
     from .progress import Progress, choose_mode
 
+    e = s.engine
     async with CapillaryClient(base_url, s.credentials, timeout=s.timeout, verify_tls=s.verify_tls,
-                               max_connections=s.concurrency + 4, extra_fields=dict(s.extra_fields)) as client:
+                               max_connections=e.concurrency + 4, extra_fields=dict(s.extra_fields)) as client:
         # One quota shared with every run on this key (capbatch.quota): in the ledger's database (any
         # host) or in this host's quota files. Sending windows: capbatch.window.
-        quota = SharedQuota(s.rate, s.read_rate, target=base_url, credentials=s.credentials, quota_dir=s.quota_dir,
+        quota = SharedQuota(e.rate, e.read_rate, target=base_url, credentials=s.credentials, quota_dir=s.quota_dir,
                             priority=s.priority, database=ledger.quota_database(), run=_quota_run_tag(ledger, s.job))
         gate = WindowGate(schedule or Schedule(), clock)
-        engine = Engine(s, ledger, client, pacers=quota.pacers, window=gate)
+        engine = Engine(e, ledger, client, pacers=quota.pacers, window=gate)
         if s.window_exit:
             gate.on_close = lambda: engine.request_pause(
                 f"the sending window closed ({gate.schedule.describe()}): --window-exit, stopping here")
@@ -420,16 +468,16 @@ async def _every(interval: float, call: Callable[[Counters], None], counters: Co
             log.debug("periodic hook failed", exc_info=True)
 
 
-async def _run_engine(s: Settings, ledger: Ledger, base_url: str) -> EngineResult:
+async def _run_engine(s: SendSettings, ledger: Ledger, base_url: str) -> EngineResult:
     """The engine stage as a coroutine (capbatch revert runs it on its own ledger)."""
     return await _engine_session(s, ledger, base_url, StopSwitch())
 
 
-def send_rows(s: Settings, ledger: Ledger, base_url: str, switch: StopSwitch,
+def send_rows(s: SendSettings, ledger: Ledger, base_url: str, switch: StopSwitch,
               on_tick: Callable[[Counters], None] | None = None, schedule: Schedule | None = None,
               clock: Clock = SYSTEM_CLOCK) -> EngineResult:
-    """Stage 4: settle every pending row of ``ledger`` through the API. The engine takes the whole
-    Settings (rate, retries, modes, grace period...); this stage adds the client, the stop switch,
+    """Stage 4: settle every pending row of ``ledger`` through the API. The engine takes its
+    EngineSettings (rate, retries, modes, grace period...); this stage adds the client, the stop switch,
     the periodic hook (``on_tick``, every --progress-interval), the quota shared with other runs on
     the key and the sending windows (``schedule`` on ``clock``)."""
     return run_async(lambda: _engine_session(s, ledger, base_url, switch, on_tick, schedule, clock), switch.press)
@@ -642,7 +690,7 @@ def _run(s: Settings, source: Source, stop: StopSwitch | None, announcer: announ
         log.info("target %s, auth %s, rate %s, concurrency %d", base_url, s.credentials.kind,
                  s.rate or "unlimited", s.concurrency)
         announcer.attach(ledger)
-        result = send_rows(s, ledger, base_url, switch, announcer.tick, schedule, clock)
+        result = send_rows(send_settings(s, base_url), ledger, base_url, switch, announcer.tick, schedule, clock)
     except BaseException as exc:
         code = announce.exit_code_of(exc)
         try:
@@ -923,7 +971,7 @@ def check_remote(s: Settings, source: Source = None) -> dict[str, Any]:
             out = s.reports_dir / f"{_stem(s, source)}.check-remote.csv"
             v["plan"] = _plan_dict(s, prepared, base_url=base_url, source=source)
             v["input_sha256"] = prepared.sha256
-            counts = check_cards(s, base_url, targets, out, database=s.ledger)
+            counts = check_cards(check_settings(s), base_url, targets, out, database=s.ledger)
         finally:
             prepared.ledger.close()
     log.info("remote check: %d already hold their target ID, %d would change, %d cards do not exist, "
@@ -961,7 +1009,7 @@ def verify(s: Settings, target: Path | None) -> dict[str, Any]:
         stack.callback(ledger.close)
         targets = (Target(row_label(r["sheet"], r["row_number"]), r["card"], r["external_id"])
                    for r in ledger.rows_in_states(states))
-        counts = check_cards(s, base_url, targets, out, database=database)
+        counts = check_cards(check_settings(s), base_url, targets, out, database=database)
     logging.getLogger("capbatch.summary").info(
         "verify: %d match, %d differ, %d cards missing, %d unreadable; details in %s",
         counts["match"], counts["differs"], counts["missing"], counts["error"], out)
