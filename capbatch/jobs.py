@@ -142,7 +142,7 @@ def history(location: str | None, reports_dir: Path, job: str) -> list[dict[str,
     cut, an error before the end): its start, the requests and rows it settled, ``outcome`` "killed"
     (or "running" while it still runs)."""
     with open_job_store(location, reports_dir, readonly=True) as store:
-        lines = [{**line, "recorded": True} for line in store.history(job)]
+        lines = [{"recorded": True, **line} for line in store.history(job)]
     if location:          # a database job: its workers' lines are in the database
         return lines
     lines += _unrecorded(reports_dir, job, lines)

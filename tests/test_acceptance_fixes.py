@@ -69,6 +69,34 @@ def test_history_lists_an_invocation_killed_with_sigkill_with_its_start_and_rows
     assert "exit 0" in lines[1] and "succeeded=300" in lines[1]
 
 
+def test_history_of_a_database_job_lists_a_worker_killed_with_sigkill(tmp_path, sim, run_cli, pg_url):
+    from test_workers import pg_counts, pg_fetch, worker_args
+
+    pairs = make_cards(300)
+    src = write_csv(tmp_path / "cards.csv", pairs)
+    s = sim(cards={card: None for card, _ in pairs}, latency=0.03)
+    proc = popen_cli(*worker_args(src, s.url, pg_url, "db-nightly", "--rate", "unlimited", "--concurrency", "2"),
+                     cwd=tmp_path)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None and pg_counts(pg_url, "db-nightly").get("succeeded", 0) < 20:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the worker ended before the kill"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    proc.stdout.close()
+    settled = pg_counts(pg_url, "db-nightly")["succeeded"]
+    [(started,)] = pg_fetch(pg_url, "SELECT started_at FROM capbatch.invocations")
+
+    p = run_cli("history", "--job", "db-nightly", "--ledger", pg_url, "--json")
+    assert p.returncode == 0, p.stderr
+    [line] = json.loads(p.stdout)
+    assert (line["recorded"], line["outcome"], line["exit_code"]) == (False, "killed", None)
+    assert line["settled"] == {"succeeded": settled} and line["input_name"] == "cards.csv"
+    assert line["started_at"] == time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(int(started)))
+    p = run_cli("history", "--job", "db-nightly", "--ledger", pg_url)
+    assert "ended without a summary: interrupted (killed)" in p.stdout and f"settled {settled} rows" in p.stdout
+
+
 # ---- 2. validate --json prints its verdict for a refusal too ------------------------------------
 def test_validate_json_prints_the_refusal_of_a_multi_sheet_workbook_and_other_exit_2s(tmp_path, run_cli):
     import xlsxwriter
