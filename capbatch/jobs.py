@@ -161,8 +161,8 @@ def _unrecorded(reports_dir: Path, job: str, lines: list[dict[str, Any]]) -> lis
         if where in seen or not (run_dir / LEDGER_FILE).is_file():
             continue
         seen.add(where)
-        starts = [line["started_at"] for line in lines
-                  if line.get("started_at") and Path(line["run_dir"]).resolve() == where]
+        spans = [(line["started_at"], line.get("ended_at") or line["started_at"]) for line in lines
+                 if line.get("started_at") and Path(line["run_dir"]).resolve() == where]
         try:
             ledger = Ledger.open_readonly(run_dir)
         except LedgerError:
@@ -174,8 +174,9 @@ def _unrecorded(reports_dir: Path, job: str, lines: list[dict[str, Any]]) -> lis
             for n, inv in enumerate(invocations, 1):
                 end = inv["ended_at"]
                 last = end or inv.get("last_seen_at") if n < len(invocations) else end
-                # the store's line starts just after its invocation did, and invocations never overlap
-                if any(inv["started_at"] <= t and (last is None or t <= last) for t in starts):
+                # A store line spans its invocation (written at its end); invocations never overlap.
+                if any(begun <= (last if last is not None else begun) and ended >= inv["started_at"]
+                       for begun, ended in spans):
                     continue
                 running = end is None and n == len(invocations) and _writer_active(run_dir)
                 outcome = "running" if running else ("killed" if end is None else inv.get("outcome") or "error")
