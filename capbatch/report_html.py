@@ -212,6 +212,13 @@ def _status(summary: dict[str, Any], invocations: list[dict[str, Any]]) -> tuple
                 f'{e(summary.get("run_dir", ""))}</code>.</p>')
     if not invocations:
         return ("not started", "p-run", '<p class="banner">No run has started on this ledger yet.</p>')
+    if stop == "aborted":   # the canary, the tripwire, credentials, an outage: not the rows' fault
+        msg = f": {e(summary['message'])}" if summary.get("message") else ""
+        return ("aborted", "p-warn",
+                f'<p class="banner warn">The run stopped early to spare the {num(unsettled)} rows not sent yet{msg}. '
+                + ('The failed rows show why; they are not input to fix. ' if counts.get("failed") else '')
+                + 'Check the API contract (what the org answers, the fields it needs), the credentials and the '
+                'target, then rerun the same command to resume.</p>')
     if stop in ("aborted", "interrupted") or unsettled:
         msg = f" ({e(summary['message'])})" if summary.get("message") else ""
         return (stop or "unfinished", "p-warn",
