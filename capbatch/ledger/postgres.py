@@ -546,17 +546,49 @@ class PostgresLedger(Ledger):
         return {str(code or ""): {"rows": int(n), "message": message or ""} for code, n, message in rows}
 
     def change_mark(self) -> Any:
-        """The oldest transaction still running: every change by an older one is visible now."""
-        return int(self._execute("SELECT txid_snapshot_xmin(txid_current_snapshot())").fetchone()[0])
+        """The oldest transaction still running: every change by an older one is visible now.
+
+        Taking a mark (reports are about to be written) also prunes the change log, which would
+        otherwise grow by a row per statement for ever: what the previous mark (any worker's)
+        covered goes, and so does everything of the job's other runs (finished: a job has one
+        unfinished run). ``changes_kept_from`` in the run's meta says where the log now starts;
+        an index older than that is answered None (every chunk changed), never a partial list."""
+        mark = int(self._execute("SELECT txid_snapshot_xmin(txid_current_snapshot())").fetchone()[0])
+        if not self.readonly:
+            self._prune_changes(mark)
+        return mark
+
+    _KEPT_FROM = "changes_kept_from"   # meta: row_changes of the run older than this xid are gone
+    _REPORT_MARK = "report_mark"       # meta: the last mark handed out for reports
+
+    def _prune_changes(self, mark: int) -> None:
+        upsert = ("INSERT INTO capbatch.meta(run_id, key, value) {rows} ON CONFLICT (run_id, key) DO UPDATE "
+                  "SET value = greatest(capbatch.meta.value::bigint, excluded.value::bigint)::text")
+        self._execute(
+            "WITH prev AS (SELECT value::bigint AS xid FROM capbatch.meta WHERE run_id=%(run)s AND key=%(rm)s), "
+            "mine AS (DELETE FROM capbatch.row_changes WHERE run_id=%(run)s AND xid < (SELECT xid FROM prev)), "
+            "others AS (DELETE FROM capbatch.row_changes c USING capbatch.runs r WHERE c.run_id=r.id "
+            "AND r.job=%(job)s AND r.id<>%(run)s RETURNING c.run_id), "
+            "kept AS (" + upsert.format(rows="SELECT %(run)s, %(kf)s, xid::text FROM prev") + "), "
+            "kept_others AS (" + upsert.format(rows="SELECT DISTINCT run_id, %(kf)s, (txid_current() + 1)::text "
+                                                    "FROM others") + ") "
+            + upsert.format(rows="VALUES (%(run)s, %(rm)s, %(mark)s)"),
+            {"run": self.run_id, "job": self.job, "rm": self._REPORT_MARK, "kf": self._KEPT_FROM,
+             "mark": str(mark)})
 
     def changed_chunks(self, since: Any) -> set[int] | None:
         if not isinstance(since, int) or isinstance(since, bool):
             return None
         if self._execute("SELECT to_regclass('capbatch.row_changes')").fetchone()[0] is None:
             return None   # a read-only look at a database below schema 4: rewrite everything
-        rows = self._execute("SELECT DISTINCT chunk FROM capbatch.row_changes WHERE run_id=%s AND xid >= %s",
-                             (self.run_id, since)).fetchall()
-        return {int(chunk) for (chunk,) in rows}
+        # One statement, one snapshot: the log's start and its rows agree, whatever a prune does meanwhile.
+        kept_from, chunks = self._execute(
+            "SELECT (SELECT value::bigint FROM capbatch.meta WHERE run_id=%s AND key=%s), "
+            "ARRAY(SELECT DISTINCT chunk FROM capbatch.row_changes WHERE run_id=%s AND xid >= %s)",
+            (self.run_id, self._KEPT_FROM, self.run_id, since)).fetchone()
+        if kept_from is not None and since < kept_from:
+            return None   # pruned past this mark: every chunk counts as changed
+        return {int(chunk) for chunk in chunks}
 
     def mark_in_flight(self, ids: Sequence[int]) -> None:
         self.record((), None, ids)
