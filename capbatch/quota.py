@@ -384,8 +384,14 @@ def report_late(state: QuotaState, member: Member, now: float, shift: float) -> 
         return
     if len(state.members) > 1:
         _shift(state, now, shift)
+    elif state.late and state.late[-1][0] == member.id and now - state.late[-1][1] < 0.05 * _window(state, member):
+        state.late[-1][1:] = [now, state.late[-1][2] + shift]     # one note per 5 % of the window: kept small
     else:
         state.late.append([member.id, now, shift])
+
+
+def _window(state: QuotaState, member: Member) -> float:
+    return Cadence.of(agreed_rate(state, member.rate)).window
 
 
 def _shift(state: QuotaState, now: float, shift: float) -> None:
