@@ -204,6 +204,18 @@ def test_fed_back_reports_keep_the_users_columns_and_xlsx_keeps_zeros(tmp_path, 
                                                              '["0003", "FIXED-3", "east"]']
 
 
+@pytest.mark.parametrize("fmt", ["xlsx", "ods", "csv"])
+def test_failures_fixed_and_saved_by_libreoffice_feed_back_exactly(fmt, tmp_path, sim, run_cli):
+    """failures.xlsx, fixed in its Text cells and saved again by LibreOffice (xlsx, ods, or CSV as
+    shown): every value is sent exactly as the cell shows it, the capbatch_* columns are dropped."""
+    s = sim(auto_create=True)
+    p = run(run_cli, s, FIXTURES / f"failures_fixed.{fmt}", tmp_path / "run")
+    assert p.returncode == 0, p.stderr
+    assert "capbatch_* columns are dropped" in p.stderr
+    assert applied(s) == {"0002": "FIXED-2", "0003": "00123", "4111111111111111111": "EXT-19",
+                          "000000004111223": "0000000000000000042"}
+
+
 # ---- output paths --------------------------------------------------------------------------------
 def test_validate_output_to_devices_pipes_stdout_and_unwritable_paths(tmp_path, run_cli):
     src = tmp_path / "c.csv"
