@@ -204,6 +204,8 @@ class Pacer:
                 sends.popleft()
         shared = self._shared and slot is not None
         note = expect(now, slot, self._recheck if shared else None, self._judge if shared else None)
+        if shared:
+            self._judge(note)            # released late already: the grid moves now, more as its bytes leave
         sends.append(note)
         self._sends.append(now)
 
