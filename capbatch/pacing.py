@@ -128,7 +128,9 @@ class Pacer:
             return
         self._cadence = Cadence.of(rate, jitter)
         interval = self._cadence.interval / max(self.factor, 0.05)
-        lease_seconds = getattr(self._backend, "lease_seconds", 0.02)
+        # At most a tenth of the quota's window: a late send must still be able to move the grid
+        # before the slot a window later is handed out (see _judge).
+        lease_seconds = min(getattr(self._backend, "lease_seconds", 0.02), 0.1 * self._cadence.window)
         # A lease covers about ``lease_seconds`` of this run's own sends: its share of the grid by
         # weight. It holds at most two leases' worth unreached, so its turns on the grid (and what a
         # killed run leaves unused) stay in proportion to its --priority, however many runs share it.

@@ -14,11 +14,12 @@ Time is the database's: the rules run on its clock, so hosts whose clocks disagr
 grid. Each worker measures the offset between its clock and the database's (the sample with the
 shortest round trip of the last minute; its error is at most half that round trip, so an offset
 within that bound counts as none) and converts the slots it is given to its own clock. A lease covers about
-a tenth of a second of the worker's share of the grid (``lease_seconds``, at least one slot): the
-grid is handed out only that far ahead, so a worker that stalls or dies strands at most a few slots,
-a worker that (re)starts gets its turn at once, and a send that left late can still move the slots
-a window later (see :func:`capbatch.quota.late_shift`). That is a transaction per lease — a few per
-second per worker at the per-second quotas where it matters, one per slot at most.
+a second of the worker's share of the grid (``lease_seconds``), and at most a tenth of the quota's
+window (0.1 s of a per-second quota; at least one slot): the grid is handed out only that far ahead,
+so a worker that stalls or dies strands few slots, a worker that (re)starts gets its turn at once,
+and a send that left late can still move the slots a window later (see
+:func:`capbatch.quota.late_shift`). So a worker touches the database about once a second under a
+per-minute quota, and up to ten times a second (one transaction per slot at most) under a per-second one.
 
 News travels at once: a change the other workers should act on before their next lease — slots
 given back by a worker that stopped, a Retry-After pause, a lowered rate factor — is announced with
@@ -65,7 +66,7 @@ from .postgres import _redact, check_url, connect_options, ensure_schema
 
 log = logging.getLogger("capbatch.quota")
 
-LEASE_SECONDS = 0.1        # a lease covers about this much of the grid (the worker's share of it)
+LEASE_SECONDS = 1.0        # a lease covers about this much of the grid (and at most a tenth of the window)
 PROBE_EVERY = 0.3          # seconds between looks whether the other members' connections are open
 OFFSET_FRESH = 30.0        # seconds a clock-offset sample is trusted before another is taken
 OFFSET_KEEP = 60.0         # seconds samples are kept to pick the shortest round trip from
