@@ -343,14 +343,27 @@ def run_cmd(input_path: Path, no_verify_tls: bool, json_out: bool, **flags: Any)
 @_guard
 def validate_cmd(input_path: Path, output: Path | None, json_out: bool, **flags: Any) -> int:
     """Check INPUT without any network: counts, first problems, and a validation CSV (exit 0/1/2)."""
-    if json_out and output is not None and str(output) == "-":
-        raise UsageError("--json and -o - would both write to stdout", "write the validation CSV to a file, or drop --json")
-    setup_logging(bool(flags.get("quiet")), flags.get("verbose") or 0)
-    settings = _settings(flags, input_path)
-    result = runner.validate(settings, output)
+    try:
+        if json_out and output is not None and str(output) == "-":
+            raise UsageError("--json and -o - would both write to stdout",
+                             "write the validation CSV to a file, or drop --json")
+        setup_logging(bool(flags.get("quiet")), flags.get("verbose") or 0)
+        settings = _settings(flags, input_path)
+        result = runner.validate(settings, output)
+    except CapbatchError as exc:
+        if json_out:   # a refusal is a verdict too: a script reads why on stdout, not only from stderr
+            echo(json.dumps(_refusal(exc, input_path), indent=2))
+        raise
     if json_out:
         echo(json.dumps(result, indent=2))
     return int(result["exit_code"])
+
+
+def _refusal(exc: CapbatchError, input_path: Path) -> dict[str, Any]:
+    """validate --json's answer when the input as a whole is refused (exit 2): the error and its fix,
+    and what the error knows beside them (a workbook's census of sheets)."""
+    return {"input": str(input_path), "exit_code": exc.exit_code, "refused": True, "error": exc.message,
+            "fix": exc.hint, **exc.details}
 
 
 @main.command("verify", epilog=EXIT_CODES_HELP)
@@ -402,7 +415,8 @@ def history_cmd(job: str, ledger: str | None, reports_dir: Path | None, config_f
         where = redact_password(ledger)
     runs = jobs.history(ledger, reports_dir, jobs.check_name(job))
     if json_out:
-        echo(json.dumps([{**r, "started_at": report.iso(r.get("started_at")), "ended_at": report.iso(r.get("ended_at"))}
+        echo(json.dumps([{**r, "started_at": report.iso(r.get("started_at")),
+                          "ended_at": report.iso(r["ended_at"]) if r.get("ended_at") else None}
                          for r in runs], indent=2))
         return 0
     if not runs:
@@ -416,10 +430,28 @@ def history_cmd(job: str, ledger: str | None, reports_dir: Path | None, config_f
     for r in runs:
         c = r["counts"]
         began = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["started_at"] or 0))
+        if not r.get("recorded", True):   # no summary: killed, or an error before the end
+            echo(f"{began}  {_unrecorded_outcome(r)}  {r['requests'] or 0:>8} requests  "
+                 f"{_settled_text(r['settled'])}  {r['input_name']}  {r['run_dir']}")
+            continue
         echo(f"{began}  exit {r['exit_code']}  {r['requests'] or 0:>8} requests  "
                    f"succeeded={c.get('succeeded', 0)} unchanged={c.get('unchanged', 0)} "
                    f"failed={c.get('failed', 0)} rejected={c.get('rejected', 0)}  {r['input_name']}  {r['run_dir']}")
     return 0
+
+
+def _unrecorded_outcome(line: dict[str, Any]) -> str:
+    if line["outcome"] == "running":
+        return "still running (no summary yet)"
+    how = "interrupted (killed)" if line["outcome"] == "killed" else f"{line['outcome']}, exit {line['exit_code']}"
+    return f"ended without a summary: {how}"
+
+
+def _settled_text(settled: dict[str, int]) -> str:
+    """'settled 120 rows (succeeded=118 failed=2)' for the rows one invocation settled."""
+    total = sum(settled.values())
+    detail = " ".join(f"{state}={n}" for state, n in sorted(settled.items()))
+    return f"settled {plural(total, 'row')}" + (f" ({detail})" if detail else "")
 
 
 @main.command("forget")

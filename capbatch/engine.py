@@ -28,7 +28,7 @@ from .api import (
     Outcome,
 )
 from .canary import run_canary
-from .config import Settings, canary_rows
+from .config import Rate
 from .ledger import Ledger, RowResult, State, WorkRow
 from .pacing import Breaker, Pacer, backoff_delay
 from .window import Schedule, WindowGate
@@ -174,8 +174,29 @@ class Writer:
         return batch, timeline
 
 
+@dataclass(frozen=True)
+class EngineSettings:
+    """What the engine uses of a run's settings (runner.engine_settings builds it)."""
+
+    rate: Rate | None = None
+    read_rate: Rate | None = None
+    concurrency: int = 16
+    max_attempts: int = 8
+    outage_budget: float = 300.0
+    grace_period: float = 10.0
+    mode: str = "backfill"
+    resume_check: str = "read"
+    record_previous: bool = False
+    read_back: bool = False
+    canary: int = 0                  # rows the canary proves before the pool opens (resolved for the target)
+    tripwire: bool = True
+    tripwire_rate: float = 0.9
+    tripwire_rows: int = 50
+    verbose: int = 0
+
+
 class Engine:
-    def __init__(self, settings: Settings, ledger: Ledger, client: CapillaryClient, *,
+    def __init__(self, settings: EngineSettings, ledger: Ledger, client: CapillaryClient, *,
                  pacers: tuple[Pacer, Pacer] | None = None, window: WindowGate | None = None) -> None:
         self.s = settings
         self.ledger = ledger
@@ -240,7 +261,7 @@ class Engine:
         try:
             # Before the pool opens: prove the contract on a few rows (canary), or settle the first
             # row alone, so wrong credentials or a wrong host stop the run after one request.
-            k = canary_rows(self.s, self.client.base_url)
+            k = self.s.canary
             if not (k and await run_canary(self, k)):
                 alone = self.writer.claim(1)    # claimed: no other worker on the job is handed it
                 if alone:

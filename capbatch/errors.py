@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from .exitcodes import EXIT_ABORTED, EXIT_INTERRUPTED, EXIT_USAGE
 
 
@@ -14,6 +16,8 @@ class CapbatchError(Exception):
         super().__init__(message)
         self.message = message
         self.hint = hint
+        #: what a machine-readable answer (``validate --json``) adds to the message, e.g. a census of sheets
+        self.details: dict[str, Any] = {}
 
     def __str__(self) -> str:
         return f"{self.message}\n  -> {self.hint}" if self.hint else self.message

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from .errors import LedgerError, UsageError
-from .ledger import STORE_FILE, Ledger, _take_lock, open_job_store
+from .ledger import LEDGER_FILE, STORE_FILE, Ledger, _take_lock, open_job_store
+from .ledger.sqlite import _writer_active
 
 
 def check_name(job: str) -> str:
@@ -136,6 +137,76 @@ def describe(location: str | None, reports_dir: Path, job: str) -> dict[str, Any
 
 
 def history(location: str | None, reports_dir: Path, job: str) -> list[dict[str, Any]]:
-    """The job's runs, oldest first."""
+    """The job's runs, oldest first: one line per invocation that wrote its summary (``recorded``),
+    and, from the run directories' ledgers, each that ended without one (killed with SIGKILL, a power
+    cut, an error before the end): its start, the requests and rows it settled, ``outcome`` "killed"
+    (or "running" while it still runs)."""
     with open_job_store(location, reports_dir, readonly=True) as store:
-        return store.history(job)
+        lines = [{"recorded": True, **line} for line in store.history(job)]
+    if location:          # a database job: its workers' lines are in the database
+        return lines
+    lines += _unrecorded(reports_dir, job, lines)
+    return sorted(lines, key=lambda line: line.get("started_at") or 0.0)
+
+
+def _unrecorded(reports_dir: Path, job: str, lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The invocations of the job's run directories that no line of the job store stands for."""
+    folder = job_dir(reports_dir, job)
+    candidates = sorted(folder.iterdir()) if folder.is_dir() else []
+    candidates += [_found(Path(line["run_dir"]), folder) for line in lines if line.get("run_dir")]
+    out: list[dict[str, Any]] = []
+    seen: set[tuple[str, str]] = set()
+    for run_dir in candidates:
+        # Lines keep the run directory as the run was given it (maybe relative to another working
+        # directory): a run directory is known by its own name and its folder's.
+        key = _key(run_dir)
+        if key in seen or not (run_dir / LEDGER_FILE).is_file():
+            continue
+        seen.add(key)
+        spans = [(line["started_at"], line.get("ended_at") or line["started_at"]) for line in lines
+                 if line.get("started_at") and _key(Path(line["run_dir"])) == key]
+        try:
+            ledger = Ledger.open_readonly(run_dir)
+        except LedgerError:
+            continue
+        with ledger:
+            if ledger.get_meta("job") not in (None, job):
+                continue
+            out += _unmatched(ledger, run_dir, spans)
+    return out
+
+
+def _unmatched(ledger: Ledger, run_dir: Path, spans: list[tuple[float, float]]) -> list[dict[str, Any]]:
+    """``ledger``'s invocations whose span no store line (``spans``) overlaps: a line is written at its
+    invocation's end and spans it; invocations of one run directory never overlap."""
+    out: list[dict[str, Any]] = []
+    invocations = ledger.invocations()
+    for n, inv in enumerate(invocations, 1):
+        end = inv["ended_at"]
+        latest = n == len(invocations)
+        last = end if latest else (end or inv.get("last_seen_at"))   # None: still open, or killed last
+        if any(begun <= (last if last is not None else begun) and ended >= inv["started_at"]
+               for begun, ended in spans):
+            continue
+        running = end is None and latest and _writer_active(run_dir)
+        outcome = "running" if running else ("killed" if end is None else inv.get("outcome") or "error")
+        out.append({"id": None, "run_dir": str(run_dir), "input_name": ledger.get_meta("input_name"),
+                    "started_at": inv["started_at"], "ended_at": end, "exit_code": inv.get("exit_code"),
+                    "counts": {}, "requests": inv.get("requests") or 0, "recorded": False, "outcome": outcome,
+                    "settled": ledger.settled_between(inv["started_at"], end or inv.get("last_seen_at"))})
+    return out
+
+
+def _key(run_dir: Path) -> tuple[str, str]:
+    return run_dir.parent.name, run_dir.name
+
+
+def _found(run_dir: Path, folder: Path) -> Path:
+    """A line's run directory, or where it is under this job folder when the line's path was relative
+    to another working directory (a run's own directory, or a revert's inside it)."""
+    if (run_dir / LEDGER_FILE).is_file():
+        return run_dir
+    for there in (folder / run_dir.name, folder / run_dir.parent.name / run_dir.name):
+        if (there / LEDGER_FILE).is_file():
+            return there
+    return run_dir

@@ -54,6 +54,7 @@ from .quota import (
     live_peers,
     open_backend,
 )
+from .wording import plural
 
 log = logging.getLogger("capbatch.pacing")
 
@@ -377,8 +378,8 @@ class Pacer:
             workers = sum(1 for p in grant.peers if self.run and p.run == self.run)
             others = len(grant.peers) - workers
             with_whom = " and ".join(x for x in (
-                f"{others} other run(s) on this API key" if others else "",
-                f"{workers} other worker(s) of this run" if workers else "") if x)
+                f"{plural(others, 'other run')} on this API key" if others else "",
+                f"{plural(workers, 'other worker')} of this run" if workers else "") if x)
             log.info("quota of %s shared with %s (%s); turns are shared by --priority (this one %d)",
                      self.key.target, with_whom, who, self.priority)
         if own is not None and grant.rate.per_second < own.per_second:

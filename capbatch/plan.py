@@ -32,6 +32,7 @@ from typing import Any
 from .config import Rate
 from .errors import PlanError
 from .window import Schedule, human_duration
+from .wording import plural
 
 log = logging.getLogger("capbatch.plan")
 
@@ -94,14 +95,19 @@ class Plan:
             return "nothing left to send"
         if self.rate_per_second is None or self.send_seconds is None:
             return f"{rows} → {requests}, no rate cap: the time depends on how fast the API answers"
-        text = f"{rows} → {requests} at {self.rate}: about {human_duration(self.send_seconds)}"
+        text = f"{rows} → {requests} at {self.rate}: {_about(self.send_seconds)}"
         if schedule is not None and not schedule.always_open and self.eta_seconds is not None:
             text += (f" of sending; inside the windows {schedule.describe()} that takes until "
                      f"{_when(self.finishes_at, self.made_at)} (in {human_duration(self.eta_seconds)})")
         if self.shared_with:
-            text += (f"; the key's quota is shared with {self.shared_with} other run(s) right now, so "
+            text += (f"; the key's quota is shared with {plural(self.shared_with, 'other run')} right now, so "
                      "expect longer while they send")
         return text
+
+
+def _about(seconds: float) -> str:
+    """'about 20 h 40 min'; a plan that rounds to no time at all is 'under a second'."""
+    return "under a second" if seconds < 0.5 else f"about {human_duration(seconds)}"
 
 
 def _iso(ts: float | None) -> str | None:

@@ -212,6 +212,13 @@ def _status(summary: dict[str, Any], invocations: list[dict[str, Any]]) -> tuple
                 f'{e(summary.get("run_dir", ""))}</code>.</p>')
     if not invocations:
         return ("not started", "p-run", '<p class="banner">No run has started on this ledger yet.</p>')
+    if stop == "aborted":   # the canary, the tripwire, credentials, an outage: not the rows' fault
+        msg = f": {e(summary['message'])}" if summary.get("message") else ""
+        return ("aborted", "p-warn",
+                f'<p class="banner warn">The run stopped early to spare the {num(unsettled)} rows not sent yet{msg}. '
+                + ('The failed rows show why; they are not input to fix. ' if counts.get("failed") else '')
+                + 'Check the API contract (what the org answers, the fields it needs), the credentials and the '
+                'target, then rerun the same command to resume.</p>')
     if stop in ("aborted", "interrupted") or unsettled:
         msg = f" ({e(summary['message'])})" if summary.get("message") else ""
         return (stop or "unfinished", "p-warn",
@@ -240,7 +247,7 @@ def _headline(summary: dict[str, Any]) -> str:
         ("Rejected", num(rejected), pct(rejected, total) or "invalid input", "warn" if rejected else ""),
         ("Pending", num(pending), "not settled yet" if pending else "", "warn" if pending else ""),
         ("Duration", e(duration(summary.get("duration_seconds"))),
-         f"{num(summary.get('invocations', 0))} invocation(s)", ""),
+         f"{num(summary.get('invocations', 0))} invocation{'' if summary.get('invocations', 0) == 1 else 's'}", ""),
         ("Throughput", f"{tput:,.0f}" if tput >= 100 else f"{tput:,.1f}", f"rows/s · {tput * 60:,.0f}/min", ""),
         ("Requests", num(summary.get("requests", 0)), "HTTP requests sent", ""),
         ("Retries", num(summary.get("retries", 0)), "transient errors retried", ""),
@@ -250,6 +257,12 @@ def _headline(summary: dict[str, Any]) -> str:
          e(summary.get("stop") or ""),
          "info" if summary.get("stop") == "in progress" else ("good" if summary.get("exit_code") == 0 else "bad")),
     ]
+    audit = summary.get("audit")
+    if audit:   # the job's rolling audit: confirmed pairs re-read in this run (also counted as unchanged/succeeded)
+        cards.append(("Audit", num(int(audit["rows"]) - int(audit.get("pending", 0))),
+                      f"confirmed pairs re-read · {num(audit.get('drift_fixed', 0))} drifted, put back"
+                      + (f" · {num(audit['pending'])} to read" if audit.get("pending") else ""),
+                      "warn" if audit.get("drift_fixed") or audit.get("failed") else ""))
     out = ['<div class="grid">']
     for label, value, sub, cls in cards:
         out.append(f'<div class="card {cls}"><div class="l">{e(label)}</div><div class="v">{value}</div>'

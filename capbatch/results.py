@@ -3,7 +3,8 @@
 Columns are those of results.csv: ``capbatch_row`` and ``capbatch_sheet``, the input's own columns,
 then ``capbatch_*`` outcome columns. Every ID and text column is ``pd.StringDtype()`` (card numbers and
 external IDs stay exactly as sent, leading zeros included), the state is a categorical with every
-state as a category, counts are nullable integers and ``capbatch_settled_at`` is a UTC datetime.
+state as a category, counts are nullable integers and ``capbatch_settled_at`` is ``datetime64[us, UTC]`` (UTC-aware,
+microseconds; NaT for a row not settled) in every frame, empty or not, so frames of several runs concat.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ OUTCOME_COLUMNS = (
     "capbatch_warnings",
 )
 FAILED_STATES = ("failed", "rejected")
+SETTLED_AT_UNIT = "us"   # capbatch_settled_at: microseconds, UTC-aware, in every frame
 PROBLEM_STATES = ("rejected", "duplicate")
 
 
@@ -42,13 +44,15 @@ def load_results(run_dir: Any) -> Any:
 
     ``run_dir`` is the run directory or the Summary ``run_backfill`` returned. Safe while a run writes.
     For a DataFrame input, ``capbatch_row`` is the input's index label: ``df.join(results.set_index(
-    "capbatch_row"))`` puts each outcome beside its row.
+    "capbatch_row"))`` puts each outcome beside its row. ``capbatch_settled_at`` is
+    ``datetime64[us, UTC]``, as in :func:`load_failures`.
     """
     return _outcome_frame(_run_dir(run_dir), ())
 
 
 def load_failures(run_dir: Any) -> Any:
-    """The failed and rejected rows of a run (the content of failures.csv), same columns as load_results."""
+    """The failed and rejected rows of a run (the content of failures.csv), same columns and dtypes as
+    load_results (``capbatch_settled_at``: ``datetime64[us, UTC]``, even when no row failed)."""
     return _outcome_frame(_run_dir(run_dir), FAILED_STATES)
 
 
@@ -88,14 +92,22 @@ def _outcome_frame(run_dir: Path, states: Iterable[str]) -> Any:
         "capbatch_http_status": pd.array(outcome["capbatch_http_status"], dtype="Int64"),
         "capbatch_generated": pd.array(outcome["capbatch_generated"], dtype="boolean"),
         "capbatch_latency_ms": pd.array(outcome["capbatch_latency_ms"], dtype="Float64"),
-        "capbatch_settled_at": pd.to_datetime(pd.Series(outcome["capbatch_settled_at"], dtype="float64"),
-                                              unit="s", utc=True).array,
+        "capbatch_settled_at": settled_at_column(outcome["capbatch_settled_at"]),
     }
     data += [typed[name] if name in typed else pd.array(outcome[name], dtype=text) for name in OUTCOME_COLUMNS]
     names = ["capbatch_row", "capbatch_sheet", *columns, *OUTCOME_COLUMNS]
     frame = pd.DataFrame(dict(enumerate(data)))   # by position: input columns may repeat a name
     frame.columns = names
     return frame
+
+
+def settled_at_column(seconds: list[float | None]) -> Any:
+    """Epoch seconds as ``datetime64[us, UTC]`` whatever the values (none, whole seconds, or fractions
+    that would otherwise make pandas pick nanoseconds): every frame gets the one dtype."""
+    import pandas as pd
+
+    stamps = pd.to_datetime(pd.Series(seconds, dtype="float64"), unit="s", utc=True)
+    return stamps.dt.round("us").dt.as_unit(SETTLED_AT_UNIT).array
 
 
 def problems_frame(ledger: Ledger, labels: Any = None, index_name: str | None = "row") -> Any:

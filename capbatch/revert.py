@@ -159,7 +159,7 @@ def _settle(s: Settings, ledger: Ledger, run_dir: Path, base_url: str) -> dict[s
         if s.retry_failed:
             log.info("--retry-failed: %d failed rows go out again", ledger.requeue_failed())
         log.info("reverting %s against %s: %s", run_dir, base_url, report.status_line(ledger.counts()))
-        result = runner.run_async(runner._run_engine(s, ledger, base_url))
+        result = runner.run_async(runner._run_engine(runner.send_settings(s, base_url), ledger, base_url))
     except BaseException as exc:
         code = announce.exit_code_of(exc)   # as the CLI exits: a bug is 70, not "aborted"
         try:   # requests None: keep the figures recorded as the revert went

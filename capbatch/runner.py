@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from . import announce, exitcodes, intake, jobs, outputs, report
 from .aio import run_async
-from .config import Settings, canary_rows, target_url
+from .config import Credentials, Settings, canary_rows, target_url
 from .errors import ConfigError, InputFileError, Interrupted, LedgerError, LedgerLost, Paused, RunAborted, UsageError
 from .ledger import LEDGER_FILE, Ledger, open_for_reading, open_ledger, row_label
 from .pacing import SharedQuota, quota_peers
@@ -42,7 +42,8 @@ from .summary import Summary
 from .wording import plural
 
 if TYPE_CHECKING:  # the engine stage imports these when it runs: `capbatch --help` and `validate` need no HTTP stack
-    from .engine import Counters, Engine, EngineResult
+    from .engine import Counters, Engine, EngineResult, EngineSettings
+    from .verify import CheckSettings
 
 log = logging.getLogger("capbatch")
 
@@ -359,21 +360,68 @@ def _signals_press(switch: StopSwitch, loop: asyncio.AbstractEventLoop) -> Itera
             signal.signal(sig, old)
 
 
-async def _engine_session(s: Settings, ledger: Ledger, base_url: str, switch: StopSwitch,
+@dataclass(frozen=True)
+class SendSettings:
+    """What stage 4 (send_rows) uses of a run's settings: the engine's, and the client, quota,
+    progress and window settings around it. Build it with :func:`send_settings`."""
+
+    engine: EngineSettings
+    credentials: Credentials
+    timeout: float = 30.0
+    verify_tls: bool = True
+    extra_fields: tuple[tuple[str, Any], ...] = ()
+    quota_dir: Path | None = None
+    priority: int = 1
+    job: str | None = None
+    window_exit: bool = False
+    progress: str = "auto"
+    progress_interval: float = 10.0
+    quiet: bool = False
+
+
+def engine_settings(s: Settings, base_url: str) -> EngineSettings:
+    """What the engine needs (``base_url``: the target, which decides the canary's default)."""
+    from .engine import EngineSettings
+
+    return EngineSettings(rate=s.rate, read_rate=s.read_rate, concurrency=s.concurrency, max_attempts=s.max_attempts,
+                          outage_budget=s.outage_budget, grace_period=s.grace_period, mode=s.mode,
+                          resume_check=s.resume_check, record_previous=s.record_previous, read_back=s.read_back,
+                          canary=canary_rows(s, base_url), tripwire=s.tripwire, tripwire_rate=s.tripwire_rate,
+                          tripwire_rows=s.tripwire_rows, verbose=s.verbose)
+
+
+def send_settings(s: Settings, base_url: str) -> SendSettings:
+    return SendSettings(engine=engine_settings(s, base_url), credentials=s.credentials, timeout=s.timeout,
+                        verify_tls=s.verify_tls, extra_fields=tuple(dict(s.extra_fields).items()),
+                        quota_dir=s.quota_dir, priority=s.priority, job=s.job, window_exit=s.window_exit,
+                        progress=s.progress, progress_interval=s.progress_interval, quiet=s.quiet)
+
+
+def check_settings(s: Settings) -> CheckSettings:
+    """What the read-only checks (verify, --check-remote) need."""
+    from .verify import CheckSettings
+
+    return CheckSettings(credentials=s.credentials, rate=s.rate, read_rate=s.read_rate, concurrency=s.concurrency,
+                         max_attempts=s.max_attempts, timeout=s.timeout, verify_tls=s.verify_tls,
+                         quota_dir=s.quota_dir, priority=s.priority)
+
+
+async def _engine_session(s: SendSettings, ledger: Ledger, base_url: str, switch: StopSwitch,
                           on_tick: Callable[[Counters], None] | None = None, schedule: Schedule | None = None,
                           clock: Clock = SYSTEM_CLOCK) -> EngineResult:
     from .api import CapillaryClient
     from .engine import Engine
     from .progress import Progress, choose_mode
 
+    e = s.engine
     async with CapillaryClient(base_url, s.credentials, timeout=s.timeout, verify_tls=s.verify_tls,
-                               max_connections=s.concurrency + 4, extra_fields=dict(s.extra_fields)) as client:
+                               max_connections=e.concurrency + 4, extra_fields=dict(s.extra_fields)) as client:
         # One quota shared with every run on this key (capbatch.quota): in the ledger's database (any
         # host) or in this host's quota files. Sending windows: capbatch.window.
-        quota = SharedQuota(s.rate, s.read_rate, target=base_url, credentials=s.credentials, quota_dir=s.quota_dir,
+        quota = SharedQuota(e.rate, e.read_rate, target=base_url, credentials=s.credentials, quota_dir=s.quota_dir,
                             priority=s.priority, database=ledger.quota_database(), run=_quota_run_tag(ledger, s.job))
         gate = WindowGate(schedule or Schedule(), clock)
-        engine = Engine(s, ledger, client, pacers=quota.pacers, window=gate)
+        engine = Engine(e, ledger, client, pacers=quota.pacers, window=gate)
         if s.window_exit:
             gate.on_close = lambda: engine.request_pause(
                 f"the sending window closed ({gate.schedule.describe()}): --window-exit, stopping here")
@@ -420,31 +468,32 @@ async def _every(interval: float, call: Callable[[Counters], None], counters: Co
             log.debug("periodic hook failed", exc_info=True)
 
 
-async def _run_engine(s: Settings, ledger: Ledger, base_url: str) -> EngineResult:
+async def _run_engine(s: SendSettings, ledger: Ledger, base_url: str) -> EngineResult:
     """The engine stage as a coroutine (capbatch revert runs it on its own ledger)."""
     return await _engine_session(s, ledger, base_url, StopSwitch())
 
 
-def send_rows(s: Settings, ledger: Ledger, base_url: str, switch: StopSwitch,
+def send_rows(s: SendSettings, ledger: Ledger, base_url: str, switch: StopSwitch,
               on_tick: Callable[[Counters], None] | None = None, schedule: Schedule | None = None,
               clock: Clock = SYSTEM_CLOCK) -> EngineResult:
-    """Stage 4: settle every pending row of ``ledger`` through the API. The engine takes the whole
-    Settings (rate, retries, modes, grace period...); this stage adds the client, the stop switch,
+    """Stage 4: settle every pending row of ``ledger`` through the API. The engine takes its
+    EngineSettings (rate, retries, modes, grace period...); this stage adds the client, the stop switch,
     the periodic hook (``on_tick``, every --progress-interval), the quota shared with other runs on
     the key and the sending windows (``schedule`` on ``clock``)."""
     return run_async(lambda: _engine_session(s, ledger, base_url, switch, on_tick, schedule, clock), switch.press)
 
 
 # ==== 5. reports =====================================================================================
-def write_run_reports(ledger: Ledger, run_dir: Path, result: EngineResult) -> Summary:
-    """Stage 5: results.csv, failures.csv, summary.json, report.html from the ledger."""
+def write_run_reports(ledger: Ledger, run_dir: Path, result: EngineResult, audit_read: int | None = None) -> Summary:
+    """Stage 5: results.csv, failures.csv, summary.json, report.html from the ledger. ``audit_read``:
+    the rolling audit's rows this invocation read (summary.json: this_invocation.audit_reads)."""
+    this_invocation = {"requests": result.counters.requests, "retries": result.counters.retries,
+                       "throttle_events": result.throttle_events, "outages": result.outages,
+                       "outage_seconds": round(result.outage_seconds, 3)}
+    if audit_read is not None and ledger.audit_counts():
+        this_invocation["audit_reads"] = audit_read
     return Summary(report.write_reports(ledger, run_dir, stop=result.stop, message=result.message,
-                                        extra={"this_invocation": {
-                                            "requests": result.counters.requests,
-                                            "retries": result.counters.retries,
-                                            "throttle_events": result.throttle_events,
-                                            "outages": result.outages,
-                                            "outage_seconds": round(result.outage_seconds, 3)}}))
+                                        extra={"this_invocation": this_invocation}))
 
 
 def _rows_left(counts: dict[str, int]) -> str:
@@ -465,12 +514,15 @@ def _log_summary(summary: dict[str, Any]) -> None:
         summary["stop"] if summary["stop"] in ("aborted", "interrupted") else "done",
         c["succeeded"], c["unchanged"], c["failed"], c["rejected"], plural(c["duplicate"], "duplicate"),
         c["pending"] + c["in_flight"], plural(requests, "request"), summary["throughput_rows_per_second"],
-        f"; audit: {audit['rows']} re-read, {audit['drift_fixed']} drifted and put back" if audit else "",
+        _audit_text(audit, summary["this_invocation"].get("audit_reads")) if audit else "",
         summary["run_dir"])
     if summary.get("warnings_by_code"):
         log.info("answers carried warnings: %s", ", ".join(
             f"{code or '?'} {w['message']!r} on {plural(w['rows'], 'row')}" for code, w in summary["warnings_by_code"].items()))
     job = (summary.get("settings") or {}).get("job")
+    if summary["stop"] == "aborted":   # the canary, the tripwire, credentials, an outage: not the rows' fault
+        log.info("%s", abort_advice(c))
+        return
     if (c["failed"] or c["rejected"]) and job:
         log.info("failed rows go out again with the next run of job %s (now: the same command with "
                  "--retry-failed); rejected rows need a fixed export; details in %s",
@@ -481,6 +533,26 @@ def _log_summary(summary: dict[str, Any]) -> None:
     if c["failed"] or c["rejected"]:
         log.info("editing in Excel? use %s instead: every cell is text, so leading zeros survive the round "
                  "trip; feed it back the same way", Path(summary["run_dir"]) / report.FAILURES_XLSX)
+
+
+def _audit_text(audit: dict[str, Any], read_now: int | None) -> str:
+    """'; audit: 18 re-read, 0 drifted and put back' (the run's), and what this invocation read of it
+    when that is not all of it (a resumed run, --retry-failed)."""
+    done = audit["rows"] - audit["pending"]
+    now = f" ({read_now} by this invocation)" if read_now is not None and read_now != done else ""
+    return f"; audit: {done} re-read{now}, {audit['drift_fixed']} drifted and put back"
+
+
+def abort_advice(counts: dict[str, int]) -> str:
+    """What an aborted run (exit 3: the canary, the tripwire, credentials, an outage) means and what to
+    do. Its failed rows show why it stopped; they are not input to fix in failures.csv."""
+    left = counts.get("pending", 0) + counts.get("in_flight", 0)
+    failed = counts.get("failed", 0)
+    evidence = (f"; the failed {'row shows' if failed == 1 else 'rows show'} why, not input to fix" if failed else "")
+    return (f"the run stopped early (exit 3) to spare the {plural(left, 'row')} not sent yet{evidence}. "
+            "Check what the reason above names: the API contract (what the org answers, the fields it needs: "
+            "--extra-field), the credentials, the target; then rerun the same command to resume"
+            + (" (add --retry-failed to send the failed rows again)" if failed else ""))
 
 
 class _JsonFormatter(logging.Formatter):
@@ -599,6 +671,7 @@ def _run(s: Settings, source: Source, stop: StopSwitch | None, announcer: announ
     file_log = _attach_json_log(run_dir)
     invocation = ledger.start_invocation()
     started_at = time.time()
+    audit_before = audit_due(ledger)
     try:
         v = validation_report(ledger)
         log_validation(prepared.notes if prepared.freshly_imported else prepared.notes[:1], v)
@@ -617,7 +690,7 @@ def _run(s: Settings, source: Source, stop: StopSwitch | None, announcer: announ
         log.info("target %s, auth %s, rate %s, concurrency %d", base_url, s.credentials.kind,
                  s.rate or "unlimited", s.concurrency)
         announcer.attach(ledger)
-        result = send_rows(s, ledger, base_url, switch, announcer.tick, schedule, clock)
+        result = send_rows(send_settings(s, base_url), ledger, base_url, switch, announcer.tick, schedule, clock)
     except BaseException as exc:
         code = announce.exit_code_of(exc)
         try:
@@ -635,7 +708,7 @@ def _run(s: Settings, source: Source, stop: StopSwitch | None, announcer: announ
         plan.to_dict(), result.counters.settled, result.counters.requests, time.time() - started_at,
         result.waiting_seconds)))
     try:
-        summary = write_run_reports(ledger, run_dir, result)
+        summary = write_run_reports(ledger, run_dir, result, audit_read=audit_before - audit_due(ledger))
     except OSError as exc:   # a full disk at the very end: every outcome is in the ledger already
         _detach(file_log)
         ledger.close()
@@ -650,7 +723,8 @@ def _run(s: Settings, source: Source, stop: StopSwitch | None, announcer: announ
     ledger.close()
     if result.stop == "aborted":
         raise RunAborted(f"run aborted: {result.message}",
-                         f"fix the cause, then rerun the same command to resume ({_rows_left(counts)})")
+                         "check the API contract, the credentials or the failure named above, then rerun the "
+                         f"same command to resume ({_rows_left(counts)})")
     if result.stop == "interrupted":
         raise Interrupted("run interrupted", "rerun the same command to resume where it stopped")
     if result.stop == "paused" and exit_code == exitcodes.EXIT_ABORTED:
@@ -671,8 +745,20 @@ def _settle_before_plan(s: Settings, ledger: Ledger, scratch: bool = False) -> N
         say("job %s: %s already confirmed by earlier runs, settled without a request", s.job,
             plural(skipped, "row"))
         if s.audit_fraction:
-            say("job %s: rolling audit re-reads %d confirmed pairs this run (--audit-fraction %g)",
-                s.job, audited, s.audit_fraction)
+            due = audit_due(ledger)
+            if due < audited:   # a resumed run or --retry-failed: its slice was picked (and read) before
+                say("job %s: rolling audit: this run's slice of %s was picked by an earlier invocation, "
+                    "%d already re-read; %d to re-read now (--audit-fraction %g)", s.job,
+                    plural(audited, "confirmed pair"), audited - due, due, s.audit_fraction)
+            else:
+                say("job %s: rolling audit re-reads %d confirmed pairs this run (--audit-fraction %g)",
+                    s.job, audited, s.audit_fraction)
+
+
+def audit_due(ledger: Ledger) -> int:
+    """Rows of the rolling audit not read yet (what this invocation's audit reads are counted from)."""
+    audit = ledger.audit_counts()
+    return audit.get("pending", 0) + audit.get("in_flight", 0)
 
 
 # ---- the plan (capbatch.plan) -----------------------------------------------------------------------
@@ -885,7 +971,7 @@ def check_remote(s: Settings, source: Source = None) -> dict[str, Any]:
             out = s.reports_dir / f"{_stem(s, source)}.check-remote.csv"
             v["plan"] = _plan_dict(s, prepared, base_url=base_url, source=source)
             v["input_sha256"] = prepared.sha256
-            counts = check_cards(s, base_url, targets, out, database=s.ledger)
+            counts = check_cards(check_settings(s), base_url, targets, out, database=s.ledger)
         finally:
             prepared.ledger.close()
     log.info("remote check: %d already hold their target ID, %d would change, %d cards do not exist, "
@@ -923,7 +1009,7 @@ def verify(s: Settings, target: Path | None) -> dict[str, Any]:
         stack.callback(ledger.close)
         targets = (Target(row_label(r["sheet"], r["row_number"]), r["card"], r["external_id"])
                    for r in ledger.rows_in_states(states))
-        counts = check_cards(s, base_url, targets, out, database=database)
+        counts = check_cards(check_settings(s), base_url, targets, out, database=database)
     logging.getLogger("capbatch.summary").info(
         "verify: %d match, %d differ, %d cards missing, %d unreadable; details in %s",
         counts["match"], counts["differs"], counts["missing"], counts["error"], out)

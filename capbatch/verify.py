@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable
 
 from .aio import run_async
 from .api import CARD_NOT_FOUND, CapillaryClient, Kind, Outcome
-from .config import Settings
+from .config import Credentials, Rate
 from .errors import ConfigError
 from .pacing import Pacer, SharedQuota, backoff_delay
 from .report import atomic_write, neutralise
@@ -25,6 +25,21 @@ from .report import atomic_write, neutralise
 log = logging.getLogger("capbatch.verify")
 
 PAGE = 2000
+
+
+@dataclass(frozen=True)
+class CheckSettings:
+    """What the read-only checks use of a run's settings (runner.check_settings builds it)."""
+
+    credentials: Credentials
+    rate: Rate | None = None
+    read_rate: Rate | None = None
+    concurrency: int = 16
+    max_attempts: int = 8
+    timeout: float = 30.0
+    verify_tls: bool = True
+    quota_dir: Path | None = None
+    priority: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +81,7 @@ async def _read_one(client: CapillaryClient, pacer: Pacer, target: Target, max_a
     return Check(target, "error", None, f"{outcome.error_code}: {outcome.error_message}")
 
 
-async def _check_all(s: Settings, base_url: str, targets: Iterable[Target], sink: Callable[[Check], None],
+async def _check_all(s: CheckSettings, base_url: str, targets: Iterable[Target], sink: Callable[[Check], None],
                      database: str | None) -> None:
     """Read in pages (memory stays flat), handing each page's checks to ``sink`` in input order."""
     quota = SharedQuota(s.rate, s.read_rate, target=base_url, credentials=s.credentials, quota_dir=s.quota_dir,
@@ -77,7 +92,7 @@ async def _check_all(s: Settings, base_url: str, targets: Iterable[Target], sink
         await quota.close()
 
 
-async def _read_pages(s: Settings, base_url: str, targets: Iterable[Target], sink: Callable[[Check], None],
+async def _read_pages(s: CheckSettings, base_url: str, targets: Iterable[Target], sink: Callable[[Check], None],
                       pacer: Pacer) -> None:
     sem = asyncio.Semaphore(s.concurrency)
     async with CapillaryClient(base_url, s.credentials, timeout=s.timeout, verify_tls=s.verify_tls,
@@ -99,7 +114,7 @@ async def _read_pages(s: Settings, base_url: str, targets: Iterable[Target], sin
                 sink(check)
 
 
-def check_cards(s: Settings, base_url: str, targets: Iterable[Target], out_csv: Path,
+def check_cards(s: CheckSettings, base_url: str, targets: Iterable[Target], out_csv: Path,
                 database: str | None = None) -> dict[str, int]:
     """Read every target card; write ``out_csv`` (row, card, intended, actual, status, message).
     ``database``: the ledger database whose quota the reads share; None: this host's quota files."""

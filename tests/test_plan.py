@@ -130,7 +130,7 @@ def test_a_run_records_its_plan_beside_the_actual_figures(tmp_path, sim, run_cli
     p = run_cli("run", src, "--base-url", s.url, "--rate", "100/s", "--run-dir", tmp_path / "run",
                 "--quota-dir", tmp_path / "quota", "--deadline", "8h")
     assert p.returncode == 0, p.stderr
-    assert "plan: 30 rows → 30 requests at 100/s: about 0 s" in p.stderr
+    assert "plan: 30 rows → 30 requests at 100/s: under a second" in p.stderr
     assert "plan: finishes before the deadline 8h" in p.stderr
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["plan"]["rows_to_send"] == 30 and summary["plan"]["requests_expected"] == 30

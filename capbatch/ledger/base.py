@@ -323,6 +323,13 @@ class Ledger(ABC):
     def invocations(self) -> list[dict[str, Any]]:
         """Every invocation, oldest first (see :func:`shape_invocation`)."""
 
+    def settled_between(self, start: float, end: float | None) -> dict[str, int]:
+        """Rows settled from ``start`` to ``end`` (None: since), by state: what one invocation settled
+        (invocations of a run directory never overlap; a row settled again later counts there)."""
+        rows = self._fetch(f"SELECT state, count(*) FROM {self._rows} WHERE {self._mine} AND settled_at >= ? "
+                           "AND settled_at <= ? GROUP BY state", (start, end if end is not None else float("inf")))
+        return {state: int(n) for state, n in rows}
+
     def quota_database(self) -> str | None:
         """The database whose quota table runs on this ledger share (capbatch.ledger.pg_quota), or
         None: they share the quota files of this host (capbatch.quota)."""

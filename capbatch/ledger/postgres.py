@@ -834,16 +834,43 @@ class PostgresJobStore(JobStore):
         return out
 
     def history(self, job: str) -> list[dict[str, Any]]:
-        """One line per worker invocation that finished, oldest first."""
+        """One line per worker invocation that finished, then each that ended without one (killed: its
+        row has no end and no live connection holds its lock), oldest first."""
         try:
             if not self._has("job_runs"):
                 return []
             cur = self.conn.execute("SELECT id, run_dir, input_name, started_at, ended_at, exit_code, counts, "
                                     "requests, host FROM capbatch.job_runs WHERE job=%s ORDER BY id", (job,))
             cols = [d[0] for d in cur.description or ()]
-            return [{**dict(zip(cols, row)), "counts": json.loads(row[6] or "{}")} for row in cur.fetchall()]
+            lines = [{**dict(zip(cols, row)), "counts": json.loads(row[6] or "{}")} for row in cur.fetchall()]
+            return sorted(lines + self._unended(job), key=lambda line: line.get("started_at") or 0.0)
         except psycopg.Error as exc:
             raise self._wrap_error(exc) from exc
+
+    def _unended(self, job: str) -> list[dict[str, Any]]:
+        """The job's worker invocations that never recorded an end, with the rows the run settled while
+        each ran (several workers at once share that count)."""
+        if not self._has("invocations"):
+            return []
+        rows = self.conn.execute(
+            "SELECT i.id, i.run_id, i.host, i.started_at, i.last_seen_at, i.requests, "
+            "(SELECT value FROM capbatch.meta m WHERE m.run_id=i.run_id AND m.key='run_dir'), "
+            "(SELECT value FROM capbatch.meta m WHERE m.run_id=i.run_id AND m.key='input_name'), "
+            "EXISTS (SELECT 1 FROM pg_locks l WHERE l.locktype = 'advisory' "
+            f"AND l.classid::bigint = {LOCK_NAMESPACE} AND l.objid::bigint = mod(i.id, {_IMPORT_BASE}) "
+            "AND l.objsubid = 2 AND l.granted) "
+            "FROM capbatch.invocations i JOIN capbatch.runs r ON r.id = i.run_id "
+            "WHERE r.job=%s AND i.ended_at IS NULL ORDER BY i.id", (job,)).fetchall()
+        out = []
+        for _id, run_id, host, started, last_seen, requests, run_dir, input_name, live in rows:
+            settled = self.conn.execute(
+                "SELECT state, count(*) FROM capbatch.rows WHERE run_id=%s AND settled_at >= %s AND settled_at <= %s "
+                "GROUP BY state", (run_id, started, last_seen or started)).fetchall()
+            out.append({"id": None, "run_dir": run_dir, "input_name": input_name, "started_at": started,
+                        "ended_at": None, "exit_code": None, "counts": {}, "requests": requests or 0, "host": host,
+                        "recorded": False, "outcome": "running" if live else "killed",
+                        "settled": {state: int(n) for state, n in settled}})
+        return out
 
 
 def _run_of(ledger: Ledger, store: PostgresJobStore) -> int:

@@ -7,6 +7,7 @@ leaves a consistent file: the rows it had in flight stay ``in_flight`` and are s
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -198,6 +199,10 @@ class SqliteLedger(Ledger):
             self.conn.close()
         finally:
             if self._lock_fd is not None:
+                # No pid left behind: a reader in this same (live) process, e.g. load_results after
+                # run_backfill, then opens the cleanly closed file immutable and leaves no -wal/-shm.
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self._lock_fd, 0)
                 os.close(self._lock_fd)
                 self._lock_fd = None
 

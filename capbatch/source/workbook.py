@@ -236,6 +236,7 @@ def choose_sheets(book: Workbook, options: InputOptions, notes: list[str]) -> li
         plans.append(plan)
     visible = [p for p in plans if not p.hidden]
     hidden = [p for p in plans if p.hidden]
+    census = _sheet_census(book, planned)
     hidden_note = (
         f"hidden sheet{'s' if len(hidden) > 1 else ''} {', '.join(p.described() for p in hidden)} "
         f"hold{'' if len(hidden) > 1 else 's'} the columns too but {'were' if len(hidden) > 1 else 'was'} "
@@ -243,29 +244,32 @@ def choose_sheets(book: Workbook, options: InputOptions, notes: list[str]) -> li
     ) if hidden else None
     if not visible:
         if hidden:
-            raise InputFileError(
+            raise _with_census(census, InputFileError(
                 f"{file}: no visible sheet holds the {CARD_FIELD} and {EXTERNAL_ID_FIELD} columns on "
                 f"row {options.header_row}; {hidden_note}",
                 f"if that sheet holds the rows to send, name it: --sheet {hidden[0].name!r}",
-            )
+            ))
         if len(tried) == 1 and first_error is not None:
-            raise first_error
-        raise InputFileError(
+            raise _with_census(census, first_error)
+        raise _with_census(census, InputFileError(
             f"{file}: no sheet holds the {CARD_FIELD} and {EXTERNAL_ID_FIELD} columns on row "
             f"{options.header_row}; headers found: " + ("; ".join(tried) or "(no worksheets)"),
             "pick the sheet with --sheet NAME and map the columns with --card-column NAME and "
             "--external-id-column NAME (and --header-row N if the headers are lower down)",
-        )
+        ))
     if options.sheet is None and len(visible) > 1:
-        raise InputFileError(
+        raise _with_census(census, InputFileError(
             f"{file}: {len(visible)} sheets hold the {CARD_FIELD} and {EXTERNAL_ID_FIELD} columns: "
             + ", ".join(p.described() for p in visible)
             + (f"; {hidden_note}" if hidden_note else ""),
             f"read one with --sheet NAME or --sheet INDEX (e.g. --sheet {visible[-1].name!r}), or "
             "all of them, in workbook order, with --sheet all",
-        )
+        ))
     if len(visible) > 1:
-        _same_columns(file, visible)
+        try:
+            _same_columns(file, visible)
+        except InputFileError as exc:
+            raise _with_census(census, exc) from None
         notes.append("sheets (--sheet all, in workbook order): "
                      + ", ".join(f"{p.name!r} ({_n_rows(p.rows)})" for p in visible)
                      + f"; {_n_rows(sum(p.rows for p in visible))} in all")
@@ -278,6 +282,23 @@ def choose_sheets(book: Workbook, options: InputOptions, notes: list[str]) -> li
     if hidden_note:
         notes.append(hidden_note)
     return visible
+
+
+def _sheet_census(book: Workbook, planned: list[tuple[int, SheetPlan | InputFileError]]) -> list[dict[str, Any]]:
+    """Every worksheet, in workbook order: whether it holds the required columns, its data rows if so,
+    and the header row found (what ``validate --json`` shows beside a refusal)."""
+    out = []
+    for i, plan in sorted(planned, key=lambda item: item[0]):
+        ok = isinstance(plan, SheetPlan)
+        header = plan.header if ok else getattr(plan, "header", None)
+        out.append({"index": i, "name": book.names[i], "hidden": book.is_hidden(i), "has_columns": ok,
+                    "rows": plan.rows if ok else None, "header": list(header) if header is not None else None})
+    return out
+
+
+def _with_census(census: list[dict[str, Any]], error: InputFileError) -> InputFileError:
+    error.details["sheet_census"] = census
+    return error
 
 
 def _same_columns(file: str, plans: list[SheetPlan]) -> None:
