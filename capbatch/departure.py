@@ -19,30 +19,39 @@ if TYPE_CHECKING:
 
 
 class Departure:
-    """One send: when the pacer let it go, then when its last bytes were written; ``slot``: the
-    grid slot it was given (None without one); ``recheck``: what to await once the request has its
-    connection, just before its bytes go out (the pacer's last look at how late it is)."""
+    """One send: when the pacer let it go, then when its bytes were written; ``slot``: the grid
+    slot it was given (None without one); ``recheck``: what to await once the request has its
+    connection, just before its bytes go out (the pacer's last look at how late it is); ``judge``:
+    what to call each time more of its bytes have left (the headers, then the body: a server may
+    count the request when its last bytes arrive), so that the pacer accounts for a late departure;
+    ``charged``: what the pacer has accounted for it so far."""
 
-    __slots__ = ("at", "released", "slot", "recheck")
+    __slots__ = ("at", "released", "slot", "recheck", "judge", "charged")
 
     def __init__(self, at: float, slot: float | None = None,
-                 recheck: Callable[[Departure], Awaitable[None]] | None = None) -> None:
+                 recheck: Callable[[Departure], Awaitable[None]] | None = None,
+                 judge: Callable[[Departure], None] | None = None) -> None:
         self.at = self.released = at
         self.slot = slot
         self.recheck = recheck
+        self.judge = judge
+        self.charged = 0.0
 
     def left(self, at: float) -> None:
         if at > self.at:
             self.at = at
+        if self.judge is not None:
+            self.judge(self)
 
 
 _CURRENT: ContextVar[Departure | None] = ContextVar("capbatch_departure", default=None)
 
 
 def expect(at: float, slot: float | None = None,
-           recheck: Callable[[Departure], Awaitable[None]] | None = None) -> Departure:
+           recheck: Callable[[Departure], Awaitable[None]] | None = None,
+           judge: Callable[[Departure], None] | None = None) -> Departure:
     """A note for the request this task is about to send (released by the pacer at ``at``)."""
-    note = Departure(at, slot, recheck)
+    note = Departure(at, slot, recheck, judge)
     _CURRENT.set(note)
     return note
 

@@ -18,8 +18,11 @@ tests/perf/bench.py ``quota``):
   really left (their bytes written, :mod:`capbatch.departure`, not when the pacer let them go) and
   never lets an (R+1)-th send into any window of the quota's length plus the margin, so sends
   bunched or held back by a loaded machine cannot eat into the margin the network path needs.
-- A slot reached too late (an event-loop stall) while other runs share the grid is skipped rather
-  than sent late, because a late send could crowd a window together with another run's slots.
+- A send on a shared grid that leaves later than the margin allows after its slot (an event-loop
+  stall, a descheduled process) moves the grid's coming slots, for every member, by what it costs
+  (:func:`capbatch.quota.late_shift`: at most one slot) — reported as its bytes leave, before the
+  slot a window later is handed out — so it cannot crowd a window with another run's slots. A slot
+  reached so late that the grid can no longer be moved in time is skipped instead.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from .quota import (
     QuotaKey,
     QuotaUnavailable,
     credential_fingerprint,
+    late_shift,
     live_peers,
     open_backend,
 )
@@ -100,8 +104,8 @@ class Pacer:
         self._fallback_warned = False
         self._granted = False
         self._guard_sends: deque[Departure] = deque()
-        self._in_transit: deque[Departure] = deque()   # shared-grid sends whose lateness is not judged yet
-        self._late_reporting = False
+        self._late_debt = 0.0                        # grid shift owed for late sends, not reported yet
+        self._late_reporting: asyncio.Task[None] | None = None
         self.late_sends = 0
         # News from other members (a backend with long leases): slots given back, a pause.
         self._earlier = asyncio.Event()              # set when slots earlier than a sleeping one arrive
@@ -125,7 +129,9 @@ class Pacer:
             return
         self._cadence = Cadence.of(rate, jitter)
         interval = self._cadence.interval / max(self.factor, 0.05)
-        lease_seconds = getattr(self._backend, "lease_seconds", 0.02)
+        # At most a tenth of the quota's window: a late send must still be able to move the grid
+        # before the slot a window later is handed out (see _judge).
+        lease_seconds = min(getattr(self._backend, "lease_seconds", 0.02), 0.1 * self._cadence.window)
         # A lease covers about ``lease_seconds`` of this run's own sends: its share of the grid by
         # weight. It holds at most two leases' worth unreached, so its turns on the grid (and what a
         # killed run leaves unused) stay in proportion to its --priority, however many runs share it.
@@ -133,6 +139,9 @@ class Pacer:
         self._block = max(self.priority, round(lease_seconds / interval * self.priority / weights))
         self._limit = 2 * self._block
         self._late_limit = self._cadence.margin * 0.75
+        # A slot reached later than the margin allows is still sent on a shared grid when the grid can
+        # be moved for it in time (see _judge): before the slot a window later is handed out.
+        self._max_late = max(self._late_limit, 0.5 * self._cadence.window - 2 * lease_seconds)
         self._guard_gap = self._cadence.window + self._cadence.margin
 
     # ---- sending -----------------------------------------------------------------------------
@@ -153,7 +162,7 @@ class Pacer:
             if now < self._pause_until:
                 await self._wait_pause()
                 continue
-            if self.peers and now - slot > self._late_limit:
+            if self._shared and now - slot > self._max_late:
                 self.dropped_slots += 1          # too late to keep the shared grid's promise
                 continue
             await self._guard(now, slot)
@@ -180,10 +189,14 @@ class Pacer:
                 bisect.insort(self._slots, slot)
                 slot = earlier
 
+    @property
+    def _shared(self) -> bool:
+        """Can another run send on this grid (now, or by joining it within the window)?"""
+        return bool(self.peers) or not isinstance(self._backend, MemoryQuotaBackend)
+
     async def _guard(self, now: float, slot: float | None = None) -> None:
         cadence = self._cadence
         assert cadence is not None
-        self._check_departures(now)
         sends = self._guard_sends        # when the last sends left (updated as their bytes go out)
         while sends and now - sends[0].at >= self._guard_gap:
             sends.popleft()
@@ -192,17 +205,18 @@ class Pacer:
             now = time.time()
             while sends and now - sends[0].at >= self._guard_gap:
                 sends.popleft()
-        note = expect(now, slot, self._recheck if self.peers and slot is not None else None)
+        shared = self._shared and slot is not None
+        note = expect(now, slot, self._recheck if shared else None, self._judge if shared else None)
+        if shared:
+            self._judge(note)            # released late already: the grid moves now, more as its bytes leave
         sends.append(note)
-        if self.peers and slot is not None:
-            self._in_transit.append(note)
         self._sends.append(now)
 
     async def _recheck(self, note: Departure) -> None:
         """The request has its connection (a new one may have taken a while on a loaded host): if it
-        would now leave later than the margin allows after its slot on a shared grid, it takes the
-        grid's next slot instead — a late send could crowd a window with another run's slots."""
-        if note.slot is None or time.time() - note.slot <= self._late_limit:
+        would now leave so late after its slot on a shared grid that the grid can no longer be moved
+        for it in time, it takes the grid's next slot instead."""
+        if note.slot is None or time.time() - note.slot <= self._max_late:
             return
         backend, member = self._backend, self._member
         if backend is None or member is None:
@@ -215,41 +229,44 @@ class Pacer:
         if not grant.slots:
             return
         self.dropped_slots += 1
-        for queue in (self._guard_sends, self._in_transit):
-            with contextlib.suppress(ValueError):
-                queue.remove(note)
+        with contextlib.suppress(ValueError):
+            self._guard_sends.remove(note)
         slot = grant.slots[0]
         wait = max(slot, self._pause_until) - time.time()
         if wait > 0:
             await asyncio.sleep(wait)
         await self._guard(time.time(), slot)
 
-    def _check_departures(self, now: float) -> None:
-        """Sends on a shared grid that left later than the margin allows (a loaded host holds them
-        between the slot and the socket) widen the shared margin at once, for every member: a late
-        send of one run could otherwise crowd a window with another run's slots."""
-        worst = 0.0
-        transit = self._in_transit
-        while transit and now - transit[0].released > 0.25:       # their bytes are out by now
-            note = transit.popleft()
-            if note.slot is not None:
-                worst = max(worst, note.at - note.slot)
-        if worst > self._late_limit and not self._late_reporting and self._member is not None:
-            self.late_sends += 1
-            self._late_reporting = True
-            task = asyncio.get_running_loop().create_task(self._report_late(worst))
-            self._reports.add(task)
-            task.add_done_callback(self._reports.discard)
+    def _judge(self, note: Departure) -> None:
+        """A send on a shared grid left: if later than the margin allows after its slot (a loaded host
+        held it between the slot and the socket), the grid's coming slots move by what that costs
+        (:func:`capbatch.quota.late_shift`, at most one slot), for every member, at once — before
+        the slot a window later is handed out, which could otherwise crowd a window with it."""
+        cadence = self._cadence
+        if note.slot is None or cadence is None or self._member is None:
+            return
+        shift = late_shift(note.at - note.slot, self._late_limit, cadence.interval) - note.charged
+        if shift <= 0:
+            return
+        self.late_sends += note.charged == 0
+        note.charged += shift
+        self._late_debt += shift
+        if self._late_reporting is None:
+            self._late_reporting = asyncio.get_running_loop().create_task(self._report_late())
+            self._reports.add(self._late_reporting)
+            self._late_reporting.add_done_callback(self._reports.discard)
 
-    async def _report_late(self, lateness: float) -> None:
+    async def _report_late(self) -> None:
         assert self._backend is not None and self._member is not None
         try:
-            await self._backend.late(self.key, self._member, time.time(), lateness)
-            log.debug("sends left up to %.0f ms after their slots: the shared margin widens", lateness * 1000)
-        except (QuotaUnavailable, OSError) as exc:
-            log.debug("could not widen the shared margin (%s)", exc)
+            while self._late_debt > 0:
+                shift, self._late_debt = self._late_debt, 0.0
+                try:
+                    await self._backend.late(self.key, self._member, time.time(), shift)
+                except (QuotaUnavailable, OSError) as exc:
+                    log.debug("could not move the shared grid for a late send (%s)", exc)
         finally:
-            self._late_reporting = False
+            self._late_reporting = None
 
     async def _take_slot(self) -> float:
         # One worker at a time (FIFO) looks for a slot; the others queue on the lock instead of all
@@ -284,11 +301,11 @@ class Pacer:
             self._notify()
 
     def _add_slots(self, slots: tuple[float, ...]) -> None:
-        # Slots already past when the lease comes back (a slow round trip to the shared state) are
-        # not this run's to catch up on: sent at once, as a burst, they would crowd a window with the
-        # slots of runs that leased after them, known to this run yet or not.
-        if self._cadence is not None and slots and slots[0] < time.time() - self._late_limit:
-            horizon = time.time() - self._late_limit
+        # Slots already past when the lease comes back (a slow round trip to the shared state) are sent
+        # late — each moves the grid by what it costs (_judge) — unless too late for the grid to be
+        # moved in time: those are not this run's to catch up on.
+        if self._cadence is not None and slots and slots[0] < time.time() - self._max_late:
+            horizon = time.time() - self._max_late
             kept = tuple(s for s in slots if s >= horizon)
             self.dropped_slots += len(slots) - len(kept)
             slots = kept

@@ -40,7 +40,7 @@ once, here, whatever keeps the state::
         lease_seconds: float        # how much sending time one lease should cover (batching)
         async def lease(self, key, member, count, now, spare_only=False) -> Grant
         async def throttled(self, key, member, now, retry_after, slow_down) -> bool
-        async def late(self, key, member, now, lateness) -> None   # sends left late: widen the margin
+        async def late(self, key, member, now, shift) -> None   # a send left late: move the grid
         async def leave(self, key, member, unused_slots, now) -> None
         def describe(self) -> str   # where the state lives, for messages
         async def close(self) -> None   # release files / connections
@@ -206,6 +206,7 @@ class QuotaState:
     last_member: str = ""           # who leased the grid's last slots (only they can give them back)
     last_start: float = 0.0         # where that last lease began on the grid
     spare: list[float] = field(default_factory=list)   # slots given back (a run that left or died mid-turn)
+    late: list[list[Any]] = field(default_factory=list)  # [member, when, shift]: late sends of a member alone
     members: dict[str, MemberState] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -219,7 +220,8 @@ class QuotaState:
                    jitter=float(data.get("jitter", 0.0)), jitter_at=float(data.get("jitter_at", 0.0)),
                    throttle_events=int(data.get("throttle_events", 0)),
                    last_member=str(data.get("last_member", "")), last_start=float(data.get("last_start", 0.0)),
-                   spare=[float(x) for x in data.get("spare") or ()], members=members)
+                   spare=[float(x) for x in data.get("spare") or ()], members=members,
+                   late=[[str(m), float(t), float(d)] for m, t, d in data.get("late") or ()])
 
 
 @dataclass(frozen=True)
@@ -323,6 +325,7 @@ def lease_slots(state: QuotaState, member: Member, count: int, now: float,
     _recover(state, now)
     rate = agreed_rate(state, member.rate)
     _relax(state, now, Cadence.of(rate))
+    _call_in_late(state, member, now, Cadence.of(rate))
     interval = Cadence.of(rate, state.jitter).interval / max(state.factor, MIN_FACTOR)
     if state.tat > now + MAX_PAUSE + 60 + count * interval:
         state.tat = now                 # a clock stepped backwards: do not wait for it
@@ -368,16 +371,56 @@ def report_throttle(state: QuotaState, member: Member, now: float, retry_after: 
     return True
 
 
-def report_late(state: QuotaState, member: Member, now: float, lateness: float) -> None:
-    """A member's sends left ``lateness`` seconds after their slots (a loaded host): widen the shared
-    margin at once so that it covers that — a send may leave up to 3/4 of the margin late — rather
-    than wait for the 429s it could cause (narrowed again like a 429's, step by step)."""
+def report_late(state: QuotaState, member: Member, now: float, shift: float) -> None:
+    """A member's send left later than the margin allows after its slot (a loaded host held it):
+    the grid's slots not handed out yet move ``shift`` seconds later (see :func:`late_shift`), so
+    that the slot a window after the late send cannot crowd a window together with it — a one-off
+    cost of at most one slot per late send, where widening the margin would cost every slot of the
+    next minutes. A member alone on the grid only notes the shift: its own guard already keeps its
+    sends apart by their real departures, and the grid moves only if another member leases within
+    a window of the late send (:func:`_call_in_late`)."""
     _touch(state, member, now)
-    cadence = Cadence.of(agreed_rate(state, member.rate))
-    needed = min(JITTER_MAX * cadence.window, max(0.0, lateness / 0.75 - cadence.margin))
-    if needed > state.jitter:
-        state.jitter = needed
-        state.jitter_at = now
+    if shift <= 0:
+        return
+    if len(state.members) > 1:
+        _shift(state, now, shift)
+    elif state.late and state.late[-1][0] == member.id and now - state.late[-1][1] < 0.05 * _window(state, member):
+        state.late[-1][1:] = [now, state.late[-1][2] + shift]     # one note per 5 % of the window: kept small
+    else:
+        state.late.append([member.id, now, shift])
+
+
+def _window(state: QuotaState, member: Member) -> float:
+    return Cadence.of(agreed_rate(state, member.rate)).window
+
+
+def _shift(state: QuotaState, now: float, shift: float) -> None:
+    state.tat = max(state.tat, now) + shift
+    state.spare = [s + shift if s >= now else s for s in state.spare]
+
+
+def _call_in_late(state: QuotaState, member: Member, now: float, cadence: Cadence) -> None:
+    """Late sends noted while their member was alone, within the last two windows: when another
+    member leases, the grid moves for them before it hands out a slot that could crowd them."""
+    horizon = now - 2 * (cadence.window + cadence.margin)
+    state.late = [mark for mark in state.late if mark[1] >= horizon]      # a dead member's too
+    if any(mark[0] != member.id for mark in state.late):
+        _shift(state, now, sum(mark[2] for mark in state.late))
+        state.late = []
+
+
+def late_shift(lateness: float, allowance: float, interval: float) -> float:
+    """How far the grid must move for one send that left ``lateness`` seconds after its slot, when
+    every send may leave up to ``allowance`` late (the margin covers that). Moved by ``d``, the send
+    counts as one at ``slot + lateness - allowance``: the window it opens holds the grid's next R
+    slots only if those move by ``lateness - allowance``; and once it has passed another slot (the
+    order changed), a window that opens at that slot holds one slot more than the grid's R, which
+    one interval covers. So ``min(lateness - allowance, interval)``, and 0 within the allowance.
+    (It must reach the shared state before the slot a window after the late send is handed out:
+    the pacer sends a slot late only when it still can, see ``Pacer``.)"""
+    if lateness <= allowance:
+        return 0.0
+    return min(lateness - allowance, interval) + 0.0005
 
 
 def leave(state: QuotaState, member: Member, unused: tuple[float, ...], now: float) -> None:
@@ -396,7 +439,7 @@ class QuotaBackend(Protocol):
     async def throttled(self, key: QuotaKey, member: Member, now: float, retry_after: float | None,
                         slow_down: bool) -> bool: ...
 
-    async def late(self, key: QuotaKey, member: Member, now: float, lateness: float) -> None: ...
+    async def late(self, key: QuotaKey, member: Member, now: float, shift: float) -> None: ...
 
     async def leave(self, key: QuotaKey, member: Member, unused: tuple[float, ...], now: float) -> None: ...
 
@@ -424,8 +467,8 @@ class MemoryQuotaBackend:
                         slow_down: bool) -> bool:
         return report_throttle(self._state(key), member, now, retry_after, slow_down)
 
-    async def late(self, key: QuotaKey, member: Member, now: float, lateness: float) -> None:
-        report_late(self._state(key), member, now, lateness)
+    async def late(self, key: QuotaKey, member: Member, now: float, shift: float) -> None:
+        report_late(self._state(key), member, now, shift)
 
     async def leave(self, key: QuotaKey, member: Member, unused: tuple[float, ...], now: float) -> None:
         leave(self._state(key), member, unused, now)
@@ -540,8 +583,8 @@ class FileQuotaBackend:
                         slow_down: bool) -> bool:
         return await self._apply(key, lambda s: report_throttle(s, member, now, retry_after, slow_down))
 
-    async def late(self, key: QuotaKey, member: Member, now: float, lateness: float) -> None:
-        await self._apply(key, lambda s: report_late(s, member, now, lateness))
+    async def late(self, key: QuotaKey, member: Member, now: float, shift: float) -> None:
+        await self._apply(key, lambda s: report_late(s, member, now, shift))
 
     async def leave(self, key: QuotaKey, member: Member, unused: tuple[float, ...], now: float) -> None:
         await self._apply(key, lambda s: leave(s, member, unused, now))

@@ -412,3 +412,64 @@ async def test_postgres_quota_grid_is_shared_by_priority_and_so_is_the_back_off(
         assert (await reader.read(QuotaKey("https://eu.api.example", fingerprint))).members == {}
     finally:
         await reader.close()
+
+
+def test_postgres_row_changes_are_pruned_as_reports_consume_them(tmp_path, pg_url):
+    """The change log (row_changes, one row per updating statement) keeps only what the last report
+    mark has not covered yet; an index older than what was pruned gets None (rewrite every chunk),
+    never a partial answer; a job's finished runs lose their log when the next run reports."""
+    import psycopg
+
+    def log_rows(run_id: int) -> int:
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            return int(conn.execute("SELECT count(*) FROM capbatch.row_changes WHERE run_id=%s",
+                                    (run_id,)).fetchone()[0])
+
+    def settle(led: Ledger, ids: range, per: int = 10) -> None:
+        for start in range(ids.start, ids.stop, per):           # one statement per batch, as the Writer does
+            batch = list(range(start, min(start + per, ids.stop)))
+            led.mark_in_flight(batch)
+            led.record([RowResult(i, State.SUCCEEDED, attempts=1, http_status=200, settled_at=1.0) for i in batch])
+
+    chunk = 1 << 12
+    with open_ledger(pg_url, tmp_path / "r", job="j", input_sha256=SHA) as led:
+        total = 2 * chunk + 150
+        _import(led, _rows(total))
+        settle(led, range(1, 101))                                # chunk 0
+        assert log_rows(led.run_id) >= 10
+        led.KEEP_REPORT_MARKS = 2                                 # (16 in use: a test of the rule)
+        before = led.change_mark()                                # (an index that is never written)
+        settle(led, range(101, 111))
+        first = led.change_mark()
+        assert led.changed_chunks(first) == set() and led.changed_chunks(before) == {0}
+        settle(led, range(chunk, chunk + 100))                    # chunk 1
+        second = led.change_mark()                                # prunes what `before` covered
+        assert led.changed_chunks(first) == {1}                   # the two latest indexes still read the log
+        assert led.changed_chunks(before) is None                 # an older one: everything changed
+        settle(led, range(2 * chunk, 2 * chunk + 100))            # chunk 2
+        grown = log_rows(led.run_id)
+        led.change_mark()                                          # prunes what `first` covered
+        assert led.changed_chunks(second) == {2} and led.changed_chunks(first) is None
+        assert log_rows(led.run_id) < grown
+        for _ in range(5):                                         # report after report: the log stays small
+            settle(led, range(2 * chunk + 100, 2 * chunk + 150))
+            led.change_mark()
+        assert log_rows(led.run_id) <= 10
+        # reports built on the pruned log are those of a full rebuild
+        write_reports(led, tmp_path / "r")
+        settle(led, range(chunk + 100, chunk + 200))
+        write_reports(led, tmp_path / "r")
+        write_reports(led, tmp_path / "r", tmp_path / "full")     # elsewhere: no index, every chunk
+        assert (tmp_path / "r" / "results.csv").read_bytes() == (tmp_path / "full" / "results.csv").read_bytes()
+        for ids in (range(111, chunk), range(chunk + 200, 2 * chunk), range(2 * chunk + 150, total + 1)):
+            settle(led, ids, per=5000)                            # the run is finished
+        assert led.counts()["succeeded"] == total
+        old_run = led.run_id
+        old_mark = led.change_mark()
+    with open_ledger(pg_url, tmp_path / "r2", job="j", input_sha256="b" * 64) as nxt:   # the job's next input
+        _import(nxt, _rows(10))
+        settle(nxt, range(1, 11))
+        nxt.change_mark()
+        assert log_rows(old_run) == 0
+    with open_ledger(pg_url, tmp_path / "r", job="j", input_sha256=SHA) as again:
+        assert again.run_id == old_run and again.changed_chunks(old_mark) is None

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import cli_env, ledger_query, make_cards, popen_cli, write_csv
@@ -215,3 +216,85 @@ def test_a_remote_check_beside_a_run_on_the_key_reads_on_the_same_quota(tmp_path
     assert st["by_route"]["GET /v2/card"] == 50 and st["by_route"]["PUT /v2/card"] == 70, st
     assert st["rate_limited"] == 0 and st["peak_per_second"] <= 20, st
     assert "shared with 1 other run" in outs[1], outs[1]
+
+
+# ---- sends that leave late -------------------------------------------------------------------------
+def test_a_late_send_moves_the_grid_by_what_it_costs_and_a_lone_members_debt_is_called_in():
+    from capbatch.quota import Cadence, Member, QuotaState, lease_slots, late_shift, report_late
+
+    rate = Rate(10, 1.0)
+    cadence = Cadence.of(rate)                      # 10 in any 1 s: slots 100.8 ms apart, 8 ms margin
+    a, i = 0.75 * cadence.margin, cadence.interval
+    assert late_shift(a, a, i) == 0.0                                   # within the margin: free
+    assert late_shift(a + 0.02, a, i) == pytest.approx(0.0205)          # beyond it: what it is beyond
+    assert late_shift(0.25, a, i) == pytest.approx(i + 0.0005)          # past another slot: one slot
+
+    alone, other = Member("alone", rate), Member("other", rate)
+    state = QuotaState()
+    first = lease_slots(state, alone, 2, 100.0).slots
+    assert first == pytest.approx((100.0, 100.0 + i))
+    report_late(state, alone, 100.05, 0.02)         # alone: its own guard covers it, the grid stays ...
+    assert state.tat == pytest.approx(100.0 + 2 * i) and len(state.late) == 1
+    assert lease_slots(state, alone, 1, 100.1).slots == pytest.approx((100.0 + 2 * i,))
+    # ... until another member leases within two windows: then the grid moves before its slot
+    assert lease_slots(state, other, 1, 100.2).slots == pytest.approx((100.0 + 3 * i + 0.02,))
+    assert state.late == []
+    report_late(state, other, 100.3, 0.03)          # two members: at once
+    assert lease_slots(state, alone, 1, 100.35).slots == pytest.approx((100.0 + 4 * i + 0.05,))
+    # a lone member's note older than two windows is forgotten, not charged to a newcomer
+    state = QuotaState()
+    lease_slots(state, alone, 1, 200.0)
+    report_late(state, alone, 200.01, 0.02)
+    assert lease_slots(state, other, 1, 203.0).slots == pytest.approx((203.0,))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_with_late_sends_no_window_ever_holds_more_than_the_quota(seed):
+    """The grid's rules as three members use them, at 1 ms steps: each holds two slots, sends each
+    at its slot plus a lateness drawn from a harsh spread (a fifth beyond the margin, some up to
+    0.3 s), never more than R of its own in a window plus margin (its guard), and reports what its
+    late sends cost as their bytes leave. Counted the way the simulator counts (any 1 s): never
+    more than R — and without the move it is more."""
+    import bisect
+    import random
+
+    from capbatch import quota as rules
+
+    def busiest(members: int, join_at: tuple[float, ...], shift: Any = rules.late_shift) -> int:
+        rng = random.Random(seed)
+        rate = Rate(30, 1.0)
+        cadence = rules.Cadence.of(rate)
+        a, i = 0.75 * cadence.margin, cadence.interval
+        state = rules.QuotaState()
+        ms = [rules.Member(f"m{k}", rate) for k in range(members)]
+        held: dict[str, list[float]] = {m.id: [] for m in ms}
+        own: dict[str, list[float]] = {m.id: [] for m in ms}
+        reports: list[tuple[float, Any, float]] = []
+        arrivals: list[float] = []
+        for step in range(1, 8000):
+            t = step / 1000
+            for due, m, d in [r for r in reports if r[0] <= t]:
+                rules.report_late(state, m, t, d)
+            reports = [r for r in reports if r[0] > t]
+            for k, m in enumerate(ms):
+                held[m.id] = [s for s in held[m.id] if s > t]
+                if t < join_at[k] or len(held[m.id]) >= 2:
+                    continue
+                for s in rules.lease_slots(state, m, 1, t).slots:
+                    held[m.id].append(s)
+                    x = rng.random()
+                    late = rng.uniform(0, a) if x < 0.7 else rng.uniform(a, 3 * i) if x < 0.92 else rng.uniform(0, 0.3)
+                    left = s + late
+                    mine = own[m.id]
+                    if len(mine) >= 30 and left - mine[-30] < cadence.window + cadence.margin:
+                        left = mine[-30] + cadence.window + cadence.margin
+                    mine.append(left)
+                    arrivals.append(left)
+                    if shift(left - s, a, i) > 0:
+                        reports.append((left + 0.002, m, shift(left - s, a, i)))
+        arrivals.sort()
+        return max(bisect.bisect_right(arrivals, x + 1.0 - 1e-9) - j for j, x in enumerate(arrivals))
+
+    assert busiest(3, (0.0, 2.0, 2.5)) == 30
+    assert busiest(2, (0.0, 3.3)) == 30             # alone for 3.3 s, then joined
+    assert busiest(3, (0.0, 2.0, 2.5), shift=lambda *_: 0.0) > 30

@@ -137,8 +137,9 @@ def _settled_rate(url: str, job: str) -> tuple[float, float]:
     return (sum(a for _, a in rows[1:])) / span, (len(rows) - 1) / span
 
 
-# ~20 s of three processes at exactly R over 1 s windows: in the slow run (python -m pytest -m slow);
-# on a loaded 2-core host a worker descheduled after its last check can still crowd one window.
+# 12-15 s of three processes at exactly R over 1 s windows: in the slow run (python -m pytest -m slow).
+# A send that leaves late moves the shared grid (no 429), but on a 2-core host at load 4-5 those moves
+# cost more than the 10 % the test allows (measured 0.75-0.91 of the quota there, 0.95-0.99 at load < 2.5).
 @pytest.mark.slow
 def test_three_workers_one_killed_and_restarted_share_the_job_and_the_quota(tmp_path, sim, pg_url):
     quota = 30                         # the simulator's strict quota: 30 requests in any 1 s

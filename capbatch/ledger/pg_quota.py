@@ -13,8 +13,13 @@ so the change is atomic.
 Time is the database's: the rules run on its clock, so hosts whose clocks disagree still share one
 grid. Each worker measures the offset between its clock and the database's (the sample with the
 shortest round trip of the last minute; its error is at most half that round trip, so an offset
-within that bound counts as none) and converts the slots it is given to its own clock. A lease covers about a second of the worker's own sends
-(``lease_seconds``), so each worker touches the database about once a second, not per request.
+within that bound counts as none) and converts the slots it is given to its own clock. A lease covers about
+a second of the worker's share of the grid (``lease_seconds``), and at most a tenth of the quota's
+window (0.1 s of a per-second quota; at least one slot): the grid is handed out only that far ahead,
+so a worker that stalls or dies strands few slots, a worker that (re)starts gets its turn at once,
+and a send that left late can still move the slots a window later (see
+:func:`capbatch.quota.late_shift`). So a worker touches the database about once a second under a
+per-minute quota, and up to ten times a second (one transaction per slot at most) under a per-second one.
 
 News travels at once: a change the other workers should act on before their next lease — slots
 given back by a worker that stopped, a Retry-After pause, a lowered rate factor — is announced with
@@ -61,7 +66,7 @@ from .postgres import _redact, check_url, connect_options, ensure_schema
 
 log = logging.getLogger("capbatch.quota")
 
-LEASE_SECONDS = 1.0        # a lease covers about this much of a worker's own sending time
+LEASE_SECONDS = 1.0        # a lease covers about this much of the grid (and at most a tenth of the window)
 PROBE_EVERY = 0.3          # seconds between looks whether the other members' connections are open
 OFFSET_FRESH = 30.0        # seconds a clock-offset sample is trusted before another is taken
 OFFSET_KEEP = 60.0         # seconds samples are kept to pick the shortest round trip from
@@ -207,8 +212,8 @@ class PostgresQuotaBackend:
         return bool(await self._apply(
             key, lambda s, db_now, live: report_throttle(s, self._me(member), db_now, retry_after, slow_down)))
 
-    async def late(self, key: QuotaKey, member: Member, now: float, lateness: float) -> None:
-        await self._apply(key, lambda s, db_now, live: report_late(s, self._me(member), db_now, lateness))
+    async def late(self, key: QuotaKey, member: Member, now: float, shift: float) -> None:
+        await self._apply(key, lambda s, db_now, live: report_late(s, self._me(member), db_now, shift))
 
     async def leave(self, key: QuotaKey, member: Member, unused: tuple[float, ...], now: float) -> None:
         offset = self.offset          # this host's slots -> the database's clock

@@ -546,17 +546,55 @@ class PostgresLedger(Ledger):
         return {str(code or ""): {"rows": int(n), "message": message or ""} for code, n, message in rows}
 
     def change_mark(self) -> Any:
-        """The oldest transaction still running: every change by an older one is visible now."""
-        return int(self._execute("SELECT txid_snapshot_xmin(txid_current_snapshot())").fetchone()[0])
+        """The oldest transaction still running: every change by an older one is visible now.
+
+        Taking a mark (reports are about to be written) also prunes the change log, which would
+        otherwise grow by a row per statement for ever: what the oldest of the last
+        ``KEEP_REPORT_MARKS`` marks (any worker's, any report directory's) covered goes, and so
+        does everything of the job's other runs (finished: a job has one unfinished run).
+        ``changes_kept_from`` in the run's meta says where the log now starts; an index older than
+        that is answered None (every chunk changed), never a partial list."""
+        mark = int(self._execute("SELECT txid_snapshot_xmin(txid_current_snapshot())").fetchone()[0])
+        if not self.readonly:
+            self._prune_changes(mark)
+        return mark
+
+    KEEP_REPORT_MARKS = 16             # report indexes (directories, workers) that stay incremental
+    _KEPT_FROM = "changes_kept_from"   # meta: row_changes of the run older than this xid are gone
+    _REPORT_MARKS = "report_marks"     # meta: the last marks handed out for reports, oldest first
+
+    def _prune_changes(self, mark: int) -> None:
+        upsert = ("INSERT INTO capbatch.meta(run_id, key, value) {rows} ON CONFLICT (run_id, key) DO UPDATE "
+                  "SET value = greatest(capbatch.meta.value::bigint, excluded.value::bigint)::text")
+        self._execute(
+            "WITH cur AS (SELECT string_to_array(value, ',')::bigint[] AS marks FROM capbatch.meta "
+            "WHERE run_id=%(run)s AND key=%(rm)s), "
+            "kept AS (SELECT m[greatest(1, cardinality(m) - %(keep)s + 1):] AS marks FROM (SELECT "
+            "coalesce((SELECT marks FROM cur), '{}'::bigint[]) || %(mark)s::bigint AS m) AS x), "
+            "mine AS (DELETE FROM capbatch.row_changes WHERE run_id=%(run)s AND xid < (SELECT marks[1] FROM kept)), "
+            "others AS (DELETE FROM capbatch.row_changes c USING capbatch.runs r WHERE c.run_id=r.id "
+            "AND r.job=%(job)s AND r.id<>%(run)s RETURNING c.run_id), "
+            "kept_from AS (" + upsert.format(rows="SELECT %(run)s, %(kf)s, marks[1]::text FROM kept") + "), "
+            "kept_others AS (" + upsert.format(rows="SELECT DISTINCT run_id, %(kf)s, (txid_current() + 1)::text "
+                                                    "FROM others") + ") "
+            "INSERT INTO capbatch.meta(run_id, key, value) SELECT %(run)s, %(rm)s, array_to_string(marks, ',') "
+            "FROM kept ON CONFLICT (run_id, key) DO UPDATE SET value = excluded.value",
+            {"run": self.run_id, "job": self.job, "rm": self._REPORT_MARKS, "kf": self._KEPT_FROM,
+             "mark": mark, "keep": self.KEEP_REPORT_MARKS})
 
     def changed_chunks(self, since: Any) -> set[int] | None:
         if not isinstance(since, int) or isinstance(since, bool):
             return None
         if self._execute("SELECT to_regclass('capbatch.row_changes')").fetchone()[0] is None:
             return None   # a read-only look at a database below schema 4: rewrite everything
-        rows = self._execute("SELECT DISTINCT chunk FROM capbatch.row_changes WHERE run_id=%s AND xid >= %s",
-                             (self.run_id, since)).fetchall()
-        return {int(chunk) for (chunk,) in rows}
+        # One statement, one snapshot: the log's start and its rows agree, whatever a prune does meanwhile.
+        kept_from, chunks = self._execute(
+            "SELECT (SELECT value::bigint FROM capbatch.meta WHERE run_id=%s AND key=%s), "
+            "ARRAY(SELECT DISTINCT chunk FROM capbatch.row_changes WHERE run_id=%s AND xid >= %s)",
+            (self.run_id, self._KEPT_FROM, self.run_id, since)).fetchone()
+        if kept_from is not None and since < kept_from:
+            return None   # pruned past this mark: every chunk counts as changed
+        return {int(chunk) for chunk in chunks}
 
     def mark_in_flight(self, ids: Sequence[int]) -> None:
         self.record((), None, ids)
