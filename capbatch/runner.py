@@ -31,10 +31,10 @@ from .errors import ConfigError, InputFileError, Interrupted, LedgerError, Ledge
 from .ledger import LEDGER_FILE, Ledger, holds_import, open_for_reading, open_ledger, row_label
 from .pacing import SharedQuota, quota_peers
 from .plan import Plan, PlanSettings, check_deadline, make_plan
-from .report_ahead import ReportsAhead
 from .plan import actual as plan_actual
 from .plan import announce as announce_plan
 from .quota import QuotaKey, credential_fingerprint
+from .report_ahead import ReportsAhead
 from .source.frame import MemoryTable, is_dataframe, open_frame, open_records
 from .window import SYSTEM_CLOCK, Clock, Schedule, WindowGate, human_duration, parse_deadline, schedule_for
 from .rules import RuleSettings
