@@ -235,8 +235,8 @@ def _prepare(s: Settings, run_dir: Path | None, source: Source, problems_only: b
     given = s.input if source is None else source
     # A scratch ledger (validate, checks) is thrown away on an error: the file is parsed once, its
     # structural checks made while its rows are loaded. A resume reads no row: no structural pass.
-    sha256 = None if scratch else _imported_already(s, given)
-    inp = read_input(given, input_options(s), survey=not scratch and sha256 is None, sha256=sha256)
+    sha256, imported = (None, False) if scratch else _imported_already(s, given)
+    inp = read_input(given, input_options(s), survey=not scratch and not imported, sha256=sha256)
     rules = rule_settings(s)
     explicit = run_dir is not None or s.run_dir is not None
     run_dir = Path(run_dir or s.run_dir or default_run_dir(s.reports_dir, inp, s.job, s.retry_failed))
@@ -248,18 +248,19 @@ def _prepare(s: Settings, run_dir: Path | None, source: Source, problems_only: b
     return Prepared(ledger, run_dir, inp.table, inp.sha256, list(inp.table.notes), fresh, left_out)
 
 
-def _imported_already(s: Settings, given: Source) -> str | None:
-    """The input file's content hash when its run's ledger already holds an import of that content (a
-    resume), else None. Then the run reads none of its rows, and a 1M-row CSV's structural pass (~1.5 s)
-    is not needed: the ledger holds what that pass decided. Changed content has another hash, so it
-    is still read, surveyed and refused as before."""
+def _imported_already(s: Settings, given: Source) -> tuple[str | None, bool]:
+    """The input file's content hash (None for a DataFrame or pairs), and whether its run's ledger
+    already holds an import of that content (a resume). Then the run reads none of its rows, and a
+    1M-row CSV's structural pass (~1.5 s) is not needed: the ledger holds what that pass decided.
+    Changed content has another hash, so it is still read, surveyed and refused as before. The hash
+    is handed on to the reader, which would otherwise compute it again."""
     if not isinstance(given, (str, os.PathLike)) or not Path(given).is_file():
-        return None
+        return None, False
     path = Path(given)
     sha256 = file_sha256(path)
     probe = Input(None, sha256, path.name, path)  # type: ignore[arg-type]  # the run directory needs no table
     run_dir = Path(s.run_dir) if s.run_dir else default_run_dir(s.reports_dir, probe, s.job, s.retry_failed)
-    return sha256 if holds_import(s.ledger, run_dir, s.job, sha256) else None
+    return sha256, holds_import(s.ledger, run_dir, s.job, sha256)
 
 
 def _changed_input_hint(s: Settings, what: str = "file") -> str:
