@@ -38,9 +38,9 @@ class ReportsAhead:
     @classmethod
     def start(cls, ledger: Ledger, run_dir: Path, rows_to_send: int) -> "ReportsAhead | None":
         """The helper for a run directory's SQLite ledger with at least MIN_ROWS rows to send, else None."""
+        shutil.rmtree(run_dir / STAGING_DIR, ignore_errors=True)   # a killed run's copy: stale, and not kept
         if ledger.backend != "sqlite" or rows_to_send < MIN_ROWS:
             return None
-        shutil.rmtree(run_dir / STAGING_DIR, ignore_errors=True)   # a killed run's copy is stale
         try:
             proc = subprocess.Popen([sys.executable, "-m", "capbatch.report_ahead", str(run_dir)],
                                     stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,

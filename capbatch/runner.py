@@ -257,7 +257,10 @@ def _imported_already(s: Settings, given: Source) -> tuple[str | None, bool]:
     if not isinstance(given, (str, os.PathLike)) or not Path(given).is_file():
         return None, False
     path = Path(given)
-    sha256 = file_sha256(path)
+    try:
+        sha256 = file_sha256(path)
+    except OSError:
+        return None, False   # unreadable: the reader that follows says so, with its fix
     probe = Input(None, sha256, path.name, path)  # type: ignore[arg-type]  # the run directory needs no table
     run_dir = Path(s.run_dir) if s.run_dir else default_run_dir(s.reports_dir, probe, s.job, s.retry_failed)
     return sha256, holds_import(s.ledger, run_dir, s.job, sha256)
@@ -727,22 +730,23 @@ def _run(s: Settings, source: Source, stop: StopSwitch | None, announcer: announ
         _detach(file_log)
         ledger.close()
         raise
-    counts = ledger.counts()
-    exit_code = report.exit_code_for(counts, result.stop)
-    ledger.end_invocation(invocation, exit_code, result.stop, result.counters.requests,
-                          result.counters.by_status)
-    ledger.set_meta("plan_actual", json.dumps(plan_actual(
-        plan.to_dict(), result.counters.settled, result.counters.requests, time.time() - started_at,
-        result.waiting_seconds)))
-    try:
-        summary = write_run_reports(ledger, run_dir, result, audit_read=audit_before - audit_due(ledger),
-                                    ahead=ahead.stop() if ahead is not None else None)
-    except OSError as exc:   # a full disk at the very end: every outcome is in the ledger already
-        _detach(file_log)
-        ledger.close()
-        raise LedgerLost(f"the reports could not be written in {run_dir} ({exc.strerror or exc})",
-                         f"free space there, then rerun the same command (or `capbatch report {run_dir}`): "
-                         "the ledger has every outcome") from exc
+    try:   # the reports-ahead helper is stopped whatever happens from here (a full disk too)
+        counts = ledger.counts()
+        exit_code = report.exit_code_for(counts, result.stop)
+        ledger.end_invocation(invocation, exit_code, result.stop, result.counters.requests,
+                              result.counters.by_status)
+        ledger.set_meta("plan_actual", json.dumps(plan_actual(
+            plan.to_dict(), result.counters.settled, result.counters.requests, time.time() - started_at,
+            result.waiting_seconds)))
+        try:
+            summary = write_run_reports(ledger, run_dir, result, audit_read=audit_before - audit_due(ledger),
+                                        ahead=ahead.stop() if ahead is not None else None)
+        except OSError as exc:   # a full disk at the very end: every outcome is in the ledger already
+            _detach(file_log)
+            ledger.close()
+            raise LedgerLost(f"the reports could not be written in {run_dir} ({exc.strerror or exc})",
+                             f"free space there, then rerun the same command (or `capbatch report {run_dir}`): "
+                             "the ledger has every outcome") from exc
     finally:
         if ahead is not None:
             ahead.discard()

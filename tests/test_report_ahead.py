@@ -27,7 +27,11 @@ def test_the_end_formats_only_what_settled_after_the_helpers_last_pass(tmp_path)
     run_dir = tmp_path / "run"
     with Ledger.open(run_dir) as led:
         _import(led)
-        assert ReportsAhead.start(led, run_dir, MIN_ROWS - 1) is None     # a small run: no helper
+        stale = run_dir / STAGING_DIR
+        stale.mkdir()
+        (stale / "results.csv").write_text("a killed run's copy\n")
+        assert ReportsAhead.start(led, run_dir, MIN_ROWS - 1) is None     # a small run: no helper ...
+        assert not stale.exists()                                          # ... and no stale copy kept
         _settle(led, range(1, 2 * CHUNK + 10), 1_700_000_000.0)          # the first two chunks settled
         ahead = ReportsAhead.start(led, run_dir, MIN_ROWS)
         assert ahead is not None
