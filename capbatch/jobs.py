@@ -20,7 +20,7 @@ from typing import Any, Iterable, Iterator
 
 from .errors import LedgerError, UsageError
 from .ledger import LEDGER_FILE, STORE_FILE, Ledger, _take_lock, open_job_store
-from .ledger.sqlite import _writer_active
+from .ledger.sqlite import writer_active
 
 
 def check_name(job: str) -> str:
@@ -188,7 +188,7 @@ def _unmatched(ledger: Ledger, run_dir: Path, spans: list[tuple[float, float]]) 
         if any(begun <= (last if last is not None else begun) and ended >= inv["started_at"]
                for begun, ended in spans):
             continue
-        running = end is None and latest and _writer_active(run_dir)
+        running = end is None and latest and writer_active(run_dir)
         outcome = "running" if running else ("killed" if end is None else inv.get("outcome") or "error")
         out.append({"id": None, "run_dir": str(run_dir), "input_name": ledger.get_meta("input_name"),
                     "started_at": inv["started_at"], "ended_at": end, "exit_code": inv.get("exit_code"),

@@ -177,7 +177,7 @@ class SqliteLedger(Ledger):
             raise LedgerError(f"{run_dir} holds no ledger ({LEDGER_FILE} is missing)",
                               "pass the run directory that `capbatch run` printed")
         wal = path.with_name(path.name + "-wal")
-        live = _writer_active(run_dir) or (wal.exists() and wal.stat().st_size > 0)
+        live = writer_active(run_dir) or (wal.exists() and wal.stat().st_size > 0)
         base = f"file:{urllib.parse.quote(str(path.resolve()))}?mode=ro"
         try:
             try:
@@ -558,7 +558,7 @@ class SqliteLedger(Ledger):
 Ledger.run_directory_backend = SqliteLedger   # Ledger.open(run_dir) opens this
 
 
-def _writer_active(run_dir: Path) -> bool:
+def writer_active(run_dir: Path) -> bool:
     """Whether the process that last locked the run directory is still alive. Checked by the pid it
     wrote into the lock file, never by taking the lock: a reader must not make a starting run fail."""
     try:
