@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -154,6 +155,14 @@ def test_a_closed_stdout_ends_quietly(tmp_path, sim, run_cli):
     assert shell.stdout.startswith("run directory: r") and shell.stderr == ""
 
 
+def _succeeded_so_far(run_dir: Path) -> int:
+    """Rows succeeded in a run's ledger, 0 until the run has created its tables (the file comes first)."""
+    try:
+        return ledger_query(run_dir, "SELECT count(*) FROM rows WHERE state='succeeded'")[0][0]
+    except sqlite3.OperationalError:   # no file yet, or no tables in it yet
+        return 0
+
+
 def test_after_kill_9_the_invocation_figures_and_summary_totals_are_right(tmp_path, sim, run_cli):
     pairs = make_cards(120)
     s = sim(cards={c: None for c, _ in pairs})
@@ -165,8 +174,7 @@ def test_after_kill_9_the_invocation_figures_and_summary_totals_are_right(tmp_pa
     try:
         while time.monotonic() - began < 30:
             time.sleep(0.2)
-            if (run_dir / "ledger.sqlite").exists() and \
-                    ledger_query(run_dir, "SELECT count(*) FROM rows WHERE state='succeeded'")[0][0] >= 30:
+            if _succeeded_so_far(run_dir) >= 30:
                 break
         killed_after = time.monotonic() - began
         proc.send_signal(signal.SIGKILL)
@@ -174,6 +182,7 @@ def test_after_kill_9_the_invocation_figures_and_summary_totals_are_right(tmp_pa
     finally:
         if proc.poll() is None:
             proc.kill()
+            proc.wait(timeout=10)
         proc.stdout.close()
     sent_before_kill = s.stats()["requests"]
     st = json.loads(run_cli("status", run_dir, "--json").stdout)
