@@ -20,6 +20,7 @@ from typing import Any, Iterable, Sequence
 
 from . import __version__
 from .ledger import Ledger, row_label
+from .wording import abort_advice
 
 REPORT_HTML = "report.html"
 MAX_BINS = 120            # timeline bars at most
@@ -213,13 +214,10 @@ def _status(summary: dict[str, Any], invocations: list[dict[str, Any]]) -> tuple
     if not invocations:
         return ("not started", "p-run", '<p class="banner">No run has started on this ledger yet.</p>')
     if stop == "aborted":   # the canary, the tripwire, credentials, an outage: not the rows' fault
-        msg = f": {e(summary['message'])}" if summary.get("message") else ""
-        return ("aborted", "p-warn",
-                f'<p class="banner warn">The run stopped early to spare the {num(unsettled)} rows not sent yet{msg}. '
-                + ('The failed rows show why; they are not input to fix. ' if counts.get("failed") else '')
-                + 'Check the API contract (what the org answers, the fields it needs), the credentials and the '
-                'target, then rerun the same command to resume.</p>')
-    if stop in ("aborted", "interrupted") or unsettled:
+        reason = f"{e(summary['message'])}. " if summary.get("message") else ""
+        advice = abort_advice({k: int(v) for k, v in counts.items()})
+        return ("aborted", "p-warn", f'<p class="banner warn">{reason}{e(advice[:1].upper() + advice[1:])}.</p>')
+    if stop == "interrupted" or unsettled:
         msg = f" ({e(summary['message'])})" if summary.get("message") else ""
         return (stop or "unfinished", "p-warn",
                 f'<p class="banner warn">The run {e(stop or "stopped")}{msg} with {num(unsettled)} rows not settled. '

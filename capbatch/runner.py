@@ -40,7 +40,7 @@ from .window import SYSTEM_CLOCK, Clock, Schedule, WindowGate, human_duration, p
 from .rules import RuleSettings
 from .source import InputOptions, InputTable, file_sha256, open_input
 from .summary import Summary
-from .wording import plural
+from .wording import abort_advice, plural
 
 if TYPE_CHECKING:  # the engine stage imports these when it runs: `capbatch --help` and `validate` need no HTTP stack
     from .engine import Counters, Engine, EngineResult, EngineSettings
@@ -566,17 +566,6 @@ def _audit_text(audit: dict[str, Any], read_now: int | None) -> str:
     now = f" ({read_now} by this invocation)" if read_now is not None and read_now != done else ""
     return f"; audit: {done} re-read{now}, {audit['drift_fixed']} drifted and put back"
 
-
-def abort_advice(counts: dict[str, int]) -> str:
-    """What an aborted run (exit 3: the canary, the tripwire, credentials, an outage) means and what to
-    do. Its failed rows show why it stopped; they are not input to fix in failures.csv."""
-    left = counts.get("pending", 0) + counts.get("in_flight", 0)
-    failed = counts.get("failed", 0)
-    evidence = (f"; the failed {'row shows' if failed == 1 else 'rows show'} why, not input to fix" if failed else "")
-    return (f"the run stopped early (exit 3) to spare the {plural(left, 'row')} not sent yet{evidence}. "
-            "Check what the reason above names: the API contract (what the org answers, the fields it needs: "
-            "--extra-field), the credentials, the target; then rerun the same command to resume"
-            + (" (add --retry-failed to send the failed rows again)" if failed else ""))
 
 
 class _JsonFormatter(logging.Formatter):

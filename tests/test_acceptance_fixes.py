@@ -144,8 +144,13 @@ def test_a_canary_abort_says_what_it_means_not_fix_failures_csv(tmp_path, sim, r
     assert "check the API contract, the credentials or the failure named above, then rerun the same command " \
            "to resume (39 rows left)" in p.stderr
     html = (tmp_path / "run" / "report.html").read_text()
-    assert "The run stopped early to spare the 39 rows not sent yet: canary stopped the run" in html
-    assert "The failed rows show why; they are not input to fix." in html and "fix them in" not in html
+    # report.html's banner: the reason, then the same advice as the log (one wording, capbatch.wording)
+    banner = html[html.index('<p class="banner warn">'):]
+    banner = banner[:banner.index("</p>")]
+    assert "canary stopped the run" in banner
+    assert ("The run stopped early (exit 3) to spare the 39 rows not sent yet; the failed row shows why, "
+            "not input to fix. Check what the reason above names") in banner
+    assert "fix them in" not in html
 
 
 # ---- 4. --retry-failed in a job: what the audit log says is what is counted ---------------------
