@@ -685,6 +685,7 @@ def _run(s: Settings, source: Source, stop: StopSwitch | None, announcer: announ
     invocation = ledger.start_invocation()
     started_at = time.time()
     audit_before = audit_due(ledger)
+    ahead: ReportsAhead | None = None
     try:
         v = validation_report(ledger)
         log_validation(prepared.notes if prepared.freshly_imported else prepared.notes[:1], v)
@@ -704,13 +705,10 @@ def _run(s: Settings, source: Source, stop: StopSwitch | None, announcer: announ
                  s.rate or "unlimited", s.concurrency)
         announcer.attach(ledger)
         ahead = ReportsAhead.start(ledger, run_dir, plan.rows_to_send)
-        try:
-            result = send_rows(send_settings(s, base_url), ledger, base_url, switch, announcer.tick, schedule, clock)
-        except BaseException:
-            if ahead is not None:
-                ahead.discard()
-            raise
+        result = send_rows(send_settings(s, base_url), ledger, base_url, switch, announcer.tick, schedule, clock)
     except BaseException as exc:
+        if ahead is not None:
+            ahead.discard()
         code = announce.exit_code_of(exc)
         try:
             ledger.end_invocation(invocation, code, "interrupted" if code == exitcodes.EXIT_INTERRUPTED else "error")
