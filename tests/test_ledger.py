@@ -492,3 +492,27 @@ def test_the_audits_rows_are_counted_through_their_own_index_on_both_ledgers(tmp
     with psycopg.connect(pg_url) as conn:
         indexes = {r[0] for r in conn.execute("SELECT indexname FROM pg_indexes WHERE schemaname='capbatch'")}
     assert "rows_audited" in indexes
+
+
+def test_postgres_history_counts_each_unended_workers_own_rows(tmp_path, pg_url):
+    """Two workers of one job settle rows at the same time; one is killed. Its history line counts the
+    rows it settled, not every row the job settled while it ran."""
+    import psycopg
+
+    job = f"own-rows-{time.time_ns()}"
+    one = open_ledger(pg_url, tmp_path / "a", job=job, input_sha256=SHA)
+    _import(one, _rows(30))
+    two = open_ledger(pg_url, tmp_path / "b", job=job, input_sha256=SHA)
+    mine, theirs = one.claim(4), two.claim(9)
+    one.record([RowResult(r.id, State.SUCCEEDED, 1, 200, settled_at=time.time()) for r in mine])
+    two.record([RowResult(r.id, State.FAILED, 1, 400, error_code="3010", settled_at=time.time()) for r in theirs[:6]]
+               + [RowResult(r.id, State.SUCCEEDED, 1, 200, settled_at=time.time()) for r in theirs[6:]])
+    with psycopg.connect(pg_url, autocommit=True) as admin:     # worker one dies with its connection
+        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid=%s",
+                      (one.conn.info.backend_pid,))
+    time.sleep(0.2)
+    lines = {line["outcome"]: line for line in two.job_store().history(job)}
+    assert lines["killed"]["settled"] == {"succeeded": 4}
+    assert lines["running"]["settled"] == {"failed": 6, "succeeded": 3}
+    one.close()
+    two.close()
