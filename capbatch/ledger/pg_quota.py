@@ -212,8 +212,10 @@ class PostgresQuotaBackend:
         return bool(await self._apply(
             key, lambda s, db_now, live: report_throttle(s, self._me(member), db_now, retry_after, slow_down)))
 
-    async def late(self, key: QuotaKey, member: Member, now: float, shift: float) -> None:
-        await self._apply(key, lambda s, db_now, live: report_late(s, self._me(member), db_now, shift))
+    async def late(self, key: QuotaKey, member: Member, now: float, shift: float,
+                   slot: float | None = None) -> None:
+        mine = None if slot is None else slot + self.offset      # this host's slot -> the database's clock
+        await self._apply(key, lambda s, db_now, live: report_late(s, self._me(member), db_now, shift, mine))
 
     async def leave(self, key: QuotaKey, member: Member, unused: tuple[float, ...], now: float) -> None:
         offset = self.offset          # this host's slots -> the database's clock
