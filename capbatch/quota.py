@@ -216,6 +216,9 @@ class MemberState:
         return Rate(self.requests, self.period)
 
 
+_MEMBER_FIELDS = dataclasses.fields(MemberState)
+
+
 @dataclass
 class QuotaState:
     tat: float = 0.0                # the next free slot of the shared grid
@@ -233,7 +236,11 @@ class QuotaState:
     members: dict[str, MemberState] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        # Not dataclasses.asdict: it deep-copies every list of the state, and the state is rewritten
+        # at every lease (tens of times a second under a per-second quota).
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        data["members"] = {k: {f.name: getattr(m, f.name) for f in _MEMBER_FIELDS} for k, m in self.members.items()}
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> QuotaState:
@@ -361,7 +368,7 @@ def lease_slots(state: QuotaState, member: Member, count: int, now: float,
     taken, state.spare = spare[: max(0, count)], spare[max(0, count):]
     start = max(state.tat, floor)
     grid = [] if spare_only else [start + i * interval for i in range(max(0, count) - len(taken))]
-    fresh = _chained(state, Cadence.of(rate, state.jitter), grid)
+    fresh = _chained(state, Cadence.of(rate, state.jitter), grid, alone=len(state.members) == 1)
     if fresh:
         state.tat = start + len(fresh) * interval
         state.last_member = member.id
@@ -373,7 +380,7 @@ def lease_slots(state: QuotaState, member: Member, count: int, now: float,
     return Grant(slots, rate, state.jitter, state.factor, state.pause_until, peers)
 
 
-def _chained(state: QuotaState, cadence: Cadence, grid: list[float]) -> list[float]:
+def _chained(state: QuotaState, cadence: Cadence, grid: list[float], alone: bool = False) -> list[float]:
     """The grid's next slots, each moved (if need be) to a window plus the margin after the R-th
     latest time the grid's recent slots count at — and entered in the chain log.
 
@@ -383,7 +390,9 @@ def _chained(state: QuotaState, cadence: Cadence, grid: list[float]) -> list[flo
     more than R of them whoever sent them. On a grid where nothing was late that is the grid itself;
     a late send moves only the slot a window after it (and that one's successor a window later —
     its chain), not the whole grid: it costs its lateness once per window-long chain, about 1/R of
-    a slot, where moving the grid costs the lateness in slots' worth for every member."""
+    a slot, where moving the grid costs the lateness in slots' worth for every member. A member
+    ``alone`` on the grid gets the grid's slots as they are: its own guard keeps its sends apart by
+    when they really left (the log still hears of its late sends, for whoever joins)."""
     if cadence.count > CHAIN_MAX:
         state.chains = []
         return grid
@@ -392,7 +401,7 @@ def _chained(state: QuotaState, cadence: Cadence, grid: list[float]) -> list[flo
     slots = []
     for slot in grid:
         counts = sorted(v for _, v in chains)
-        if len(counts) >= cadence.count:
+        if len(counts) >= cadence.count and not alone:
             slot = max(slot, counts[-cadence.count] + period)
         chains.append([slot, slot])
         slots.append(slot)
@@ -428,8 +437,8 @@ def report_late(state: QuotaState, member: Member, now: float, shift: float, slo
     """A member's send left later than the margin allows after its slot (a loaded host held it).
 
     With the chain log (``slot`` given and found there): that slot counts ``shift`` later, so the slot
-    a window after it will be moved by as much when it is handed out (:func:`_chained`); nothing else
-    moves. Without: """
+    a window after it will be moved by as much when it is handed out to another member
+    (:func:`_chained`); nothing else moves. Without the log: """
     _touch(state, member, now)
     if shift <= 0:
         return

@@ -157,3 +157,35 @@ async def test_a_send_leaving_a_little_after_its_go_is_not_carried_to_the_send_a
     gaps = sorted(notes[k + 50].released - notes[k].at for k in range(len(notes) - 50))
     assert gaps[0] >= 1.004 - 1e-6                    # the guard: a window plus half the margin
     assert gaps[len(gaps) // 2] <= 1.007              # but not the 1.008 s a carried lag would make
+
+
+async def test_a_send_is_stamped_once_its_bytes_are_in_the_kernel_never_before(sim):
+    """The client's trace hooks run just before the bytes go to the socket; a host that deschedules
+    the process there made a stamp early, and the R-th next send went out too soon (a 429). The
+    client's connections stamp as the write returns: never before the simulator's kernel receive
+    time of the request (SO_TIMESTAMP, as it counts quotas)."""
+    from capbatch.api import CapillaryClient
+    from capbatch.config import Credentials
+    from capbatch.departure import _CURRENT
+
+    def wall_minus_monotonic() -> float:     # read closely together (the simulator's thread shares the GIL)
+        reads = []
+        for _ in range(50):
+            before = time.monotonic()
+            wall = time.time()
+            after = time.monotonic()
+            reads.append((after - before, wall - (before + after) / 2))
+        return min(reads)[1]
+
+    s = sim(cards={"0011": None})
+    pacer = Pacer(Rate(50, 1.0))
+    async with CapillaryClient(s.url, Credentials(username="demo", password="demo")) as client:
+        # (a new connection's first request may arrive before the simulator turns its timestamps on)
+        assert (await client.put_card("0011", "EXT0")).ok
+        for _ in range(20):
+            await pacer.acquire()
+            note = _CURRENT.get()
+            assert note is not None
+            assert (await client.put_card("0011", "EXT1")).ok
+            arrived = s.sim._win1[-1] + wall_minus_monotonic()       # its kernel arrival time, wall clock
+            assert note.at >= arrived - 0.00002, (note.at, arrived)

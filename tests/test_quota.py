@@ -271,6 +271,13 @@ def test_a_late_send_moves_only_its_own_chain_under_a_small_quota():
     # a slot the log does not hold (none given, or forgotten) moves the grid instead, as above
     report_late(state, b, 101.5, 0.02)
     assert lease_slots(state, a, 1, 101.6).slots == pytest.approx((100.0 + 22 * i + 0.02,))
+    # a member alone gets the grid's slots as they are (its guard holds its own sends apart); the
+    # log still hears of its late sends, for a member that joins
+    state = QuotaState()
+    mine = lease_slots(state, a, 10, 300.0).slots
+    report_late(state, a, 300.03, 0.02, slot=mine[0])
+    assert lease_slots(state, a, 1, 300.9).slots == pytest.approx((300.0 + 10 * i,))
+    assert state.chains[0] == pytest.approx([300.0, 300.02]) and state.late == []
 
 
 @pytest.mark.parametrize("chained", [True, False], ids=["chain-log", "grid"])
