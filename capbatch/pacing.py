@@ -16,10 +16,11 @@ tests/perf/bench.py ``quota``):
   key paces against the same grid and takes turns fairly.
 - A thin guard on top keeps the exact promise for this process: it remembers when the last R sends
   really left (their bytes written, :mod:`capbatch.departure`, not when the pacer let them go) and
-  never lets an (R+1)-th send into any window of the quota's length plus half the margin, so sends
-  bunched or held back by a loaded machine cannot eat into the margin the network path needs. Half,
-  not all of it: the other half absorbs the small lag every send has between its go and its bytes,
-  which a guard as wide as the grid's period would carry from window to window (``Cadence.guard_gap``).
+  never lets an (R+1)-th send into any window of the quota's length plus the quarter of the margin
+  the network path needs (as the shared grid leaves it), so sends bunched or held back by a loaded
+  machine cannot eat into it. Not all of the margin: the rest absorbs the small lag every send has
+  between its go and its bytes, which a guard as wide as the grid's period would carry from window
+  to window (``Cadence.guard_gap``).
 - A send on a shared grid that leaves later than the margin allows after its slot (an event-loop
   stall, a descheduled process) is reported as its bytes leave, before the slot a window later is
   handed out, so it cannot crowd a window with another run's slots: under a quota of up to
@@ -143,7 +144,7 @@ class Pacer:
         weights = self.priority + sum(p.weight for p in self.peers)
         self._block = max(self.priority, round(lease_seconds / interval * self.priority / weights))
         self._limit = 2 * self._block
-        self._late_limit = self._cadence.margin * 0.75
+        self._late_limit = self._cadence.late_allowance
         # A slot reached later than the margin allows is still sent on a shared grid when the grid can
         # be moved for it in time (see _judge): before the slot a window later is handed out.
         self._max_late = max(self._late_limit, 0.5 * self._cadence.window - 2 * lease_seconds)

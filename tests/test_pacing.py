@@ -124,14 +124,15 @@ async def test_the_guard_counts_a_send_when_it_left_not_when_the_pacer_let_it_go
         assert time.time() - start >= 0.3 + 1.0               # a window after it left, not after its go
 
 
-def test_the_guard_keeps_half_the_margin_of_the_grid_period_as_slack():
+def test_the_guard_leaves_the_path_the_quarter_of_the_margin_the_shared_grid_leaves_it():
     from capbatch.quota import Cadence
 
     per_second = Cadence.of(Rate(50, 1.0))            # 8 ms margin: the grid's period is 1.008 s
     assert per_second.window + per_second.margin == pytest.approx(1.008)
-    assert per_second.guard_gap == pytest.approx(1.004)
+    assert per_second.late_allowance == pytest.approx(0.006)
+    assert per_second.guard_gap == pytest.approx(1.002)
     per_minute = Cadence.of(Rate(600, 60.0))          # 0.2 % of a minute: 0.12 s margin
-    assert per_minute.guard_gap == pytest.approx(60.06)
+    assert per_minute.guard_gap == pytest.approx(60.03)
 
 
 async def test_a_send_leaving_a_little_after_its_go_is_not_carried_to_the_send_a_window_later():
@@ -139,7 +140,7 @@ async def test_a_send_leaving_a_little_after_its_go_is_not_carried_to_the_send_a
     period that lag was carried to the R-th send after it, and from there on, window after window
     (the sends drifting behind their slots: a few per mille of the quota lost). Sends leaving 3 ms
     after their go: the R-th after one is let go by its slot (1.008 s - 3 ms after), never before
-    the guard's 1.004 s."""
+    the guard's 1.002 s."""
     from capbatch.departure import _CURRENT
 
     pacer = Pacer(Rate(50, 1.0))
@@ -155,7 +156,7 @@ async def test_a_send_leaving_a_little_after_its_go_is_not_carried_to_the_send_a
     for _ in range(151):                              # one at a time: releases in slot order
         await asyncio.create_task(send())
     gaps = sorted(notes[k + 50].released - notes[k].at for k in range(len(notes) - 50))
-    assert gaps[0] >= 1.004 - 1e-6                    # the guard: a window plus half the margin
+    assert gaps[0] >= 1.002 - 1e-6                    # the guard: a window plus the path's 2 ms
     assert gaps[len(gaps) // 2] <= 1.007              # but not the 1.008 s a carried lag would make
 
 

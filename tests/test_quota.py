@@ -224,7 +224,7 @@ def test_a_late_send_moves_the_grid_by_what_it_costs_and_a_lone_members_debt_is_
 
     rate = Rate(10, 1.0)
     cadence = Cadence.of(rate)                      # 10 in any 1 s: slots 100.8 ms apart, 8 ms margin
-    a, i = 0.75 * cadence.margin, cadence.interval
+    a, i = cadence.late_allowance, cadence.interval
     assert late_shift(a, a, i) == 0.0                                   # within the margin: free
     assert late_shift(a + 0.02, a, i) == pytest.approx(0.0205)          # beyond it: what it is beyond
     assert late_shift(0.25, a, i) == pytest.approx(i + 0.0005)          # past another slot: one slot
@@ -285,10 +285,10 @@ def test_a_late_send_moves_only_its_own_chain_under_a_small_quota():
 def test_with_late_sends_no_window_ever_holds_more_than_the_quota(seed, chained):
     """The grid's rules as three members use them, at 1 ms steps: each holds two slots, sends each
     at its slot plus a lateness drawn from a harsh spread (a fifth beyond the margin, some up to
-    0.3 s), never more than R of its own in a window plus half the margin (its guard), and reports
-    what its late sends cost as their bytes leave — with the slot (the chain log of a small quota)
-    or without (the grid moves). Counted the way the simulator counts (any 1 s): never more than R
-    — and without the move it is more."""
+    0.3 s), never more than R of its own in its guard's gap, and reports what its late sends cost as
+    their bytes leave — with the slot (the chain log of a small quota) or without (the grid moves).
+    Counted the way the simulator counts (any 1 s): never more than R — and without the move it
+    is more."""
     import bisect
     import random
 
@@ -299,7 +299,7 @@ def test_with_late_sends_no_window_ever_holds_more_than_the_quota(seed, chained)
         rng = random.Random(seed)
         rate = Rate(30, 1.0)
         cadence = rules.Cadence.of(rate)
-        a, i = 0.75 * cadence.margin, cadence.interval
+        a, i = cadence.late_allowance, cadence.interval
         state = rules.QuotaState()
         ms = [rules.Member(f"m{k}", rate) for k in range(members)]
         held: dict[str, list[float]] = {m.id: [] for m in ms}
