@@ -113,6 +113,10 @@ def _stamp_arrivals(transport: Any) -> None:
     transport._sock = _ArrivalSocket(sock)
 
 
+def _wall(monotonic: float) -> float:
+    return time.time() - (time.monotonic() - monotonic)
+
+
 def _arrival(request: web.Request, now: float) -> float:
     """When ``request`` arrived, on the monotonic clock ``now`` was read from (``now`` if unknown)."""
     sock = getattr(request.transport, "_sock", None)
@@ -401,6 +405,7 @@ class Simulator:
             self._fixed_sec = self._fixed_min = -1
             self._fixed_sec_n = self._fixed_min_n = 0
         self._peak_1 = 0
+        self._first_accepted: float | None = None     # arrival (monotonic) of the first accepted request
         self._peak_60 = 0
 
     def stats(self) -> dict[str, Any]:
@@ -420,6 +425,10 @@ class Simulator:
             "rate_limited": self._rejected_429,
             "peak_per_minute": self._peak_60,
             "peak_per_second": self._peak_1,
+            # when accepted requests arrived, wall clock: the first one, and those of the last second
+            # (a benchmark counts exactly what arrived within a span from these)
+            "first_accepted_at": None if self._first_accepted is None else _wall(self._first_accepted),
+            "last_second_arrivals": [_wall(t) for t in self._win1],
             "max_in_flight": self._max_in_flight,
             "in_flight": self._in_flight,
             "cards": len(self._cards),
@@ -623,6 +632,8 @@ class Simulator:
         w1.insert(in1, now)
         w60.insert(in60, now)
         self._accepted += 1
+        if self._first_accepted is None:
+            self._first_accepted = now
         if in1 + 1 > self._peak_1:
             self._peak_1 = in1 + 1
         if in60 + 1 > self._peak_60:
