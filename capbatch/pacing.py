@@ -269,9 +269,9 @@ class Pacer:
         assert self._backend is not None and self._member is not None
         try:
             while self._late_debt:
-                slot, shift = self._late_debt.popitem()
+                shifts, self._late_debt = self._late_debt, {}
                 try:
-                    await self._backend.late(self.key, self._member, time.time(), shift, slot)
+                    await self._backend.late(self.key, self._member, time.time(), shifts)
                 except (QuotaUnavailable, OSError) as exc:
                     log.debug("could not move the shared grid for a late send (%s)", exc)
         finally:

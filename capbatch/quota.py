@@ -49,7 +49,7 @@ once, here, whatever keeps the state::
         lease_seconds: float        # how much sending time one lease should cover (batching)
         async def lease(self, key, member, count, now, spare_only=False) -> Grant
         async def throttled(self, key, member, now, retry_after, slow_down) -> bool
-        async def late(self, key, member, now, shift, slot=None) -> None   # a send left late
+        async def late(self, key, member, now, shifts) -> None   # sends left late: {slot: shift}
         async def leave(self, key, member, unused_slots, now) -> None
         def describe(self) -> str   # where the state lives, for messages
         async def close(self) -> None   # release files / connections
@@ -87,7 +87,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Protocol
+from typing import Any, Iterable, Mapping, Protocol
 
 from .config import Credentials, Rate
 
@@ -457,6 +457,12 @@ def report_late(state: QuotaState, member: Member, now: float, shift: float, slo
     _late_grid(state, member, now, shift)
 
 
+def report_lates(state: QuotaState, member: Member, now: float, shifts: Mapping[float, float]) -> None:
+    """:func:`report_late` for each ``slot: shift`` of ``shifts`` (a member's late sends, reported at once)."""
+    for slot, shift in shifts.items():
+        report_late(state, member, now, shift, slot)
+
+
 def _chain_entry(state: QuotaState, member: Member, slot: float | None) -> list[float] | None:
     if slot is None or not state.chains:
         return None
@@ -531,8 +537,7 @@ class QuotaBackend(Protocol):
     async def throttled(self, key: QuotaKey, member: Member, now: float, retry_after: float | None,
                         slow_down: bool) -> bool: ...
 
-    async def late(self, key: QuotaKey, member: Member, now: float, shift: float,
-                   slot: float | None = None) -> None: ...
+    async def late(self, key: QuotaKey, member: Member, now: float, shifts: Mapping[float, float]) -> None: ...
 
     async def leave(self, key: QuotaKey, member: Member, unused: tuple[float, ...], now: float) -> None: ...
 
@@ -560,9 +565,8 @@ class MemoryQuotaBackend:
                         slow_down: bool) -> bool:
         return report_throttle(self._state(key), member, now, retry_after, slow_down)
 
-    async def late(self, key: QuotaKey, member: Member, now: float, shift: float,
-                   slot: float | None = None) -> None:
-        report_late(self._state(key), member, now, shift, slot)
+    async def late(self, key: QuotaKey, member: Member, now: float, shifts: Mapping[float, float]) -> None:
+        report_lates(self._state(key), member, now, shifts)
 
     async def leave(self, key: QuotaKey, member: Member, unused: tuple[float, ...], now: float) -> None:
         leave(self._state(key), member, unused, now)
@@ -677,9 +681,8 @@ class FileQuotaBackend:
                         slow_down: bool) -> bool:
         return await self._apply(key, lambda s: report_throttle(s, member, now, retry_after, slow_down))
 
-    async def late(self, key: QuotaKey, member: Member, now: float, shift: float,
-                   slot: float | None = None) -> None:
-        await self._apply(key, lambda s: report_late(s, member, now, shift, slot))
+    async def late(self, key: QuotaKey, member: Member, now: float, shifts: Mapping[float, float]) -> None:
+        await self._apply(key, lambda s: report_lates(s, member, now, shifts))
 
     async def leave(self, key: QuotaKey, member: Member, unused: tuple[float, ...], now: float) -> None:
         await self._apply(key, lambda s: leave(s, member, unused, now))
