@@ -129,13 +129,15 @@ class Cadence:
     count: int
     window: float
     margin: float
+    jitter: float = 0.0             # the part of the margin learned from 429s (all of it the path's)
 
     @classmethod
     def of(cls, rate: Rate, jitter: float = 0.0) -> Cadence:
         """``jitter``: extra margin learned from 429s (the path to the server jitters more than assumed)."""
         count = min(GUARD_MAX, max(1, math.floor(rate.requests)))
         window = rate.period * count / rate.requests
-        return cls(count, window, max(MIN_MARGIN, MARGIN_FRACTION * window) + min(jitter, JITTER_MAX * window))
+        learned = min(jitter, JITTER_MAX * window)
+        return cls(count, window, max(MIN_MARGIN, MARGIN_FRACTION * window) + learned, learned)
 
     @property
     def jitter_step(self) -> float:
@@ -149,8 +151,9 @@ class Cadence:
     def late_allowance(self) -> float:
         """How late after its slot a send may leave and still count as on time: three quarters of the
         margin. The last quarter (2 ms of a per-second quota's 8) is left for the path between this
-        host's stamp of a send (its bytes handed to the kernel) and the server's clock."""
-        return LATE_ALLOWANCE * self.margin
+        host's stamp of a send (its bytes handed to the kernel) and the server's clock — and all of
+        what 429s added to the margin (they mean the path jitters more than that)."""
+        return LATE_ALLOWANCE * (self.margin - self.jitter)
 
     @property
     def guard_gap(self) -> float:

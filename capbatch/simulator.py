@@ -113,10 +113,6 @@ def _stamp_arrivals(transport: Any) -> None:
     transport._sock = _ArrivalSocket(sock)
 
 
-def _wall(monotonic: float) -> float:
-    return time.time() - (time.monotonic() - monotonic)
-
-
 def _arrival(request: web.Request, now: float) -> float:
     """When ``request`` arrived, on the monotonic clock ``now`` was read from (``now`` if unknown)."""
     sock = getattr(request.transport, "_sock", None)
@@ -406,6 +402,7 @@ class Simulator:
             self._fixed_sec_n = self._fixed_min_n = 0
         self._peak_1 = 0
         self._first_accepted: float | None = None     # arrival (monotonic) of the first accepted request
+        self._wall_offset = time.time() - time.monotonic()   # one offset: the stats read the same twice
         self._peak_60 = 0
 
     def stats(self) -> dict[str, Any]:
@@ -427,8 +424,8 @@ class Simulator:
             "peak_per_second": self._peak_1,
             # when accepted requests arrived, wall clock: the first one, and those of the last second
             # (a benchmark counts exactly what arrived within a span from these)
-            "first_accepted_at": None if self._first_accepted is None else _wall(self._first_accepted),
-            "last_second_arrivals": [_wall(t) for t in self._win1],
+            "first_accepted_at": None if self._first_accepted is None else self._first_accepted + self._wall_offset,
+            "last_second_arrivals": [t + self._wall_offset for t in self._win1],
             "max_in_flight": self._max_in_flight,
             "in_flight": self._in_flight,
             "cards": len(self._cards),

@@ -133,6 +133,9 @@ def test_the_guard_leaves_the_path_the_quarter_of_the_margin_the_shared_grid_lea
     assert per_second.guard_gap == pytest.approx(1.002)
     per_minute = Cadence.of(Rate(600, 60.0))          # 0.2 % of a minute: 0.12 s margin
     assert per_minute.guard_gap == pytest.approx(60.03)
+    widened = Cadence.of(Rate(50, 1.0), jitter=0.004)   # two 429s: the path jitters more than assumed
+    assert widened.margin == pytest.approx(0.012) and widened.late_allowance == pytest.approx(0.006)
+    assert widened.guard_gap == pytest.approx(1.006)    # all of the learned part goes to the path
 
 
 async def test_a_send_leaving_a_little_after_its_go_is_not_carried_to_the_send_a_window_later():
