@@ -119,8 +119,16 @@ def _arrival(request: web.Request, now: float) -> float:
     arrived = getattr(sock, "arrived", None)
     if arrived is None:
         return now
-    ago = time.time() - arrived
-    return now - ago if 0 <= ago < 5.0 else now
+    # The kernel's stamp is wall-clock time: convert it with two readings taken together (a process
+    # descheduled between a monotonic and a wall reading would put the request milliseconds early).
+    for _ in range(10):
+        before = time.monotonic()
+        wall = time.time()
+        after = time.monotonic()
+        if after - before < 0.0001:
+            break
+    at = arrived - wall + (before + after) / 2
+    return at if 0 <= now - at < 5.0 else now
 
 
 __all__ = ["SimConfig", "Simulator", "SimulatorThread", "serve", "load_cards_csv", "main"]
