@@ -186,10 +186,15 @@ async def test_a_send_is_stamped_once_its_bytes_are_in_the_kernel_never_before(s
     async with CapillaryClient(s.url, Credentials(username="demo", password="demo")) as client:
         # (a new connection's first request may arrive before the simulator turns its timestamps on)
         assert (await client.put_card("0011", "EXT0")).ok
+        early = []
         for _ in range(20):
             await pacer.acquire()
             note = _CURRENT.get()
             assert note is not None
             assert (await client.put_card("0011", "EXT1")).ok
             arrived = s.sim._win1[-1] + wall_minus_monotonic()       # its kernel arrival time, wall clock
-            assert note.at >= arrived - 0.00002, (note.at, arrived)
+            if note.at < arrived - 0.00002:
+                early.append(arrived - note.at)
+    # (stamped before the write, nearly all are early by 0.03-3 ms; a loaded host may rarely open a
+    # new connection, whose first request the simulator can only time when it handles it)
+    assert len(early) <= 2, early
