@@ -22,6 +22,7 @@ from typing import Any, Mapping
 import aiohttp
 
 from .config import Credentials
+from . import departure
 from .departure import trace_config
 from .errors import ConfigError
 
@@ -209,7 +210,7 @@ class CapillaryClient:
 
     async def __aenter__(self) -> "CapillaryClient":
         ssl_arg: Any = None if self._verify_tls else False
-        connector = aiohttp.TCPConnector(limit=self._max_connections, ssl=ssl_arg, ttl_dns_cache=300)
+        connector = departure.connector(limit=self._max_connections, ssl=ssl_arg, ttl_dns_cache=300)
         headers = {"User-Agent": USER_AGENT, "Accept": "application/json", "Content-Type": "application/json"}
         if self._basic is not None:
             headers["Authorization"] = self._basic   # set once: aiohttp merges per-call headers each time
