@@ -204,13 +204,14 @@ class CapillaryClient:
         self._extra.pop("cardNumber", None)
         self._extra.pop("cardExternalId", None)
         self.requests_sent = 0
-        # The departure hooks serve the pacer's guard; an unpaced run (--rate unlimited) skips their
-        # cost on every request.
+        # The departure stamps (trace hooks, stamping connections) serve the pacer's guard; an unpaced
+        # run (--rate unlimited) skips their cost on every request.
         self._paced = paced
 
     async def __aenter__(self) -> "CapillaryClient":
         ssl_arg: Any = None if self._verify_tls else False
-        connector = departure.connector(limit=self._max_connections, ssl=ssl_arg, ttl_dns_cache=300)
+        options: dict[str, Any] = {"limit": self._max_connections, "ssl": ssl_arg, "ttl_dns_cache": 300}
+        connector = departure.connector(**options) if self._paced else aiohttp.TCPConnector(**options)
         headers = {"User-Agent": USER_AGENT, "Accept": "application/json", "Content-Type": "application/json"}
         if self._basic is not None:
             headers["Authorization"] = self._basic   # set once: aiohttp merges per-call headers each time
