@@ -242,7 +242,7 @@ class QuotaState:
     last_start: float = 0.0         # where that last lease began on the grid
     spare: list[float] = field(default_factory=list)   # slots given back (a run that left or died mid-turn)
     late: list[list[Any]] = field(default_factory=list)  # [member, when, shift]: late sends of a member alone
-    chains: list[list[float]] = field(default_factory=list)  # [slot, counts at]: the grid's recent slots
+    chains: list[list[Any]] = field(default_factory=list)  # [slot, counts at, member]: the grid's recent slots
     members: dict[str, MemberState] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -262,7 +262,8 @@ class QuotaState:
                    last_member=str(data.get("last_member", "")), last_start=float(data.get("last_start", 0.0)),
                    spare=[float(x) for x in data.get("spare") or ()], members=members,
                    late=[[str(m), float(t), float(d)] for m, t, d in data.get("late") or ()],
-                   chains=[[float(x), float(v)] for x, v in data.get("chains") or ()])
+                   chains=[[float(c[0]), float(c[1]), str(c[2]) if len(c) > 2 else ""]
+                           for c in data.get("chains") or ()])
 
 
 @dataclass(frozen=True)
@@ -372,13 +373,14 @@ def lease_slots(state: QuotaState, member: Member, count: int, now: float,
     if state.tat > now + MAX_PAUSE + 60 + count * interval:
         state.tat = now                 # a clock stepped backwards: do not wait for it
         state.spare = []
+        state.chains = []
     state.pause_until = min(state.pause_until, now + MAX_PAUSE)
     floor = max(now, state.pause_until)
     spare = [s for s in state.spare if s >= floor]
     taken, state.spare = spare[: max(0, count)], spare[max(0, count):]
     start = max(state.tat, floor)
     grid = [] if spare_only else [start + i * interval for i in range(max(0, count) - len(taken))]
-    fresh = _chained(state, Cadence.of(rate, state.jitter), grid, alone=len(state.members) == 1)
+    fresh = _chained(state, Cadence.of(rate, state.jitter), grid, member.id, alone=len(state.members) == 1)
     if fresh:
         state.tat = start + len(fresh) * interval
         state.last_member = member.id
@@ -390,7 +392,8 @@ def lease_slots(state: QuotaState, member: Member, count: int, now: float,
     return Grant(slots, rate, state.jitter, state.factor, state.pause_until, peers)
 
 
-def _chained(state: QuotaState, cadence: Cadence, grid: list[float], alone: bool = False) -> list[float]:
+def _chained(state: QuotaState, cadence: Cadence, grid: list[float], member_id: str,
+             alone: bool = False) -> list[float]:
     """The grid's next slots, each moved (if need be) to a window plus the margin after the R-th
     latest time the grid's recent slots count at — and entered in the chain log.
 
@@ -401,19 +404,22 @@ def _chained(state: QuotaState, cadence: Cadence, grid: list[float], alone: bool
     a late send moves only the slot a window after it (and that one's successor a window later —
     its chain), not the whole grid: it costs its lateness once per window-long chain, about 1/R of
     a slot, where moving the grid costs the lateness in slots' worth for every member. A member
-    ``alone`` on the grid gets the grid's slots as they are: its own guard keeps its sends apart by
-    when they really left (the log still hears of its late sends, for whoever joins)."""
+    ``alone`` on the grid gets the grid's slots as they are while the log's recent slots are all its
+    own: its own guard keeps its sends apart by when they really left (the log still hears of its
+    late sends, for whoever joins). A slot another member sent — one that left or died a moment ago,
+    possibly late — still binds it until the log forgets it: that member's guard is gone."""
     if cadence.count > CHAIN_MAX:
         state.chains = []
         return grid
     period = cadence.window + cadence.margin
     chains = state.chains[-2 * cadence.count:]
+    free = alone and all(c[2] == member_id for c in chains)
     slots = []
     for slot in grid:
-        counts = sorted(v for _, v in chains)
-        if len(counts) >= cadence.count and not alone:
+        counts = sorted(c[1] for c in chains)
+        if len(counts) >= cadence.count and not free:
             slot = max(slot, counts[-cadence.count] + period)
-        chains.append([slot, slot])
+        chains.append([slot, slot, member_id])
         slots.append(slot)
     state.chains = chains[-2 * cadence.count:]
     return slots

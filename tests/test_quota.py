@@ -261,7 +261,7 @@ def test_a_late_send_moves_only_its_own_chain_under_a_small_quota():
     first = lease_slots(state, a, 10, 100.0).slots
     assert first == pytest.approx(tuple(100.0 + k * i for k in range(10)))
     report_late(state, a, 100.03, 0.02, slot=first[0])           # the first slot counts 20 ms later
-    assert state.chains[0] == pytest.approx([100.0, 100.02])
+    assert state.chains[0][:2] == pytest.approx([100.0, 100.02]) and state.chains[0][2] == "a"
     assert state.tat == pytest.approx(100.0 + 10 * i)            # the grid did not move
     assert lease_slots(state, b, 1, 100.9).slots == pytest.approx((101.028,))      # its chain did
     assert lease_slots(state, b, 1, 100.95).slots == pytest.approx((100.0 + 11 * i,))   # the next did not
@@ -277,7 +277,7 @@ def test_a_late_send_moves_only_its_own_chain_under_a_small_quota():
     mine = lease_slots(state, a, 10, 300.0).slots
     report_late(state, a, 300.03, 0.02, slot=mine[0])
     assert lease_slots(state, a, 1, 300.9).slots == pytest.approx((300.0 + 10 * i,))
-    assert state.chains[0] == pytest.approx([300.0, 300.02]) and state.late == []
+    assert state.chains[0][:2] == pytest.approx([300.0, 300.02]) and state.late == []
 
 
 @pytest.mark.parametrize("chained", [True, False], ids=["chain-log", "grid"])
@@ -333,3 +333,41 @@ def test_with_late_sends_no_window_ever_holds_more_than_the_quota(seed, chained)
     assert busiest(3, (0.0, 2.0, 2.5)) == 30
     assert busiest(2, (0.0, 3.3)) == 30             # alone for 3.3 s, then joined
     assert busiest(3, (0.0, 2.0, 2.5), shift=lambda *_: 0.0) > 30
+
+
+def test_a_member_left_alone_still_respects_the_late_sends_of_one_that_just_left():
+    """A member alone gets the grid's slots as they are only while the log's recent slots are all its
+    own: another member's late send (that member has left, its guard gone) still binds it."""
+    from capbatch.quota import Cadence, Member, QuotaState, late_shift, lease_slots, leave, report_lates
+
+    rate = Rate(10, 1.0)
+    cad = Cadence.of(rate)
+    period = cad.window + cad.margin
+    state, a, b = QuotaState(), Member("a", rate), Member("b", rate)
+    t, mine, theirs = 1000.0, [], []
+    for k in range(10):                                   # a and b alternate single slots
+        m = a if k % 2 == 0 else b
+        slot = lease_slots(state, m, 1, t).slots[0]
+        (mine if m is a else theirs).append(slot)
+        t = slot
+    report_lates(state, b, theirs[0] + 0.4, {theirs[0]: late_shift(0.4, cad.late_allowance, None)})
+    counts = mine + theirs[1:] + [theirs[0] + 0.4 - cad.late_allowance]
+    leave(state, b, (), theirs[-1] + 0.01)                # b is done: a is alone
+    t = theirs[-1] + 0.01
+    for _ in range(6):
+        slot = lease_slots(state, a, 1, t).slots[0]
+        counts.append(slot)
+        t = slot
+    counts.sort()
+    assert max(sum(1 for c in counts if x <= c < x + period - 1e-9) for x in counts) == 10
+
+
+def test_a_clock_stepped_back_does_not_leave_shared_runs_waiting_for_the_chain_log():
+    from capbatch.quota import Member, QuotaState, lease_slots
+
+    rate = Rate(10, 1.0)
+    state, a, b = QuotaState(), Member("a", rate), Member("b", rate)
+    for k in range(12):
+        lease_slots(state, a if k % 2 else b, 1, 5000.0 + k * 0.1)
+    after_step = 5000.0 - 3600.0                         # an NTP step, a VM resumed
+    assert lease_slots(state, a, 1, after_step).slots[0] == pytest.approx(after_step)

@@ -19,8 +19,9 @@ Scenarios
            (R per any 60 s, --rate R/min; 3 min each) and 1 s (R/60 per any 1 s, --rate R/60/s, i.e.
            10/s and 50/s in the server's own unit; 60 s each), one run alone and two runs sharing the
            key (same credentials, same --quota-dir). Reports achieved/R (the requests the simulator
-           accepted that arrived within the span, which starts at the first one's arrival, / (span x R)
-           — a sender at exactly R scores 1.0), steady/R (the same from 10 s after the first arrival),
+           accepted that arrived within the span, which starts at the first one's arrival, less that
+           first one, / (span x R): the intervals that fit, so a grid never scores above its rate),
+           steady/R (accepted within [first arrival + 10 s, first arrival + span) / (that x R)),
            the simulator's busiest window, 429s and each run's share.
            Target: >= 0.99 R, zero 429s. --quick: 75 s / 20 s spans. --quota-windows 60s|1s picks one.
   resume   1,000,000-row ledger with 999,000 settled, and the reports its interrupted run wrote: the
@@ -533,7 +534,7 @@ def quota_run(workdir: Path, r: int, window: str, runs: int, duration: float) ->
         shares.append(sum(1 for c in stats_cards(stats) if lo <= int(c) < hi))
     busiest = stats["peak_per_minute"] if window == "60s" else stats["peak_per_second"]
     return {"name": name, "r": r, "window": window, "runs": runs, "rate_flag": rate_flag, "limit": limit,
-            "seconds": span, "accepted": acc, "achieved": acc / span / (r / 60), "steady": steady / (r / 60),
+            "seconds": span, "accepted": acc, "achieved": (acc - 1) / span / (r / 60), "steady": steady / (r / 60),
             "busiest": busiest, "n429": stats["rate_limited"], "n429_span": limited, "shares": shares,
             "rcs": [c.rc for c in children], "load": os.getloadavg()[0]}
 
@@ -781,8 +782,8 @@ def print_table() -> None:
         print("  note: " + n)
     if QUOTA_RESULTS:
         print()
-        print("quota: achieved/R = accepted requests that arrived (simulator's kernel timestamps) within "
-              "[first arrival, first arrival + seconds) / (seconds x R); steady/R = the same from first arrival "
+        print("quota: achieved/R = (accepted requests that arrived (simulator's kernel timestamps) within "
+              "[first arrival, first arrival + seconds) - 1) / (seconds x R); steady/R = accepted from first arrival "
               f"+ {QUOTA_STEADY_FROM:g} s; busiest window = the simulator's own busiest sliding window "
               "(count/limit); shares = requests per run (whole run).")
         print(QUOTA_HEADER)
