@@ -277,7 +277,7 @@ def test_wrong_password_aborts_at_once_with_nothing_failed(tmp_path, sim, run_cl
 
 
 def test_oauth_tokens_expiring_mid_run_are_refreshed_without_failures(tmp_path, sim, run_cli):
-    n = 300  # ~3 s at 100/s: a 1 s token (refreshed at 80 % of its life) turns over 3-4 times
+    n = 400  # ~4 s at 100/s: four lifetimes of a 1 s token (refreshed at 80 % of its life)
     pairs, src = setup_input(tmp_path, n)
     s = sim(cards=fresh_cards(pairs), token_ttl=1.0)
     run_dir = tmp_path / "run"
