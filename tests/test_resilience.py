@@ -311,7 +311,7 @@ def test_wrong_oauth_secret_aborts_with_nothing_failed(tmp_path, sim, run_cli):
 
 # ---- 5. outages ---------------------------------------------------------------------------------------
 def test_short_outage_is_ridden_out_without_failures(tmp_path, sim):
-    n = 300  # the outage starts after 50 rows: 250 (2.5 s at 100/s) are still to send when it ends
+    n = 200  # the outage starts after 50 rows: 150 (1.5 s at 100/s) are still to send when it ends
     pairs, src = setup_input(tmp_path, n)
     s = sim(cards=fresh_cards(pairs))
     run_dir = tmp_path / "run"
