@@ -10,6 +10,7 @@ import base64
 import hashlib
 import html
 import json
+from json.encoder import encode_basestring_ascii as _json_string
 import re
 import socket
 import ssl
@@ -21,6 +22,7 @@ from typing import Any, Mapping
 import aiohttp
 
 from .config import Credentials
+from . import departure
 from .departure import trace_config
 from .errors import ConfigError
 
@@ -177,7 +179,7 @@ class CapillaryClient:
 
     def __init__(self, base_url: str, credentials: Credentials, *, timeout: float = 30.0,
                  verify_tls: bool = True, max_connections: int = 64,
-                 extra_fields: Mapping[str, Any] | None = None) -> None:
+                 extra_fields: Mapping[str, Any] | None = None, paced: bool = True) -> None:
         if credentials.kind == "none":
             raise ConfigError(
                 "no Capillary credentials in the environment",
@@ -202,16 +204,20 @@ class CapillaryClient:
         self._extra.pop("cardNumber", None)
         self._extra.pop("cardExternalId", None)
         self.requests_sent = 0
+        # The departure stamps (trace hooks, stamping connections) serve the pacer's guard; an unpaced
+        # run (--rate unlimited) skips their cost on every request.
+        self._paced = paced
 
     async def __aenter__(self) -> "CapillaryClient":
         ssl_arg: Any = None if self._verify_tls else False
-        connector = aiohttp.TCPConnector(limit=self._max_connections, ssl=ssl_arg, ttl_dns_cache=300)
+        options: dict[str, Any] = {"limit": self._max_connections, "ssl": ssl_arg, "ttl_dns_cache": 300}
+        connector = departure.connector(**options) if self._paced else aiohttp.TCPConnector(**options)
         headers = {"User-Agent": USER_AGENT, "Accept": "application/json", "Content-Type": "application/json"}
         if self._basic is not None:
             headers["Authorization"] = self._basic   # set once: aiohttp merges per-call headers each time
         self._session = aiohttp.ClientSession(
             connector=connector, timeout=self._timeout, headers=headers, json_serialize=json.dumps,
-            trace_configs=[trace_config()],     # when each paced request really left (capbatch.departure)
+            trace_configs=[trace_config()] if self._paced else None,   # when each paced request left (capbatch.departure)
         )
         # aiohttp silently sends an idempotent request (PUT, GET) a second time when a reused
         # keep-alive connection turns out closed: unpaced and uncounted. capbatch's own retry (paced,
@@ -229,7 +235,9 @@ class CapillaryClient:
     def put_body(self, card: str, external_id: str) -> bytes:
         """The exact body ``put_card`` sends for this pair."""
         if not self._extra:
-            return json.dumps({"cardNumber": card, "cardExternalId": external_id}).encode()
+            # json.dumps of the two-field dict, byte for byte, without building the dict and encoder
+            return (f'{{"cardNumber": {_json_string(card)}, '
+                    f'"cardExternalId": {_json_string(external_id)}}}').encode()
         return json.dumps({**self._extra, "cardNumber": card, "cardExternalId": external_id}).encode()
 
     async def put_card(self, card: str, external_id: str) -> Outcome:
@@ -488,6 +496,10 @@ def _loads(raw: bytes) -> Any:
     if not raw:
         return None
     try:
+        return json.loads(raw.decode())     # the API answers UTF-8 (the fast path)
+    except ValueError:
+        pass
+    try:    # a BOM, UTF-16/32: json's own encoding detection
         return json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         return None

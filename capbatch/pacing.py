@@ -16,13 +16,18 @@ tests/perf/bench.py ``quota``):
   key paces against the same grid and takes turns fairly.
 - A thin guard on top keeps the exact promise for this process: it remembers when the last R sends
   really left (their bytes written, :mod:`capbatch.departure`, not when the pacer let them go) and
-  never lets an (R+1)-th send into any window of the quota's length plus the margin, so sends
-  bunched or held back by a loaded machine cannot eat into the margin the network path needs.
+  never lets an (R+1)-th send into any window of the quota's length plus the quarter of the margin
+  the network path needs (as the shared grid leaves it), so sends bunched or held back by a loaded
+  machine cannot eat into it. Not all of the margin: the rest absorbs the small lag every send has
+  between its go and its bytes, which a guard as wide as the grid's period would carry from window
+  to window (``Cadence.guard_gap``).
 - A send on a shared grid that leaves later than the margin allows after its slot (an event-loop
-  stall, a descheduled process) moves the grid's coming slots, for every member, by what it costs
-  (:func:`capbatch.quota.late_shift`: at most one slot) — reported as its bytes leave, before the
-  slot a window later is handed out — so it cannot crowd a window with another run's slots. A slot
-  reached so late that the grid can no longer be moved in time is skipped instead.
+  stall, a descheduled process) is reported as its bytes leave, before the slot a window later is
+  handed out, so it cannot crowd a window with another run's slots: under a quota of up to
+  ``CHAIN_MAX`` per window (per-second quotas) that one slot a window later moves by all of the
+  lateness (the grid's chain log, :func:`capbatch.quota.lease_slots`; about 1/R of a slot lost),
+  above it the grid's coming slots move for every member (:func:`capbatch.quota.late_shift`: at
+  most one slot). A slot reached so late that this can no longer happen in time is skipped instead.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from pathlib import Path
 from .config import Credentials, Rate
 from .departure import Departure, expect
 from .quota import (
+    CHAIN_MAX,
     HOST,
     MAX_PAUSE,
     Cadence,
@@ -104,7 +110,7 @@ class Pacer:
         self._fallback_warned = False
         self._granted = False
         self._guard_sends: deque[Departure] = deque()
-        self._late_debt = 0.0                        # grid shift owed for late sends, not reported yet
+        self._late_debt: dict[float, float] = {}     # slot -> how much later it counts, not reported yet
         self._late_reporting: asyncio.Task[None] | None = None
         self.late_sends = 0
         # News from other members (a backend with long leases): slots given back, a pause.
@@ -138,11 +144,11 @@ class Pacer:
         weights = self.priority + sum(p.weight for p in self.peers)
         self._block = max(self.priority, round(lease_seconds / interval * self.priority / weights))
         self._limit = 2 * self._block
-        self._late_limit = self._cadence.margin * 0.75
+        self._late_limit = self._cadence.late_allowance
         # A slot reached later than the margin allows is still sent on a shared grid when the grid can
         # be moved for it in time (see _judge): before the slot a window later is handed out.
         self._max_late = max(self._late_limit, 0.5 * self._cadence.window - 2 * lease_seconds)
-        self._guard_gap = self._cadence.window + self._cadence.margin
+        self._guard_gap = self._cadence.guard_gap
 
     # ---- sending -----------------------------------------------------------------------------
     async def acquire(self) -> None:
@@ -239,18 +245,21 @@ class Pacer:
 
     def _judge(self, note: Departure) -> None:
         """A send on a shared grid left: if later than the margin allows after its slot (a loaded host
-        held it between the slot and the socket), the grid's coming slots move by what that costs
-        (:func:`capbatch.quota.late_shift`, at most one slot), for every member, at once — before
-        the slot a window later is handed out, which could otherwise crowd a window with it."""
+        held it between the slot and the socket), the shared state hears by how much
+        (:func:`capbatch.quota.late_shift`) at once — before the slot a window later is handed out,
+        which could otherwise crowd a window with it: under a quota of up to ``CHAIN_MAX`` per window
+        that slot moves (the chain log, all of the lateness), above it the grid's coming slots move
+        for every member (at most one slot)."""
         cadence = self._cadence
         if note.slot is None or cadence is None or self._member is None:
             return
-        shift = late_shift(note.at - note.slot, self._late_limit, cadence.interval) - note.charged
+        cap = None if cadence.count <= CHAIN_MAX else cadence.interval
+        shift = late_shift(note.at - note.slot, self._late_limit, cap) - note.charged
         if shift <= 0:
             return
         self.late_sends += note.charged == 0
         note.charged += shift
-        self._late_debt += shift
+        self._late_debt[note.slot] = self._late_debt.get(note.slot, 0.0) + shift
         if self._late_reporting is None:
             self._late_reporting = asyncio.get_running_loop().create_task(self._report_late())
             self._reports.add(self._late_reporting)
@@ -259,10 +268,10 @@ class Pacer:
     async def _report_late(self) -> None:
         assert self._backend is not None and self._member is not None
         try:
-            while self._late_debt > 0:
-                shift, self._late_debt = self._late_debt, 0.0
+            while self._late_debt:
+                shifts, self._late_debt = self._late_debt, {}
                 try:
-                    await self._backend.late(self.key, self._member, time.time(), shift)
+                    await self._backend.late(self.key, self._member, time.time(), shifts)
                 except (QuotaUnavailable, OSError) as exc:
                     log.debug("could not move the shared grid for a late send (%s)", exc)
         finally:

@@ -16,6 +16,15 @@ leases again only as it uses them, so members that all want to send take turns o
 proportion to their ``--priority``; none can starve another. A member that is idle (waiting for
 its time window, or latency-bound) leases nothing and leaves its share to the others.
 
+Late sends: a send that leaves later than the margin allows after its slot would crowd the window
+that ends at the slot a window after it. Under quotas of up to ``CHAIN_MAX`` per window the state
+keeps a log of the grid's recent slots and the time each counts at (its slot, or later once its
+send reported leaving late), and no slot is handed out before the R-th latest of those plus a
+window and the margin: only that one slot moves (and its successor a window on — a chain), which
+costs about 1/R of a slot. Above ``CHAIN_MAX`` (per-minute quotas, whose margin is 0.12 s and
+rarely exceeded) the log would be too large to rewrite at every lease: the grid's coming slots
+move instead, by at most one slot per late send (:func:`late_shift`).
+
 Rate agreement: every member states the rate it was given (``--rate``, the key's quota); the grid
 runs at the lowest rate among live members, and each member says so when its own is higher.
 
@@ -40,7 +49,7 @@ once, here, whatever keeps the state::
         lease_seconds: float        # how much sending time one lease should cover (batching)
         async def lease(self, key, member, count, now, spare_only=False) -> Grant
         async def throttled(self, key, member, now, retry_after, slow_down) -> bool
-        async def late(self, key, member, now, shift) -> None   # a send left late: move the grid
+        async def late(self, key, member, now, shifts) -> None   # sends left late: {slot: shift}
         async def leave(self, key, member, unused_slots, now) -> None
         def describe(self) -> str   # where the state lives, for messages
         async def close(self) -> None   # release files / connections
@@ -78,7 +87,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Protocol
+from typing import Any, Iterable, Mapping, Protocol
 
 from .config import Credentials, Rate
 
@@ -89,6 +98,7 @@ HOST = socket.gethostname()
 GUARD_MAX = 1_000_000    # quotas above this many per window are rescaled to an equivalent window
 MIN_MARGIN = 0.008       # seconds every quota window is stretched by, at least (network jitter)
 MARGIN_FRACTION = 0.002  # ... or this fraction of the window, if larger (0.12 s of a minute)
+LATE_ALLOWANCE = 0.75    # a send may leave this much of the margin after its slot; the rest is the path's
 JITTER_STEP = 0.002      # each 429 widens the margin by this (or 0.1 % of the window, if larger) ...
 JITTER_MAX = 0.05        # ... up to this fraction of the window
 JITTER_DECAY = 30.0      # and every this many seconds without a 429 narrows it by one step again
@@ -97,6 +107,7 @@ DECREASE = 0.7           # multiplicative decrease per throttling episode
 INCREASE_EVERY = 2.0     # seconds without throttling between additive increases
 INCREASE_STEP = 0.05     # fraction of the rate regained per step
 MAX_PAUSE = 300.0        # a Retry-After is honoured up to five minutes
+CHAIN_MAX = 256          # quotas of at most this many per window keep the chain log (see :func:`lease_slots`)
 MEMBER_TTL = 10.0        # a member that has not leased for this long (and longer than 3 slots) is gone
 MAX_SPARE = 4096         # given-back slots kept at most (a few seconds' worth at any real quota)
 STALE_STATE_DAYS = 30    # state files untouched this long are removed when the directory is opened
@@ -118,13 +129,15 @@ class Cadence:
     count: int
     window: float
     margin: float
+    jitter: float = 0.0             # the part of the margin learned from 429s (all of it the path's)
 
     @classmethod
     def of(cls, rate: Rate, jitter: float = 0.0) -> Cadence:
         """``jitter``: extra margin learned from 429s (the path to the server jitters more than assumed)."""
         count = min(GUARD_MAX, max(1, math.floor(rate.requests)))
         window = rate.period * count / rate.requests
-        return cls(count, window, max(MIN_MARGIN, MARGIN_FRACTION * window) + min(jitter, JITTER_MAX * window))
+        learned = min(jitter, JITTER_MAX * window)
+        return cls(count, window, max(MIN_MARGIN, MARGIN_FRACTION * window) + learned, learned)
 
     @property
     def jitter_step(self) -> float:
@@ -133,6 +146,25 @@ class Cadence:
     @property
     def interval(self) -> float:
         return (self.window + self.margin) / self.count
+
+    @property
+    def late_allowance(self) -> float:
+        """How late after its slot a send may leave and still count as on time: three quarters of the
+        margin. The last quarter (2 ms of a per-second quota's 8) is left for the path between this
+        host's stamp of a send (its bytes handed to the kernel) and the server's clock — and all of
+        what 429s added to the margin (they mean the path jitters more than that)."""
+        return LATE_ALLOWANCE * (self.margin - self.jitter)
+
+    @property
+    def guard_gap(self) -> float:
+        """The least time a process's own sends keep between one and the R-th after it, by when their
+        bytes really left (the pacer's guard): the window plus the path's quarter of the margin, as
+        the shared grid leaves it (``margin - late_allowance``). Less than the grid's period (window +
+        margin) on purpose: a send always leaves a little after the guard lets it go, and with a gap
+        equal to the period that lag would be carried to the send a window later, and on, window
+        after window — every slot drifting later, a few per mille of the quota lost (measured at
+        50/s: 0.986-0.989 of the quota). The other three quarters absorb it."""
+        return self.window + self.margin - self.late_allowance
 
     @property
     def efficiency(self) -> float:
@@ -194,6 +226,9 @@ class MemberState:
         return Rate(self.requests, self.period)
 
 
+_MEMBER_FIELDS = dataclasses.fields(MemberState)
+
+
 @dataclass
 class QuotaState:
     tat: float = 0.0                # the next free slot of the shared grid
@@ -207,10 +242,15 @@ class QuotaState:
     last_start: float = 0.0         # where that last lease began on the grid
     spare: list[float] = field(default_factory=list)   # slots given back (a run that left or died mid-turn)
     late: list[list[Any]] = field(default_factory=list)  # [member, when, shift]: late sends of a member alone
+    chains: list[list[float]] = field(default_factory=list)  # [slot, counts at]: the grid's recent slots
     members: dict[str, MemberState] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        # Not dataclasses.asdict: it deep-copies every list of the state, and the state is rewritten
+        # at every lease (tens of times a second under a per-second quota).
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        data["members"] = {k: {f.name: getattr(m, f.name) for f in _MEMBER_FIELDS} for k, m in self.members.items()}
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> QuotaState:
@@ -221,7 +261,8 @@ class QuotaState:
                    throttle_events=int(data.get("throttle_events", 0)),
                    last_member=str(data.get("last_member", "")), last_start=float(data.get("last_start", 0.0)),
                    spare=[float(x) for x in data.get("spare") or ()], members=members,
-                   late=[[str(m), float(t), float(d)] for m, t, d in data.get("late") or ()])
+                   late=[[str(m), float(t), float(d)] for m, t, d in data.get("late") or ()],
+                   chains=[[float(x), float(v)] for x, v in data.get("chains") or ()])
 
 
 @dataclass(frozen=True)
@@ -286,6 +327,7 @@ def _give_back(state: QuotaState, member_id: str, slots: Iterable[float], now: f
         if tail:
             state.tat = max(now, tail[0])
             unused = unused[: len(unused) - len(tail)]
+            state.chains = [c for c in state.chains if c[0] < tail[0]]
         state.last_member = ""
     if unused:
         state.spare = sorted([*state.spare, *unused])[-MAX_SPARE:]
@@ -335,7 +377,8 @@ def lease_slots(state: QuotaState, member: Member, count: int, now: float,
     spare = [s for s in state.spare if s >= floor]
     taken, state.spare = spare[: max(0, count)], spare[max(0, count):]
     start = max(state.tat, floor)
-    fresh = [] if spare_only else [start + i * interval for i in range(max(0, count) - len(taken))]
+    grid = [] if spare_only else [start + i * interval for i in range(max(0, count) - len(taken))]
+    fresh = _chained(state, Cadence.of(rate, state.jitter), grid, alone=len(state.members) == 1)
     if fresh:
         state.tat = start + len(fresh) * interval
         state.last_member = member.id
@@ -345,6 +388,35 @@ def lease_slots(state: QuotaState, member: Member, count: int, now: float,
     peers = tuple(Peer(m.pid, m.host, m.rate, m.weight, m.run, m.session)
                   for k, m in state.members.items() if k != member.id)
     return Grant(slots, rate, state.jitter, state.factor, state.pause_until, peers)
+
+
+def _chained(state: QuotaState, cadence: Cadence, grid: list[float], alone: bool = False) -> list[float]:
+    """The grid's next slots, each moved (if need be) to a window plus the margin after the R-th
+    latest time the grid's recent slots count at — and entered in the chain log.
+
+    The chain log (quotas of up to ``CHAIN_MAX`` per window) holds the grid's last slots and the time
+    each counts at: its slot, or later once its send reported leaving late (:func:`report_late`). A
+    slot never goes out before the R-th latest of those plus ``window + margin``, so no window holds
+    more than R of them whoever sent them. On a grid where nothing was late that is the grid itself;
+    a late send moves only the slot a window after it (and that one's successor a window later —
+    its chain), not the whole grid: it costs its lateness once per window-long chain, about 1/R of
+    a slot, where moving the grid costs the lateness in slots' worth for every member. A member
+    ``alone`` on the grid gets the grid's slots as they are: its own guard keeps its sends apart by
+    when they really left (the log still hears of its late sends, for whoever joins)."""
+    if cadence.count > CHAIN_MAX:
+        state.chains = []
+        return grid
+    period = cadence.window + cadence.margin
+    chains = state.chains[-2 * cadence.count:]
+    slots = []
+    for slot in grid:
+        counts = sorted(v for _, v in chains)
+        if len(counts) >= cadence.count and not alone:
+            slot = max(slot, counts[-cadence.count] + period)
+        chains.append([slot, slot])
+        slots.append(slot)
+    state.chains = chains[-2 * cadence.count:]
+    return slots
 
 
 def report_throttle(state: QuotaState, member: Member, now: float, retry_after: float | None,
@@ -371,17 +443,45 @@ def report_throttle(state: QuotaState, member: Member, now: float, retry_after: 
     return True
 
 
-def report_late(state: QuotaState, member: Member, now: float, shift: float) -> None:
-    """A member's send left later than the margin allows after its slot (a loaded host held it):
+def report_late(state: QuotaState, member: Member, now: float, shift: float, slot: float | None = None) -> None:
+    """A member's send left later than the margin allows after its slot (a loaded host held it).
+
+    With the chain log (``slot`` given and found there): that slot counts ``shift`` later, so the slot
+    a window after it will be moved by as much when it is handed out to another member
+    (:func:`_chained`); nothing else moves. Without the log: """
+    _touch(state, member, now)
+    if shift <= 0:
+        return
+    entry = _chain_entry(state, member, slot)
+    if entry is not None:
+        entry[1] += shift
+        return
+    shift = min(shift, Cadence.of(agreed_rate(state, member.rate)).interval + 0.0005)
+    _late_grid(state, member, now, shift)
+
+
+def report_lates(state: QuotaState, member: Member, now: float, shifts: Mapping[float, float]) -> None:
+    """:func:`report_late` for each ``slot: shift`` of ``shifts`` (a member's late sends, reported at once)."""
+    for slot, shift in shifts.items():
+        report_late(state, member, now, shift, slot)
+
+
+def _chain_entry(state: QuotaState, member: Member, slot: float | None) -> list[float] | None:
+    if slot is None or not state.chains:
+        return None
+    half = Cadence.of(agreed_rate(state, member.rate), state.jitter).interval / 2
+    nearest = min(state.chains, key=lambda c: abs(c[0] - slot))
+    return nearest if abs(nearest[0] - slot) <= half else None
+
+
+def _late_grid(state: QuotaState, member: Member, now: float, shift: float) -> None:
+    """A late send without a chain log:
     the grid's slots not handed out yet move ``shift`` seconds later (see :func:`late_shift`), so
     that the slot a window after the late send cannot crowd a window together with it — a one-off
     cost of at most one slot per late send, where widening the margin would cost every slot of the
     next minutes. A member alone on the grid only notes the shift: its own guard already keeps its
     sends apart by their real departures, and the grid moves only if another member leases within
     a window of the late send (:func:`_call_in_late`)."""
-    _touch(state, member, now)
-    if shift <= 0:
-        return
     if len(state.members) > 1:
         _shift(state, now, shift)
     elif state.late and state.late[-1][0] == member.id and now - state.late[-1][1] < 0.05 * _window(state, member):
@@ -409,7 +509,7 @@ def _call_in_late(state: QuotaState, member: Member, now: float, cadence: Cadenc
         state.late = []
 
 
-def late_shift(lateness: float, allowance: float, interval: float) -> float:
+def late_shift(lateness: float, allowance: float, interval: float | None) -> float:
     """How far the grid must move for one send that left ``lateness`` seconds after its slot, when
     every send may leave up to ``allowance`` late (the margin covers that). Moved by ``d``, the send
     counts as one at ``slot + lateness - allowance``: the window it opens holds the grid's next R
@@ -417,10 +517,11 @@ def late_shift(lateness: float, allowance: float, interval: float) -> float:
     order changed), a window that opens at that slot holds one slot more than the grid's R, which
     one interval covers. So ``min(lateness - allowance, interval)``, and 0 within the allowance.
     (It must reach the shared state before the slot a window after the late send is handed out:
-    the pacer sends a slot late only when it still can, see ``Pacer``.)"""
+    the pacer sends a slot late only when it still can, see ``Pacer``.)
+    ``interval`` None: uncapped (a chain log moves only the late send's own chain, by all of it)."""
     if lateness <= allowance:
         return 0.0
-    return min(lateness - allowance, interval) + 0.0005
+    return (lateness - allowance if interval is None else min(lateness - allowance, interval)) + 0.0005
 
 
 def leave(state: QuotaState, member: Member, unused: tuple[float, ...], now: float) -> None:
@@ -439,7 +540,7 @@ class QuotaBackend(Protocol):
     async def throttled(self, key: QuotaKey, member: Member, now: float, retry_after: float | None,
                         slow_down: bool) -> bool: ...
 
-    async def late(self, key: QuotaKey, member: Member, now: float, shift: float) -> None: ...
+    async def late(self, key: QuotaKey, member: Member, now: float, shifts: Mapping[float, float]) -> None: ...
 
     async def leave(self, key: QuotaKey, member: Member, unused: tuple[float, ...], now: float) -> None: ...
 
@@ -467,8 +568,8 @@ class MemoryQuotaBackend:
                         slow_down: bool) -> bool:
         return report_throttle(self._state(key), member, now, retry_after, slow_down)
 
-    async def late(self, key: QuotaKey, member: Member, now: float, shift: float) -> None:
-        report_late(self._state(key), member, now, shift)
+    async def late(self, key: QuotaKey, member: Member, now: float, shifts: Mapping[float, float]) -> None:
+        report_lates(self._state(key), member, now, shifts)
 
     async def leave(self, key: QuotaKey, member: Member, unused: tuple[float, ...], now: float) -> None:
         leave(self._state(key), member, unused, now)
@@ -583,8 +684,8 @@ class FileQuotaBackend:
                         slow_down: bool) -> bool:
         return await self._apply(key, lambda s: report_throttle(s, member, now, retry_after, slow_down))
 
-    async def late(self, key: QuotaKey, member: Member, now: float, shift: float) -> None:
-        await self._apply(key, lambda s: report_late(s, member, now, shift))
+    async def late(self, key: QuotaKey, member: Member, now: float, shifts: Mapping[float, float]) -> None:
+        await self._apply(key, lambda s: report_lates(s, member, now, shifts))
 
     async def leave(self, key: QuotaKey, member: Member, unused: tuple[float, ...], now: float) -> None:
         await self._apply(key, lambda s: leave(s, member, unused, now))

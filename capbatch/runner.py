@@ -437,7 +437,8 @@ async def _engine_session(s: SendSettings, ledger: Ledger, base_url: str, switch
 
     e = s.engine
     async with CapillaryClient(base_url, s.credentials, timeout=s.timeout, verify_tls=s.verify_tls,
-                               max_connections=e.concurrency + 4, extra_fields=dict(s.extra_fields)) as client:
+                               max_connections=e.concurrency + 4, extra_fields=dict(s.extra_fields),
+                               paced=e.rate is not None or e.read_rate is not None) as client:
         # One quota shared with every run on this key (capbatch.quota): in the ledger's database (any
         # host) or in this host's quota files. Sending windows: capbatch.window.
         quota = SharedQuota(e.rate, e.read_rate, target=base_url, credentials=s.credentials, quota_dir=s.quota_dir,

@@ -100,3 +100,30 @@ def test_a_2xx_that_contradicts_the_request_is_not_a_success():
     assert contradiction(answer(cardNumber="D", cardExternalId="E"), "C", "E")[0] == "contradicts"
     assert contradiction(answer(cardNumber="C"), "C", "E")[0] == "no_echo"
     assert contradiction(answer(cardExternalId="E"), "C", "E") is None   # no card number echoed: the ID decides
+
+
+def test_the_put_body_is_json_dumps_byte_for_byte_for_any_text():
+    """put_body skips building a dict and an encoder per row; what it sends must not change."""
+    import random
+
+    from capbatch.api import CapillaryClient
+    from capbatch.config import Credentials
+
+    client = CapillaryClient("http://127.0.0.1:9", Credentials(username="u", password="p"))
+    extra = CapillaryClient("http://127.0.0.1:9", Credentials(username="u", password="p"),
+                            extra_fields={"statusLabel": "Active"})
+    rnd = random.Random(7)
+    alphabet = 'ab09 "\\/\n\t\x00\x1f\x7f\u00e9\u2028\u4e2d\U0001F600'
+    for _ in range(2000):
+        card = "".join(rnd.choice(alphabet) for _ in range(rnd.randint(0, 10)))
+        ext = "".join(rnd.choice(alphabet) for _ in range(rnd.randint(0, 10)))
+        assert client.put_body(card, ext) == json.dumps({"cardNumber": card, "cardExternalId": ext}).encode()
+    assert extra.put_body("1", "E") == b'{"statusLabel": "Active", "cardNumber": "1", "cardExternalId": "E"}'
+
+
+@pytest.mark.parametrize("raw", ['\ufeff{"entity": {"cardExternalId": "E1"}}'.encode("utf-8"),
+                                 '{"entity": {"cardExternalId": "E1"}}'.encode("utf-16"),
+                                 '{"entity": {"cardExternalId": "E1"}}'.encode("utf-32")])
+def test_answers_with_a_bom_or_in_utf16_32_are_still_read(raw):
+    out = classify(200, raw, None, 1.0)
+    assert (out.kind, out.external_id) == (Kind.SUCCESS, "E1")

@@ -473,3 +473,46 @@ def test_postgres_row_changes_are_pruned_as_reports_consume_them(tmp_path, pg_ur
         assert log_rows(old_run) == 0
     with open_ledger(pg_url, tmp_path / "r", job="j", input_sha256=SHA) as again:
         assert again.run_id == old_run and again.changed_chunks(old_mark) is None
+
+
+def test_the_audits_rows_are_counted_through_their_own_index_on_both_ledgers(tmp_path, pg_url):
+    """The summary asks whether any row is in the rolling audit: on a 1M-row resume that was a pass
+    over every row (0.35 s); a partial index of the few audited rows answers it."""
+    with Ledger.open(tmp_path / "s") as led:
+        led.import_rows([(None, i + 2, "[]", f"{i:04d}", f"E{i}", "pending", None, None, None) for i in range(50)])
+        led.conn.execute("UPDATE rows SET audit=1 WHERE id IN (3, 7)")
+        led.conn.execute("UPDATE rows SET state='succeeded' WHERE id=7")
+        assert led.audit_counts() == {"pending": 1, "succeeded": 1}
+        plan = led.conn.execute("EXPLAIN QUERY PLAN SELECT state, count(*) FROM rows WHERE audit=1 "
+                                "GROUP BY state").fetchall()
+        assert "rows_audited" in str(plan), plan
+    import psycopg
+
+    open_ledger(pg_url, tmp_path / "p", job="audit-index", input_sha256=SHA).close()   # creates or migrates
+    with psycopg.connect(pg_url) as conn:
+        indexes = {r[0] for r in conn.execute("SELECT indexname FROM pg_indexes WHERE schemaname='capbatch'")}
+    assert "rows_audited" in indexes
+
+
+def test_postgres_history_counts_each_unended_workers_own_rows(tmp_path, pg_url):
+    """Two workers of one job settle rows at the same time; one is killed. Its history line counts the
+    rows it settled, not every row the job settled while it ran."""
+    import psycopg
+
+    job = f"own-rows-{time.time_ns()}"
+    one = open_ledger(pg_url, tmp_path / "a", job=job, input_sha256=SHA)
+    _import(one, _rows(30))
+    two = open_ledger(pg_url, tmp_path / "b", job=job, input_sha256=SHA)
+    mine, theirs = one.claim(4), two.claim(9)
+    one.record([RowResult(r.id, State.SUCCEEDED, 1, 200, settled_at=time.time()) for r in mine])
+    two.record([RowResult(r.id, State.FAILED, 1, 400, error_code="3010", settled_at=time.time()) for r in theirs[:6]]
+               + [RowResult(r.id, State.SUCCEEDED, 1, 200, settled_at=time.time()) for r in theirs[6:]])
+    with psycopg.connect(pg_url, autocommit=True) as admin:     # worker one dies with its connection
+        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid=%s",
+                      (one.conn.info.backend_pid,))
+    time.sleep(0.2)
+    lines = {line["outcome"]: line for line in two.job_store().history(job)}
+    assert lines["killed"]["settled"] == {"succeeded": 4}
+    assert lines["running"]["settled"] == {"failed": 6, "succeeded": 3}
+    one.close()
+    two.close()

@@ -303,7 +303,8 @@ def test_a_ledger_from_before_the_audit_and_revert_columns_is_upgraded(tmp_path)
     with Ledger.open(tmp_path) as ledger:
         ledger.import_rows([(None, 2, '["1","A"]', "1", "A", "pending", None, None, None)])
     conn = sqlite3.connect(tmp_path / "ledger.sqlite")
-    conn.executescript("ALTER TABLE rows DROP COLUMN audit; ALTER TABLE rows DROP COLUMN expect_external_id; "
+    conn.executescript("DROP INDEX rows_audited; "
+                       "ALTER TABLE rows DROP COLUMN audit; ALTER TABLE rows DROP COLUMN expect_external_id; "
                        "ALTER TABLE rows DROP COLUMN warnings; "
                        "UPDATE meta SET value='1' WHERE key='schema_version';")
     conn.close()
@@ -313,3 +314,6 @@ def test_a_ledger_from_before_the_audit_and_revert_columns_is_upgraded(tmp_path)
         assert ledger.get_meta("schema_version") == str(SCHEMA_VERSION)
         row = ledger.pending_page(0, 10)[0]
         assert (row.card, row.audit, row.expect) == ("1", False, None)
+        plan = ledger.conn.execute("EXPLAIN QUERY PLAN SELECT state, count(*) FROM rows WHERE audit=1 "
+                                   "GROUP BY state").fetchall()
+        assert "rows_audited" in str(plan)              # the upgraded file has the audit's index too

@@ -224,7 +224,7 @@ def test_a_late_send_moves_the_grid_by_what_it_costs_and_a_lone_members_debt_is_
 
     rate = Rate(10, 1.0)
     cadence = Cadence.of(rate)                      # 10 in any 1 s: slots 100.8 ms apart, 8 ms margin
-    a, i = 0.75 * cadence.margin, cadence.interval
+    a, i = cadence.late_allowance, cadence.interval
     assert late_shift(a, a, i) == 0.0                                   # within the margin: free
     assert late_shift(a + 0.02, a, i) == pytest.approx(0.0205)          # beyond it: what it is beyond
     assert late_shift(0.25, a, i) == pytest.approx(i + 0.0005)          # past another slot: one slot
@@ -248,23 +248,58 @@ def test_a_late_send_moves_the_grid_by_what_it_costs_and_a_lone_members_debt_is_
     assert lease_slots(state, other, 1, 203.0).slots == pytest.approx((203.0,))
 
 
-@pytest.mark.parametrize("seed", range(4))
-def test_with_late_sends_no_window_ever_holds_more_than_the_quota(seed):
+def test_a_late_send_moves_only_its_own_chain_under_a_small_quota():
+    """Under a quota of up to CHAIN_MAX per window the grid keeps a log of its recent slots and the
+    time each counts at: a late send makes only the slot a window after it later (and that one's
+    successor a window on), by all of its lateness; the grid's other slots stay where they were."""
+    from capbatch.quota import Cadence, Member, QuotaState, lease_slots, report_late
+
+    rate = Rate(10, 1.0)
+    i = Cadence.of(rate).interval                   # 100.8 ms; a window plus the margin: 1.008 s
+    a, b = Member("a", rate), Member("b", rate)
+    state = QuotaState()
+    first = lease_slots(state, a, 10, 100.0).slots
+    assert first == pytest.approx(tuple(100.0 + k * i for k in range(10)))
+    report_late(state, a, 100.03, 0.02, slot=first[0])           # the first slot counts 20 ms later
+    assert state.chains[0] == pytest.approx([100.0, 100.02])
+    assert state.tat == pytest.approx(100.0 + 10 * i)            # the grid did not move
+    assert lease_slots(state, b, 1, 100.9).slots == pytest.approx((101.028,))      # its chain did
+    assert lease_slots(state, b, 1, 100.95).slots == pytest.approx((100.0 + 11 * i,))   # the next did not
+    later = lease_slots(state, b, 10, 101.0).slots
+    assert later[:8] == pytest.approx(tuple(100.0 + k * i for k in range(12, 20)))
+    assert later[8:] == pytest.approx((102.036, 100.0 + 21 * i))  # a window on: the chain, again
+    # a slot the log does not hold (none given, or forgotten) moves the grid instead, as above
+    report_late(state, b, 101.5, 0.02)
+    assert lease_slots(state, a, 1, 101.6).slots == pytest.approx((100.0 + 22 * i + 0.02,))
+    # a member alone gets the grid's slots as they are (its guard holds its own sends apart); the
+    # log still hears of its late sends, for a member that joins
+    state = QuotaState()
+    mine = lease_slots(state, a, 10, 300.0).slots
+    report_late(state, a, 300.03, 0.02, slot=mine[0])
+    assert lease_slots(state, a, 1, 300.9).slots == pytest.approx((300.0 + 10 * i,))
+    assert state.chains[0] == pytest.approx([300.0, 300.02]) and state.late == []
+
+
+@pytest.mark.parametrize("chained", [True, False], ids=["chain-log", "grid"])
+@pytest.mark.parametrize("seed", range(3))
+def test_with_late_sends_no_window_ever_holds_more_than_the_quota(seed, chained):
     """The grid's rules as three members use them, at 1 ms steps: each holds two slots, sends each
     at its slot plus a lateness drawn from a harsh spread (a fifth beyond the margin, some up to
-    0.3 s), never more than R of its own in a window plus margin (its guard), and reports what its
-    late sends cost as their bytes leave. Counted the way the simulator counts (any 1 s): never
-    more than R — and without the move it is more."""
+    0.3 s), never more than R of its own in its guard's gap, and reports what its late sends cost as
+    their bytes leave — with the slot (the chain log of a small quota) or without (the grid moves).
+    Counted the way the simulator counts (any 1 s): never more than R — and without the move it
+    is more."""
     import bisect
     import random
 
     from capbatch import quota as rules
 
     def busiest(members: int, join_at: tuple[float, ...], shift: Any = rules.late_shift) -> int:
+        cap = None if chained else 1.0
         rng = random.Random(seed)
         rate = Rate(30, 1.0)
         cadence = rules.Cadence.of(rate)
-        a, i = 0.75 * cadence.margin, cadence.interval
+        a, i = cadence.late_allowance, cadence.interval
         state = rules.QuotaState()
         ms = [rules.Member(f"m{k}", rate) for k in range(members)]
         held: dict[str, list[float]] = {m.id: [] for m in ms}
@@ -273,8 +308,8 @@ def test_with_late_sends_no_window_ever_holds_more_than_the_quota(seed):
         arrivals: list[float] = []
         for step in range(1, 8000):
             t = step / 1000
-            for due, m, d in [r for r in reports if r[0] <= t]:
-                rules.report_late(state, m, t, d)
+            for due, m, d, slot in [r for r in reports if r[0] <= t]:
+                rules.report_late(state, m, t, d, slot if chained else None)
             reports = [r for r in reports if r[0] > t]
             for k, m in enumerate(ms):
                 held[m.id] = [s for s in held[m.id] if s > t]
@@ -286,12 +321,12 @@ def test_with_late_sends_no_window_ever_holds_more_than_the_quota(seed):
                     late = rng.uniform(0, a) if x < 0.7 else rng.uniform(a, 3 * i) if x < 0.92 else rng.uniform(0, 0.3)
                     left = s + late
                     mine = own[m.id]
-                    if len(mine) >= 30 and left - mine[-30] < cadence.window + cadence.margin:
-                        left = mine[-30] + cadence.window + cadence.margin
+                    if len(mine) >= 30 and left - mine[-30] < cadence.guard_gap:
+                        left = mine[-30] + cadence.guard_gap
                     mine.append(left)
                     arrivals.append(left)
-                    if shift(left - s, a, i) > 0:
-                        reports.append((left + 0.002, m, shift(left - s, a, i)))
+                    if shift(left - s, a, i if cap else None) > 0:
+                        reports.append((left + 0.002, m, shift(left - s, a, i if cap else None), s))
         arrivals.sort()
         return max(bisect.bisect_right(arrivals, x + 1.0 - 1e-9) - j for j, x in enumerate(arrivals))
 

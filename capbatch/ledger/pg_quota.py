@@ -42,7 +42,7 @@ import dataclasses
 import logging
 import time
 from collections import deque
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import psycopg
 from psycopg.types.json import Jsonb
@@ -58,7 +58,7 @@ from ..quota import (
     lease_slots,
     leave,
     other_runs,
-    report_late,
+    report_lates,
     report_throttle,
 )
 from .base import redact_password
@@ -212,8 +212,10 @@ class PostgresQuotaBackend:
         return bool(await self._apply(
             key, lambda s, db_now, live: report_throttle(s, self._me(member), db_now, retry_after, slow_down)))
 
-    async def late(self, key: QuotaKey, member: Member, now: float, shift: float) -> None:
-        await self._apply(key, lambda s, db_now, live: report_late(s, self._me(member), db_now, shift))
+    async def late(self, key: QuotaKey, member: Member, now: float, shifts: Mapping[float, float]) -> None:
+        offset = self.offset          # this host's slots -> the database's clock
+        mine = {slot + offset: shift for slot, shift in shifts.items()}
+        await self._apply(key, lambda s, db_now, live: report_lates(s, self._me(member), db_now, mine))
 
     async def leave(self, key: QuotaKey, member: Member, unused: tuple[float, ...], now: float) -> None:
         offset = self.offset          # this host's slots -> the database's clock

@@ -42,7 +42,7 @@ log = logging.getLogger("capbatch.ledger")
 # The driver logs what it ignores while tearing down a lost connection; our own error says it all.
 logging.getLogger("psycopg").addHandler(logging.NullHandler())
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 LEASE_SECONDS = 30.0            # a worker that has not renewed its lease for this long is dead
 RENEW_EVERY = 5.0               # seconds between lease renewals
 UNKNOWN_CHECK_EVERY = 2.0       # seconds between looks for rows a dead worker left in flight
@@ -197,6 +197,12 @@ _MIGRATIONS: list[str] = [
     END $$;
     CREATE TRIGGER rows_changed AFTER UPDATE ON capbatch.rows REFERENCING NEW TABLE AS changed
         FOR EACH STATEMENT EXECUTE FUNCTION capbatch.note_row_changes();
+    """,
+    # version 5: the rolling audit's rows, found without a pass over the job's rows (few are picked);
+    # which worker settled a row (history counts a killed worker's own rows, not its neighbours')
+    """
+    CREATE INDEX rows_audited ON capbatch.rows (run_id, state) WHERE audit = 1;
+    ALTER TABLE capbatch.rows ADD COLUMN settled_by bigint;
     """,
 ]
 
@@ -608,7 +614,7 @@ class PostgresLedger(Ledger):
         return self._execute(
             "UPDATE capbatch.rows SET state='pending', note='earlier attempt failed: ' || "
             "trim(coalesce(error_code, '') || ' ' || coalesce(error_message, '')), "
-            "error_code=NULL, error_message=NULL, http_status=NULL, settled_at=NULL "
+            "error_code=NULL, error_message=NULL, http_status=NULL, settled_at=NULL, settled_by=NULL "
             "WHERE run_id=%s AND state='failed'", (self.run_id,)).rowcount
 
     def store_generated(self, row_id: int, external_id: str) -> None:
@@ -652,7 +658,7 @@ class PostgresLedger(Ledger):
             "card_id=coalesce(v.card_id, r.card_id), customer_id=coalesce(v.customer_id, r.customer_id), "
             "previous_external_id=coalesce(v.previous, r.previous_external_id), "
             "latency_ms=coalesce(v.latency_ms, r.latency_ms), note=coalesce(v.note, r.note), "
-            "settled_at=v.settled_at, warnings=v.warnings, owner=NULL "
+            "settled_at=v.settled_at, warnings=v.warnings, owner=NULL, settled_by=%(worker)s "
             "FROM unnest(%(ids)s::int[], %(states)s::text[], %(attempts)s::int[], %(statuses)s::int[], "
             "%(codes)s::text[], %(messages)s::text[], %(card_ids)s::text[], %(customer_ids)s::text[], "
             "%(previous)s::text[], %(latencies)s::float8[], %(notes)s::text[], %(settled)s::float8[], "
@@ -848,8 +854,8 @@ class PostgresJobStore(JobStore):
             raise self._wrap_error(exc) from exc
 
     def _unended(self, job: str) -> list[dict[str, Any]]:
-        """The job's worker invocations that never recorded an end, with the rows the run settled while
-        each ran (several workers at once share that count)."""
+        """The job's worker invocations that never recorded an end, with the rows each settled (rows
+        settled before the ledger recorded the worker count by time: the run's rows while it ran)."""
         if not self._has("invocations"):
             return []
         rows = self.conn.execute(
@@ -864,8 +870,9 @@ class PostgresJobStore(JobStore):
         out = []
         for _id, run_id, host, started, last_seen, requests, run_dir, input_name, live in rows:
             settled = self.conn.execute(
-                "SELECT state, count(*) FROM capbatch.rows WHERE run_id=%s AND settled_at >= %s AND settled_at <= %s "
-                "GROUP BY state", (run_id, started, last_seen or started)).fetchall()
+                "SELECT state, count(*) FROM capbatch.rows WHERE run_id=%s AND (settled_by=%s OR (settled_by IS NULL "
+                "AND settled_at >= %s AND settled_at <= %s)) GROUP BY state",
+                (run_id, _id, started, last_seen or started)).fetchall()
             out.append({"id": None, "run_dir": run_dir, "input_name": input_name, "started_at": started,
                         "ended_at": None, "exit_code": None, "counts": {}, "requests": requests or 0, "host": host,
                         "recorded": False, "outcome": "running" if live else "killed",
