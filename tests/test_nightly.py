@@ -6,6 +6,7 @@ import json
 import re
 import shlex
 import signal
+import sqlite3
 import time
 from pathlib import Path
 
@@ -199,6 +200,14 @@ def test_revert_needs_previous_ids_and_record_previous_gives_them(tmp_path, sim,
     assert p.returncode == 2 and "not http://127.0.0.1:9" in p.stderr
 
 
+def _reverted(run_dir: Path) -> int:
+    """Rows the revert has settled so far (0 until its ledger has its tables)."""
+    try:
+        return ledger_query(run_dir / "revert", "SELECT count(*) FROM rows WHERE state='succeeded'")[0][0]
+    except sqlite3.OperationalError:
+        return 0
+
+
 def test_revert_resumes_after_a_kill(tmp_path, sim, run_cli):
     pairs = make_cards(120)
     s = sim(cards={c: f"OLD{i}" for i, (c, _) in enumerate(pairs)})
@@ -209,9 +218,9 @@ def test_revert_resumes_after_a_kill(tmp_path, sim, run_cli):
     s.update(latency=0.05)
     proc = popen_cli("revert", run_dir, "--rate", "unlimited", "--concurrency", "4", cwd=tmp_path)
     deadline = time.time() + 30
-    while time.time() < deadline and not (run_dir / "revert" / "ledger.sqlite").exists():
-        time.sleep(0.05)
-    time.sleep(1.0)
+    while time.time() < deadline and proc.poll() is None and _reverted(run_dir) < 20:
+        time.sleep(0.02)
+    assert proc.poll() is None, "the revert ended before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
     done = ledger_query(run_dir / "revert", "SELECT count(*) AS n FROM rows WHERE state='succeeded'")[0]["n"]

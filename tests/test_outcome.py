@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -249,17 +250,34 @@ def test_outage_and_throttling_are_logged_and_v_logs_each_request(tmp_path, sim,
     pairs, src, run_dir = setup(tmp_path, 150)
     s = sim(cards=fresh(pairs))
     proc = popen_cli(*args(src, s.url, run_dir, "--rate", "200/s", "--outage-budget", "20"), cwd=tmp_path)
+    lines: list[str] = []
+    paused = threading.Event()
+
+    def read() -> None:            # the run's output as it comes: the outage ends once the run has paused
+        for line in proc.stdout:  # type: ignore[union-attr]
+            lines.append(line)
+            if "the API looks unavailable" in line:
+                paused.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
     try:
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline and s.stats()["accepted"] < 40:
             time.sleep(0.01)
         s.update(down="503")
-        time.sleep(1.5)
+        assert paused.wait(20), "".join(lines)
         s.update(down=None)
-        out, _ = proc.communicate(timeout=60)
+        proc.wait(timeout=60)
+        reader.join(10)
     finally:
         if proc.poll() is None:
             proc.kill()
+            proc.wait(timeout=10)
+        reader.join(10)
+        assert proc.stdout is not None
+        proc.stdout.close()
+    out = "".join(lines)
     assert proc.returncode == 0, out
     assert "the API looks unavailable" in out and "the API answers again after" in out, out
 
