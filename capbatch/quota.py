@@ -328,7 +328,9 @@ def _give_back(state: QuotaState, member_id: str, slots: Iterable[float], now: f
         if tail:
             state.tat = max(now, tail[0])
             unused = unused[: len(unused) - len(tail)]
-            state.chains = [c for c in state.chains if c[0] < tail[0]]
+            # only its own entries: another member's slot leased after a chain-moved one of its own
+            # sits past the tail's start too, and is still going out
+            state.chains = [c for c in state.chains if c[0] < tail[0] or c[2] != member_id]
         state.last_member = ""
     if unused:
         state.spare = sorted([*state.spare, *unused])[-MAX_SPARE:]

@@ -371,3 +371,20 @@ def test_a_clock_stepped_back_does_not_leave_shared_runs_waiting_for_the_chain_l
         lease_slots(state, a if k % 2 else b, 1, 5000.0 + k * 0.1)
     after_step = 5000.0 - 3600.0                         # an NTP step, a VM resumed
     assert lease_slots(state, a, 1, after_step).slots[0] == pytest.approx(after_step)
+
+
+def test_a_member_leaving_takes_only_its_own_slots_out_of_the_chain_log():
+    """The grid's tail rewinds to where the leaving member's last lease began; a slot of another member
+    leased in between (after one of the leaver's chain-moved slots) is still going out and must stay in
+    the log, or the next slots are placed as if it were not sent."""
+    from capbatch.quota import Member, QuotaState, leave
+
+    rate = Rate(10, 1.0)
+    a, b = Member("a", rate), Member("b", rate)
+    state = QuotaState(tat=1002.0, last_member="a", last_start=1001.0,
+                       chains=[[1000.9, 1000.9, "b"], [1001.2, 1001.2, "a"], [1001.25, 1001.25, "b"],
+                               [1001.3, 1001.3, "a"]])
+    leave(state, a, (1001.2, 1001.3), 1000.95)
+    assert state.tat == 1001.2
+    assert state.chains == [[1000.9, 1000.9, "b"], [1001.25, 1001.25, "b"]]
+    assert b.id not in state.members
