@@ -23,7 +23,6 @@ import aiohttp
 
 from .config import Credentials
 from . import departure
-from .departure import trace_config
 from .errors import ConfigError
 
 USER_AGENT = "capbatch/0.1"
@@ -217,7 +216,7 @@ class CapillaryClient:
             headers["Authorization"] = self._basic   # set once: aiohttp merges per-call headers each time
         self._session = aiohttp.ClientSession(
             connector=connector, timeout=self._timeout, headers=headers, json_serialize=json.dumps,
-            trace_configs=[trace_config()] if self._paced else None,   # when each paced request left (capbatch.departure)
+            trace_configs=[departure.trace_config()] if self._paced else None,   # when each paced request left (capbatch.departure)
         )
         # aiohttp silently sends an idempotent request (PUT, GET) a second time when a reused
         # keep-alive connection turns out closed: unpaced and uncounted. capbatch's own retry (paced,

@@ -24,8 +24,8 @@ tests/perf/bench.py ``quota``):
 - A send on a shared grid that leaves later than the margin allows after its slot (an event-loop
   stall, a descheduled process) is reported as its bytes leave, before the slot a window later is
   handed out, so it cannot crowd a window with another run's slots: under a quota of up to
-  ``CHAIN_MAX`` per window (per-second quotas) that one slot a window later moves by all of the
-  lateness (the grid's chain log, :func:`capbatch.quota.lease_slots`; about 1/R of a slot lost),
+  ``CHAIN_MAX`` per window (per-second quotas) the slots a window later move by the lateness, at
+  most an interval each (the grid's chain log, :func:`capbatch.quota.lease_slots`; about 1/R of a slot lost),
   above it the grid's coming slots move for every member (:func:`capbatch.quota.late_shift`: at
   most one slot). A slot reached so late that this can no longer happen in time is skipped instead.
 """
@@ -248,7 +248,7 @@ class Pacer:
         held it between the slot and the socket), the shared state hears by how much
         (:func:`capbatch.quota.late_shift`) at once — before the slot a window later is handed out,
         which could otherwise crowd a window with it: under a quota of up to ``CHAIN_MAX`` per window
-        that slot moves (the chain log, all of the lateness), above it the grid's coming slots move
+        the slots a window later move (the chain log), above it the grid's coming slots move
         for every member (at most one slot)."""
         cadence = self._cadence
         if note.slot is None or cadence is None or self._member is None:

@@ -20,8 +20,9 @@ Late sends: a send that leaves later than the margin allows after its slot would
 that ends at the slot a window after it. Under quotas of up to ``CHAIN_MAX`` per window the state
 keeps a log of the grid's recent slots and the time each counts at (its slot, or later once its
 send reported leaving late), and no slot is handed out before the R-th latest of those plus a
-window and the margin: only that one slot moves (and its successor a window on — a chain), which
-costs about 1/R of a slot. Above ``CHAIN_MAX`` (per-minute quotas, whose margin is 0.12 s and
+window and the margin: only the slots a window after it move (one for a send a little late, the few
+after it for one later than an interval; and their successors a window on — a chain), which costs
+about 1/R of a slot. Above ``CHAIN_MAX`` (per-minute quotas, whose margin is 0.12 s and
 rarely exceeded) the log would be too large to rewrite at every lease: the grid's coming slots
 move instead, by at most one slot per late send (:func:`late_shift`).
 
@@ -403,8 +404,8 @@ def _chained(state: QuotaState, cadence: Cadence, grid: list[float], member_id: 
     each counts at: its slot, or later once its send reported leaving late (:func:`report_late`). A
     slot never goes out before the R-th latest of those plus ``window + margin``, so no window holds
     more than R of them whoever sent them. On a grid where nothing was late that is the grid itself;
-    a late send moves only the slot a window after it (and that one's successor a window later —
-    its chain), not the whole grid: it costs its lateness once per window-long chain, about 1/R of
+    a late send moves only the slots a window after it (one, or the few after it for a send later
+    than an interval; and their successors a window later — its chain), not the whole grid: it costs its lateness once per window-long chain, about 1/R of
     a slot, where moving the grid costs the lateness in slots' worth for every member. A member
     ``alone`` on the grid gets the grid's slots as they are while the log's recent slots are all its
     own: its own guard keeps its sends apart by when they really left (the log still hears of its
@@ -454,9 +455,9 @@ def report_throttle(state: QuotaState, member: Member, now: float, retry_after: 
 def report_late(state: QuotaState, member: Member, now: float, shift: float, slot: float | None = None) -> None:
     """A member's send left later than the margin allows after its slot (a loaded host held it).
 
-    With the chain log (``slot`` given and found there): that slot counts ``shift`` later, so the slot
-    a window after it will be moved by as much when it is handed out to another member
-    (:func:`_chained`); nothing else moves. Without the log: """
+    With the chain log (``slot`` given and found there): that slot counts ``shift`` later, so the
+    slots a window after it are moved when they are handed out (:func:`_chained`); nothing else
+    moves. Without the log, :func:`_late_grid`."""
     _touch(state, member, now)
     if shift <= 0:
         return
@@ -474,7 +475,7 @@ def report_lates(state: QuotaState, member: Member, now: float, shifts: Mapping[
         report_late(state, member, now, shift, slot)
 
 
-def _chain_entry(state: QuotaState, member: Member, slot: float | None) -> list[float] | None:
+def _chain_entry(state: QuotaState, member: Member, slot: float | None) -> list[Any] | None:
     if slot is None or not state.chains:
         return None
     half = Cadence.of(agreed_rate(state, member.rate), state.jitter).interval / 2

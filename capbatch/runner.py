@@ -568,7 +568,6 @@ def _audit_text(audit: dict[str, Any], read_now: int | None) -> str:
     return f"; audit: {done} re-read{now}, {audit['drift_fixed']} drifted and put back"
 
 
-
 class _JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         return json.dumps({"ts": round(record.created, 3), "level": record.levelname.lower(),
@@ -780,7 +779,7 @@ def _settle_before_plan(s: Settings, ledger: Ledger, scratch: bool = False) -> N
 
 def audit_due(ledger: Ledger) -> int:
     """Rows of the rolling audit not read yet (what this invocation's audit reads are counted from)."""
-    audit = ledger.audit_counts(("pending", "in_flight"))   # through the state index: no pass over every row
+    audit = ledger.audit_counts(("pending", "in_flight"))   # the audit's own index: no pass over every row
     return audit.get("pending", 0) + audit.get("in_flight", 0)
 
 

@@ -431,7 +431,7 @@ class SqliteLedger(Ledger):
 
     def audit_counts(self, states: Sequence[str] | None = None) -> dict[str, int]:
         """Rows picked for the rolling audit, by state ({} when none, or a ledger older than the audit);
-        only ``states`` when given (then the state index finds them: no pass over a million rows)."""
+        only ``states`` when given. The audit's partial index finds them: no pass over every row."""
         among = f" AND state IN ({', '.join('?' * len(states))})" if states else ""
         try:
             cur = self.conn.execute(f"SELECT state, count(*) FROM rows WHERE audit=1{among} GROUP BY state",
