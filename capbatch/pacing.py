@@ -27,7 +27,9 @@ tests/perf/bench.py ``quota``):
   ``CHAIN_MAX`` per window (per-second quotas) the slots a window later move by the lateness, at
   most an interval each (the grid's chain log, :func:`capbatch.quota.lease_slots`; about 1/R of a slot lost),
   above it the grid's coming slots move for every member (:func:`capbatch.quota.late_shift`: at
-  most one slot). A slot reached so late that this can no longer happen in time is skipped instead.
+  most one slot). Slots are handed out at most half a window ahead (``Cadence.lead``), so the report
+  of a send up to half a window late (less the report's own time) lands before the slot a window
+  after it is handed out; a slot reached later than that is skipped instead.
 """
 
 from __future__ import annotations
@@ -146,8 +148,9 @@ class Pacer:
         self._limit = 2 * self._block
         self._late_limit = self._cadence.late_allowance
         # A slot reached later than the margin allows is still sent on a shared grid when the grid can
-        # be moved for it in time (see _judge): before the slot a window later is handed out.
-        self._max_late = max(self._late_limit, 0.5 * self._cadence.window - 2 * lease_seconds)
+        # be moved for it in time (see _judge): before the slot a window later is handed out — which
+        # is at most Cadence.lead before its time. Two leases' time is left for the report to land.
+        self._max_late = max(self._late_limit, self._cadence.window - self._cadence.lead - 2 * lease_seconds)
         self._guard_gap = self._cadence.guard_gap
 
     # ---- sending -----------------------------------------------------------------------------
@@ -227,11 +230,15 @@ class Pacer:
         backend, member = self._backend, self._member
         if backend is None or member is None:
             return
-        try:
-            grant = await backend.lease(self.key, member, 1, time.time())
-        except (QuotaUnavailable, OSError):
-            return                               # the next regular lease says why
-        self._apply(grant)
+        while True:
+            try:
+                grant = await backend.lease(self.key, member, 1, time.time())
+            except (QuotaUnavailable, OSError):
+                return                           # the next regular lease says why
+            self._apply(grant)
+            if grant.slots or grant.retry_at <= time.time():
+                break
+            await asyncio.sleep(grant.retry_at - time.time())   # the grid is handed out as far ahead as it may be
         if not grant.slots:
             return
         self.dropped_slots += 1
@@ -288,11 +295,14 @@ class Pacer:
                     return slot
                 free = self._limit - len(self._sleeping)
                 if free >= self._block:
-                    await self._lease(self._block)     # a share at a time: the others' turns come between
+                    grant = await self._lease(self._block)   # a share at a time: the others' turns come between
+                    if not grant.slots and grant.retry_at > time.time():
+                        # the grid is handed out as far ahead as it may be: until it moves on
+                        await self._wait_changed(grant.retry_at - time.time())
                     continue
                 await self._wait_changed()
 
-    async def _lease(self, count: int) -> None:
+    async def _lease(self, count: int) -> Grant:
         assert self._backend is not None and self._member is not None
         try:
             if not self._granted and getattr(self._backend, "lease_seconds", 0.02) > 0.1:
@@ -306,6 +316,7 @@ class Pacer:
             self._apply(grant)
             self._add_slots(grant.slots)
             self._watch()
+            return grant
         finally:
             self._notify()
 
@@ -407,8 +418,9 @@ class Pacer:
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
 
-    async def _wait_changed(self) -> None:
-        await self._changed.wait()
+    async def _wait_changed(self, timeout: float | None = None) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._changed.wait(), timeout)
 
     async def _wait_pause(self) -> None:
         while True:

@@ -17,7 +17,9 @@ proportion to their ``--priority``; none can starve another. A member that is id
 its time window, or latency-bound) leases nothing and leaves its share to the others.
 
 Late sends: a send that leaves later than the margin allows after its slot would crowd the window
-that ends at the slot a window after it. Under quotas of up to ``CHAIN_MAX`` per window the state
+that ends at the slot a window after it. It is reported as it leaves, and no slot is handed out
+more than half a window ahead (:attr:`Cadence.lead`), so a send up to half a window late (the
+pacer skips a slot reached later) is heard of before the slots a window after it are handed out. Under quotas of up to ``CHAIN_MAX`` per window the state
 keeps a log of the grid's recent slots and the time each counts at (its slot, or later once its
 send reported leaving late), and no slot is handed out before the R-th latest of those plus a
 window and the margin: only the slots a window after it move (one for a send a little late, the few
@@ -109,6 +111,7 @@ INCREASE_EVERY = 2.0     # seconds without throttling between additive increases
 INCREASE_STEP = 0.05     # fraction of the rate regained per step
 MAX_PAUSE = 300.0        # a Retry-After is honoured up to five minutes
 CHAIN_MAX = 256          # quotas of at most this many per window keep the chain log (see :func:`lease_slots`)
+SAME_SLOT = 0.0001       # slots closer than this in the chain log cannot be told apart by a late report
 MEMBER_TTL = 10.0        # a member that has not leased for this long (and longer than 3 slots) is gone
 MAX_SPARE = 4096         # given-back slots kept at most (a few seconds' worth at any real quota)
 STALE_STATE_DAYS = 30    # state files untouched this long are removed when the directory is opened
@@ -166,6 +169,14 @@ class Cadence:
         after window — every slot drifting later, a few per mille of the quota lost (measured at
         50/s: 0.986-0.989 of the quota). The other three quarters absorb it."""
         return self.window + self.margin - self.late_allowance
+
+    @property
+    def lead(self) -> float:
+        """How far ahead of its time a slot may be handed out: half the window. A send that leaves
+        late reports it as it leaves, and the slots a window after it move — if they have not been
+        handed out yet. With slots leased at most half a window ahead, and sends later than half a
+        window less the report's time skipped (the pacer's ``_max_late``), they have not."""
+        return 0.5 * self.window
 
     @property
     def efficiency(self) -> float:
@@ -287,6 +298,7 @@ class Grant:
     factor: float
     pause_until: float
     peers: tuple[Peer, ...]         # the other live members
+    retry_at: float = 0.0           # fewer slots than asked: when the next could be handed out (0: now)
 
 
 # ---- the rules (pure: every backend applies these to its stored state) -------------------------
@@ -372,18 +384,21 @@ def lease_slots(state: QuotaState, member: Member, count: int, now: float,
     rate = agreed_rate(state, member.rate)
     _relax(state, now, Cadence.of(rate))
     _call_in_late(state, member, now, Cadence.of(rate))
-    interval = Cadence.of(rate, state.jitter).interval / max(state.factor, MIN_FACTOR)
+    cadence = Cadence.of(rate, state.jitter)
+    interval = cadence.interval / max(state.factor, MIN_FACTOR)
     if state.tat > now + MAX_PAUSE + 60 + count * interval:
         state.tat = now                 # a clock stepped backwards: do not wait for it
         state.spare = []
         state.chains = []
     state.pause_until = min(state.pause_until, now + MAX_PAUSE)
     floor = max(now, state.pause_until)
-    spare = [s for s in state.spare if s >= floor]
-    taken, state.spare = spare[: max(0, count)], spare[max(0, count):]
+    spare = [s for s in state.spare if s >= floor]           # sorted: the ones within the lead first
+    taken = [s for s in spare[: max(0, count)] if s <= now + cadence.lead]
+    state.spare = spare[len(taken):]
+    _take_over(state, member.id, taken)
     start = max(state.tat, floor)
     grid = [] if spare_only else [start + i * interval for i in range(max(0, count) - len(taken))]
-    fresh = _chained(state, Cadence.of(rate, state.jitter), grid, member.id, alone=len(state.members) == 1)
+    fresh, retry_at = _chained(state, cadence, grid, member.id, now, alone=len(state.members) == 1)
     if fresh:
         state.tat = start + len(fresh) * interval
         state.last_member = member.id
@@ -392,11 +407,11 @@ def lease_slots(state: QuotaState, member: Member, count: int, now: float,
     me.held = [h for h in me.held if h >= now][-MAX_SPARE:] + list(slots)
     peers = tuple(Peer(m.pid, m.host, m.rate, m.weight, m.run, m.session)
                   for k, m in state.members.items() if k != member.id)
-    return Grant(slots, rate, state.jitter, state.factor, state.pause_until, peers)
+    return Grant(slots, rate, state.jitter, state.factor, state.pause_until, peers, retry_at)
 
 
-def _chained(state: QuotaState, cadence: Cadence, grid: list[float], member_id: str,
-             alone: bool = False) -> list[float]:
+def _chained(state: QuotaState, cadence: Cadence, grid: list[float], member_id: str, now: float,
+             alone: bool = False) -> tuple[list[float], float]:
     """The grid's next slots, each moved (if need be) to a window plus the margin after the R-th
     latest time the grid's recent slots count at — and entered in the chain log.
 
@@ -410,22 +425,31 @@ def _chained(state: QuotaState, cadence: Cadence, grid: list[float], member_id: 
     ``alone`` on the grid gets the grid's slots as they are while the log's recent slots are all its
     own: its own guard keeps its sends apart by when they really left (the log still hears of its
     late sends, for whoever joins). A slot another member sent — one that left or died a moment ago,
-    possibly late — still binds it until the log forgets it: that member's guard is gone."""
+    possibly late — still binds it until the log forgets it: that member's guard is gone.
+
+    No slot is handed out more than :attr:`Cadence.lead` ahead of ``now``: returns the slots up to
+    the first that would be, and when that one could be handed out (0.0 if all fit)."""
+    horizon = now + cadence.lead
     if cadence.count > CHAIN_MAX:
         state.chains = []
-        return grid
+        fit = [slot for slot in grid if slot <= horizon]
+        return fit, (grid[len(fit)] - cadence.lead if len(fit) < len(grid) else 0.0)
     period = cadence.window + cadence.margin
     chains = state.chains[-2 * cadence.count:]
     free = alone and all(c[2] == member_id for c in chains)
-    slots = []
+    slots: list[float] = []
+    retry_at = 0.0
     for slot in grid:
         counts = sorted(c[1] for c in chains)
         if len(counts) >= cadence.count and not free:
             slot = max(slot, counts[-cadence.count] + period)
+        if slot > horizon:
+            retry_at = slot - cadence.lead
+            break
         chains.append([slot, slot, member_id])
         slots.append(slot)
     state.chains = chains[-2 * cadence.count:]
-    return slots
+    return slots, retry_at
 
 
 def report_throttle(state: QuotaState, member: Member, now: float, retry_after: float | None,
@@ -461,9 +485,10 @@ def report_late(state: QuotaState, member: Member, now: float, shift: float, slo
     _touch(state, member, now)
     if shift <= 0:
         return
-    entry = _chain_entry(state, member, slot)
-    if entry is not None:
+    entries = _chain_entries(state, member, slot)
+    for entry in entries:
         entry[1] += shift
+    if entries:
         return
     shift = min(shift, Cadence.of(agreed_rate(state, member.rate)).interval + 0.0005)
     _late_grid(state, member, now, shift)
@@ -475,12 +500,30 @@ def report_lates(state: QuotaState, member: Member, now: float, shifts: Mapping[
         report_late(state, member, now, shift, slot)
 
 
-def _chain_entry(state: QuotaState, member: Member, slot: float | None) -> list[Any] | None:
+def _chain_entries(state: QuotaState, member: Member, slot: float | None) -> list[list[Any]]:
+    """The chain log's entry for the member's ``slot`` — or entries: a member can hold two slots at
+    one time (two sends that left together are chained to one time a window on), and which of them
+    this send was cannot be told. Both then count later, which is safe: a count believed later than
+    it was only ever moves the slots a window after it later."""
     if slot is None or not state.chains:
-        return None
+        return []
     half = Cadence.of(agreed_rate(state, member.rate), state.jitter).interval / 2
-    nearest = min(state.chains, key=lambda c: abs(c[0] - slot))
-    return nearest if abs(nearest[0] - slot) <= half else None
+    near = [c for c in state.chains if abs(c[0] - slot) <= half]
+    near = [c for c in near if c[2] == member.id] or near
+    if not near:
+        return []
+    nearest = min(abs(c[0] - slot) for c in near)
+    return [c for c in near if abs(c[0] - slot) <= nearest + SAME_SLOT]
+
+
+def _take_over(state: QuotaState, member_id: str, slots: Iterable[float]) -> None:
+    """Spare slots taken by ``member_id``: their chain log entries are its own now (see
+    :func:`_chain_entries`). A spare's first owner is always gone: only those give slots back."""
+    for slot in slots:
+        for entry in state.chains:
+            if abs(entry[0] - slot) <= SAME_SLOT and entry[2] not in state.members:
+                entry[2] = member_id
+                break
 
 
 def _late_grid(state: QuotaState, member: Member, now: float, shift: float) -> None:

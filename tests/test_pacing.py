@@ -198,3 +198,33 @@ async def test_a_send_is_stamped_once_its_bytes_are_in_the_kernel_never_before(s
     # (stamped before the write, nearly all are early by 0.03-3 ms; a loaded host may rarely open a
     # new connection, whose first request the simulator can only time when it handles it)
     assert len(early) <= 2, early
+
+
+async def test_a_run_waits_for_a_grid_handed_out_far_ahead_without_asking_again_and_again():
+    """Slots are handed out at most half a window ahead (capbatch.quota.Cadence.lead). When the grid
+    is already out further (many runs on the key, or a Retry-After pause), a lease gives nothing and
+    says when to ask again: the run waits until then — it does not ask in a loop — and sends at the
+    grid's next slot."""
+    from capbatch.quota import Member, MemoryQuotaBackend, QuotaKey, lease_slots
+
+    rate = Rate(10, 1.0)
+    backend = MemoryQuotaBackend()
+    key = QuotaKey("http://api", "fp")
+    leases = 0
+    lease = backend.lease
+
+    async def counted(*args, **kwargs):
+        nonlocal leases
+        leases += 1
+        return await lease(*args, **kwargs)
+
+    backend.lease = counted  # type: ignore[method-assign]
+    state = backend._state(key)
+    lease_slots(state, Member.new(rate), 1, time.time())      # another run on the key ...
+    state.tat = time.time() + 1.2                              # ... and the grid out 1.2 s ahead
+    pacer = Pacer(rate, backend, key)
+    start = time.time()
+    await pacer.acquire()
+    assert time.time() - start == pytest.approx(1.2, abs=0.05)
+    assert leases <= 3
+    await pacer.close()

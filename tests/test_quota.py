@@ -219,6 +219,20 @@ def test_a_remote_check_beside_a_run_on_the_key_reads_on_the_same_quota(tmp_path
 
 
 # ---- sends that leave late -------------------------------------------------------------------------
+def lease_ahead(state: Any, member: Any, count: int, now: float) -> tuple[float, ...]:
+    """``count`` slots of the grid, leased as time passes: no slot is handed out more than half a
+    window ahead (``Cadence.lead``), so a lease asks again at the time it is told to."""
+    from capbatch.quota import lease_slots
+
+    slots: tuple[float, ...] = ()
+    while len(slots) < count:
+        grant = lease_slots(state, member, count - len(slots), now)
+        assert grant.slots or grant.retry_at > now
+        slots += grant.slots
+        now = max(now, grant.retry_at)
+    return slots
+
+
 def test_a_late_send_moves_the_grid_by_what_it_costs_and_a_lone_members_debt_is_called_in():
     from capbatch.quota import Cadence, Member, QuotaState, lease_slots, late_shift, report_late
 
@@ -258,23 +272,23 @@ def test_a_late_send_moves_only_its_own_chain_under_a_small_quota():
     i = Cadence.of(rate).interval                   # 100.8 ms; a window plus the margin: 1.008 s
     a, b = Member("a", rate), Member("b", rate)
     state = QuotaState()
-    first = lease_slots(state, a, 10, 100.0).slots
+    first = lease_ahead(state, a, 10, 100.0)
     assert first == pytest.approx(tuple(100.0 + k * i for k in range(10)))
     report_late(state, a, 100.03, 0.02, slot=first[0])           # the first slot counts 20 ms later
     assert state.chains[0][:2] == pytest.approx([100.0, 100.02]) and state.chains[0][2] == "a"
     assert state.tat == pytest.approx(100.0 + 10 * i)            # the grid did not move
     assert lease_slots(state, b, 1, 100.9).slots == pytest.approx((101.028,))      # its chain did
     assert lease_slots(state, b, 1, 100.95).slots == pytest.approx((100.0 + 11 * i,))   # the next did not
-    later = lease_slots(state, b, 10, 101.0).slots
+    later = lease_ahead(state, b, 10, 101.0)
     assert later[:8] == pytest.approx(tuple(100.0 + k * i for k in range(12, 20)))
     assert later[8:] == pytest.approx((102.036, 100.0 + 21 * i))  # a window on: the chain, again
     # a slot the log does not hold (none given, or forgotten) moves the grid instead, as above
     report_late(state, b, 101.5, 0.02)
-    assert lease_slots(state, a, 1, 101.6).slots == pytest.approx((100.0 + 22 * i + 0.02,))
+    assert lease_ahead(state, a, 1, 101.6) == pytest.approx((100.0 + 22 * i + 0.02,))
     # a member alone gets the grid's slots as they are (its guard holds its own sends apart); the
     # log still hears of its late sends, for a member that joins
     state = QuotaState()
-    mine = lease_slots(state, a, 10, 300.0).slots
+    mine = lease_ahead(state, a, 10, 300.0)
     report_late(state, a, 300.03, 0.02, slot=mine[0])
     assert lease_slots(state, a, 1, 300.9).slots == pytest.approx((300.0 + 10 * i,))
     assert state.chains[0][:2] == pytest.approx([300.0, 300.02]) and state.late == []
@@ -388,3 +402,128 @@ def test_a_member_leaving_takes_only_its_own_slots_out_of_the_chain_log():
     assert state.tat == 1001.2
     assert state.chains == [[1000.9, 1000.9, "b"], [1001.25, 1001.25, "b"]]
     assert b.id not in state.members
+
+
+def test_no_slot_is_handed_out_more_than_half_a_window_ahead():
+    """A late send is heard of as it leaves; the slots a window after it must not be out by then. So
+    a lease hands out slots up to half a window ahead and says when to ask for the next — a pause
+    (Retry-After) too: its first slots come when the pause is half a window from its end."""
+    from capbatch.quota import Cadence, Member, QuotaState, lease_slots
+
+    rate = Rate(10, 1.0)
+    i = Cadence.of(rate).interval
+    a, b = Member("a", rate), Member("b", rate)
+    state = QuotaState()
+    grant = lease_slots(state, a, 8, 100.0)
+    assert grant.slots == pytest.approx(tuple(100.0 + k * i for k in range(5)))   # 100.0 .. 100.403
+    assert grant.retry_at == pytest.approx(100.0 + 5 * i - 0.5)
+    assert lease_slots(state, b, 1, 100.0).slots == ()
+    assert lease_slots(state, b, 1, 100.01).slots == pytest.approx((100.0 + 5 * i,))
+    state.pause_until = 110.0
+    grant = lease_slots(state, b, 1, 101.0)
+    assert grant.slots == () and grant.retry_at == pytest.approx(109.5)
+    assert lease_slots(state, b, 1, 109.5).slots == pytest.approx((110.0,))
+
+
+def test_a_late_report_reaches_the_slot_it_was_for_when_two_hold_one_time():
+    """Two sends that left together count at one time, so the slots a window on are chained to one
+    time too — possibly both to one member. A late report for that time cannot tell which it was
+    for: both count later (safe: a count believed later only moves later slots later). A spare slot
+    (given back by a run that left) is the taker's own once taken, so its late report reaches it and
+    not the taker's own slot nearby."""
+    from capbatch.quota import Member, QuotaState, lease_slots, report_late
+
+    rate = Rate(10, 1.0)
+    a, c = Member("a", rate), Member("c", rate)
+    state = QuotaState(chains=[[100.5, 100.5, "a"], [100.5, 100.5, "a"], [100.5, 100.5, "b"]])
+    report_late(state, a, 100.6, 0.03, slot=100.5)
+    assert state.chains == [[100.5, pytest.approx(100.53), "a"], [100.5, pytest.approx(100.53), "a"],
+                            [100.5, 100.5, "b"]]
+    # "gone" left 100.50 unused; c holds 100.54 (a chain-moved slot), then takes the spare
+    state = QuotaState(tat=101.0, spare=[100.5], chains=[[100.5, 100.5, "gone"], [100.54, 100.54, "c"]])
+    assert lease_slots(state, c, 1, 100.2).slots == (100.5,)
+    report_late(state, c, 100.6, 0.03, slot=100.5)
+    assert state.chains[:2] == [[100.5, pytest.approx(100.53), "c"], [100.54, 100.54, "c"]]
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("requests,members,step", [(10, 2, 0.01), (10, 4, 0.01), (2, 2, 0.02)],
+                         ids=["10-per-s-2-runs", "10-per-s-4-runs", "2-per-s-2-runs"])
+def test_runs_that_come_and_go_and_send_late_never_crowd_a_window(seed, requests, members, step):
+    """The grid's rules as the pacer uses them, with churn: runs leave mid-turn (their slots given
+    back, taken by newcomers as spares), hold two slots each (so that together they would lease far
+    ahead), send a fifth of their slots late — up to the pacer's limit — and each keeps its own guard.
+    Counted at the server, the strict way: no R+1 sends leave within the guard's gap (a window plus
+    the path's part of the margin), so no window holds R+1 arrivals whatever the path adds. Without
+    the lead (slots handed out a window ahead) it is more."""
+    import bisect
+    import random
+
+    from capbatch import quota as rules
+
+    def crowded(lead: float | None) -> int:
+        rng = random.Random(seed)
+        rate = Rate(requests, 1.0)
+        cadence = rules.Cadence.of(rate)
+        allowance, gap = cadence.late_allowance, cadence.guard_gap
+        max_late = 0.5 * cadence.window - 2 * 0.02      # the pacer's: half a window less two leases' time
+        state = rules.QuotaState()
+        runs: dict[str, tuple[Any, list[float], list[float]]] = {}
+        names = iter(range(10**6))
+
+        def join() -> None:
+            m = rules.Member(f"m{next(names)}", rate)
+            runs[m.id] = (m, [], [])
+
+        for _ in range(members):
+            join()
+        left: list[float] = []
+        worst = 0
+        now = 1000.0
+        for _ in range(3000):
+            now += step
+            for mid in list(runs):
+                m, held, own = runs[mid]
+                if rng.random() < 0.003:
+                    rules.leave(state, m, tuple(s for s in held if s >= now), now)
+                    del runs[mid]
+                    join()
+                    continue
+                if len(held) < 2:
+                    held += rules.lease_slots(state, m, 1, now).slots
+                    held.sort()
+                while held and held[0] <= now:
+                    slot = held.pop(0)
+                    late = rng.uniform(allowance, max_late) if rng.random() < 0.2 else rng.uniform(0, allowance)
+                    sent = max(now, slot + late)
+                    if len(own) >= cadence.count:
+                        sent = max(sent, own[-cadence.count] + gap)      # its own guard
+                    if sent - slot > max_late:
+                        continue                                         # skipped, as the pacer does
+                    own.append(sent)
+                    shift = rules.late_shift(sent - slot, allowance, None)
+                    if shift > 0:
+                        rules.report_lates(state, m, sent, {slot: shift})
+                    bisect.insort(left, sent)
+                    at = bisect.bisect_left(left, sent)
+                    for j in range(max(0, at - cadence.count), min(at + 1, len(left) - cadence.count)):
+                        if left[j + cadence.count] - left[j] < gap - 1e-9:
+                            worst += 1
+        return worst
+
+    assert crowded(None) == 0
+
+
+def test_the_randomised_churn_check_finds_a_lead_of_a_window(monkeypatch):
+    """The check above has teeth: with slots handed out a whole window ahead, late reports come after
+    the slots they should have moved, and windows are crowded."""
+    from capbatch import quota as rules
+
+    monkeypatch.setattr(rules.Cadence, "lead", property(lambda self: self.window))
+    found = []
+    for seed in range(3):
+        try:
+            test_runs_that_come_and_go_and_send_late_never_crowd_a_window(seed, 2, 2, 0.02)
+        except AssertionError:
+            found.append(seed)
+    assert found

@@ -205,7 +205,8 @@ class PostgresQuotaBackend:
         self._peer_sessions[key.name] = frozenset(p.session for p in grant.peers if p.session)
         offset = self.offset          # database slots -> this host's clock
         return Grant(tuple(s - offset for s in grant.slots), grant.rate, grant.jitter, grant.factor,
-                     grant.pause_until - offset if grant.pause_until else 0.0, grant.peers)
+                     grant.pause_until - offset if grant.pause_until else 0.0, grant.peers,
+                     grant.retry_at - offset if grant.retry_at else 0.0)
 
     async def throttled(self, key: QuotaKey, member: Member, now: float, retry_after: float | None,
                         slow_down: bool) -> bool:
