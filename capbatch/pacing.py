@@ -38,6 +38,7 @@ import asyncio
 import bisect
 import contextlib
 import logging
+import math
 import random
 import time
 from collections import deque
@@ -49,6 +50,7 @@ from .quota import (
     CHAIN_MAX,
     HOST,
     MAX_PAUSE,
+    MEMBER_TTL,
     Cadence,
     Grant,
     Member,
@@ -113,6 +115,9 @@ class Pacer:
         self._granted = False
         self._guard_sends: deque[Departure] = deque()
         self._late_debt: dict[float, float] = {}     # slot -> how much later it counts, not reported yet
+        self._debt_since = 0.0                       # when the oldest unreported late send left
+        self._report_time = 0.0                      # the longest recent report took to land after its send left
+        self.slow_reports = 0                        # late sends whose report landed after the grid could move
         self._late_reporting: asyncio.Task[None] | None = None
         self.late_sends = 0
         # News from other members (a backend with long leases): slots given back, a pause.
@@ -146,11 +151,20 @@ class Pacer:
         weights = self.priority + sum(p.weight for p in self.peers)
         self._block = max(self.priority, round(lease_seconds / interval * self.priority / weights))
         self._limit = 2 * self._block
+        # Slots are handed out at most Cadence.lead ahead: where the runs' holds together would reach
+        # past it (a low per-second quota), each holds its weight's share of the lead instead, or
+        # the turns would go to whoever asks first when the lead moves on, not by --priority.
+        share = max(1, round(self._cadence.lead / interval * self.priority / weights))
+        if share < self._limit:
+            self._limit = share
+            self._block = max(1, share // 2)
         self._late_limit = self._cadence.late_allowance
         # A slot reached later than the margin allows is still sent on a shared grid when the grid can
         # be moved for it in time (see _judge): before the slot a window later is handed out — which
-        # is at most Cadence.lead before its time. Two leases' time is left for the report to land.
-        self._max_late = max(self._late_limit, self._cadence.window - self._cadence.lead - 2 * lease_seconds)
+        # is at most Cadence.lead before its time. What is left is for the report to land: two
+        # leases' time, or twice the longest a recent report took to land (a loaded host).
+        report_time = max(2 * lease_seconds, 2 * self._report_time)
+        self._max_late = max(self._late_limit, self._cadence.window - self._cadence.lead - report_time)
         self._guard_gap = self._cadence.guard_gap
 
     # ---- sending -----------------------------------------------------------------------------
@@ -236,11 +250,10 @@ class Pacer:
             except (QuotaUnavailable, OSError):
                 return                           # the next regular lease says why
             self._apply(grant)
-            if grant.slots or grant.retry_at <= time.time():
+            if grant.slots:
                 break
-            await asyncio.sleep(grant.retry_at - time.time())   # the grid is handed out as far ahead as it may be
-        if not grant.slots:
-            return
+            # the grid is handed out as far ahead as it may be: ask again when it has moved on
+            await asyncio.sleep(min(max(0.0, grant.retry_at - time.time()), MEMBER_TTL / 2))
         self.dropped_slots += 1
         with contextlib.suppress(ValueError):
             self._guard_sends.remove(note)
@@ -267,6 +280,7 @@ class Pacer:
         self.late_sends += note.charged == 0
         note.charged += shift
         self._late_debt[note.slot] = self._late_debt.get(note.slot, 0.0) + shift
+        self._debt_since = self._debt_since or note.at
         if self._late_reporting is None:
             self._late_reporting = asyncio.get_running_loop().create_task(self._report_late())
             self._reports.add(self._late_reporting)
@@ -277,12 +291,28 @@ class Pacer:
         try:
             while self._late_debt:
                 shifts, self._late_debt = self._late_debt, {}
+                left, self._debt_since = self._debt_since, 0.0
                 try:
                     await self._backend.late(self.key, self._member, time.time(), shifts)
                 except (QuotaUnavailable, OSError) as exc:
                     log.debug("could not move the shared grid for a late send (%s)", exc)
+                    continue
+                self._landed(time.time() - left, min(shifts))
         finally:
             self._late_reporting = None
+
+    def _landed(self, took: float, slot: float) -> None:
+        """A late report landed ``took`` seconds after its send left: the limit for sending a slot late
+        keeps room for reports as slow as the recent ones (the longest, decaying by a tenth a report)."""
+        cadence = self._cadence
+        if cadence is None:
+            return
+        self._report_time = max(took, 0.9 * self._report_time)
+        if time.time() > slot + cadence.window + cadence.margin - cadence.lead:
+            self.slow_reports += 1       # the slots a window after it may have been handed out already
+            log.debug("a late send's report landed %.3f s after it left: the slots a window after it may "
+                      "have been handed out already", took)
+        self._set_cadence(self.agreed, cadence.jitter)
 
     async def _take_slot(self) -> float:
         # One worker at a time (FIFO) looks for a slot; the others queue on the lock instead of all
@@ -297,8 +327,9 @@ class Pacer:
                 if free >= self._block:
                     grant = await self._lease(self._block)   # a share at a time: the others' turns come between
                     if not grant.slots and grant.retry_at > time.time():
-                        # the grid is handed out as far ahead as it may be: until it moves on
-                        await self._wait_changed(grant.retry_at - time.time())
+                        # the grid is handed out as far ahead as it may be: until it moves on (asking
+                        # meanwhile now and then, or a long pause would let the state forget this run)
+                        await self._wait_changed(min(grant.retry_at - time.time(), MEMBER_TTL / 2))
                     continue
                 await self._wait_changed()
 
