@@ -18,15 +18,16 @@ its time window, or latency-bound) leases nothing and leaves its share to the ot
 
 Late sends: a send that leaves later than the margin allows after its slot would crowd the window
 that ends at the slot a window after it. It is reported as it leaves, and no slot is handed out
-more than half a window ahead (:attr:`Cadence.lead`), so a send up to half a window late (the
-pacer skips a slot reached later) is heard of before the slots a window after it are handed out. Under quotas of up to ``CHAIN_MAX`` per window the state
-keeps a log of the grid's recent slots and the time each counts at (its slot, or later once its
-send reported leaving late), and no slot is handed out before the R-th latest of those plus a
-window and the margin: only the slots a window after it move (one for a send a little late, the few
-after it for one later than an interval; and their successors a window on — a chain), which costs
-about 1/R of a slot. Above ``CHAIN_MAX`` (per-minute quotas, whose margin is 0.12 s and
-rarely exceeded) the log would be too large to rewrite at every lease: the grid's coming slots
-move instead, by at most one slot per late send (:func:`late_shift`).
+more than half a window ahead (:attr:`Cadence.lead`), so a send up to half a window late (the pacer
+skips a slot reached later) is heard of before the slots a window after it are handed out. Under
+quotas of up to ``CHAIN_MAX`` per window the state keeps a log of the grid's recent slots and the
+time each counts at (its slot, or later once its send reported leaving late), and no slot is handed
+out before the R-th latest of those plus a window and the margin: only the slots a window after it
+move (one for a send a little late, the few after it for one later than an interval; and their
+successors a window on — a chain), which costs about 1/R of a slot. Above ``CHAIN_MAX`` (per-minute
+quotas, whose margin is 0.12 s and rarely exceeded) the log would be too large to rewrite at every
+lease: the grid's coming slots move instead, by at most one slot per late send
+(:func:`late_shift`).
 
 Rate agreement: every member states the rate it was given (``--rate``, the key's quota); the grid
 runs at the lowest rate among live members, and each member says so when its own is higher.
