@@ -67,6 +67,7 @@ from .quota import (
 from .wording import plural
 
 log = logging.getLogger("capbatch.pacing")
+REPORT_TIME_HALF_LIFE = 5.0      # seconds: how soon a slow late report stops narrowing the late limit
 
 DECREASE = 0.7           # the first systematic throttling without --rate sets 70 % of the observed rate
 
@@ -116,7 +117,8 @@ class Pacer:
         self._guard_sends: deque[Departure] = deque()
         self._late_debt: dict[float, float] = {}     # slot -> how much later it counts, not reported yet
         self._debt_since = 0.0                       # when the oldest unreported late send left
-        self._report_time = 0.0                      # the longest recent report took to land after its send left
+        self._report_time = 0.0                      # the longest a recent report took to land after its send left
+        self._report_time_at = 0.0                   # when that was measured (it counts for less as time passes)
         self.slow_reports = 0                        # late sends whose report landed after the grid could move
         self._late_reporting: asyncio.Task[None] | None = None
         self.late_sends = 0
@@ -162,9 +164,8 @@ class Pacer:
         # A slot reached later than the margin allows is still sent on a shared grid when the grid can
         # be moved for it in time (see _judge): before the slot a window later is handed out — which
         # is at most Cadence.lead before its time. What is left is for the report to land: two
-        # leases' time, or twice the longest a recent report took to land (a loaded host).
-        report_time = max(2 * lease_seconds, 2 * self._report_time)
-        self._max_late = max(self._late_limit, self._cadence.window - self._cadence.lead - report_time)
+        # leases' time, or more while recent reports were slow (_late_cap).
+        self._max_late = max(self._late_limit, self._cadence.window - self._cadence.lead - 2 * lease_seconds)
         self._guard_gap = self._cadence.guard_gap
 
     # ---- sending -----------------------------------------------------------------------------
@@ -185,7 +186,7 @@ class Pacer:
             if now < self._pause_until:
                 await self._wait_pause()
                 continue
-            if self._shared and now - slot > self._max_late:
+            if self._shared and now - slot > self._late_cap():
                 self.dropped_slots += 1          # too late to keep the shared grid's promise
                 continue
             await self._guard(now, slot)
@@ -239,7 +240,7 @@ class Pacer:
         """The request has its connection (a new one may have taken a while on a loaded host): if it
         would now leave so late after its slot on a shared grid that the grid can no longer be moved
         for it in time, it takes the grid's next slot instead."""
-        if note.slot is None or time.time() - note.slot <= self._max_late:
+        if note.slot is None or time.time() - note.slot <= self._late_cap():
             return
         backend, member = self._backend, self._member
         if backend is None or member is None:
@@ -302,17 +303,32 @@ class Pacer:
             self._late_reporting = None
 
     def _landed(self, took: float, slot: float) -> None:
-        """A late report landed ``took`` seconds after its send left: the limit for sending a slot late
-        keeps room for reports as slow as the recent ones (the longest, decaying by a tenth a report)."""
+        """A late report landed ``took`` seconds after its send left (see :meth:`_late_cap`)."""
         cadence = self._cadence
         if cadence is None:
             return
-        self._report_time = max(took, 0.9 * self._report_time)
-        if time.time() > slot + cadence.window + cadence.margin - cadence.lead:
+        now = time.time()
+        if took >= self._recent_report_time(now):
+            self._report_time, self._report_time_at = took, now
+        if now > slot + cadence.window + cadence.margin - cadence.lead:
             self.slow_reports += 1       # the slots a window after it may have been handed out already
             log.debug("a late send's report landed %.3f s after it left: the slots a window after it may "
                       "have been handed out already", took)
-        self._set_cadence(self.agreed, cadence.jitter)
+
+    def _recent_report_time(self, now: float) -> float:
+        # halved every REPORT_TIME_HALF_LIFE seconds: a hiccup of the shared state is soon forgotten
+        # (once reports are slow, few slots are sent late, so few reports could say they are fast again)
+        return self._report_time * 0.5 ** ((now - self._report_time_at) / REPORT_TIME_HALF_LIFE)
+
+    def _late_cap(self) -> float:
+        """How late after its slot a send on a shared grid may still leave: its report must land
+        before the slots a window after it are handed out (see _set_cadence), so twice the time recent
+        reports took to land is kept free for it, on top of what the cadence leaves."""
+        report_time = self._recent_report_time(time.time())
+        if not report_time or self._cadence is None:
+            return self._max_late
+        cadence = self._cadence
+        return max(self._late_limit, min(self._max_late, cadence.window - cadence.lead - 2 * report_time))
 
     async def _take_slot(self) -> float:
         # One worker at a time (FIFO) looks for a slot; the others queue on the lock instead of all
@@ -355,8 +371,8 @@ class Pacer:
         # Slots already past when the lease comes back (a slow round trip to the shared state) are sent
         # late — each moves the grid by what it costs (_judge) — unless too late for the grid to be
         # moved in time: those are not this run's to catch up on.
-        if self._cadence is not None and slots and slots[0] < time.time() - self._max_late:
-            horizon = time.time() - self._max_late
+        if self._cadence is not None and slots and slots[0] < time.time() - self._late_cap():
+            horizon = time.time() - self._late_cap()
             kept = tuple(s for s in slots if s >= horizon)
             self.dropped_slots += len(slots) - len(kept)
             slots = kept

@@ -309,9 +309,11 @@ def agreed_rate(state: QuotaState, fallback: Rate) -> Rate:
     return min(rates, key=lambda r: (r.per_second, r.period))
 
 
-def _alive(m: MemberState, now: float, cadence_interval: float, sessions: frozenset[int] | None) -> bool:
-    # Silence counts from its last lease, or from the last slot it holds (waiting out a long pause).
-    if now - max(m.seen, max(m.held, default=0.0)) > max(MEMBER_TTL, 3 * cadence_interval):
+def _alive(m: MemberState, now: float, cadence_interval: float, sessions: frozenset[int] | None,
+           pause_until: float = 0.0) -> bool:
+    # Silence counts from its last lease, or from the last slot it holds, or from the end of the
+    # shared pause it is waiting out (a run waits a Retry-After out without leasing).
+    if now - max(m.seen, max(m.held, default=0.0), pause_until) > max(MEMBER_TTL, 3 * cadence_interval):
         return False
     if sessions is not None and m.session and m.session not in sessions:
         return False                # its connection to the shared state is gone: it died, on whatever host
@@ -329,7 +331,8 @@ def prune(state: QuotaState, now: float, fallback: Rate, sessions: frozenset[int
     """Drop members that are gone; the slots they held and had not reached go to the next lease.
     ``sessions``: the backend's live connection handles, where it can tell (a database)."""
     interval = Cadence.of(agreed_rate(state, fallback)).interval
-    for member_id in [k for k, m in state.members.items() if not _alive(m, now, interval, sessions)]:
+    for member_id in [k for k, m in state.members.items()
+                      if not _alive(m, now, interval, sessions, state.pause_until)]:
         gone = state.members.pop(member_id)
         _give_back(state, member_id, gone.held, now)
 

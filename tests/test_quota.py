@@ -527,3 +527,19 @@ def test_the_randomised_churn_check_finds_a_lead_of_seven_tenths_of_a_window(mon
 
     monkeypatch.setattr(rules.Cadence, "lead", property(lambda self: 0.7 * self.window))
     assert sum(_crowded_windows(seed, 10, 4, 0.01) > 0 for seed in range(3)) >= 2
+
+
+def test_a_run_waiting_out_a_long_pause_is_not_taken_for_gone():
+    """A Retry-After pause longer than a member's time to live: a run waiting it out (its workers
+    asleep until the pause ends, none leasing) is still a member when another leases at the pause's
+    end, so the lower --rate it gave still holds and its turns are kept."""
+    from capbatch.quota import Member, QuotaState, lease_slots, report_throttle
+
+    slow, fast = Member("slow", Rate(5, 1.0), pid=os.getpid()), Member("fast", Rate(10, 1.0), pid=os.getpid())
+    state = QuotaState()
+    lease_slots(state, slow, 1, 1000.0)
+    lease_slots(state, fast, 1, 1000.0)
+    report_throttle(state, slow, 1000.1, 60.0, False)          # Retry-After: 60
+    grant = lease_slots(state, fast, 1, 1059.6)                 # half a window before the pause ends
+    assert [p.rate for p in grant.peers] == [Rate(5, 1.0)] and grant.rate == Rate(5, 1.0)
+    assert lease_slots(state, fast, 1, 1075.0).peers == ()       # silent well past the pause: gone
