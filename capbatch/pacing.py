@@ -38,7 +38,6 @@ import asyncio
 import bisect
 import contextlib
 import logging
-import math
 import random
 import time
 from collections import deque
@@ -310,7 +309,7 @@ class Pacer:
         now = time.time()
         if took >= self._recent_report_time(now):
             self._report_time, self._report_time_at = took, now
-        if now > slot + cadence.window + cadence.margin - cadence.lead:
+        if now > slot + cadence.period - cadence.lead:
             self.slow_reports += 1       # the slots a window after it may have been handed out already
             log.debug("a late send's report landed %.3f s after it left: the slots a window after it may "
                       "have been handed out already", took)
@@ -371,8 +370,8 @@ class Pacer:
         # Slots already past when the lease comes back (a slow round trip to the shared state) are sent
         # late — each moves the grid by what it costs (_judge) — unless too late for the grid to be
         # moved in time: those are not this run's to catch up on.
-        if self._cadence is not None and slots and slots[0] < time.time() - self._late_cap():
-            horizon = time.time() - self._late_cap()
+        horizon = time.time() - self._late_cap() if self._cadence is not None and slots else None
+        if horizon is not None and slots[0] < horizon:
             kept = tuple(s for s in slots if s >= horizon)
             self.dropped_slots += len(slots) - len(kept)
             slots = kept

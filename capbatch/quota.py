@@ -149,8 +149,13 @@ class Cadence:
         return max(JITTER_STEP, 0.001 * self.window)
 
     @property
+    def period(self) -> float:
+        """The window plus the margin: no span this long holds more than ``count`` of the grid's slots."""
+        return self.window + self.margin
+
+    @property
     def interval(self) -> float:
-        return (self.window + self.margin) / self.count
+        return self.period / self.count
 
     @property
     def late_allowance(self) -> float:
@@ -169,7 +174,7 @@ class Cadence:
         equal to the period that lag would be carried to the send a window later, and on, window
         after window — every slot drifting later, a few per mille of the quota lost (measured at
         50/s: 0.986-0.989 of the quota). The other three quarters absorb it."""
-        return self.window + self.margin - self.late_allowance
+        return self.period - self.late_allowance
 
     @property
     def lead(self) -> float:
@@ -182,7 +187,7 @@ class Cadence:
     @property
     def efficiency(self) -> float:
         """Sustained fraction of the quota the grid uses."""
-        return self.window / (self.window + self.margin)
+        return self.window / self.period
 
 
 # ---- the key and the members ---------------------------------------------------------------
@@ -424,8 +429,9 @@ def _chained(state: QuotaState, cadence: Cadence, grid: list[float], member_id: 
     slot never goes out before the R-th latest of those plus ``window + margin``, so no window holds
     more than R of them whoever sent them. On a grid where nothing was late that is the grid itself;
     a late send moves only the slots a window after it (one, or the few after it for a send later
-    than an interval; and their successors a window later — its chain), not the whole grid: it costs its lateness once per window-long chain, about 1/R of
-    a slot, where moving the grid costs the lateness in slots' worth for every member. A member
+    than an interval; and their successors a window later — its chain), not the whole grid: it
+    costs its lateness once per window-long chain, about 1/R of a slot, where moving the grid costs
+    the lateness in slots' worth for every member. A member
     ``alone`` on the grid gets the grid's slots as they are while the log's recent slots are all its
     own: its own guard keeps its sends apart by when they really left (the log still hears of its
     late sends, for whoever joins). A slot another member sent — one that left or died a moment ago,
@@ -438,7 +444,6 @@ def _chained(state: QuotaState, cadence: Cadence, grid: list[float], member_id: 
         state.chains = []
         fit = [slot for slot in grid if slot <= horizon]
         return fit, (grid[len(fit)] - cadence.lead if len(fit) < len(grid) else 0.0)
-    period = cadence.window + cadence.margin
     chains = state.chains[-2 * cadence.count:]
     free = alone and all(c[2] == member_id for c in chains)
     slots: list[float] = []
@@ -446,7 +451,7 @@ def _chained(state: QuotaState, cadence: Cadence, grid: list[float], member_id: 
     for slot in grid:
         counts = sorted(c[1] for c in chains)
         if len(counts) >= cadence.count and not free:
-            slot = max(slot, counts[-cadence.count] + period)
+            slot = max(slot, counts[-cadence.count] + cadence.period)
         if slot > horizon:
             retry_at = slot - cadence.lead
             break
@@ -558,7 +563,7 @@ def _shift(state: QuotaState, now: float, shift: float) -> None:
 def _call_in_late(state: QuotaState, member: Member, now: float, cadence: Cadence) -> None:
     """Late sends noted while their member was alone, within the last two windows: when another
     member leases, the grid moves for them before it hands out a slot that could crowd them."""
-    horizon = now - 2 * (cadence.window + cadence.margin)
+    horizon = now - 2 * cadence.period
     state.late = [mark for mark in state.late if mark[1] >= horizon]      # a dead member's too
     if any(mark[0] != member.id for mark in state.late):
         _shift(state, now, sum(mark[2] for mark in state.late))
